@@ -1,0 +1,44 @@
+"""Sampling parameters and the sampling step.
+
+``SamplingParams`` is the contract between the session and the engine: the
+session builds it from session defaults and ``response.create`` overrides, the
+engine only reads it. ``sample`` turns one row of logits into a token id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` means greedy.
+
+    ``max_output_tokens`` None means "until the model stops or the context is full".
+    ``stop`` strings end generation; the stop string itself is not emitted.
+    ``seed`` makes sampling reproducible for one request.
+    """
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    max_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        # Checked on construction: the protocol layer already turned bad client
+        # values into coded errors, so a failure here is a programming error.
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise ValueError("max_output_tokens must be >= 1 or None")
+        if len(self.stop) > MAX_STOP_SEQUENCES or any(not s for s in self.stop):
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} non-empty stop strings")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0

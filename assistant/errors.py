@@ -1,0 +1,142 @@
+"""Every error the assistant reports to a client, with its stable wire code.
+
+One hierarchy, rooted at :class:`AssistantError`. Each error carries:
+
+- ``code``: a stable, documented string sent as ``error.code`` on the wire;
+- ``type``: the Realtime error type (``invalid_request_error`` for the client's
+  mistakes, ``server_error`` for ours);
+- ``param``: the path of the offending field inside the client event, if any
+  (``item.content[1].image_url``);
+- ``message``: what was expected, in words a client developer can act on.
+
+The session turns any ``AssistantError`` into one ``error`` event and keeps the
+connection open. Anything else raised while handling an event is a bug: the
+client sees only :class:`InternalError`'s generic message, never a traceback.
+
+Codes (see README "Errors"):
+
+==================================== ==================================================
+code                                 meaning
+==================================== ==================================================
+invalid_json                         the frame is not a JSON object
+unknown_event_type                   ``type`` is not an event this server accepts
+missing_required_parameter           a required field is absent
+invalid_type                         a field has the wrong JSON type
+invalid_value                        a field has the right type but a refused value
+item_not_found                       an ``item_id`` / ``previous_item_id`` is unknown
+item_already_exists                  ``item.id`` is already used in this conversation
+conversation_not_found               ``?conversation=ID`` names no stored conversation
+conversation_already_has_active_response  ``response.create`` while one is running
+response_not_found                   ``response.cancel`` names no running response
+message_too_large                    a frame exceeds the configured size limit
+image_*                              an image was refused (see assistant.images)
+too_many_images / too_many_image_tokens  image budgets per message or conversation
+internal_error                       our fault; details are in the server log only
+==================================== ==================================================
+"""
+
+from __future__ import annotations
+
+
+class AssistantError(Exception):
+    """Base of every error that reaches a client as an ``error`` event."""
+
+    code: str = "internal_error"
+    type: str = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        # The client's event_id, filled in by whoever knows it (protocol or session).
+        self.event_id: str | None = None
+        if code is not None:
+            self.code = code
+
+    def to_wire(self) -> dict[str, object]:
+        """The ``error`` object of an ``error`` event."""
+        return {
+            "type": self.type,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+            "event_id": self.event_id,
+        }
+
+
+class InvalidRequest(AssistantError):
+    """The client sent something malformed; ``code`` says which kind of wrong."""
+
+    code = "invalid_value"
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class UnknownEventType(InvalidRequest):
+    code = "unknown_event_type"
+
+
+class MissingParameter(InvalidRequest):
+    code = "missing_required_parameter"
+
+
+class InvalidType(InvalidRequest):
+    code = "invalid_type"
+
+
+class InvalidValue(InvalidRequest):
+    code = "invalid_value"
+
+
+class MessageTooLarge(InvalidRequest):
+    code = "message_too_large"
+
+
+class NotFound(InvalidRequest):
+    """Something named by id does not exist; ``code`` says what."""
+
+    code = "item_not_found"
+
+
+class ItemNotFound(NotFound):
+    code = "item_not_found"
+
+
+class ConversationNotFound(NotFound):
+    code = "conversation_not_found"
+
+
+class ResponseNotFound(NotFound):
+    code = "response_not_found"
+
+
+class ItemAlreadyExists(InvalidRequest):
+    code = "item_already_exists"
+
+
+class ResponseInProgress(InvalidRequest):
+    code = "conversation_already_has_active_response"
+
+
+class ImageRejected(InvalidRequest):
+    """An image part was refused; ``code`` is one of the ``image_*`` codes."""
+
+    code = "image_invalid"
+
+
+class BudgetExceeded(InvalidRequest):
+    """A configured bound was hit (images or image tokens per message/conversation)."""
+
+    code = "too_many_images"
+
+
+class InternalError(AssistantError):
+    """Our fault. The message is deliberately generic; the log has the details."""
+
+    code = "internal_error"
+    type = "server_error"
+
+    def __init__(self, message: str = "The server hit an internal error; the conversation is intact.") -> None:
+        super().__init__(message)
