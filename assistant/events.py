@@ -1,0 +1,164 @@
+"""Server events of the Realtime protocol: build them as dicts, in either dialect.
+
+:class:`EventWriter` knows the dialect of one connection and gives every event a
+unique ``event_id``. GA names are canonical; the beta dialect (``OpenAI-Beta:
+realtime=v1``) renames a few events, spells assistant parts ``text`` instead of
+``output_text``, names session fields ``modalities`` / ``max_response_output_tokens``,
+and has no ``conversation.item.done`` (it is simply not sent).
+
+Images in items: ``conversation.item.retrieved`` carries the full ``data:`` URL;
+``conversation.item.added``/``done`` carry only our extension field
+``image_sha256`` so a 10 MB image is not echoed back on every create.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+
+from assistant.errors import AssistantError
+from assistant.items import ContentPart, Item, Usage
+
+
+class Dialect(Enum):
+    GA = "ga"
+    BETA = "beta"
+
+
+_BETA_NAMES = {
+    "conversation.item.added": "conversation.item.created",
+    "response.output_text.delta": "response.text.delta",
+    "response.output_text.done": "response.text.done",
+}
+_BETA_DROPPED = frozenset({"conversation.item.done"})
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """What ``session.created``/``session.updated`` report (effective values)."""
+
+    id: str
+    model: str
+    conversation_id: str
+    instructions: str
+    max_output_tokens: int | None  # None = "inf"
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+class EventWriter:
+    """Builds server events for one connection's dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+
+    def event(self, type_: str, **fields: Any) -> dict[str, Any] | None:
+        """One event, or None when the dialect has no such event."""
+        if self.dialect is Dialect.BETA:
+            if type_ in _BETA_DROPPED:
+                return None
+            type_ = _BETA_NAMES.get(type_, type_)
+        return {"type": type_, "event_id": new_id("event"), **fields}
+
+    def error(self, exc: AssistantError) -> dict[str, Any]:
+        event = self.event("error", error=exc.to_wire())
+        assert event is not None
+        return event
+
+    # ------------------------------------------------------------ objects
+
+    def session(self, view: SessionView) -> dict[str, Any]:
+        max_tokens: int | str = "inf" if view.max_output_tokens is None else view.max_output_tokens
+        common = {
+            "id": view.id,
+            "object": "realtime.session",
+            "model": view.model,
+            "instructions": view.instructions,
+            "tools": [],
+            "tool_choice": "auto",
+            # Extensions (additive):
+            "conversation_id": view.conversation_id,
+            "temperature": view.temperature,
+            "top_p": view.top_p,
+            "seed": view.seed,
+            "stop": list(view.stop),
+        }
+        if self.dialect is Dialect.BETA:
+            return {**common, "modalities": ["text"], "max_response_output_tokens": max_tokens}
+        return {"type": "realtime", **common, "output_modalities": ["text"], "max_output_tokens": max_tokens}
+
+    def part(self, part: ContentPart, image_url: Callable[[str], str] | None = None) -> dict[str, Any]:
+        if part.is_image:
+            wire: dict[str, Any] = {"type": "input_image", "detail": part.detail, "image_sha256": part.image_sha256}
+            if image_url is not None and part.image_sha256:
+                wire["image_url"] = image_url(part.image_sha256)
+            return wire
+        kind = part.type
+        if kind == "output_text" and self.dialect is Dialect.BETA:
+            kind = "text"
+        return {"type": kind, "text": part.text or ""}
+
+    def item(self, item: Item, image_url: Callable[[str], str] | None = None) -> dict[str, Any]:
+        return {
+            "id": item.id,
+            "object": "realtime.item",
+            "type": item.type,
+            "role": item.role,
+            "status": item.status,
+            "content": [self.part(p, image_url) for p in item.content],
+        }
+
+    def response(
+        self,
+        response_id: str,
+        conversation_id: str,
+        status: str,
+        *,
+        output: list[Item] | None = None,
+        usage: Usage | None = None,
+        status_details: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+        max_output_tokens: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": response_id,
+            "object": "realtime.response",
+            "conversation_id": conversation_id,
+            "status": status,
+            "status_details": status_details,
+            "output": [self.item(i) for i in output or []],
+            "metadata": metadata,
+            "usage": None if usage is None else usage_json(usage),
+        }
+        max_tokens: int | str = "inf" if max_output_tokens is None else max_output_tokens
+        if self.dialect is Dialect.BETA:
+            body.update(modalities=["text"], max_output_tokens=max_tokens)
+        else:
+            body.update(output_modalities=["text"], max_output_tokens=max_tokens)
+        return body
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "input_token_details": {
+            "cached_tokens": usage.cached_tokens,
+            "text_tokens": usage.text_tokens,
+            "image_tokens": usage.image_tokens,
+            "audio_tokens": 0,
+            # Extension: how many of the image tokens came from the embedding cache.
+            "cached_tokens_details": {"text_tokens": usage.cached_tokens - usage.cached_image_tokens,
+                                      "image_tokens": usage.cached_image_tokens, "audio_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": usage.output_tokens, "audio_tokens": 0},
+    }

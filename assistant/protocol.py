@@ -1,0 +1,293 @@
+"""Client events of the Realtime protocol: parse and validate, without sockets or torch.
+
+``parse_client_event(frame)`` turns one WebSocket text frame into one of the
+frozen event dataclasses below, or raises an :class:`~assistant.errors.AssistantError`
+whose ``param`` is the path of the offending field (``item.content[0].text``) and
+whose ``event_id`` is the client's, when the frame had one.
+
+Both dialects are accepted: GA names and the beta ones (``modalities``,
+``max_response_output_tokens``, assistant parts of type ``text``). Fields this
+server does not use (audio, tools, tracing, ...) are ignored, as the SDK sends
+them freely; fields it uses are checked strictly. Our extensions are additive:
+``temperature``, ``top_p``, ``seed`` and ``stop`` inside ``session`` and
+``response``.
+
+Serialization of server events lives in :mod:`assistant.events`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from assistant.engine.sampling import MAX_STOP_SEQUENCES
+from assistant.errors import InvalidJSON, InvalidType, InvalidValue, MissingParameter, UnknownEventType
+from assistant.items import DETAILS, ROLES
+
+MAX_ID_LENGTH = 64
+MAX_INSTRUCTIONS_CHARS = 100_000
+Unlimited = Literal["inf"]
+
+# Realtime events this server knows but does not implement (audio, tools); they get
+# ``unknown_event_type`` with a message saying so rather than silence.
+UNSUPPORTED_EVENTS = frozenset({
+    "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
+    "output_audio_buffer.clear", "conversation.item.truncate", "transcription_session.update",
+})
+
+
+@dataclass(frozen=True)
+class TextInput:
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    image_url: str
+    detail: str = "auto"
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    id: str | None
+    role: str
+    content: tuple[TextInput | ImageInput, ...]
+
+
+@dataclass(frozen=True)
+class SamplingChanges:
+    """Optional overrides; ``None`` leaves the current value. ``max_output_tokens`` "inf" = no cap."""
+
+    instructions: str | None = None
+    max_output_tokens: int | Unlimited | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SessionUpdate:
+    event_id: str | None
+    changes: SamplingChanges
+
+
+@dataclass(frozen=True)
+class ItemCreate:
+    event_id: str | None
+    item: ItemInput
+    previous_item_id: str | None = None  # None = append, "root" = first, else insert after
+
+
+@dataclass(frozen=True)
+class ItemDelete:
+    event_id: str | None
+    item_id: str
+
+
+@dataclass(frozen=True)
+class ItemRetrieve:
+    event_id: str | None
+    item_id: str
+
+
+@dataclass(frozen=True)
+class ResponseCreate:
+    event_id: str | None
+    changes: SamplingChanges
+    use_conversation: bool = True  # conversation: "auto" (default) or "none"
+    input: tuple[ItemInput, ...] | None = None  # replaces the conversation as the prompt
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ResponseCancel:
+    event_id: str | None
+    response_id: str | None
+
+
+ClientEvent = SessionUpdate | ItemCreate | ItemDelete | ItemRetrieve | ResponseCreate | ResponseCancel
+
+
+def parse_client_event(frame: str | bytes) -> ClientEvent:
+    """Parse one frame; raise a coded AssistantError carrying the client's event_id."""
+    try:
+        data = json.loads(frame)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidJSON("The message is not valid JSON; every client event is a JSON object.") from None
+    if not isinstance(data, dict):
+        raise InvalidJSON("The message must be a JSON object with a 'type' field.")
+    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    try:
+        if "event_id" in data and data["event_id"] is not None and event_id is None:
+            raise InvalidType("'event_id' must be a string.", param="event_id")
+        kind = _get(data, "type", str, "")
+        parser = _PARSERS.get(kind)
+        if parser is None:
+            if kind in UNSUPPORTED_EVENTS:
+                raise UnknownEventType(f"'{kind}' is not supported by this server (text and images only).", param="type")
+            raise UnknownEventType(f"Unknown event type '{kind}'. Supported: {', '.join(sorted(_PARSERS))}.",
+                                   param="type")
+        return parser(data, event_id)
+    except (InvalidJSON, InvalidType, InvalidValue, MissingParameter, UnknownEventType) as exc:
+        exc.event_id = event_id
+        raise
+
+
+# ---------------------------------------------------------------- field readers
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+               dict: "an object", list: "an array"}
+
+
+def _get(obj: dict[str, Any], key: str, kind: type, prefix: str, *, required: bool = True) -> Any:
+    """obj[key] checked against ``kind``; missing or null → MissingParameter if required, else None."""
+    param = f"{prefix}{key}"
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise MissingParameter(f"Missing required parameter '{param}'.", param=param)
+        return None
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise InvalidType(f"'{param}' must be {_TYPE_NAMES[kind]}.", param=param)
+    return value
+
+
+def _id(obj: dict[str, Any], key: str, prefix: str, *, required: bool = True) -> str | None:
+    value = _get(obj, key, str, prefix, required=required)
+    if value is not None and not 0 < len(value) <= MAX_ID_LENGTH:
+        raise InvalidValue(f"'{prefix}{key}' must be 1 to {MAX_ID_LENGTH} characters.", param=f"{prefix}{key}")
+    return value
+
+
+def _parse_changes(obj: dict[str, Any], prefix: str, *, beta_max_key: str) -> SamplingChanges:
+    instructions = _get(obj, "instructions", str, prefix, required=False)
+    if instructions is not None and len(instructions) > MAX_INSTRUCTIONS_CHARS:
+        raise InvalidValue(f"'{prefix}instructions' exceeds {MAX_INSTRUCTIONS_CHARS} characters.",
+                           param=f"{prefix}instructions")
+    for key in ("output_modalities", "modalities"):
+        modalities = _get(obj, key, list, prefix, required=False)
+        if modalities is not None and modalities != ["text"]:
+            raise InvalidValue(f"'{prefix}{key}' must be [\"text\"]: this server produces text only.",
+                               param=f"{prefix}{key}")
+    max_key = "max_output_tokens" if "max_output_tokens" in obj else beta_max_key
+    max_tokens = obj.get(max_key)
+    if max_tokens is not None and max_tokens != "inf":
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidValue(f"'{prefix}{max_key}' must be a positive integer or \"inf\".", param=f"{prefix}{max_key}")
+    temperature = _get(obj, "temperature", float, prefix, required=False)
+    if temperature is not None and not 0.0 <= temperature <= 2.0:
+        raise InvalidValue(f"'{prefix}temperature' must be between 0 and 2.", param=f"{prefix}temperature")
+    top_p = _get(obj, "top_p", float, prefix, required=False)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InvalidValue(f"'{prefix}top_p' must be in (0, 1].", param=f"{prefix}top_p")
+    seed = _get(obj, "seed", int, prefix, required=False)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise InvalidValue(f"'{prefix}seed' must be a non-negative 63-bit integer.", param=f"{prefix}seed")
+    return SamplingChanges(instructions, max_tokens, temperature, top_p, seed, _parse_stop(obj, prefix))
+
+
+def _parse_stop(obj: dict[str, Any], prefix: str) -> tuple[str, ...] | None:
+    stop = obj.get("stop")
+    if stop is None:
+        return None
+    param = f"{prefix}stop"
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise InvalidType(f"'{param}' must be a string or an array of strings.", param=param)
+    if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > 200 for s in stop):
+        raise InvalidValue(f"'{param}' takes at most {MAX_STOP_SEQUENCES} non-empty strings of up to 200 characters.",
+                           param=param)
+    return tuple(stop)
+
+
+def _parse_part(part: Any, role: str, prefix: str) -> TextInput | ImageInput:
+    if not isinstance(part, dict):
+        raise InvalidType(f"'{prefix}' must be an object.", param=prefix)
+    kind = _get(part, "type", str, f"{prefix}.")
+    allowed = {"user": ("input_text", "input_image"), "system": ("input_text",),
+               "assistant": ("output_text", "text")}[role]
+    if kind not in allowed:
+        raise InvalidValue(f"'{prefix}.type' must be one of {', '.join(allowed)} for a {role} message.",
+                           param=f"{prefix}.type")
+    if kind == "input_image":
+        detail = _get(part, "detail", str, f"{prefix}.", required=False) or "auto"
+        if detail not in DETAILS:
+            raise InvalidValue(f"'{prefix}.detail' must be one of {', '.join(DETAILS)}.", param=f"{prefix}.detail")
+        return ImageInput(_get(part, "image_url", str, f"{prefix}."), detail)
+    text = _get(part, "text", str, f"{prefix}.")
+    return TextInput("input_text" if kind == "input_text" else "output_text", text)
+
+
+def _parse_item(item: Any, prefix: str) -> ItemInput:
+    if not isinstance(item, dict):
+        raise InvalidType(f"'{prefix}' must be an object.", param=prefix)
+    p = f"{prefix}."
+    kind = _get(item, "type", str, p, required=False) or "message"
+    if kind != "message":
+        raise InvalidValue(f"'{p}type' must be \"message\": this server supports message items only.",
+                           param=f"{p}type")
+    role = _get(item, "role", str, p)
+    if role not in ROLES:
+        raise InvalidValue(f"'{p}role' must be one of {', '.join(ROLES)}.", param=f"{p}role")
+    content = _get(item, "content", list, p)
+    if not content:
+        raise InvalidValue(f"'{p}content' must hold at least one part.", param=f"{p}content")
+    parts = tuple(_parse_part(part, role, f"{p}content[{i}]") for i, part in enumerate(content))
+    return ItemInput(_id(item, "id", p, required=False), role, parts)
+
+
+def _session_update(data: dict[str, Any], event_id: str | None) -> SessionUpdate:
+    session = _get(data, "session", dict, "")
+    kind = session.get("type")
+    if kind not in (None, "realtime"):
+        raise InvalidValue("'session.type' must be \"realtime\".", param="session.type")
+    return SessionUpdate(event_id, _parse_changes(session, "session.", beta_max_key="max_response_output_tokens"))
+
+
+def _item_create(data: dict[str, Any], event_id: str | None) -> ItemCreate:
+    item = _parse_item(_get(data, "item", dict, ""), "item")
+    return ItemCreate(event_id, item, _id(data, "previous_item_id", "", required=False))
+
+
+def _item_delete(data: dict[str, Any], event_id: str | None) -> ItemDelete:
+    return ItemDelete(event_id, _id(data, "item_id", ""))
+
+
+def _item_retrieve(data: dict[str, Any], event_id: str | None) -> ItemRetrieve:
+    return ItemRetrieve(event_id, _id(data, "item_id", ""))
+
+
+def _response_create(data: dict[str, Any], event_id: str | None) -> ResponseCreate:
+    response = _get(data, "response", dict, "", required=False) or {}
+    p = "response."
+    changes = _parse_changes(response, p, beta_max_key="max_response_output_tokens")
+    conversation = _get(response, "conversation", str, p, required=False) or "auto"
+    if conversation not in ("auto", "none"):
+        raise InvalidValue("'response.conversation' must be \"auto\" or \"none\".", param="response.conversation")
+    raw_input = _get(response, "input", list, p, required=False)
+    items = None if raw_input is None else tuple(_parse_item(it, f"{p}input[{i}]") for i, it in enumerate(raw_input))
+    metadata = _get(response, "metadata", dict, p, required=False)
+    if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidType("'response.metadata' values must be strings.", param="response.metadata")
+    return ResponseCreate(event_id, changes, conversation == "auto", items, metadata)
+
+
+def _response_cancel(data: dict[str, Any], event_id: str | None) -> ResponseCancel:
+    return ResponseCancel(event_id, _id(data, "response_id", "", required=False))
+
+
+_PARSERS = {
+    "session.update": _session_update,
+    "conversation.item.create": _item_create,
+    "conversation.item.delete": _item_delete,
+    "conversation.item.retrieve": _item_retrieve,
+    "response.create": _response_create,
+    "response.cancel": _response_cancel,
+}

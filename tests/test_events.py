@@ -1,0 +1,51 @@
+"""Server-event serialization in both dialects."""
+
+from __future__ import annotations
+
+from assistant.events import Dialect, EventWriter, SessionView
+from assistant.errors import ItemNotFound
+from assistant.items import ContentPart, Item, Usage
+
+VIEW = SessionView("sess_1", "m", "conv_1", "Be brief.", None, 0.8, 1.0, None, ())
+
+
+def test_event_ids_are_unique_and_beta_renames() -> None:
+    ga, beta = EventWriter(Dialect.GA), EventWriter(Dialect.BETA)
+    a, b = ga.event("response.output_text.delta", delta="x"), ga.event("response.output_text.delta", delta="x")
+    assert a and b and a["event_id"] != b["event_id"]
+    assert beta.event("response.output_text.delta")["type"] == "response.text.delta"  # type: ignore[index]
+    assert beta.event("conversation.item.added")["type"] == "conversation.item.created"  # type: ignore[index]
+    assert beta.event("conversation.item.done") is None
+
+
+def test_session_shapes() -> None:
+    ga = EventWriter(Dialect.GA).session(VIEW)
+    assert ga["type"] == "realtime" and ga["output_modalities"] == ["text"] and ga["max_output_tokens"] == "inf"
+    assert ga["conversation_id"] == "conv_1"
+    beta = EventWriter(Dialect.BETA).session(VIEW)
+    assert beta["modalities"] == ["text"] and beta["max_response_output_tokens"] == "inf" and "type" not in beta
+
+
+def test_items_and_images() -> None:
+    item = Item("item_1", "user", (ContentPart("input_text", text="hi"),
+                                   ContentPart("input_image", image_sha256="ab", detail="low")))
+    wire = EventWriter(Dialect.GA).item(item)
+    assert wire["content"][1] == {"type": "input_image", "detail": "low", "image_sha256": "ab"}
+    full = EventWriter(Dialect.GA).item(item, {"ab": "data:image/png;base64,AA"}.__getitem__)
+    assert full["content"][1]["image_url"] == "data:image/png;base64,AA"
+    reply = Item("item_2", "assistant", (ContentPart("output_text", text="yo"),))
+    assert EventWriter(Dialect.BETA).item(reply)["content"] == [{"type": "text", "text": "yo"}]
+    assert EventWriter(Dialect.GA).item(reply)["content"] == [{"type": "output_text", "text": "yo"}]
+
+
+def test_response_usage_and_error() -> None:
+    usage = Usage(input_tokens=100, output_tokens=5, cached_tokens=49, image_tokens=49, cached_image_tokens=49)
+    body = EventWriter(Dialect.GA).response("resp_1", "conv_1", "completed", usage=usage)
+    details = body["usage"]["input_token_details"]
+    assert body["usage"]["total_tokens"] == 105
+    assert details["image_tokens"] == 49 and details["text_tokens"] == 51 and details["cached_tokens"] == 49
+    error = ItemNotFound("no such item", param="item_id")
+    error.event_id = "e1"
+    event = EventWriter(Dialect.GA).error(error)
+    assert event["error"] == {"type": "invalid_request_error", "code": "item_not_found", "message": "no such item",
+                              "param": "item_id", "event_id": "e1"}

@@ -1,0 +1,127 @@
+"""Client-event parsing: every accepted shape and every coded rejection, without sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from assistant.errors import AssistantError
+from assistant.protocol import (ImageInput, ItemCreate, ItemDelete, ItemRetrieve, ResponseCancel, ResponseCreate,
+                                SessionUpdate, TextInput, parse_client_event)
+
+
+def parse(event: dict) -> object:
+    return parse_client_event(json.dumps(event))
+
+
+def rejection(frame: str | bytes | dict) -> AssistantError:
+    raw = json.dumps(frame) if isinstance(frame, dict) else frame
+    with pytest.raises(AssistantError) as info:
+        parse_client_event(raw)
+    return info.value
+
+
+def test_session_update_ga_with_extensions() -> None:
+    event = parse({"type": "session.update", "event_id": "e1", "session": {
+        "type": "realtime", "instructions": "Be brief.", "output_modalities": ["text"], "max_output_tokens": 42,
+        "temperature": 0, "top_p": 0.9, "seed": 7, "stop": "END", "audio": {"output": {"voice": "alloy"}}}})
+    assert isinstance(event, SessionUpdate) and event.event_id == "e1"
+    c = event.changes
+    assert (c.instructions, c.max_output_tokens, c.temperature, c.top_p, c.seed, c.stop) == (
+        "Be brief.", 42, 0.0, 0.9, 7, ("END",))
+
+
+def test_session_update_beta_names() -> None:
+    event = parse({"type": "session.update", "session": {"modalities": ["text"], "max_response_output_tokens": "inf"}})
+    assert isinstance(event, SessionUpdate) and event.changes.max_output_tokens == "inf"
+
+
+def test_item_create_user_text_and_image() -> None:
+    event = parse({"type": "conversation.item.create", "previous_item_id": "root", "item": {
+        "id": "item_1", "type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "hi"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"}]}})
+    assert isinstance(event, ItemCreate) and event.previous_item_id == "root"
+    assert event.item.id == "item_1" and event.item.role == "user"
+    assert event.item.content == (TextInput("input_text", "hi"), ImageInput("data:image/png;base64,AAAA", "low"))
+
+
+def test_item_create_assistant_accepts_ga_and_beta_part_types() -> None:
+    for kind in ("output_text", "text"):
+        event = parse({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "assistant", "content": [{"type": kind, "text": "ok"}]}})
+        assert isinstance(event, ItemCreate) and event.item.content == (TextInput("output_text", "ok"),)
+        assert event.previous_item_id is None and event.item.id is None
+
+
+def test_response_create_and_cancel_and_items() -> None:
+    event = parse({"type": "response.create", "response": {
+        "instructions": "x", "max_output_tokens": 5, "conversation": "none", "metadata": {"k": "v"},
+        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "q"}]}]}})
+    assert isinstance(event, ResponseCreate)
+    assert not event.use_conversation and event.metadata == {"k": "v"} and len(event.input or ()) == 1
+    assert isinstance(parse({"type": "response.create"}), ResponseCreate)
+    assert parse({"type": "response.cancel"}) == ResponseCancel(None, None)
+    assert parse({"type": "conversation.item.delete", "item_id": "a"}) == ItemDelete(None, "a")
+    assert parse({"type": "conversation.item.retrieve", "item_id": "a", "event_id": "e"}) == ItemRetrieve("e", "a")
+
+
+@pytest.mark.parametrize("frame, code, param", [
+    ("not json", "invalid_json", None),
+    (b"\xff\xfe", "invalid_json", None),
+    ("[1, 2]", "invalid_json", None),
+    ({"event_id": "e"}, "missing_required_parameter", "type"),
+    ({"type": "nope", "event_id": "e"}, "unknown_event_type", "type"),
+    ({"type": "input_audio_buffer.append", "audio": ""}, "unknown_event_type", "type"),
+    ({"type": "session.update"}, "missing_required_parameter", "session"),
+    ({"type": "session.update", "session": []}, "invalid_type", "session"),
+    ({"type": "session.update", "session": {"temperature": "hot"}}, "invalid_type", "session.temperature"),
+    ({"type": "session.update", "session": {"temperature": 3}}, "invalid_value", "session.temperature"),
+    ({"type": "session.update", "session": {"top_p": 0}}, "invalid_value", "session.top_p"),
+    ({"type": "session.update", "session": {"max_output_tokens": 0}}, "invalid_value", "session.max_output_tokens"),
+    ({"type": "session.update", "session": {"max_output_tokens": True}}, "invalid_value", "session.max_output_tokens"),
+    ({"type": "session.update", "session": {"output_modalities": ["audio"]}}, "invalid_value",
+     "session.output_modalities"),
+    ({"type": "session.update", "session": {"stop": [1]}}, "invalid_type", "session.stop"),
+    ({"type": "session.update", "session": {"stop": ["a", "b", "c", "d", "e"]}}, "invalid_value", "session.stop"),
+    ({"type": "session.update", "session": {"seed": -1}}, "invalid_value", "session.seed"),
+    ({"type": "conversation.item.create"}, "missing_required_parameter", "item"),
+    ({"type": "conversation.item.create", "item": {"role": "user"}}, "missing_required_parameter", "item.content"),
+    ({"type": "conversation.item.create", "item": {"role": "robot", "content": []}}, "invalid_value", "item.role"),
+    ({"type": "conversation.item.create", "item": {"role": "user", "content": []}}, "invalid_value", "item.content"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call", "role": "user", "content": []}},
+     "invalid_value", "item.type"),
+    ({"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "input_text"}]}},
+     "missing_required_parameter", "item.content[0].text"),
+    ({"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "input_text", "text": 5}]}},
+     "invalid_type", "item.content[0].text"),
+    ({"type": "conversation.item.create", "item": {"role": "user", "content": ["hi"]}}, "invalid_type",
+     "item.content[0]"),
+    ({"type": "conversation.item.create", "item": {"role": "system", "content": [
+        {"type": "input_image", "image_url": "data:"}]}}, "invalid_value", "item.content[0].type"),
+    ({"type": "conversation.item.create", "item": {"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:", "detail": "ultra"}]}}, "invalid_value", "item.content[0].detail"),
+    ({"type": "conversation.item.create", "item": {"id": "x" * 65, "role": "user", "content": [
+        {"type": "input_text", "text": "a"}]}}, "invalid_value", "item.id"),
+    ({"type": "conversation.item.create", "previous_item_id": 3, "item": {"role": "user", "content": [
+        {"type": "input_text", "text": "a"}]}}, "invalid_type", "previous_item_id"),
+    ({"type": "conversation.item.delete"}, "missing_required_parameter", "item_id"),
+    ({"type": "conversation.item.retrieve", "item_id": ""}, "invalid_value", "item_id"),
+    ({"type": "response.create", "response": {"conversation": "other"}}, "invalid_value", "response.conversation"),
+    ({"type": "response.create", "response": {"metadata": {"a": 1}}}, "invalid_type", "response.metadata"),
+    ({"type": "response.create", "response": {"input": [{"role": "user"}]}}, "missing_required_parameter",
+     "response.input[0].content"),
+    ({"type": "response.cancel", "response_id": 1}, "invalid_type", "response_id"),
+])
+def test_rejections_are_coded_with_param(frame: str | bytes | dict, code: str, param: str | None) -> None:
+    error = rejection(frame)
+    assert error.code == code
+    assert error.param == param
+    assert error.message
+
+
+def test_rejection_echoes_client_event_id() -> None:
+    error = rejection({"type": "session.update", "event_id": "evt_9", "session": {"temperature": "x"}})
+    assert error.event_id == "evt_9"
+    assert error.to_wire()["event_id"] == "evt_9"
