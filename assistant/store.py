@@ -1,0 +1,345 @@
+"""The conversation store: conversations, items, images and responses in SQL.
+
+``Store`` is a synchronous repository over one SQLAlchemy Engine. The server
+calls it from worker threads (``asyncio.to_thread``), so every method opens its
+own short session and transaction; nothing is shared between calls but the
+Engine. Methods take and return the frozen dataclasses of
+:mod:`assistant.items`, never ORM rows (those live in
+:mod:`assistant.store_models`).
+
+Contract:
+- each method is one transaction: it commits completely or not at all (an
+  item, its content parts and its new images are stored together);
+- an unknown id raises a coded :mod:`assistant.errors` error naming the
+  offending ``param``; any other database failure propagates unchanged;
+- items are kept in ``position`` order; inserting before the end shifts the
+  later positions by one; deleting leaves a gap, which is harmless;
+- an image is stored once per ``sha256``: a second insert of the same hash,
+  even by a concurrent transaction, is silently skipped;
+- write transactions first touch the conversation row (``updated_at``), which
+  serializes writers per conversation on PostgreSQL and takes SQLite's write
+  lock up front (``BEGIN IMMEDIATE``), so a reader never has to upgrade its
+  lock halfway and fail with "database is locked".
+
+Supported URLs: ``sqlite:///path/to/file.db`` and ``postgresql+psycopg://...``.
+In-memory SQLite is refused: each pooled connection would see its own database.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import URL, Connection, Engine, create_engine, delete, event, make_url, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from assistant.errors import ConversationNotFound, ItemAlreadyExists, ItemNotFound, ResponseNotFound
+from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
+from assistant.store_models import ConversationRow, ImageRow, ItemRow, PartRow, ResponseRow, utcnow
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
+ROOT = "root"  # previous_item_id that means "insert first"
+SQLITE_BUSY_TIMEOUT_MS = 5000
+_READ_ONLY = "assistant_read_only"  # execution option: SQLite may BEGIN DEFERRED
+
+
+class Store:
+    """Conversations and their items, images and responses, behind one Engine."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        self.engine = _create_engine(self.url)
+        self._write = sessionmaker(self.engine, expire_on_commit=False)
+        self._read = sessionmaker(self.engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False)
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest migration (a no-op when it is already there)."""
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+        with self.engine.connect() as connection:
+            # SQLite batch migrations drop and recreate tables; with foreign keys on, dropping a
+            # parent table would cascade-delete its children. The pragma only works outside a transaction.
+            is_sqlite = connection.dialect.name == "sqlite"
+            if is_sqlite:
+                _set_sqlite_foreign_keys(connection, False)
+            try:
+                with connection.begin():
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, "head")
+                    if is_sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                        raise RuntimeError("A migration left rows with dangling foreign keys; rolled back.")
+            finally:
+                if is_sqlite:
+                    _set_sqlite_foreign_keys(connection, True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ conversations
+
+    def create_conversation(self) -> str:
+        conversation_id = "conv_" + secrets.token_hex(12)
+        with self._write.begin() as session:
+            session.add(ConversationRow(id=conversation_id))
+        return conversation_id
+
+    def conversation_exists(self, conversation_id: str) -> bool:
+        with self._read.begin() as session:
+            return session.get(ConversationRow, conversation_id) is not None
+
+    # ------------------------------------------------------------ items
+
+    def list_items(self, conversation_id: str) -> list[Item]:
+        """All items of a conversation in order; empty for an unknown conversation."""
+        with self._read.begin() as session:
+            rows = session.scalars(
+                select(ItemRow).where(ItemRow.conversation_id == conversation_id).order_by(ItemRow.position))
+            return [_item_of(row) for row in rows]
+
+    def get_item(self, conversation_id: str, item_id: str) -> Item:
+        with self._read.begin() as session:
+            row = session.scalars(
+                select(ItemRow).where(ItemRow.conversation_id == conversation_id, ItemRow.item_id == item_id)
+            ).one_or_none()
+            if row is None:
+                raise _item_not_found(item_id, "item_id")
+            return _item_of(row)
+
+    def previous_item_id(self, conversation_id: str, item_id: str) -> str | None:
+        """The id of the item just before ``item_id``, or None when it is first."""
+        with self._read.begin() as session:
+            position = _position_of(session, conversation_id, item_id)
+            if position is None:
+                raise _item_not_found(item_id, "item_id")
+            return _last_item_before(session, conversation_id, position)
+
+    def add_item(
+        self,
+        conversation_id: str,
+        item: Item,
+        previous_item_id: str | None = None,
+        images: Sequence[StoredImage] = (),
+    ) -> str | None:
+        """Store ``item`` (and the new ``images`` it refers to); return the id now preceding it.
+
+        ``previous_item_id``: None appends, ``"root"`` inserts first, any other id
+        inserts right after that item.
+        """
+        with self._write.begin() as session:
+            _touch(session, conversation_id)
+            if _position_of(session, conversation_id, item.id) is not None:
+                raise ItemAlreadyExists(f"Item {item.id!r} already exists in this conversation.", param="item.id")
+            position, previous = _insertion_point(session, conversation_id, previous_item_id)
+            _insert_images(session, images)
+            session.add(ItemRow(conversation_id=conversation_id, item_id=item.id, position=position,
+                                type=item.type, role=item.role, status=item.status, parts=_part_rows(item)))
+        return previous
+
+    def update_item(self, conversation_id: str, item: Item) -> None:
+        """Replace the content and status of a stored item (e.g. a finished assistant message)."""
+        with self._write.begin() as session:
+            _touch(session, conversation_id)
+            row = session.scalars(
+                select(ItemRow).where(ItemRow.conversation_id == conversation_id, ItemRow.item_id == item.id)
+            ).one_or_none()
+            if row is None:
+                raise _item_not_found(item.id, "item_id")
+            row.status = item.status
+            row.parts.clear()
+            session.flush()  # delete the old parts before inserting new ones with the same (item, index)
+            row.parts.extend(_part_rows(item))
+
+    def delete_item(self, conversation_id: str, item_id: str) -> None:
+        with self._write.begin() as session:
+            _touch(session, conversation_id)
+            result = session.execute(
+                delete(ItemRow).where(ItemRow.conversation_id == conversation_id, ItemRow.item_id == item_id))
+            if _rowcount(result) == 0:
+                raise _item_not_found(item_id, "item_id")
+
+    # ------------------------------------------------------------ images
+
+    def get_image(self, sha256: str) -> StoredImage | None:
+        with self._read.begin() as session:
+            row = session.get(ImageRow, sha256)
+            if row is None:
+                return None
+            return StoredImage(row.sha256, row.mime_type, row.width, row.height, row.data)
+
+    # ------------------------------------------------------------ responses
+
+    def start_response(self, response_id: str, conversation_id: str) -> None:
+        with self._write.begin() as session:
+            _touch(session, conversation_id)
+            session.add(ResponseRow(id=response_id, conversation_id=conversation_id, status="in_progress"))
+
+    def finish_response(self, record: ResponseRecord) -> None:
+        """Write a response's outcome and mark its output items as produced by it.
+
+        Output items deleted meanwhile are skipped; an unknown response raises.
+        """
+        with self._write.begin() as session:
+            row = session.get(ResponseRow, record.id)
+            if row is None:
+                raise ResponseNotFound(f"No response {record.id!r}.", param="response_id")
+            _touch(session, row.conversation_id)
+            _write_outcome(row, record)
+            if record.output_item_ids:
+                session.execute(
+                    update(ItemRow)
+                    .where(ItemRow.conversation_id == row.conversation_id,
+                           ItemRow.item_id.in_(record.output_item_ids))
+                    .values(response_id=record.id)
+                    .execution_options(synchronize_session=False))
+
+    def get_response(self, response_id: str) -> ResponseRecord | None:
+        with self._read.begin() as session:
+            row = session.get(ResponseRow, response_id)
+            if row is None:
+                return None
+            output_ids = session.scalars(
+                select(ItemRow.item_id).where(ItemRow.response_id == response_id).order_by(ItemRow.position))
+            return _record_of(row, tuple(output_ids))
+
+
+# ---------------------------------------------------------------- engine
+
+
+def _create_engine(url: URL) -> Engine:
+    if url.get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=True)
+    if url.get_backend_name() != "sqlite":
+        raise ValueError(f"Unsupported database {url.get_backend_name()!r}: use sqlite or postgresql.")
+    if url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
+        raise ValueError("In-memory SQLite is not supported; give the store a file path.")
+    Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False})
+    event.listen(engine, "connect", _on_sqlite_connect)
+    event.listen(engine, "begin", _on_sqlite_begin)
+    return engine
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control away from the sqlite3 module; _on_sqlite_begin emits BEGIN.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _set_sqlite_foreign_keys(connection: Connection, enabled: bool) -> None:
+    # Straight to the driver: going through SQLAlchemy would BEGIN first, where the pragma is a no-op.
+    connection.connection.driver_connection.execute(f"PRAGMA foreign_keys = {'ON' if enabled else 'OFF'}")
+
+
+def _on_sqlite_begin(connection: Connection) -> None:
+    # Writers take the write lock at BEGIN, where busy_timeout can wait for it; readers never block.
+    read_only = connection.get_execution_options().get(_READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
+
+
+# ---------------------------------------------------------------- queries
+
+
+def _touch(session: Session, conversation_id: str) -> None:
+    """Bump ``updated_at``; locks the conversation for this transaction and checks that it exists."""
+    result = session.execute(
+        update(ConversationRow).where(ConversationRow.id == conversation_id).values(updated_at=utcnow()))
+    if _rowcount(result) == 0:
+        raise ConversationNotFound(f"No conversation {conversation_id!r}.", param="conversation")
+
+
+def _position_of(session: Session, conversation_id: str, item_id: str) -> int | None:
+    return session.scalar(
+        select(ItemRow.position).where(ItemRow.conversation_id == conversation_id, ItemRow.item_id == item_id))
+
+
+def _last_item_before(session: Session, conversation_id: str, position: int) -> str | None:
+    return session.scalar(
+        select(ItemRow.item_id).where(ItemRow.conversation_id == conversation_id, ItemRow.position < position)
+        .order_by(ItemRow.position.desc()).limit(1))
+
+
+def _insertion_point(session: Session, conversation_id: str, previous_item_id: str | None) -> tuple[int, str | None]:
+    """Where a new item goes: its position and the id before it; makes room if needed."""
+    if previous_item_id is None:
+        last = session.execute(
+            select(ItemRow.position, ItemRow.item_id).where(ItemRow.conversation_id == conversation_id)
+            .order_by(ItemRow.position.desc()).limit(1)).first()
+        return (0, None) if last is None else (last.position + 1, last.item_id)
+    if previous_item_id == ROOT:
+        _shift_from(session, conversation_id, 0)
+        return 0, None
+    position = _position_of(session, conversation_id, previous_item_id)
+    if position is None:
+        raise _item_not_found(previous_item_id, "previous_item_id")
+    _shift_from(session, conversation_id, position + 1)
+    return position + 1, previous_item_id
+
+
+def _shift_from(session: Session, conversation_id: str, position: int) -> None:
+    session.execute(
+        update(ItemRow)
+        .where(ItemRow.conversation_id == conversation_id, ItemRow.position >= position)
+        .values(position=ItemRow.position + 1)
+        .execution_options(synchronize_session=False))
+
+
+def _insert_images(session: Session, images: Sequence[StoredImage]) -> None:
+    """Insert images whose hash is not stored yet; a concurrent insert of the same hash is no error."""
+    unique = {image.sha256: image for image in images}
+    if not unique:
+        return
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    now = utcnow()
+    rows = [dict(sha256=i.sha256, mime_type=i.mime_type, width=i.width, height=i.height,
+                 num_bytes=i.num_bytes, data=i.data, created_at=now) for i in unique.values()]
+    session.execute(insert(ImageRow).on_conflict_do_nothing(index_elements=["sha256"]), rows)
+
+
+def _rowcount(result: Any) -> int:
+    return cast(int, result.rowcount)
+
+
+def _item_not_found(item_id: str, param: str) -> ItemNotFound:
+    return ItemNotFound(f"No item {item_id!r} in this conversation.", param=param)
+
+
+# ---------------------------------------------------------------- rows <-> items
+
+
+def _part_rows(item: Item) -> list[PartRow]:
+    return [PartRow(index=i, type=p.type, text=p.text, image_sha256=p.image_sha256, detail=p.detail)
+            for i, p in enumerate(item.content)]
+
+
+def _item_of(row: ItemRow) -> Item:
+    parts = tuple(ContentPart(cast(Any, p.type), p.text, p.image_sha256, cast(Any, p.detail)) for p in row.parts)
+    return Item(row.item_id, cast(Any, row.role), parts, cast(Any, row.status), cast(Any, row.type))
+
+
+def _write_outcome(row: ResponseRow, record: ResponseRecord) -> None:
+    usage = record.usage
+    row.status = record.status
+    row.reason = record.reason
+    row.input_tokens = usage.input_tokens
+    row.output_tokens = usage.output_tokens
+    row.cached_tokens = usage.cached_tokens
+    row.image_tokens = usage.image_tokens
+    row.cached_image_tokens = usage.cached_image_tokens
+    row.time_to_first_token_ms = record.time_to_first_token_ms
+    row.duration_ms = record.duration_ms
+    row.finished_at = utcnow()
+
+
+def _record_of(row: ResponseRow, output_item_ids: tuple[str, ...]) -> ResponseRecord:
+    usage = Usage(row.input_tokens, row.output_tokens, row.cached_tokens, row.image_tokens, row.cached_image_tokens)
+    return ResponseRecord(row.id, row.conversation_id, cast(Any, row.status), row.reason, output_item_ids, usage,
+                          row.time_to_first_token_ms, row.duration_ms)
