@@ -1,0 +1,105 @@
+"""Image-embedding cache: every image is encoded once per vision part and detail.
+
+An entry is keyed by ``(vision identity, image sha256, preprocess key)``: the
+weights and preprocessing, the image bytes, and the resolution/token count the
+detail chose. Values are ``(T, h)`` embedding tensors, kept on whatever device
+the encoder produced them. The cache is bounded in bytes (``numel *
+element_size``) and evicts least-recently-used entries; a single tensor larger
+than the budget is returned to the caller but not stored. All methods are
+thread-safe (one lock; no tensor work is done while holding it).
+
+:func:`encode_cached` is what the model calls: it looks every image up, decodes
+and encodes only the misses, in one batch per detail, and stores them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+from assistant.engine.vision import VisionPart
+
+CacheKey = tuple[str, str, str]  # (vision identity, image sha256, preprocess key)
+ImageRef = tuple[str, Callable[[], Image.Image], str]  # (sha256, loader, detail)
+
+
+class EmbeddingCache:
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.num_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[CacheKey, torch.Tensor] = OrderedDict()  # oldest use first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def get(self, key: CacheKey) -> torch.Tensor | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: CacheKey, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.num_bytes -= old.numel() * old.element_size()
+            if size > self.max_bytes:
+                return
+            self._entries[key] = value
+            self.num_bytes += size
+            while self.num_bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.num_bytes -= evicted.numel() * evicted.element_size()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.num_bytes = 0
+
+
+def encode_cached(vision: VisionPart, cache: EmbeddingCache,
+                  images: list[ImageRef]) -> tuple[list[torch.Tensor], int]:
+    """Embeddings for ``images`` in order, each ``(num_tokens(detail), hidden_size)``, and how many were cached.
+
+    Loaders run only for misses. An image repeated within one call is encoded
+    once. Raises what a loader or the encoder raises; nothing is stored then.
+    """
+    results: list[torch.Tensor | None] = [None] * len(images)
+    positions: dict[CacheKey, list[int]] = {}  # misses: key → where its embedding goes
+    firsts: dict[CacheKey, tuple[Callable[[], Image.Image], str]] = {}  # key → (loader, detail) of its first use
+    num_cached = 0
+    for position, (sha256, loader, detail) in enumerate(images):
+        key = (vision.identity, sha256, vision.preprocess_key(detail))
+        cached = None if key in positions else cache.get(key)
+        if cached is not None:
+            results[position] = cached
+            num_cached += 1
+            continue
+        positions.setdefault(key, []).append(position)
+        firsts.setdefault(key, (loader, detail))
+    by_detail: dict[str, list[CacheKey]] = {}
+    for key, (_, detail) in firsts.items():
+        by_detail.setdefault(detail, []).append(key)
+    for detail, keys in by_detail.items():
+        embeddings = vision.encode([firsts[key][0]() for key in keys], detail)  # (N, T, h)
+        for key, embedding in zip(keys, embeddings, strict=True):
+            embedding = embedding.clone()  # (T, h); a view would pin the whole batch in memory
+            cache.put(key, embedding)
+            for position in positions[key]:
+                results[position] = embedding
+    return results, num_cached  # type: ignore[return-value]

