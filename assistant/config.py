@@ -171,3 +171,18 @@ def load_config(
         if f.name in flags:
             values[f.name] = parse_value(f, flags[f.name], f"--{f.name.replace('_', '-')}")
     return Config(**values)
+
+
+def config_table_markdown() -> str:
+    """The README's configuration table (``python -m assistant.config`` prints it)."""
+    rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
+    for f in config_fields():
+        default = "see meaning" if f.default in (None, "") else f"`{f.default}`"
+        choices = f.metadata.get("choices")
+        meaning = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | {default} | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(config_table_markdown())

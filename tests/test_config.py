@@ -60,3 +60,10 @@ def test_serve_help_documents_every_option() -> None:
     for f in config_fields():
         assert "--" + f.name.replace("_", "-") in text
         assert "ASSISTANT_" + f.name.upper() in text
+
+
+def test_readme_documents_every_option() -> None:
+    from assistant.config import config_table_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert config_table_markdown() in readme, "regenerate the README table: python -m assistant.config"

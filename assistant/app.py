@@ -1,0 +1,65 @@
+"""Wire the parts together from a Config: store, model, engine thread, server App.
+
+This is the one place that knows every part; each part's constructor takes only
+what it uses. Model loading is slow and blocking, so it happens here, before the
+event loop starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy.engine import make_url
+
+from assistant.config import Config
+from assistant.images import ImageLimits
+from assistant.prompts import load_system_prompt
+from assistant.server import App
+from assistant.session import ImageBudget, Settings
+from assistant.store import Store
+
+
+def build_app(config: Config, progress: Callable[[str], None] = print) -> App:
+    """Open (and for SQLite, upgrade) the store, load the model, start the engine thread."""
+    from assistant.engine.engine import AsyncEngine, Engine
+    from assistant.engine.loader import load_model
+
+    store = Store(config.database_url)
+    if make_url(config.database_url).get_backend_name() == "sqlite":
+        store.upgrade()  # the embedded database follows the code; others via `assistant db upgrade`
+    model = load_model(config, progress=progress)
+    engine = Engine(model, max_num_running=config.max_running_requests,
+                    max_num_waiting=config.max_waiting_requests)
+    engine.start()
+    return App(
+        store=store,
+        engine=AsyncEngine(engine),
+        model_name=config.model,
+        defaults=default_settings(config),
+        image_budget=image_budget(config, model.image_tokens if model.accepts_images else None),
+        max_message_bytes=config.max_message_bytes,
+        max_connections=config.max_connections,
+    )
+
+
+def close_app(app: App) -> None:
+    app.engine.engine.shutdown()
+    app.store.close()
+
+
+def default_settings(config: Config) -> Settings:
+    return Settings(
+        instructions=load_system_prompt(config.system_prompt_file or None),
+        max_output_tokens=config.max_output_tokens or None,
+        temperature=config.temperature,
+        top_p=config.top_p,
+    )
+
+
+def image_budget(config: Config, tokens_per_image: Callable[[str], int] | None) -> ImageBudget:
+    limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+                         max_images_per_message=config.max_images_per_message)
+    return ImageBudget(limits=limits, max_images_per_conversation=config.max_images_per_conversation,
+                       max_tokens_per_message=config.max_image_tokens_per_message,
+                       max_tokens_per_conversation=config.max_image_tokens_per_conversation,
+                       tokens_per_image=tokens_per_image)

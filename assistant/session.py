@@ -1,0 +1,365 @@
+"""One connection's state machine: client events in → store and engine calls → server events out.
+
+A :class:`Session` never touches a socket: the server hands it frames through
+:meth:`Session.handle` and gives it an async ``send`` callable. It never touches
+a tensor either: it speaks to the engine through :class:`GenerationRequest` and
+the event stream that ends in one ``Finished``.
+
+Invariants:
+- every client event is answered, and every failure becomes one ``error``
+  event; the connection stays open and nothing stored is lost;
+- at most one response runs per connection;
+- every item is stored before it is announced; a response's output item is
+  stored as ``in_progress`` when it starts and finalized when it ends, also when
+  the client disconnects mid-response;
+- database and image work run in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from assistant import images as image_codec
+from assistant.engine.request import Finished, GenerationRequest, TokenDelta
+from assistant.engine.sampling import SamplingParams
+from assistant.errors import AssistantError, BudgetExceeded, ImageRejected, InternalError, ResponseInProgress, \
+    ResponseNotFound
+from assistant.events import EventWriter, SessionView, new_id
+from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
+from assistant.prompts import build_messages
+from assistant.protocol import (ClientEvent, ImageInput, ItemCreate, ItemDelete, ItemInput, ItemRetrieve,
+                                ResponseCancel, ResponseCreate, SamplingChanges, SessionUpdate, parse_client_event)
+from assistant.store import Store
+
+log = logging.getLogger(__name__)
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """Image limits of one session; ``tokens_per_image`` is None when the model takes no images."""
+
+    limits: image_codec.ImageLimits
+    max_images_per_conversation: int
+    max_tokens_per_message: int
+    max_tokens_per_conversation: int
+    tokens_per_image: Callable[[str], int] | None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A session's effective generation settings (defaults, then ``session.update``)."""
+
+    instructions: str
+    max_output_tokens: int | None
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def apply(self, changes: SamplingChanges) -> Settings:
+        updated = self
+        for name in ("instructions", "temperature", "top_p", "seed", "stop"):
+            value = getattr(changes, name)
+            if value is not None:
+                updated = replace(updated, **{name: value})
+        if changes.max_output_tokens is not None:
+            limit = None if changes.max_output_tokens == "inf" else changes.max_output_tokens
+            updated = replace(updated, max_output_tokens=limit)
+        return updated
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.seed, self.stop, self.max_output_tokens)
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        engine: Any,  # AsyncEngine: generate(request) -> AsyncIterator[EngineEvent], abort(request_id)
+        conversation_id: str,
+        model_name: str,
+        settings: Settings,
+        image_budget: ImageBudget,
+        writer: EventWriter,
+        send: Send,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.conversation_id = conversation_id
+        self.model_name = model_name
+        self.settings = settings
+        self.image_budget = image_budget
+        self.writer = writer
+        self._send = send
+        self.id = new_id("sess")
+        self._response_task: asyncio.Task[None] | None = None
+        self._response_id: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.send("session.created", session=self.writer.session(self._session_view()))
+
+    async def close(self) -> None:
+        """The client is gone: stop generating, and let the response record itself."""
+        task = self._response_task
+        if task is not None and not task.done():
+            self.engine.abort(self._response_id)
+            await asyncio.wait([task])
+
+    async def send(self, type_: str, **fields: Any) -> None:
+        event = self.writer.event(type_, **fields)
+        if event is not None:
+            await self._send(event)
+
+    # ------------------------------------------------------------ dispatch
+
+    async def handle(self, frame: str | bytes) -> None:
+        """Handle one client frame; failures become one ``error`` event."""
+        event_id = None
+        try:
+            event = parse_client_event(frame)
+            event_id = event.event_id
+            await self._dispatch(event)
+        except AssistantError as exc:
+            exc.event_id = exc.event_id or event_id
+            await self._send(self.writer.error(exc))
+        except Exception:
+            log.exception("internal error while handling a client event")
+            error = InternalError()
+            error.event_id = event_id
+            await self._send(self.writer.error(error))
+
+    async def _dispatch(self, event: ClientEvent) -> None:
+        match event:
+            case SessionUpdate(changes=changes):
+                self.settings = self.settings.apply(changes)
+                await self.send("session.updated", session=self.writer.session(self._session_view()))
+            case ItemCreate(item=item_input, previous_item_id=previous):
+                await self._create_item(item_input, previous)
+            case ItemDelete(item_id=item_id):
+                await asyncio.to_thread(self.store.delete_item, self.conversation_id, item_id)
+                await self.send("conversation.item.deleted", item_id=item_id)
+            case ItemRetrieve(item_id=item_id):
+                item = await asyncio.to_thread(self.store.get_item, self.conversation_id, item_id)
+                urls = await asyncio.to_thread(self._image_urls, item)
+                await self.send("conversation.item.retrieved", item=self.writer.item(item, urls.__getitem__))
+            case ResponseCreate():
+                self._start_response(event)
+            case ResponseCancel(response_id=response_id):
+                self._cancel_response(response_id)
+
+    def _session_view(self) -> SessionView:
+        s = self.settings
+        return SessionView(self.id, self.model_name, self.conversation_id, s.instructions, s.max_output_tokens,
+                           s.temperature, s.top_p, s.seed, s.stop)
+
+    # ------------------------------------------------------------ items
+
+    async def _create_item(self, item_input: ItemInput, previous_item_id: str | None) -> None:
+        item, new_images = await asyncio.to_thread(self._validate_item, item_input, "item", True)
+        previous = await asyncio.to_thread(self.store.add_item, self.conversation_id, item, previous_item_id,
+                                           new_images)
+        wire = self.writer.item(item)
+        await self.send("conversation.item.added", previous_item_id=previous, item=wire)
+        await self.send("conversation.item.done", previous_item_id=previous, item=wire)
+
+    def _validate_item(self, item_input: ItemInput, param: str, stored: bool) -> tuple[Item, list[StoredImage]]:
+        """Decode and check every part (worker thread); nothing is stored here."""
+        budget = self.image_budget
+        images: list[StoredImage] = []
+        parts: list[ContentPart] = []
+        image_inputs = [p for p in item_input.content if isinstance(p, ImageInput)]
+        if image_inputs:
+            if budget.tokens_per_image is None:
+                raise ImageRejected("This model does not accept images; send text only.",
+                                    param=f"{param}.content", code="image_input_not_supported")
+            image_codec.check_image_count(len(image_inputs), budget.limits, param=f"{param}.content")
+        for index, part in enumerate(item_input.content):
+            part_param = f"{param}.content[{index}]"
+            if isinstance(part, ImageInput):
+                _, data = image_codec.parse_image_url(part.image_url, budget.limits, param=f"{part_param}.image_url")
+                image, _ = image_codec.load_image(data, budget.limits, param=f"{part_param}.image_url")
+                images.append(image)
+                parts.append(ContentPart("input_image", image_sha256=image.sha256, detail=part.detail))
+            else:
+                parts.append(ContentPart(part.type, text=part.text))
+        if images:
+            assert budget.tokens_per_image is not None
+            self._check_image_budget([p for p in parts if p.is_image], param, stored)
+        item = Item(item_input.id or new_id("item"), item_input.role, tuple(parts))
+        return item, images
+
+    def _check_image_budget(self, image_parts: list[ContentPart], param: str, stored: bool) -> None:
+        budget = self.image_budget
+        tokens_of = budget.tokens_per_image
+        assert tokens_of is not None
+        message_tokens = sum(tokens_of(p.detail) for p in image_parts)
+        if message_tokens > budget.max_tokens_per_message:
+            raise BudgetExceeded(f"These images need {message_tokens} image tokens; a message may use at most "
+                                 f"{budget.max_tokens_per_message}. Send fewer images or use detail \"low\".",
+                                 param=f"{param}.content", code="too_many_image_tokens")
+        if not stored:
+            return
+        existing = [p for it in self.store.list_items(self.conversation_id) for p in it.content if p.is_image]
+        if len(existing) + len(image_parts) > budget.max_images_per_conversation:
+            raise BudgetExceeded(f"This conversation already holds {len(existing)} images; the limit is "
+                                 f"{budget.max_images_per_conversation}.", param=f"{param}.content",
+                                 code="too_many_images")
+        total = message_tokens + sum(tokens_of(p.detail) for p in existing)
+        if total > budget.max_tokens_per_conversation:
+            raise BudgetExceeded(f"This conversation would hold {total} image tokens; the limit is "
+                                 f"{budget.max_tokens_per_conversation}.", param=f"{param}.content",
+                                 code="too_many_image_tokens")
+
+    def _image_urls(self, item: Item) -> dict[str, str]:
+        urls = {}
+        for sha256 in item.image_hashes:
+            image = self.store.get_image(sha256)
+            if image is not None:
+                urls[sha256] = image_codec.to_data_url(image)
+        return urls
+
+    # ------------------------------------------------------------ responses
+
+    def _start_response(self, event: ResponseCreate) -> None:
+        if self._response_task is not None and not self._response_task.done():
+            raise ResponseInProgress(f"Response {self._response_id} is still in progress; wait for response.done "
+                                     "or send response.cancel.")
+        self._response_id = new_id("resp")
+        self._response_task = asyncio.create_task(self._run_response(self._response_id, event))
+
+    def _cancel_response(self, response_id: str | None) -> None:
+        running = self._response_task is not None and not self._response_task.done()
+        if not running or (response_id is not None and response_id != self._response_id):
+            raise ResponseNotFound("There is no response in progress" +
+                                   (f" with id '{response_id}'." if response_id else "."), param="response_id")
+        self.engine.abort(self._response_id)
+
+    def _prepare_prompt(self, event: ResponseCreate, settings: Settings) -> GenerationRequest:
+        """Worker thread: gather the items the model sees and the bytes of their images."""
+        if event.input is not None:
+            pairs = [self._validate_item(it, f"response.input[{i}]", False) for i, it in enumerate(event.input)]
+            items = [item for item, _ in pairs]
+            images = {img.sha256: img for _, imgs in pairs for img in imgs}
+        else:
+            items = self.store.list_items(self.conversation_id) if event.use_conversation else []
+            images = {}
+        for sha256 in {h for item in items for h in item.image_hashes} - images.keys():
+            image = self.store.get_image(sha256)
+            if image is not None:
+                images[sha256] = image
+        messages = build_messages(settings.instructions, items, images)
+        return GenerationRequest("", messages, settings.sampling())
+
+    async def _run_response(self, response_id: str, event: ResponseCreate) -> None:
+        started = time.monotonic()
+        settings = self.settings.apply(event.changes)
+        in_conversation = event.use_conversation
+        item = Item(new_id("item"), "assistant", (), status="in_progress")
+        try:
+            request = await asyncio.to_thread(self._prepare_prompt, event, settings)
+        except AssistantError as exc:
+            exc.event_id = event.event_id
+            await self._send(self.writer.error(exc))
+            return
+        request = replace(request, request_id=response_id)
+        await asyncio.to_thread(self.store.start_response, response_id, self.conversation_id)
+        refs = {"response_id": response_id, "item_id": item.id, "output_index": 0}
+        previous: str | None = None
+        text: list[str] = []
+        first_token_at: float | None = None
+        finished = Finished(reason="error", error="engine stream ended without a terminal event")
+        try:
+            if in_conversation:
+                previous = await asyncio.to_thread(self.store.add_item, self.conversation_id, item)
+            response = self.writer.response(response_id, self.conversation_id, "in_progress",
+                                            metadata=event.metadata, max_output_tokens=settings.max_output_tokens)
+            await self.send("response.created", response=response)
+            await self.send("response.output_item.added", response_id=response_id, output_index=0,
+                            item=self.writer.item(item))
+            if in_conversation:
+                await self.send("conversation.item.added", previous_item_id=previous, item=self.writer.item(item))
+            await self.send("response.content_part.added", **refs, content_index=0,
+                            part={"type": "text", "text": ""})
+            async for engine_event in self.engine.generate(request):
+                if isinstance(engine_event, TokenDelta):
+                    if first_token_at is None:
+                        first_token_at = time.monotonic()
+                    if engine_event.text:
+                        text.append(engine_event.text)
+                        await self.send("response.output_text.delta", **refs, content_index=0,
+                                        delta=engine_event.text)
+                else:
+                    finished = engine_event
+        except Exception:
+            log.exception("response %s failed", response_id)
+            self.engine.abort(response_id)
+            finished = Finished(reason="error", error="internal error")
+        finally:
+            await asyncio.shield(self._finish_response(
+                response_id, item, "".join(text), finished, in_conversation, previous, refs, event,
+                settings, started, first_token_at))
+
+    async def _finish_response(
+        self, response_id: str, item: Item, text: str, finished: Finished, in_conversation: bool,
+        previous: str | None, refs: dict[str, Any], event: ResponseCreate, settings: Settings,
+        started: float, first_token_at: float | None,
+    ) -> None:
+        status, details = _status_of(finished)
+        item = replace(item, content=(ContentPart("output_text", text=text),),
+                       status="completed" if status == "completed" else "incomplete")
+        usage = Usage(input_tokens=finished.num_prompt_tokens, output_tokens=finished.num_output_tokens,
+                      cached_tokens=finished.num_cached_image_tokens, image_tokens=finished.num_image_tokens,
+                      cached_image_tokens=finished.num_cached_image_tokens)
+        now = time.monotonic()
+        record = ResponseRecord(
+            response_id, self.conversation_id, status, details.get("reason") if details else None,
+            (item.id,) if in_conversation else (), usage,
+            None if first_token_at is None else (first_token_at - started) * 1000.0, (now - started) * 1000.0)
+        try:
+            if in_conversation:
+                await asyncio.to_thread(self.store.update_item, self.conversation_id, item)
+            await asyncio.to_thread(self.store.finish_response, record)
+        except AssistantError:
+            log.warning("response %s: its output item was deleted while it ran", response_id)
+        except Exception:
+            log.exception("response %s: could not store the result", response_id)
+        part = {"type": "text", "text": text}
+        wire_item = self.writer.item(item)
+        try:
+            await self.send("response.output_text.done", **refs, content_index=0, text=text)
+            await self.send("response.content_part.done", **refs, content_index=0, part=part)
+            await self.send("response.output_item.done", response_id=response_id, output_index=0, item=wire_item)
+            if in_conversation:
+                await self.send("conversation.item.done", previous_item_id=previous, item=wire_item)
+            response = self.writer.response(
+                response_id, self.conversation_id, status, output=[item], usage=usage, status_details=details,
+                metadata=event.metadata, max_output_tokens=settings.max_output_tokens)
+            await self.send("response.done", response=response)
+        except Exception:
+            # The connection is gone; the result is stored, which is what matters.
+            log.info("response %s finished after the client left", response_id)
+
+
+def _status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
+    """Map an engine finish reason to a Realtime response status and status_details."""
+    match finished.reason:
+        case "stop":
+            return "completed", {"type": "completed", "reason": None}
+        case "length":
+            return "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        case "cancelled":
+            return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
+    message = finished.error or "generation failed"
+    code = message.split(":", 1)[0] if message.startswith("context_length_exceeded") else "generation_failed"
+    error_type = "invalid_request_error" if code == "context_length_exceeded" else "server_error"
+    public = message if code == "context_length_exceeded" else "Generation failed; the conversation is intact."
+    return "failed", {"type": "failed", "reason": None, "error": {"type": error_type, "code": code, "message": public}}

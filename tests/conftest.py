@@ -1,0 +1,108 @@
+"""Shared fixtures: a tiny random chat model, and real loopback servers around it.
+
+``running_server`` starts the real App (SQLite store, engine thread, websockets
+server on an ephemeral port) exactly as ``assistant serve`` wires it, with the
+tiny model in place of the default one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from assistant.app import default_settings, image_budget
+from assistant.config import load_config
+from assistant.engine.engine import AsyncEngine, Engine
+from assistant.engine.model import ChatModel, load_chat_model
+from assistant.server import App, start_server
+from assistant.store import Store
+from tests.engine_fixtures import save_tiny_chat_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-llama"), max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> ChatModel:
+    return load_chat_model(str(tiny_model_dir), dtype="float32")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@dataclass
+class RunningServer:
+    app: App
+    port: int
+    engine: Engine
+
+    @property
+    def ws_base(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def realtime_url(self) -> str:
+        return f"{self.ws_base}/realtime"
+
+
+@contextlib.asynccontextmanager
+async def running_server(model: ChatModel, data_dir: Path, **overrides: object) -> AsyncIterator[RunningServer]:
+    """The App as `assistant serve` builds it, around ``model``, on an ephemeral port."""
+    config = load_config({"data_dir": str(data_dir), **{k: str(v) for k, v in overrides.items()}}, env={})
+    store = Store(config.database_url)
+    store.upgrade()
+    engine = Engine(model, max_num_running=config.max_running_requests,
+                    max_num_waiting=config.max_waiting_requests)
+    engine.start()
+    tokens_per_image = model.vision.num_tokens if model.vision is not None else None  # type: ignore[attr-defined]
+    app = App(store=store, engine=AsyncEngine(engine), model_name="tiny", defaults=default_settings(config),
+              image_budget=image_budget(config, tokens_per_image), max_message_bytes=config.max_message_bytes,
+              max_connections=config.max_connections)
+    server = await start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield RunningServer(app, port, engine)
+    finally:
+        server.close()
+        await server.wait_closed()
+        engine.shutdown()
+        store.close()
+
+
+@pytest.fixture
+async def server(tiny_model: ChatModel, data_dir: Path) -> AsyncIterator[RunningServer]:
+    async with running_server(tiny_model, data_dir) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests must never reach the Hugging Face hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+

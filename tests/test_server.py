@@ -1,0 +1,340 @@
+"""The server over real loopback sockets, with raw `websockets` clients and a tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import RunningServer, running_server
+
+TIMEOUT = 60
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+
+
+async def recv_until(ws: ClientConnection, type_: str) -> list[dict[str, Any]]:
+    """Every event up to and including the first of ``type_``."""
+    events = []
+    while True:
+        event = await recv(ws)
+        events.append(event)
+        if event["type"] == type_:
+            return events
+
+
+async def send(ws: ClientConnection, event: dict[str, Any]) -> None:
+    await ws.send(json.dumps(event))
+
+
+def user_item(text: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "conversation.item.create", **extra,
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}
+
+
+async def open_session(server: RunningServer, query: str = "", **kwargs: Any) -> tuple[ClientConnection, dict]:
+    ws = await connect(server.realtime_url + query, **kwargs)
+    created = await recv(ws)
+    assert created["type"] == "session.created"
+    return ws, created["session"]
+
+
+async def test_session_created_and_update(server: RunningServer) -> None:
+    ws, session = await open_session(server)
+    assert session["type"] == "realtime" and session["conversation_id"].startswith("conv_")
+    await send(ws, {"type": "session.update", "event_id": "u1",
+                    "session": {"type": "realtime", "instructions": "Be terse.", "temperature": 0, "seed": 3,
+                                "max_output_tokens": 8, "stop": ["xyz"]}})
+    updated = await recv(ws)
+    assert updated["type"] == "session.updated"
+    s = updated["session"]
+    assert (s["instructions"], s["temperature"], s["seed"], s["max_output_tokens"], s["stop"]) == (
+        "Be terse.", 0, 3, 8, ["xyz"])
+    await ws.close()
+
+
+async def test_full_response_sequence_and_usage(server: RunningServer) -> None:
+    ws, session = await open_session(server)
+    await send(ws, {"type": "session.update", "session": {"temperature": 0, "max_output_tokens": 12}})
+    await recv(ws)
+    await send(ws, user_item("Hello world"))
+    added, done = await recv(ws), await recv(ws)
+    assert [added["type"], done["type"]] == ["conversation.item.added", "conversation.item.done"]
+    assert added["previous_item_id"] is None and added["item"]["content"][0]["text"] == "Hello world"
+    await send(ws, {"type": "response.create"})
+    events = await recv_until(ws, "response.done")
+    kinds = [e["type"] for e in events]
+    head = ["response.created", "response.output_item.added", "conversation.item.added", "response.content_part.added"]
+    tail = ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+            "conversation.item.done", "response.done"]
+    assert kinds[:4] == head and kinds[-5:] == tail
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert set(kinds[4:-5]) == {"response.output_text.delta"}
+    text = "".join(e["delta"] for e in deltas)
+    assert text == events[-5]["text"]
+    response = events[-1]["response"]
+    assert response["status"] in ("completed", "incomplete")
+    usage = response["usage"]
+    assert usage["output_tokens"] <= 12 and usage["input_tokens"] > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert response["output"][0]["content"][0] == {"type": "output_text", "text": text}
+    assert len({e["event_id"] for e in events}) == len(events)
+    # The assistant item was stored with its text.
+    item_id = events[1]["item"]["id"]
+    await send(ws, {"type": "conversation.item.retrieve", "item_id": item_id})
+    retrieved = await recv(ws)
+    assert retrieved["item"]["content"][0]["text"] == text and retrieved["item"]["role"] == "assistant"
+    stored = server.app.store.get_response(response["id"])
+    assert stored is not None and stored.usage.output_tokens == usage["output_tokens"]
+    assert stored.duration_ms is not None and stored.duration_ms > 0
+    await ws.close()
+
+
+async def test_max_output_tokens_gives_incomplete(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await send(ws, user_item("Hello"))
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "response": {"max_output_tokens": 3, "temperature": 0}})
+    events = await recv_until(ws, "response.done")
+    response = events[-1]["response"]
+    if response["status"] == "incomplete":
+        assert response["status_details"]["reason"] == "max_output_tokens"
+        assert response["usage"]["output_tokens"] == 3
+    else:  # the random model may end with eos first
+        assert response["status"] == "completed" and response["usage"]["output_tokens"] <= 3
+    await ws.close()
+
+
+@pytest.mark.parametrize("frame, code, param", [
+    ("{not json", "invalid_json", None),
+    (json.dumps({"type": "bogus.event", "event_id": "e1"}), "unknown_event_type", "type"),
+    (json.dumps({"type": "conversation.item.create", "event_id": "e2", "item": {"role": "user"}}),
+     "missing_required_parameter", "item.content"),
+    (json.dumps({"type": "session.update", "event_id": "e3", "session": {"temperature": "hot"}}),
+     "invalid_type", "session.temperature"),
+    (json.dumps({"type": "conversation.item.retrieve", "event_id": "e4", "item_id": "nope"}),
+     "item_not_found", "item_id"),
+    (json.dumps({"type": "conversation.item.delete", "event_id": "e5", "item_id": "nope"}),
+     "item_not_found", "item_id"),
+    (json.dumps({**user_item("x"), "event_id": "e6", "previous_item_id": "nope"}),
+     "item_not_found", "previous_item_id"),
+    (json.dumps({"type": "response.cancel", "event_id": "e7"}), "response_not_found", "response_id"),
+])
+async def test_bad_events_get_coded_errors_and_lose_nothing(
+        server: RunningServer, frame: str, code: str, param: str | None) -> None:
+    ws, session = await open_session(server)
+    await send(ws, {**user_item("keep me"), "event_id": "first"})
+    kept = (await recv_until(ws, "conversation.item.done"))[-1]["item"]["id"]
+    await ws.send(frame)
+    error = await recv(ws)
+    assert error["type"] == "error"
+    assert error["error"]["code"] == code and error["error"]["param"] == param
+    sent = json.loads(frame) if frame.startswith("{\"") else {}
+    assert error["error"]["event_id"] == sent.get("event_id")
+    assert "Traceback" not in error["error"]["message"]
+    # The connection is still usable and nothing stored was lost.
+    await send(ws, {"type": "conversation.item.retrieve", "item_id": kept})
+    assert (await recv(ws))["item"]["content"][0]["text"] == "keep me"
+    assert [i.id for i in server.app.store.list_items(session["conversation_id"])] == [kept]
+    await ws.close()
+
+
+async def test_duplicate_item_id_is_refused(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await send(ws, user_item("a", event_id="x") | {"item": {**user_item("a")["item"], "id": "item_same"}})
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "conversation.item.create", "event_id": "dup",
+                    "item": {**user_item("b")["item"], "id": "item_same"}})
+    error = await recv(ws)
+    assert error["error"]["code"] == "item_already_exists" and error["error"]["event_id"] == "dup"
+    await ws.close()
+
+
+async def test_insert_positions_and_delete(server: RunningServer) -> None:
+    ws, session = await open_session(server)
+    for name in ("a", "b"):
+        await send(ws, {"type": "conversation.item.create",
+                        "item": {**user_item(name)["item"], "id": f"item_{name}"}})
+        await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "conversation.item.create", "previous_item_id": "root",
+                    "item": {**user_item("first")["item"], "id": "item_first"}})
+    added = await recv(ws)
+    assert added["previous_item_id"] is None
+    await recv(ws)
+    await send(ws, {"type": "conversation.item.create", "previous_item_id": "item_a",
+                    "item": {"id": "item_sys", "type": "message", "role": "system",
+                             "content": [{"type": "input_text", "text": "sys"}]}})
+    assert (await recv(ws))["previous_item_id"] == "item_a"
+    await recv(ws)
+    ids = [i.id for i in server.app.store.list_items(session["conversation_id"])]
+    assert ids == ["item_first", "item_a", "item_sys", "item_b"]
+    await send(ws, {"type": "conversation.item.delete", "item_id": "item_a", "event_id": "d"})
+    assert (await recv(ws)) | {"event_id": None} == {"type": "conversation.item.deleted", "item_id": "item_a",
+                                                       "event_id": None}
+    ids = [i.id for i in server.app.store.list_items(session["conversation_id"])]
+    assert ids == ["item_first", "item_sys", "item_b"]
+    await ws.close()
+
+
+async def start_long_response(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Start a response that would run to the end of the context, and wait for its first delta."""
+    await send(ws, user_item("Tell me a very long story"))
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "response": {"temperature": 1.0, "seed": 1}})
+    return await recv_until(ws, "response.output_text.delta")
+
+
+async def test_cancel_stops_generation(server: RunningServer) -> None:
+    ws, session = await open_session(server)
+    started = await start_long_response(ws)
+    response_id = started[0]["response"]["id"]
+    await send(ws, {"type": "response.cancel", "response_id": response_id})
+    events = await recv_until(ws, "response.done")
+    response = events[-1]["response"]
+    assert response["status"] == "cancelled"
+    assert response["status_details"]["reason"] == "client_cancelled"
+    # Stopped long before the context (2048 positions) was full.
+    assert response["usage"]["output_tokens"] < 1000
+    item = server.app.store.get_item(session["conversation_id"], started[1]["item"]["id"])
+    assert item.status == "incomplete"
+    stored = server.app.store.get_response(response_id)
+    assert stored is not None and stored.status == "cancelled"
+    await ws.close()
+
+
+async def test_one_response_at_a_time(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await start_long_response(ws)
+    await send(ws, {"type": "response.create", "event_id": "second"})
+    events = await recv_until(ws, "error")
+    assert events[-1]["error"]["code"] == "conversation_already_has_active_response"
+    assert events[-1]["error"]["event_id"] == "second"
+    await send(ws, {"type": "response.cancel"})
+    assert (await recv_until(ws, "response.done"))[-1]["response"]["status"] == "cancelled"
+    await ws.close()
+
+
+async def test_disconnect_mid_response_is_recorded(server: RunningServer) -> None:
+    ws, session = await open_session(server)
+    started = await start_long_response(ws)
+    await ws.close()
+    store = server.app.store
+    for _ in range(200):
+        stored = store.get_response(started[0]["response"]["id"])
+        if stored and stored.status != "in_progress":
+            break
+        await asyncio.sleep(0.05)
+    assert stored is not None and stored.status == "cancelled"
+    item = store.get_item(session["conversation_id"], started[1]["item"]["id"])
+    assert item.status == "incomplete" and item.text
+
+
+async def test_resume_conversation_sees_history(server: RunningServer) -> None:
+    ws, session = await open_session(server)
+    conversation_id = session["conversation_id"]
+    await send(ws, {"type": "conversation.item.create", "item": {**user_item("remember this")["item"], "id": "m1"}})
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "response": {"max_output_tokens": 2, "temperature": 0}})
+    first = (await recv_until(ws, "response.done"))[-1]["response"]["usage"]["input_tokens"]
+    await ws.close()
+
+    ws, session = await open_session(server, f"?conversation={conversation_id}")
+    assert session["conversation_id"] == conversation_id
+    await send(ws, {"type": "conversation.item.retrieve", "item_id": "m1"})
+    assert (await recv(ws))["item"]["content"][0]["text"] == "remember this"
+    await send(ws, user_item("and this"))
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "response": {"max_output_tokens": 2, "temperature": 0}})
+    second = (await recv_until(ws, "response.done"))[-1]["response"]["usage"]["input_tokens"]
+    assert second > first  # the prompt holds the earlier turns
+    await ws.close()
+
+
+async def test_unknown_conversation_is_refused(server: RunningServer) -> None:
+    ws = await connect(server.realtime_url + "?conversation=conv_nope")
+    error = await recv(ws)
+    assert error["type"] == "error" and error["error"]["code"] == "conversation_not_found"
+    with pytest.raises(ConnectionClosed) as info:
+        await recv(ws)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+
+
+async def test_history_survives_restart(tiny_model: Any, data_dir: Path) -> None:
+    async with running_server(tiny_model, data_dir) as first:
+        ws, session = await open_session(first)
+        await send(ws, {"type": "conversation.item.create", "item": {**user_item("before restart")["item"],
+                                                                     "id": "kept"}})
+        await recv_until(ws, "conversation.item.done")
+        await send(ws, {"type": "response.create", "response": {"max_output_tokens": 4, "temperature": 0}})
+        done = (await recv_until(ws, "response.done"))[-1]["response"]
+        reply_id = done["output"][0]["id"]
+        await ws.close()
+    async with running_server(tiny_model, data_dir) as second:
+        ws, resumed = await open_session(second, f"?conversation={session['conversation_id']}")
+        await send(ws, {"type": "conversation.item.retrieve", "item_id": "kept"})
+        assert (await recv(ws))["item"]["content"][0]["text"] == "before restart"
+        await send(ws, {"type": "conversation.item.retrieve", "item_id": reply_id})
+        reply = (await recv(ws))["item"]
+        assert reply["role"] == "assistant" and reply["content"][0]["text"] == done["output"][0]["content"][0]["text"]
+        await ws.close()
+
+
+async def test_beta_dialect_names(server: RunningServer) -> None:
+    ws, session = await open_session(server, additional_headers={"OpenAI-Beta": "realtime=v1"})
+    assert "modalities" in session and "type" not in session
+    await send(ws, user_item("hi"))
+    assert (await recv(ws))["type"] == "conversation.item.created"
+    await send(ws, {"type": "response.create", "response": {"max_output_tokens": 3}})
+    kinds = [e["type"] for e in await recv_until(ws, "response.done")]
+    assert "response.text.done" in kinds and "conversation.item.done" not in kinds
+    await ws.close()
+
+
+async def test_browser_subprotocol_is_selected(server: RunningServer) -> None:
+    ws = await connect(server.realtime_url, subprotocols=["realtime", "openai-insecure-api-key.k"])  # type: ignore[list-item]
+    assert ws.subprotocol == "realtime"
+    assert (await recv(ws))["type"] == "session.created"
+    await ws.close()
+
+
+async def test_message_too_large(tiny_model: Any, data_dir: Path) -> None:
+    async with running_server(tiny_model, data_dir, max_message_bytes=1000) as small:
+        ws, _ = await open_session(small)
+        await send(ws, user_item("x" * 1200, event_id="big"))
+        error = await recv(ws)
+        assert error["error"]["code"] == "message_too_large"
+        await send(ws, user_item("small"))
+        assert (await recv(ws))["type"] == "conversation.item.added"
+        await ws.close()
+
+
+async def test_connection_limit(tiny_model: Any, data_dir: Path) -> None:
+    async with running_server(tiny_model, data_dir, max_connections=1) as small:
+        ws, _ = await open_session(small)
+        other = await connect(small.realtime_url)
+        with pytest.raises(ConnectionClosed) as info:
+            await recv(other)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1013
+        await ws.close()
+
+
+async def test_health_and_not_found(server: RunningServer) -> None:
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")
+    status, body = await asyncio.to_thread(get, "/elsewhere")
+    assert status == 404 and "/v1/realtime" in body
