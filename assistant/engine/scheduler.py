@@ -1,0 +1,107 @@
+"""Which sequences run this step: a waiting queue, a running list, and their bounds.
+
+Pure bookkeeping, no torch: tested with bare :class:`Sequence` objects.
+
+Policy (deliberately simple until batching lands):
+- at most ``max_num_running`` sequences hold a KV cache at once; the rest wait
+  in arrival order, at most ``max_num_waiting`` of them beyond the free running
+  slots — :meth:`Scheduler.add` raises :class:`EngineOverloaded` past that;
+- each step admits (prefills) at most ``max_num_prefill`` waiting sequences and
+  decodes every sequence that was already running, so a long prompt arriving
+  delays the others by one prefill, never more;
+- the caller (the engine) holds the lock around every call here.
+
+:class:`SchedulerOutput` already speaks in lists so a batched decode can take
+``decode`` whole later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from assistant.engine.sequence import Sequence, SequenceStatus
+from assistant.errors import AssistantError
+
+
+class EngineOverloaded(AssistantError):
+    """Too many requests are queued; the client should retry later."""
+
+    code = "server_overloaded"
+    type = "server_error"
+
+
+@dataclass
+class SchedulerOutput:
+    prefill: list[Sequence] = field(default_factory=list)  # newly admitted: run the prompt, sample one token
+    decode: list[Sequence] = field(default_factory=list)  # already running: feed the last token, sample one
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class Scheduler:
+    def __init__(self, max_num_running: int = 4, max_num_waiting: int = 64, max_num_prefill: int = 1) -> None:
+        if max_num_running < 1 or max_num_waiting < 0 or max_num_prefill < 1:
+            raise ValueError("need max_num_running >= 1, max_num_waiting >= 0, max_num_prefill >= 1")
+        self.max_num_running = max_num_running
+        self.max_num_waiting = max_num_waiting
+        self.max_num_prefill = max_num_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; raises EngineOverloaded when the queue is full."""
+        if seq.request_id in self._by_id:
+            raise ValueError(f"request id {seq.request_id!r} is already in the engine")
+        if len(self.waiting) + len(self.running) >= self.max_num_running + self.max_num_waiting:
+            raise EngineOverloaded(f"The server is busy ({len(self.running)} responses running, "
+                                   f"{len(self.waiting)} queued); retry shortly.")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self._by_id[seq.request_id] = seq
+
+    def schedule(self) -> SchedulerOutput:
+        """Admit waiting sequences into free running slots; decode the ones already running."""
+        output = SchedulerOutput(decode=list(self.running))
+        while (self.waiting and len(self.running) < self.max_num_running
+               and len(output.prefill) < self.max_num_prefill):
+            seq = self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            output.prefill.append(seq)
+        return output
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues for good (idempotent)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        if self._by_id.get(seq.request_id) is seq:
+            del self._by_id[seq.request_id]
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove the sequence with this id from whichever queue holds it; None if unknown."""
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            self.finish(seq)
+        return seq
+
+    def all_request_ids(self) -> list[str]:
+        return list(self._by_id)

@@ -1,0 +1,82 @@
+"""One request's state inside the engine, from arrival to its one ``Finished`` event.
+
+A :class:`Sequence` is plain data plus derived counts; the scheduler moves it
+between queues (``status``), the engine fills in the prompt, the KV cache and the
+output tokens. It holds no tensors of its own beyond the opaque ``kv_cache``
+handed back by the model, so the scheduler is tested without torch models.
+
+Invariant: ``finish_reason`` is set exactly once, when the engine sends the
+terminal ``Finished`` event; after that the sequence sends nothing more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from enum import Enum, auto
+from typing import Any
+
+from assistant.engine.detokenize import IncrementalDetokenizer, StopChecker
+from assistant.engine.request import EngineEvent, FinishReason, GenerationRequest
+from assistant.engine.sampling import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(self, request: GenerationRequest, sink: Callable[[EngineEvent], None]) -> None:
+        self.request = request
+        self.sink = sink
+        self.status = SequenceStatus.WAITING
+        self.prompt_token_ids: list[int] = []
+        self.num_image_tokens = 0
+        self.output_token_ids: list[int] = []
+        self.num_unreported_tokens = 0  # sampled but not yet counted in a TokenDelta
+        self.detokenizer: IncrementalDetokenizer | None = None  # set at prefill (needs the tokenizer)
+        self.stop_checker = StopChecker(request.params.stop)
+        self.generator: Any = None  # torch.Generator, set at prefill
+        self.kv_cache: Any = None  # the model's cache object while RUNNING
+        self.finish_reason: FinishReason | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_output_tokens
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1]
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.kv_cache is not None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "
+                f"output={self.num_output_tokens})")

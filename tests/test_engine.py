@@ -1,0 +1,427 @@
+"""ChatModel, Engine and AsyncEngine on a tiny random-weight Llama with a locally trained tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import assistant.engine.engine as engine_module
+from assistant.engine.engine import AsyncEngine, Engine, EngineOverloaded, EngineStopped
+from assistant.engine.model import ChatModel, ImageSlot, PromptError, PromptTooLong, load_chat_model
+from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, TextChunk,
+                                      TokenDelta)
+from assistant.engine.sampling import SamplingParams
+from tests.engine_fixtures import FakeVision, message, png, save_tiny_chat_model, user
+
+QUESTION = (user("What is the capital of France?"),)
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> ChatModel:
+    return load_chat_model(str(model_dir), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
+    directory = save_tiny_chat_model(tmp_path_factory.mktemp("tiny-llama-48"), max_position_embeddings=48)
+    return load_chat_model(str(directory), dtype="float32")
+
+
+@pytest.fixture
+def engine(model: ChatModel) -> Iterator[Engine]:
+    engine = Engine(model)
+    yield engine
+    engine.shutdown()
+
+
+def request(request_id: str = "r1", messages: tuple[ChatMessage, ...] = QUESTION,
+            **params: Any) -> GenerationRequest:
+    return GenerationRequest(request_id, messages, SamplingParams(**{"temperature": 0.0, **params}))
+
+
+def run(engine: Engine, *requests: GenerationRequest) -> dict[str, list[EngineEvent]]:
+    """Add requests, step until idle, return each request's events."""
+    events: dict[str, list[EngineEvent]] = {}
+    for r in requests:
+        events[r.request_id] = []
+        engine.add_request(r, events[r.request_id].append)
+    while engine.step():
+        pass
+    return events
+
+
+def text_of(events: list[EngineEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TokenDelta))
+
+
+def finished_of(events: list[EngineEvent]) -> Finished:
+    terminal = [e for e in events if isinstance(e, Finished)]
+    assert len(terminal) == 1 and events[-1] is terminal[0], events
+    return terminal[0]
+
+
+def reference_greedy(model: ChatModel, messages: tuple[ChatMessage, ...], num_tokens: int) -> list[int]:
+    ids = torch.tensor([model.render(messages, 10_000).token_ids])  # (1, T)
+    out = model.hf_model.generate(ids, max_new_tokens=num_tokens, do_sample=False,
+                                  pad_token_id=model.tokenizer.pad_token_id)  # (1, T + N)
+    return out[0, ids.shape[1]:].tolist()
+
+
+# ------------------------------------------------------------ model
+
+
+def test_load_reads_limits_and_eos(model: ChatModel) -> None:
+    assert model.max_context_tokens == 256
+    assert model.eos_token_ids == {model.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert not model.accepts_images
+
+
+def test_render_matches_the_chat_template(model: ChatModel) -> None:
+    messages = (message("system", "Be brief."), user("Hello 🙂"))
+    prompt = model.render(messages, 1000)
+    expected = model.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello 🙂"}],
+        tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt.token_ids == list(expected) and prompt.num_dropped_messages == 0
+
+
+def test_prefill_decode_matches_generate_token_for_token(model: ChatModel) -> None:
+    reference = reference_greedy(model, QUESTION, 40)
+    logits, cache = model.prefill(model.render(QUESTION, 1000))
+    tokens = [int(logits.argmax())]
+    for _ in range(len(reference) - 1):
+        tokens.append(int(model.decode(tokens[-1], cache).argmax()))
+    assert tokens == reference
+
+
+def test_truncation_drops_oldest_turns_and_keeps_system_and_latest_user(model: ChatModel) -> None:
+    messages = (message("system", "Be brief."), user("first question about the fox"),
+                message("assistant", "first answer about the dog"), user("second question"),
+                message("assistant", "second answer"), user("What is the capital of France?"))
+    full = model.render(messages, 10_000)
+    without_first_turn = model.render(messages[:1] + messages[3:], 10_000)
+    prompt = model.render(messages, without_first_turn.num_tokens)
+    assert prompt.num_dropped_messages == 2 and prompt.token_ids == without_first_turn.token_ids
+    assert prompt.num_tokens < full.num_tokens
+    minimal = model.render(messages[:1] + messages[5:], 10_000)
+    assert model.render(messages, minimal.num_tokens).token_ids == minimal.token_ids
+    with pytest.raises(PromptTooLong):
+        model.render(messages, minimal.num_tokens - 1)
+
+
+def test_images_need_a_vision_part(model: ChatModel) -> None:
+    image = ImageChunk(sha256="0" * 64, data=b"\x89PNG")
+    with pytest.raises(PromptError, match="does not accept images"):
+        model.render((ChatMessage("user", (TextChunk("look"), image)),), 1000)
+
+
+def test_image_slots_are_filled_by_one_masked_assignment(model: ChatModel) -> None:
+    vision_model = ChatModel(model.hf_model, model.tokenizer, vision=FakeVision(model.hidden_size, num_tokens=3))
+    images = (ImageChunk("a" * 64, png(51)), ImageChunk("b" * 64, png(204), detail="low"))
+    messages = (ChatMessage("user", (TextChunk("look at"), images[0], TextChunk("and"), images[1])),)
+    prompt = vision_model.render(messages, 1000)
+    assert [s.image for s in prompt.segments if isinstance(s, ImageSlot)] == list(images)
+    assert [type(s) for s in prompt.segments][1::2] == [ImageSlot, ImageSlot] and prompt.num_image_tokens == 3 + 1
+    texts = [model.tokenizer.decode(s) for s in prompt.segments if not isinstance(s, ImageSlot)]
+    assert texts == ["<|im_start|>user\nlook at", "and", "<|im_end|>\n<|im_start|>assistant\n"]
+    embeds = vision_model.embed(prompt)  # (1, T, C)
+    mask = torch.tensor(prompt.image_mask)  # (T,)
+    assert embeds.shape == (1, prompt.num_tokens, model.hidden_size)
+    expected = torch.tensor([0.2, 0.2, 0.2, 0.8])[:, None].expand(4, model.hidden_size)  # image order kept
+    assert torch.allclose(embeds[0, mask], expected)
+    token_embeds = model.hf_model.get_input_embeddings()(torch.tensor(prompt.token_ids))  # (T, C)
+    assert torch.equal(embeds[0, ~mask], token_embeds[~mask])
+    logits, _ = vision_model.prefill(prompt)
+    assert logits.shape == (len(model.tokenizer),)
+
+
+def test_model_without_chat_template_is_refused(model: ChatModel, tmp_path: Path) -> None:
+    tokenizer = model.tokenizer.__class__(tokenizer_object=model.tokenizer.backend_tokenizer, eos_token="<|im_end|>")
+    with pytest.raises(ValueError, match="chat template"):
+        ChatModel(model.hf_model, tokenizer)
+
+
+def test_a_template_refusal_is_a_prompt_error(model: ChatModel) -> None:
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'assistant' %}"
+                               "{{ raise_exception('Conversations must start with a user message') }}{% endif %}"
+                               + tokenizer.chat_template)
+    strict = ChatModel(model.hf_model, tokenizer)
+    with pytest.raises(PromptError, match="must start with a user message"):
+        strict.render((message("assistant", "hi"), user("hello")), 1000)
+    assert strict.render((user("hello"), message("assistant", "hi"), user("again")), 1000).num_tokens > 0
+
+
+def test_unreachable_hub_id_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
+    with pytest.raises(RuntimeError, match="local model directory"):
+        load_chat_model("someone/not-a-local-path")
+
+
+# ------------------------------------------------------------ engine
+
+
+def test_greedy_engine_matches_generate(engine: Engine, model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    sampled: list[int] = []
+    real_sample = engine_module.sample
+
+    def recording_sample(*args: Any) -> int:
+        sampled.append(real_sample(*args))
+        return sampled[-1]
+
+    monkeypatch.setattr(engine_module, "sample", recording_sample)
+    events = run(engine, request(max_output_tokens=30))["r1"]
+    reference = reference_greedy(model, QUESTION, 30)
+    assert sampled == reference
+    assert text_of(events) == model.tokenizer.decode(reference)
+    done = finished_of(events)
+    assert done.num_output_tokens == 30 and done.num_prompt_tokens == model.render(QUESTION, 1000).num_tokens
+    assert sum(e.num_tokens for e in events if isinstance(e, TokenDelta)) <= 30
+
+
+def test_greedy_is_deterministic_across_runs(engine: Engine) -> None:
+    first = run(engine, request("a", max_output_tokens=20))["a"]
+    second = run(engine, request("b", max_output_tokens=20))["b"]
+    assert first == second
+
+
+def test_seed_reproducibility(engine: Engine) -> None:
+    def sampled_text(request_id: str, seed: int) -> str:
+        r = request(request_id, temperature=1.0, seed=seed, max_output_tokens=25)
+        return text_of(run(engine, r)[request_id])
+
+    assert sampled_text("a", 123) == sampled_text("b", 123)
+    assert sampled_text("c", 123) != sampled_text("d", 124)
+
+
+def test_max_output_tokens_gives_length(engine: Engine) -> None:
+    done = finished_of(run(engine, request(max_output_tokens=5))["r1"])
+    assert done.reason == "length" and done.num_output_tokens == 5
+
+
+def test_eos_gives_stop(engine: Engine, model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = reference_greedy(model, QUESTION, 10)
+    monkeypatch.setattr(model, "eos_token_ids", frozenset({reference[3]}) - set(reference[:3]))
+    events = run(engine, request(max_output_tokens=10))["r1"]
+    done = finished_of(events)
+    assert done.reason == "stop" and done.num_output_tokens == 4
+    assert text_of(events) == model.tokenizer.decode(reference[:3])
+
+
+def test_stop_string_cuts_the_text(engine: Engine) -> None:
+    full = text_of(run(engine, request("full", max_output_tokens=40))["full"])
+    stop = next(full[i:i + 2] for i in range(8, len(full)) if full[i:i + 2].isascii() and full[i:i + 2].strip()
+                and len(full[i:i + 2].strip()) == 2)
+    events = run(engine, request("cut", max_output_tokens=40, stop=(stop,)))["cut"]
+    assert text_of(events) == full[:full.index(stop)]
+    done = finished_of(events)
+    assert done.reason == "stop" and done.num_output_tokens < 40
+
+
+def test_full_context_gives_length(short_context_model: ChatModel) -> None:
+    engine = Engine(short_context_model)
+    done = finished_of(run(engine, request())["r1"])
+    assert done.reason == "length" and done.num_prompt_tokens + done.num_output_tokens == 48
+
+
+def test_prompt_too_long_is_an_error_event(engine: Engine) -> None:
+    huge = (user("the quick brown fox " * 200),)
+    done = finished_of(run(engine, request(messages=huge))["r1"])
+    assert done.reason == "error" and done.error is not None
+    assert done.error.startswith("context_length_exceeded: ")
+
+
+def test_image_without_vision_is_an_error_event(engine: Engine) -> None:
+    messages = (ChatMessage("user", (ImageChunk("a" * 64, b"x"),)),)
+    done = finished_of(run(engine, request(messages=messages))["r1"])
+    assert done.reason == "error" and "does not accept images" in (done.error or "")
+
+
+def test_abort_mid_generation(engine: Engine) -> None:
+    events: list[EngineEvent] = []
+    engine.add_request(request(max_output_tokens=100), events.append)
+    engine.step()  # prefill: first token
+    engine.step()  # one decode
+    engine.abort("r1")
+    engine.step()
+    done = finished_of(events)
+    assert done.reason == "cancelled" and done.num_output_tokens == 2
+    assert not engine.step()
+
+
+def test_abort_of_a_waiting_request_and_unknown_ids(model: ChatModel) -> None:
+    engine = Engine(model, max_num_running=1)
+    events = {"a": [], "b": []}  # type: dict[str, list[EngineEvent]]
+    engine.add_request(request("a", max_output_tokens=3), events["a"].append)
+    engine.add_request(request("b", max_output_tokens=3), events["b"].append)
+    engine.abort("b")
+    engine.abort("never-added")
+    while engine.step():
+        pass
+    assert finished_of(events["a"]).reason == "length"
+    assert events["b"] == [Finished(reason="cancelled")]
+
+
+def test_model_error_finishes_only_that_request(engine: Engine, model: ChatModel,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    real_decode = model.decode
+    calls = {"n": 0}
+
+    def flaky_decode(token_id: int, cache: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("secret internal detail")
+        return real_decode(token_id, cache)
+
+    monkeypatch.setattr(model, "decode", flaky_decode)
+    with caplog.at_level(logging.ERROR):
+        events = run(engine, request("a", max_output_tokens=6), request("b", max_output_tokens=6))
+    outcomes = {rid: finished_of(evs) for rid, evs in events.items()}
+    assert sorted(f.reason for f in outcomes.values()) == ["error", "length"]
+    failed = next(f for f in outcomes.values() if f.reason == "error")
+    assert failed.error is not None and "secret" not in failed.error
+    assert any(r.exc_info and "secret internal detail" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_prefill_error_is_one_finished(engine: Engine, model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_prefill(prompt: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(model, "prefill", broken_prefill)
+    done = finished_of(run(engine, request())["r1"])
+    assert done.reason == "error" and done.num_output_tokens == 0
+
+
+def test_a_failing_sink_drops_its_request_only(engine: Engine) -> None:
+    def broken_sink(event: EngineEvent) -> None:
+        raise RuntimeError("event loop is closed")
+
+    good: list[EngineEvent] = []
+    engine.add_request(request("bad", max_output_tokens=5), broken_sink)
+    engine.add_request(request("good", max_output_tokens=5), good.append)
+    while engine.step():
+        pass
+    assert finished_of(good).reason == "length"
+
+
+def test_overload(model: ChatModel) -> None:
+    engine = Engine(model, max_num_running=1, max_num_waiting=1)
+    engine.add_request(request("a"), lambda e: None)
+    engine.add_request(request("b"), lambda e: None)
+    with pytest.raises(EngineOverloaded):
+        engine.add_request(request("c"), lambda e: None)
+    engine.shutdown()
+    with pytest.raises(EngineStopped):
+        engine.add_request(request("d"), lambda e: None)
+
+
+def test_thread_abort_is_quick_and_shutdown_cancels_the_rest(model: ChatModel,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real_decode = model.decode
+
+    def slow_decode(token_id: int, cache: Any) -> torch.Tensor:
+        time.sleep(0.02)
+        return real_decode(token_id, cache)
+
+    monkeypatch.setattr(model, "decode", slow_decode)
+    engine = Engine(model)
+    engine.start()
+    first_delta = threading.Event()
+    done = {"a": threading.Event(), "b": threading.Event()}
+    events: dict[str, list[EngineEvent]] = {"a": [], "b": []}
+
+    def sink_for(request_id: str) -> Any:
+        def sink(event: EngineEvent) -> None:
+            events[request_id].append(event)
+            if isinstance(event, TokenDelta):
+                first_delta.set()
+            if isinstance(event, Finished):
+                done[request_id].set()
+        return sink
+
+    engine.add_request(request("a", max_output_tokens=200), sink_for("a"))
+    engine.add_request(request("b", max_output_tokens=200), sink_for("b"))
+    assert first_delta.wait(5)
+    aborted_at = time.monotonic()
+    engine.abort("a")
+    assert done["a"].wait(5)
+    assert time.monotonic() - aborted_at < 0.5
+    assert finished_of(events["a"]).reason == "cancelled"
+    engine.shutdown()
+    assert finished_of(events["b"]).reason == "cancelled"
+
+
+# ------------------------------------------------------------ async bridge
+
+
+@pytest.fixture
+def async_engine(model: ChatModel) -> Iterator[AsyncEngine]:
+    engine = Engine(model)
+    engine.start()
+    yield AsyncEngine(engine)
+    engine.shutdown()
+
+
+async def wait_idle(engine: Engine) -> None:
+    for _ in range(200):
+        if not engine.scheduler.has_work:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the engine kept working on an abandoned request")
+
+
+async def test_async_generate_streams_to_finished(async_engine: AsyncEngine) -> None:
+    events = [e async for e in async_engine.generate(request(max_output_tokens=12))]
+    assert finished_of(events).reason == "length"
+    assert sum(e.num_tokens for e in events if isinstance(e, TokenDelta)) <= 12
+
+
+async def test_async_early_close_aborts(async_engine: AsyncEngine) -> None:
+    stream = async_engine.generate(request(max_output_tokens=200))
+    async for event in stream:
+        assert isinstance(event, TokenDelta)
+        break
+    await stream.aclose()
+    await wait_idle(async_engine.engine)
+
+
+async def test_async_task_cancel_aborts(async_engine: AsyncEngine) -> None:
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in async_engine.generate(request(max_output_tokens=200)):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_idle(async_engine.engine)
+
+
+async def test_async_abort_by_id(async_engine: AsyncEngine) -> None:
+    events: list[EngineEvent] = []
+    async for event in async_engine.generate(request("x", max_output_tokens=200)):
+        events.append(event)
+        if len(events) == 1:
+            async_engine.abort("x")
+    assert finished_of(events).reason == "cancelled"
