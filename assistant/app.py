@@ -36,7 +36,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print) -> App:
         engine=AsyncEngine(engine),
         model_name=config.model,
         defaults=default_settings(config),
-        image_budget=image_budget(config, model.image_tokens if model.accepts_images else None),
+        image_budget=image_budget(config, model.num_image_tokens if model.accepts_images else None),
         max_message_bytes=config.max_message_bytes,
         max_connections=config.max_connections,
     )

@@ -31,6 +31,7 @@ response_not_found                   ``response.cancel`` names no running respon
 message_too_large                    a frame exceeds the configured size limit
 image_*                              an image was refused (see assistant.images)
 too_many_images / too_many_image_tokens  image budgets per message or conversation
+server_overloaded                    the engine's queue is full; retry later
 internal_error                       our fault; details are in the server log only
 ==================================== ==================================================
 """

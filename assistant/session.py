@@ -299,6 +299,8 @@ class Session:
                                         delta=engine_event.text)
                 else:
                     finished = engine_event
+        except AssistantError as exc:  # the engine refused the request (queue full)
+            finished = Finished(reason="error", error=f"{exc.code}: {exc.message}")
         except Exception:
             log.exception("response %s failed", response_id)
             self.engine.abort(response_id)
@@ -349,6 +351,14 @@ class Session:
             log.info("response %s finished after the client left", response_id)
 
 
+# Engine error codes whose message is safe and useful to show the client, and their error type.
+PUBLIC_ERROR_TYPES = {
+    "context_length_exceeded": "invalid_request_error",
+    "invalid_prompt": "invalid_request_error",
+    "server_overloaded": "server_error",
+}
+
+
 def _status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
     """Map an engine finish reason to a Realtime response status and status_details."""
     match finished.reason:
@@ -358,8 +368,11 @@ def _status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
             return "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         case "cancelled":
             return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
-    message = finished.error or "generation failed"
-    code = message.split(":", 1)[0] if message.startswith("context_length_exceeded") else "generation_failed"
-    error_type = "invalid_request_error" if code == "context_length_exceeded" else "server_error"
-    public = message if code == "context_length_exceeded" else "Generation failed; the conversation is intact."
-    return "failed", {"type": "failed", "reason": None, "error": {"type": error_type, "code": code, "message": public}}
+    # Engine errors read "code: message"; only known codes keep their message.
+    code, _, message = (finished.error or "").partition(": ")
+    if code in PUBLIC_ERROR_TYPES:
+        error = {"type": PUBLIC_ERROR_TYPES[code], "code": code, "message": message}
+    else:
+        error = {"type": "server_error", "code": "generation_failed",
+                 "message": "Generation failed; the conversation is intact."}
+    return "failed", {"type": "failed", "reason": None, "error": error}

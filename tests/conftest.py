@@ -66,7 +66,7 @@ async def running_server(model: ChatModel, data_dir: Path, **overrides: object) 
     engine = Engine(model, max_num_running=config.max_running_requests,
                     max_num_waiting=config.max_waiting_requests)
     engine.start()
-    tokens_per_image = model.vision.num_tokens if model.vision is not None else None  # type: ignore[attr-defined]
+    tokens_per_image = model.num_image_tokens if model.accepts_images else None
     app = App(store=store, engine=AsyncEngine(engine), model_name="tiny", defaults=default_settings(config),
               image_budget=image_budget(config, tokens_per_image), max_message_bytes=config.max_message_bytes,
               max_connections=config.max_connections)

@@ -338,3 +338,29 @@ async def test_health_and_not_found(server: RunningServer) -> None:
     assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")
     status, body = await asyncio.to_thread(get, "/elsewhere")
     assert status == 404 and "/v1/realtime" in body
+
+
+async def test_engine_queue_full_fails_the_response_with_a_code(tiny_model: Any, data_dir: Path) -> None:
+    async with running_server(tiny_model, data_dir, max_running_requests=1, max_waiting_requests=1) as small:
+        running, _ = await open_session(small)
+        await start_long_response(running)
+        waiting, _ = await open_session(small)
+        await send(waiting, user_item("queued"))
+        await recv_until(waiting, "conversation.item.done")
+        await send(waiting, {"type": "response.create"})
+        await recv_until(waiting, "response.content_part.added")
+        refused, _ = await open_session(small)
+        await send(refused, user_item("one too many"))
+        await recv_until(refused, "conversation.item.done")
+        await send(refused, {"type": "response.create"})
+        response = (await recv_until(refused, "response.done"))[-1]["response"]
+        assert response["status"] == "failed"
+        assert response["status_details"]["error"]["code"] == "server_overloaded"
+        for ws in (running, waiting):
+            await send(ws, {"type": "response.cancel"})
+            assert (await recv_until(ws, "response.done"))[-1]["response"]["status"] == "cancelled"
+        # The refused connection still works once there is room.
+        await send(refused, {"type": "response.create", "response": {"max_output_tokens": 2}})
+        assert (await recv_until(refused, "response.done"))[-1]["response"]["status"] in ("completed", "incomplete")
+        for ws in (running, waiting, refused):
+            await ws.close()
