@@ -77,6 +77,17 @@ class Store:
                 if is_sqlite:
                     _set_sqlite_foreign_keys(connection, True)
 
+    def is_up_to_date(self) -> bool:
+        """Whether the schema is at the newest migration (without changing anything)."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+        heads = set(ScriptDirectory.from_config(config).get_heads())
+        with self.engine.connect() as connection:
+            return set(MigrationContext.configure(connection).get_current_heads()) == heads
+
     def close(self) -> None:
         self.engine.dispose()
 

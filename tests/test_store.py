@@ -297,3 +297,13 @@ def test_concurrent_add_item_from_threads(store: Store, conversation: str) -> No
         appended = [i for i in stored if i.startswith(f"w{worker}_") and int(i.split("_")[1]) % 5]
         assert appended == sorted(appended, key=lambda i: int(i.split("_")[1]))
     assert num_images(store) == 1
+
+
+def test_is_up_to_date_only_after_upgrade(url: str) -> None:
+    store = Store(url)
+    try:
+        assert not store.is_up_to_date()
+        store.upgrade()
+        assert store.is_up_to_date()
+    finally:
+        store.close()
