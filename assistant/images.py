@@ -84,8 +84,6 @@ class ImageLimits:
     max_side: int = 8192
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF")
     max_images_per_message: int = 8
-    # Kept for a future fetcher; today every remote URL is refused whatever its value.
-    allow_remote_urls: bool = False
 
 
 def check_image_count(num_images: int, limits: ImageLimits, *, param: str) -> None:
@@ -101,8 +99,8 @@ def parse_image_url(url: object, limits: ImageLimits, *, param: str) -> tuple[st
         raise ImageRejected(f"Expected image_url to be a string like {_EXAMPLE_URL}, got {type(url).__name__}.",
                             param=param, code="image_invalid_url")
     if url[:8].lower().startswith(("http://", "https://")):
-        raise ImageRejected("Remote image URLs are not fetched by this server (no fetcher exists, whatever "
-                            f"allow_remote_urls says); send the image inline as {_EXAMPLE_URL}.",
+        raise ImageRejected("Remote image URLs are not fetched: this server makes no outbound requests; "
+                            f"send the image inline as {_EXAMPLE_URL}.",
                             param=param, code="image_remote_url_refused")
     comma = url.find(",", 0, _MAX_HEAD_CHARS)
     head = _HEAD.fullmatch(url, 0, comma) if comma >= 0 else None
