@@ -364,3 +364,19 @@ async def test_engine_queue_full_fails_the_response_with_a_code(tiny_model: Any,
         assert (await recv_until(refused, "response.done"))[-1]["response"]["status"] in ("completed", "incomplete")
         for ws in (running, waiting, refused):
             await ws.close()
+
+
+async def test_out_of_band_response_with_its_own_input(server: RunningServer) -> None:
+    ws, session = await open_session(server)
+    await send(ws, user_item("stored turn"))
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "response": {
+        "conversation": "none", "max_output_tokens": 3, "metadata": {"purpose": "title"},
+        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Title?"}]}]}})
+    events = await recv_until(ws, "response.done")
+    kinds = [e["type"] for e in events]
+    assert "conversation.item.added" not in kinds and "conversation.item.done" not in kinds
+    response = events[-1]["response"]
+    assert response["metadata"] == {"purpose": "title"} and response["output"]
+    assert [i.text for i in server.app.store.list_items(session["conversation_id"])] == ["stored turn"]
+    await ws.close()
