@@ -58,8 +58,9 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def running_server(model: ChatModel, data_dir: Path, **overrides: object) -> AsyncIterator[RunningServer]:
-    """The App as `assistant serve` builds it, around ``model``, on an ephemeral port."""
+async def running_server(model: ChatModel, data_dir: Path, port: int = 0,
+                         **overrides: object) -> AsyncIterator[RunningServer]:
+    """The App as `assistant serve` builds it, around ``model``, on ``port`` (0: an ephemeral one)."""
     config = load_config({"data_dir": str(data_dir), **{k: str(v) for k, v in overrides.items()}}, env={})
     store = Store(config.database_url)
     store.upgrade()
@@ -70,7 +71,7 @@ async def running_server(model: ChatModel, data_dir: Path, **overrides: object) 
     app = App(store=store, engine=AsyncEngine(engine), model_name="tiny", defaults=default_settings(config),
               image_budget=image_budget(config, tokens_per_image), max_message_bytes=config.max_message_bytes,
               max_connections=config.max_connections)
-    server = await start_server(app, "127.0.0.1", 0)
+    server = await start_server(app, "127.0.0.1", port)
     port = server.sockets[0].getsockname()[1]
     try:
         yield RunningServer(app, port, engine)

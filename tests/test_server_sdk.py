@@ -89,3 +89,39 @@ async def test_beta_client_streams_an_answer(server: RunningServer) -> None:
         text_done = [e for e in events if e.type == "response.text.done"]
         assert deltas and text_done and text_done[0].text == "".join(deltas)
         assert events[-1].response.usage.output_tokens <= 8
+
+
+async def test_sdk_reconnects_into_the_same_conversation_after_a_restart(tiny_model: Any, data_dir: Any) -> None:
+    """The SDK's on_reconnecting hook points the new connection at the stored conversation."""
+    from openai.types.websocket_reconnection import ReconnectingEvent, ReconnectingOverrides
+
+    from tests.conftest import running_server
+
+    conversation: dict[str, str] = {}
+    reconnects: list[int] = []
+
+    def on_reconnecting(event: ReconnectingEvent) -> ReconnectingOverrides:
+        reconnects.append(event.close_code)
+        return {"extra_query": {"conversation": conversation["id"]}}
+
+    async with running_server(tiny_model, data_dir) as first:
+        port = first.port
+        client = client_for(first)
+        conn_manager = client.realtime.connect(model="tiny", on_reconnecting=on_reconnecting)
+        conn = await conn_manager.enter()
+        created = await conn.recv()
+        conversation["id"] = created.session.conversation_id  # type: ignore[union-attr]
+        await conn.conversation.item.create(item={"id": "item_before", "type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": "before the drop"}]})
+        await collect(conn, "conversation.item.done")
+    # The server went away (close 1001); a new one comes up on the same port and database.
+    async with running_server(tiny_model, data_dir, port=port):
+        events = conn.__aiter__()  # the SDK reconnects while iterating
+        resumed = await asyncio.wait_for(anext(events), TIMEOUT)
+        assert resumed.type == "session.created"
+        assert resumed.session.conversation_id == conversation["id"]  # type: ignore[union-attr]
+        assert reconnects and reconnects[0] == 1001
+        await conn.conversation.item.retrieve(item_id="item_before")
+        item = (await collect(conn, "conversation.item.retrieved"))[-1].item
+        assert item.content[0].text == "before the drop"
+        await conn_manager.__aexit__(None, None, None)
