@@ -2,11 +2,18 @@
 
 Everything here is built from configs; nothing touches the Hugging Face hub.
 Towers are 32 px with 8 px patches (a 4 × 4 grid = 16 patches), decoders are a
-2-layer Llama of width 48.
+2-layer Llama of width 48. :func:`save_tiny_llava_chat` adds what serving needs:
+the byte-level tokenizer of :mod:`tests.engine_fixtures` with a chat template
+(ChatML with string content, or a llava-hf style one reading typed parts, in the
+tokenizer or in the processor's ``chat_template.json``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import itertools
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +21,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from assistant.engine.efficientnet import pull_efficientnet_weights
+from assistant.engine.engine import Engine
+from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk,
+                                      TokenDelta)
+from assistant.engine.sampling import SamplingParams
 
 TEXT_HIDDEN = 48
 VISION_HIDDEN = 32
@@ -23,12 +34,25 @@ IMAGE_SIZE, PATCH_SIZE = 32, 8
 GRID = IMAGE_SIZE // PATCH_SIZE  # 4
 
 
-def tiny_llama_config():
+# llava-hf/llava-1.5-*-hf's template: typed content parts only; a plain string content renders as nothing.
+LLAVA_LIST_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    settings = dict(vocab_size=VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def tiny_vision_config(tower: str):
@@ -75,6 +99,43 @@ def save_tiny_llava(path: Path, tower: str, select: str = "default", *, seed: in
     return Path(path)
 
 
+def save_tiny_llava_chat(path: Path, tower: str, select: str = "default", *, template: str = "chatml",
+                         template_in: str = "tokenizer", seed: int = 0) -> Path:
+    """A random LLaVA ready to serve: the tiny tower + Llama, a byte-level tokenizer with ``<image>``, a chat template.
+
+    ``template``: "chatml" (string content, as tests.engine_fixtures) or "llava" (:data:`LLAVA_LIST_TEMPLATE`);
+    ``template_in``: "tokenizer" (tokenizer_config / chat_template.jinja) or "processor" (only in
+    ``chat_template.json``, as llava-hf checkpoints ship it, the tokenizer having none).
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from tests.engine_fixtures import CHAT_TEMPLATE, byte_level_tokenizer
+
+    chat_template = {"chatml": CHAT_TEMPLATE, "llava": LLAVA_LIST_TEMPLATE}[template]
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = chat_template if template_in == "tokenizer" else None
+    text_config = tiny_llama_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                    max_position_embeddings=512)
+    grid_tokens = GRID**2 + int(tower == "clip") - int(select == "default")
+    config = LlavaConfig(vision_config=tiny_vision_config(tower), text_config=text_config,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                         vision_feature_select_strategy=select, image_seq_length=grid_tokens)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():  # larger decoder weights than the default init, so greedy picks are far from ties
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2 and not name.startswith("model.vision_tower"):
+                parameter.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    tiny_image_processor(tower).save_pretrained(path)
+    if template_in == "processor":
+        (Path(path) / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}))
+    return Path(path)
+
+
 def make_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
     """A deterministic synthetic RGB image: a gradient with a few coloured shapes."""
     generator = torch.Generator().manual_seed(seed)
@@ -91,6 +152,29 @@ def make_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
         colour = tuple(int(c) for c in torch.randint(0, 256, (3,), generator=generator))
         draw.ellipse((x0, y0, x0 + w, y0 + h), fill=colour)
     return image
+
+
+def image_chunk(image: Image.Image, detail: str = "auto", image_format: str = "PNG", **save_options) -> ImageChunk:
+    """What the session hands the engine for ``image``: its encoded bytes and their sha256."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **save_options)
+    data = buffer.getvalue()
+    return ImageChunk(sha256=hashlib.sha256(data).hexdigest(), data=data, detail=detail)  # type: ignore[arg-type]
+
+
+def generate(engine: Engine, messages: tuple[ChatMessage, ...], max_output_tokens: int = 6) -> tuple[str, Finished]:
+    """One greedy request through ``engine`` (stepped on this thread): its text and its Finished event."""
+    events: list[EngineEvent] = []
+    request = GenerationRequest(f"r{next(_request_ids)}", messages,
+                                SamplingParams(temperature=0.0, max_output_tokens=max_output_tokens))
+    engine.add_request(request, events.append)
+    while engine.step():
+        pass
+    assert isinstance(events[-1], Finished) and events[-1].reason != "error", events[-1]
+    return "".join(e.text for e in events if isinstance(e, TokenDelta)), events[-1]
+
+
+_request_ids = itertools.count()
 
 
 def efficientnet_weights() -> Path:

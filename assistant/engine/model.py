@@ -5,42 +5,72 @@ Contract:
   of segments: runs of text token ids and :class:`ImageSlot` s (one per image,
   ``num_tokens`` positions long). The tokenizer's own chat template decides the
   text; images are rendered as unique sentinel strings, the rendered text is
-  split at them and each text piece is tokenized on its own.
+  split at them and each text piece is tokenized on its own. The sentinel takes
+  the place of the template's own image markup (LLaVA's ``<image>``), so one
+  code path serves every template.
+- Message content goes to the template as a string, unless the template reads
+  only typed parts: llava-hf templates iterate ``message['content']`` items of
+  type ``"text"``/``"image"``, and render a plain string as nothing, without an
+  error (a string iterates as characters, none with a ``type``). So
+  :func:`template_content_format` renders a probe message both ways once, at
+  construction, and keeps the shape in which the probe shows up; with ``"list"``
+  each message becomes one text part ``[{"type": "text", "text": ...}]`` with
+  the image sentinels inside it.
 - Prefill always goes through ``inputs_embeds``: embed the token ids, then write
   the image embeddings into the image-slot positions in one masked assignment
   (as nanoVLM does). Without images that is exactly ``model(input_ids=...)``.
 - Each sequence owns a ``DynamicCache``; :meth:`ChatModel.decode` feeds one token
   and returns the next logits. Batching across sequences comes later.
 
-Where the vision part plugs in: pass a :class:`VisionPart` (encoder + projector,
-the protocol of :mod:`assistant.engine.vision`) as ``vision=`` to
-:class:`ChatModel`. ``render`` asks it how many positions an image takes
-(``num_tokens(detail)``); :meth:`ChatModel.encode_images` decodes the bytes and
-asks it for ``(num_images, num_tokens, hidden)`` embeddings, one call per detail
-level. Nothing else changes.
+Where the vision part plugs in: pass a :class:`~assistant.engine.vision.VisionPart`
+(encoder + projector) as ``vision=`` and an
+:class:`~assistant.engine.cache.EmbeddingCache` as ``image_cache=``. ``render``
+asks the part how many positions an image takes (``num_tokens(detail)``);
+:meth:`ChatModel.encode_images` looks each image up by (vision identity, image
+sha256, preprocess key), decodes (EXIF orientation applied, RGB; see
+:func:`assistant.images.decode_stored`) and encodes only the misses, one
+``encode`` call per detail level, and says how many image tokens were served
+from the cache. So an image is encoded once, not again on later turns of its
+conversation nor when another conversation sends the same bytes. Without an
+``image_cache`` every image is encoded each time.
+
+Loading: :func:`load_decoder` (``from_pretrained`` with optional bitsandbytes
+quantization, the vision half and ``lm_head`` skipped by full module path and
+checked after loading), :func:`load_tokenizer` and :func:`load_chat_model` (a
+causal LM). Which kind of model ``--model`` names is decided in
+:mod:`assistant.engine.loader`.
 
 The session never imports this module; it checks :attr:`ChatModel.accepts_images`
-before sending images, and the engine turns :class:`PromptError` into a
-``Finished(reason="error")``.
+before sending images and uses :meth:`ChatModel.num_image_tokens` for image-token
+budgets, and the engine turns :class:`PromptError` into a ``Finished(reason="error")``.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from jinja2 import TemplateError
 
+from assistant.engine.cache import EmbeddingCache, ImageRef, encode_cached_with_hits
+from assistant.engine.quantize import quantization_config, quantized_modules, skip_modules_for
 from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
+from assistant.engine.vision import VisionPart
+from assistant.images import decode_stored
+from assistant.items import StoredImage
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
+
+T = TypeVar("T")
+ContentFormat = Literal["string", "list"]
 
 # The id written at image-slot positions; it is embedded and then overwritten, so any valid id works.
 IMAGE_PLACEHOLDER_ID = 0
@@ -60,20 +90,6 @@ class PromptTooLong(PromptError):
                          f"but at most {max_tokens} fit in this model's context")
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens
-
-
-class VisionPart(Protocol):
-    """Image encoder + projector into the decoder's embedding space (see assistant.engine.vision)."""
-
-    hidden_size: int
-
-    def num_tokens(self, detail: str) -> int:
-        """Positions one image takes in the prompt at this detail."""
-        ...
-
-    def encode(self, images: list[PILImage], detail: str) -> torch.Tensor:
-        """Embeddings ``(num_images, num_tokens(detail), hidden_size)``."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -127,16 +143,22 @@ class Prompt:
 class ChatModel:
     """A decoder-only chat model and its tokenizer, ready for prefill/decode on one device."""
 
-    def __init__(self, hf_model: Any, tokenizer: Any, *, vision: VisionPart | None = None) -> None:
+    def __init__(self, hf_model: Any, tokenizer: Any, *, vision: VisionPart | None = None,
+                 image_cache: EmbeddingCache | None = None) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template; use an instruct/chat model "
                              "(one whose tokenizer_config.json or chat_template.jinja defines it)")
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.vision = vision
+        self.image_cache = image_cache
         self.device = next(hf_model.parameters()).device
         text_config = hf_model.config.get_text_config()
         self.hidden_size = int(text_config.hidden_size)
+        if vision is not None and vision.hidden_size != self.hidden_size:
+            raise ValueError(f"the vision part gives embeddings of width {vision.hidden_size}, but the decoder's "
+                             f"hidden size is {self.hidden_size}; the projector must map to the decoder's width")
+        self.content_format = template_content_format(tokenizer)
         context = int(text_config.max_position_embeddings)
         tokenizer_limit = getattr(tokenizer, "model_max_length", None)
         if tokenizer_limit and tokenizer_limit < MAX_SANE_CONTEXT:
@@ -150,6 +172,12 @@ class ChatModel:
     @property
     def accepts_images(self) -> bool:
         return self.vision is not None
+
+    def num_image_tokens(self, detail: str) -> int:
+        """Positions one image takes in a prompt at ``detail``; what image-token budgets count."""
+        if self.vision is None:
+            raise ValueError("this model has no vision part; it takes no images")
+        return self.vision.num_tokens(detail)
 
     # ------------------------------------------------------------ rendering
 
@@ -191,7 +219,7 @@ class ChatModel:
     def _render(self, messages: Sequence[ChatMessage]) -> tuple[Segment, ...]:
         sentinel = f"<|assistant-image-{uuid.uuid4().hex}-"
         images: list[ImageChunk] = []
-        conversation: list[dict[str, str]] = []
+        conversation: list[dict[str, Any]] = []
         for message in messages:
             pieces: list[str] = []
             for part in message.parts:
@@ -204,7 +232,10 @@ class ChatModel:
                         raise PromptError("this model does not accept images")
                     pieces.append(f"{sentinel}{len(images)}|>")
                     images.append(part)
-            conversation.append({"role": message.role, "content": "".join(pieces)})
+            content = "".join(pieces)
+            conversation.append({"role": message.role,
+                                 "content": [{"type": "text", "text": content}] if self.content_format == "list"
+                                 else content})
         try:
             text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         except TemplateError as exc:  # e.g. "Conversation roles must alternate user/assistant/..."
@@ -223,40 +254,44 @@ class ChatModel:
     # ------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def embed(self, prompt: Prompt) -> torch.Tensor:
-        """Input embeddings ``(1, T, C)`` of a prompt, image embeddings in the image slots."""
+    def embed(self, prompt: Prompt, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings ``(1, T, C)`` of a prompt, image embeddings in the image slots.
+
+        ``image_embeds`` ``(num_image_tokens, C)``: what :meth:`encode_images` returned
+        for ``prompt.images``; encoded here when not given.
+        """
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=self.device)  # (1, T)
         embeds = self.hf_model.get_input_embeddings()(ids)  # (1, T, C)
         if prompt.num_image_tokens:
-            image_embeds = self.encode_images(prompt.images)  # (num_image_tokens, C)
+            if image_embeds is None:
+                image_embeds, _ = self.encode_images(prompt.images)  # (num_image_tokens, C)
             mask = torch.tensor([prompt.image_mask], dtype=torch.bool, device=self.device)  # (1, T)
             embeds[mask] = image_embeds.to(device=embeds.device, dtype=embeds.dtype)
         return embeds
 
-    def encode_images(self, images: Sequence[ImageChunk]) -> torch.Tensor:
-        """Embeddings of ``images`` in order, concatenated: ``(sum of num_tokens(detail), C)``.
+    def encode_images(self, images: Sequence[ImageChunk]) -> tuple[torch.Tensor, int]:
+        """Embeddings of ``images`` in order, concatenated ``(sum of num_tokens(detail), C)``, and how many of
+        those rows were served from the image cache.
 
-        One ``encode`` call per detail level. (An embedding cache keyed by sha256 fits here.)
+        Only cache misses are decoded and encoded, one ``encode`` call per detail level.
         """
-        import io
-
-        from PIL import Image
-
-        assert self.vision is not None, "render() admits images only with a vision part"
-        rows: list[torch.Tensor] = [torch.empty(0)] * len(images)
-        by_detail: dict[str, list[int]] = {}
-        for i, image in enumerate(images):
-            by_detail.setdefault(image.detail, []).append(i)
-        for detail, indices in by_detail.items():
-            pixels = [Image.open(io.BytesIO(images[i].data)).convert("RGB") for i in indices]
-            encoded = self.vision.encode(pixels, detail)  # (n, num_tokens(detail), C)
-            expected = (len(indices), self.vision.num_tokens(detail), self.hidden_size)
-            if tuple(encoded.shape) != expected:
-                raise RuntimeError(f"vision part returned {tuple(encoded.shape)} for detail {detail!r}, "
+        if not images:
+            return torch.empty(0, self.hidden_size, device=self.device), 0
+        if self.vision is None:
+            raise PromptError("this model does not accept images")
+        refs: list[ImageRef] = [(image.sha256, functools.partial(decode_image, image), image.detail)
+                                for image in images]
+        if self.image_cache is None:
+            rows, hits = encode_each(self.vision, refs), [False] * len(refs)
+        else:
+            rows, hits = encode_cached_with_hits(self.vision, self.image_cache, refs)
+        for image, row in zip(images, rows, strict=True):
+            expected = (self.vision.num_tokens(image.detail), self.hidden_size)
+            if tuple(row.shape) != expected:
+                raise RuntimeError(f"vision part returned {tuple(row.shape)} per image for detail {image.detail!r}, "
                                    f"expected {expected}")
-            for i, rows_of_image in zip(indices, encoded):
-                rows[i] = rows_of_image  # (num_tokens(detail), C)
-        return torch.cat(rows)  # (num_image_tokens, C)
+        num_cached_tokens = sum(row.shape[0] for row, is_hit in zip(rows, hits, strict=True) if is_hit)
+        return torch.cat(rows), num_cached_tokens  # (num_image_tokens, C)
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -264,9 +299,12 @@ class ChatModel:
         return DynamicCache(config=self.hf_model.config)
 
     @torch.inference_mode()
-    def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, Any]:
-        """Run the whole prompt; return the last position's logits ``(vocab,)`` and the filled cache."""
-        embeds = self.embed(prompt)  # (1, T, C)
+    def prefill(self, prompt: Prompt, image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """Run the whole prompt; return the last position's logits ``(vocab,)`` and the filled cache.
+
+        ``image_embeds`` as for :meth:`embed`.
+        """
+        embeds = self.embed(prompt, image_embeds)  # (1, T, C)
         cache = self.new_cache()
         out = self.hf_model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
         return out.logits[0, -1].float(), cache  # (vocab,)
@@ -279,23 +317,105 @@ class ChatModel:
         return out.logits[0, -1].float()  # (vocab,)
 
 
-def load_chat_model(source: str, *, dtype: str = "bfloat16", device: str = "cpu") -> ChatModel:
-    """Load tokenizer + causal LM from a local directory (or a hub id, if the hub is reachable)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def template_content_format(tokenizer: Any) -> ContentFormat:
+    """How the tokenizer's chat template reads message content: a ``"string"``, or a ``"list"`` of typed parts.
 
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'bfloat16', 'float16' or 'float32'")
+    A probe message is rendered as a string first, then as one text part; the
+    first shape in which the probe shows up wins. A template that shows it in
+    neither (one that rewrites content) keeps the string shape.
+    """
+    probe = f"assistant-probe-{uuid.uuid4().hex}"
+    for content_format, content in (("string", probe), ("list", [{"type": "text", "text": probe}])):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception:  # any failure only means that this template does not read that shape
+            continue
+        if isinstance(text, str) and probe in text:
+            return content_format  # type: ignore[return-value]
+    return "string"
+
+
+def decode_image(image: ImageChunk) -> PILImage:
+    """The chunk's stored (already validated) bytes as RGB, EXIF orientation applied."""
+    # decode_stored reads only the bytes; the other StoredImage fields are for the store.
+    return decode_stored(StoredImage(sha256=image.sha256, mime_type="", width=0, height=0, data=image.data))
+
+
+def encode_each(vision: VisionPart, images: list[ImageRef]) -> list[torch.Tensor]:
+    """Embeddings ``(num_tokens(detail), C)`` of every image, without a cache: one ``encode`` call per detail."""
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    by_detail: dict[str, list[int]] = {}
+    for i, (_, _, detail) in enumerate(images):
+        by_detail.setdefault(detail, []).append(i)
+    for detail, indices in by_detail.items():
+        encoded = vision.encode([images[i][1]() for i in indices], detail)  # (n, num_tokens(detail), C)
+        for i, row in zip(indices, encoded, strict=True):
+            rows[i] = row
+    return rows
+
+
+# ------------------------------------------------------------ loading
+
+
+def load_chat_model(source: str, *, dtype: str = "bfloat16", device: str = "cpu", quantize: str = "none",
+                    vision: VisionPart | None = None, image_cache: EmbeddingCache | None = None) -> ChatModel:
+    """Tokenizer + causal LM from a local directory (or a hub id, if the hub is reachable), with an optional
+    vision part (a composition's encoder + projector) and its embedding cache."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    tokenizer = load_tokenizer(source)
+    hf_model = load_decoder(AutoModelForCausalLM, source, dtype=torch_dtype, device=device, quantize=quantize)
+    return ChatModel(hf_model, tokenizer, vision=vision, image_cache=image_cache)
+
+
+def load_decoder(model_class: Any, source: str, *, dtype: torch.dtype, device: str, quantize: str = "none") -> Any:
+    """``model_class.from_pretrained(source)``, in eval mode on ``device``, without gradients.
+
+    With ``quantize`` "nf4" or "int8", bitsandbytes quantizes every Linear layer
+    except the full module paths of :func:`skip_modules_for` (a LLaVA's vision
+    tower and projector, and ``lm_head``), with ``dtype`` as compute dtype;
+    afterwards a RuntimeError is raised if any of those was quantized anyway.
+    """
+    from transformers import AutoConfig
+
+    skip_modules = skip_modules_for(from_source(AutoConfig.from_pretrained, source))
+    quantization = quantization_config(quantize, skip_modules=skip_modules, compute_dtype=dtype)
+    if quantization is None:
+        model = from_source(model_class.from_pretrained, source, dtype=dtype).to(device)
+    else:  # bitsandbytes places the weights itself (a quantized model refuses .to())
+        model = from_source(model_class.from_pretrained, source, dtype=dtype, quantization_config=quantization,
+                            device_map=device)
+        leaked = quantized_modules(model, skip_modules)
+        if leaked:
+            raise RuntimeError(f"bitsandbytes quantized {len(leaked)} modules that must stay unquantized, e.g. "
+                               f"{', '.join(leaked[:3])} (skip_modules: {', '.join(skip_modules)})")
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return from_source(AutoTokenizer.from_pretrained, source)
+
+
+def from_source(load: Callable[..., T], source: str, **kwargs: Any) -> T:
+    """``load(source, **kwargs)`` (a ``from_pretrained``); a missing model becomes a RuntimeError saying what to do."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        return load(source, **kwargs)
     except OSError as exc:
         if Path(source).expanduser().exists():
             raise RuntimeError(f"could not load the model in {source}: {exc}") from exc
         raise RuntimeError(f"could not load model {source!r}: it is not a local path, and the Hugging Face hub "
                            "is unreachable or does not have it; pass a local model directory instead") from exc
-    hf_model.to(device).eval().requires_grad_(False)
-    return ChatModel(hf_model, tokenizer)
+
+
+def parse_dtype(dtype: str) -> torch.dtype:
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'bfloat16', 'float16' or 'float32'")
+    return torch_dtype
 
 
 def _eos_token_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:

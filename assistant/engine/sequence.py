@@ -34,6 +34,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.prompt_token_ids: list[int] = []
         self.num_image_tokens = 0
+        self.num_cached_image_tokens = 0  # image tokens whose embeddings came from the image cache
         self.output_token_ids: list[int] = []
         self.num_unreported_tokens = 0  # sampled but not yet counted in a TokenDelta
         self.detokenizer: IncrementalDetokenizer | None = None  # set at prefill (needs the tokenizer)
