@@ -162,9 +162,9 @@ def load_image(data: bytes, limits: ImageLimits, *, param: str) -> tuple[StoredI
     return record, rgb
 
 
-def decode_stored(image: StoredImage) -> Image.Image:
+def decode_stored(data: bytes) -> Image.Image:
     """Re-open stored bytes (validated by :func:`load_image`) as RGB, EXIF orientation applied."""
-    opened = Image.open(BytesIO(image.data), formats=_STORED_FORMATS)
+    opened = Image.open(BytesIO(data), formats=_STORED_FORMATS)
     opened.load()
     return _to_rgb(ImageOps.exif_transpose(opened))
 

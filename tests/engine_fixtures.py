@@ -93,6 +93,10 @@ class FakeVision:
     def __init__(self, hidden_size: int, num_tokens: int = 3) -> None:
         self.hidden_size = hidden_size
         self.high_tokens = num_tokens
+        self.identity = f"fake-vision:{hidden_size}:{num_tokens}"
+
+    def preprocess_key(self, detail: str) -> str:
+        return f"{self.num_tokens(detail)}t"
 
     def num_tokens(self, detail: str) -> int:
         return 1 if detail == "low" else self.high_tokens

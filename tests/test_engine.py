@@ -136,9 +136,11 @@ def test_image_slots_are_filled_by_one_masked_assignment(model: ChatModel) -> No
     messages = (ChatMessage("user", (TextChunk("look at"), images[0], TextChunk("and"), images[1])),)
     prompt = vision_model.render(messages, 1000)
     assert [s.image for s in prompt.segments if isinstance(s, ImageSlot)] == list(images)
-    assert [type(s) for s in prompt.segments][1::2] == [ImageSlot, ImageSlot] and prompt.num_image_tokens == 3 + 1
+    assert [type(s) for s in prompt.segments] == [tuple, ImageSlot, ImageSlot, tuple]
+    assert prompt.num_image_tokens == 3 + 1
     texts = [model.tokenizer.decode(s) for s in prompt.segments if not isinstance(s, ImageSlot)]
-    assert texts == ["<|im_start|>user\nlook at", "and", "<|im_end|>\n<|im_start|>assistant\n"]
+    # Images go ahead of the message's text, in their order.
+    assert texts == ["<|im_start|>user\n", "\nlook at\nand<|im_end|>\n<|im_start|>assistant\n"]
     embeds = vision_model.embed(prompt)  # (1, T, C)
     mask = torch.tensor(prompt.image_mask)  # (T,)
     assert embeds.shape == (1, prompt.num_tokens, model.hidden_size)

@@ -19,7 +19,6 @@ encoder = "efficientnet-lite0"
 projector = "projector"
 feature_layer = -1
 select = "full"
-image_token = "<img>"
 """
 
 
@@ -36,8 +35,7 @@ def test_full_example_resolves_paths_against_the_file(tmp_path):
     spec = load_composition(write(tmp_path / "conf", EXAMPLE))
 
     assert spec == CompositionSpec(decoder=str(tmp_path / "decoder"), encoder="efficientnet-lite0",
-                                   projector=tmp_path / "conf" / "projector", feature_layer=-1, select="full",
-                                   image_token="<img>")
+                                   projector=tmp_path / "conf" / "projector", feature_layer=-1, select="full")
 
 
 def test_defaults_and_hub_ids(tmp_path):
@@ -47,7 +45,7 @@ def test_defaults_and_hub_ids(tmp_path):
 
     assert spec.decoder == "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a local path: a hub id, untouched
     assert spec.encoder == str(tmp_path / "clip")  # exists next to the file: a local path
-    assert (spec.feature_layer, spec.select, spec.image_token) == (-2, "default", "<image>")
+    assert (spec.feature_layer, spec.select) == (-2, "default")
 
 
 def test_absolute_paths_stay_absolute(tmp_path):

@@ -66,7 +66,7 @@ def test_a_causal_lm_directory_is_a_text_only_model(tmp_path: Path) -> None:
     model = load(save_tiny_chat_model(tmp_path / "llama"), tmp_path, dtype="auto")
 
     assert type(model.hf_model).__name__ == "LlamaForCausalLM"
-    assert not model.accepts_images and model.image_cache is None
+    assert not model.accepts_images
     assert next(model.hf_model.parameters()).dtype == torch.bfloat16  # "auto" on CPU
     with pytest.raises(ValueError, match="no vision part"):
         model.num_image_tokens("high")
@@ -123,7 +123,8 @@ def test_a_llava_hf_template_gets_list_content(tmp_path: Path, template_in: str)
     messages = (message("user", "Hi"), message("assistant", "Hello!")) + look_at()
     prompt = model.render(messages, 1000)
     texts = [model.tokenizer.decode(s) if isinstance(s, tuple) else s.num_tokens for s in prompt.segments]
-    assert texts == ["USER: Hi ASSISTANT: Hello! USER: What is in this picture?", GRID**2, " ASSISTANT:"]
+    # The LLaVA-1.5 layout: "USER: <image>\n<text> ASSISTANT:".
+    assert texts == ["USER: Hi ASSISTANT: Hello! USER: ", GRID**2, "\nWhat is in this picture? ASSISTANT:"]
     _, finished = generate(Engine(model), messages)
     assert finished.num_image_tokens == GRID**2
 

@@ -17,39 +17,15 @@ from assistant.config import load_config
 from assistant.engine.loader import load_model
 from assistant.engine.model import ChatModel
 from tests.conftest import RunningServer, running_server
-from tests.engine_fixtures import byte_level_tokenizer
 from tests.test_server import open_session, recv, recv_until, send, user_item
-from tests.vision_fixtures import GRID, make_image, tiny_image_processor, tiny_llama_config, tiny_vision_config
+from tests.vision_fixtures import GRID, make_image, save_tiny_llava_chat
 
 IMAGE_TOKENS = GRID * GRID  # CLIP tower, "default" select drops CLS: 4 x 4 patches
 
 
-def save_tiny_llava_chat(path: Path) -> Path:
-    """A random tiny LLaVA (CLIP tower) with a byte-level tokenizer and a ChatML template."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    tokenizer = byte_level_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    text_config = tiny_llama_config()
-    text_config.vocab_size = len(tokenizer)
-    text_config.eos_token_id = tokenizer.eos_token_id
-    text_config.bos_token_id = tokenizer.bos_token_id
-    text_config.pad_token_id = tokenizer.pad_token_id
-    text_config.max_position_embeddings = 1024
-    config = LlavaConfig(vision_config=tiny_vision_config("clip"), text_config=text_config,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", image_seq_length=IMAGE_TOKENS)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    tiny_image_processor("clip").save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
-    directory = save_tiny_llava_chat(tmp_path_factory.mktemp("tiny-llava"))
+    directory = save_tiny_llava_chat(tmp_path_factory.mktemp("tiny-llava"), "clip")
     config = load_config({"model": str(directory), "dtype": "float32", "device": "cpu",
                           "data_dir": str(tmp_path_factory.mktemp("data"))}, env={})
     return load_model(config, progress=lambda _: None)

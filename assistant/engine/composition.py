@@ -11,7 +11,6 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
     projector = "projector"                   # a directory written by save_projector (config.json + model.safetensors)
     feature_layer = -2                        # CLIP/SigLIP only: which hidden_states entry feeds the projector
     select = "default"                        # CLIP/SigLIP only: "default" drops CLIP's CLS token, "full" keeps it
-    image_token = "<image>"                   # placeholder text the prompt template writes for an image
 
 Required: ``decoder``, ``[vision] encoder``, ``[vision] projector``; the others
 take the defaults shown. A relative path is resolved against the file's
@@ -46,7 +45,6 @@ class CompositionSpec:
     projector: Path
     feature_layer: int = -2
     select: str = "default"
-    image_token: str = "<image>"
 
 
 def load_composition(path: Path) -> CompositionSpec:
@@ -61,7 +59,7 @@ def load_composition(path: Path) -> CompositionSpec:
     if not isinstance(vision, dict):
         raise ValueError(f"{path}: 'vision' must be a table ([vision])")
     _check_keys(path, "vision.", vision, required={"encoder", "projector"},
-                allowed={"encoder", "projector", "feature_layer", "select", "image_token"})
+                allowed={"encoder", "projector", "feature_layer", "select"})
     decoder = _get(path, "decoder", data, str)
     encoder = _get(path, "vision.encoder", vision, str)
     projector = base / Path(_get(path, "vision.projector", vision, str)).expanduser()
@@ -73,12 +71,11 @@ def load_composition(path: Path) -> CompositionSpec:
         projector=projector,
         feature_layer=_get(path, "vision.feature_layer", vision, int, -2),
         select=_get(path, "vision.select", vision, str, "default"),
-        image_token=_get(path, "vision.image_token", vision, str, "<image>"),
     )
     if spec.select not in SELECTS:
         raise ValueError(f"{path}: vision.select must be one of {', '.join(SELECTS)}, got {spec.select!r}")
-    if not spec.image_token or not decoder or not encoder:
-        raise ValueError(f"{path}: decoder, vision.encoder and vision.image_token must not be empty")
+    if not decoder or not encoder:
+        raise ValueError(f"{path}: decoder and vision.encoder must not be empty")
     return spec
 
 

@@ -32,7 +32,7 @@ sha256, preprocess key), decodes (EXIF orientation applied, RGB; see
 ``encode`` call per detail level, and says how many image tokens were served
 from the cache. So an image is encoded once, not again on later turns of its
 conversation nor when another conversation sends the same bytes. Without an
-``image_cache`` every image is encoded each time.
+``image_cache`` (or with a zero-byte one) every image is encoded each time.
 
 Loading: :func:`load_decoder` (``from_pretrained`` with optional bitsandbytes
 quantization, the vision half and ``lm_head`` skipped by full module path and
@@ -64,7 +64,6 @@ from assistant.engine.quantize import quantization_config, quantized_modules, sk
 from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
 from assistant.engine.vision import VisionPart
 from assistant.images import decode_stored
-from assistant.items import StoredImage
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -151,7 +150,8 @@ class ChatModel:
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.vision = vision
-        self.image_cache = image_cache
+        # A zero-byte cache keeps nothing: every image is encoded each time it is used.
+        self.image_cache = image_cache if image_cache is not None else EmbeddingCache(0)
         self.device = next(hf_model.parameters()).device
         text_config = hf_model.config.get_text_config()
         self.hidden_size = int(text_config.hidden_size)
@@ -221,18 +221,15 @@ class ChatModel:
         images: list[ImageChunk] = []
         conversation: list[dict[str, Any]] = []
         for message in messages:
-            pieces: list[str] = []
-            for part in message.parts:
-                if isinstance(part, TextChunk):
-                    if pieces and not pieces[-1].startswith(sentinel):
-                        pieces.append("\n")
-                    pieces.append(part.text)
-                else:
-                    if self.vision is None:
-                        raise PromptError("this model does not accept images")
-                    pieces.append(f"{sentinel}{len(images)}|>")
-                    images.append(part)
-            content = "".join(pieces)
+            # Images go ahead of the message's text, whatever their place among the parts:
+            # LLaVA-style models are trained on "<image>\n<text>".
+            message_images = [part for part in message.parts if isinstance(part, ImageChunk)]
+            if message_images and self.vision is None:
+                raise PromptError("this model does not accept images")
+            markers = "".join(f"{sentinel}{len(images) + k}|>" for k in range(len(message_images)))
+            images.extend(message_images)
+            message_text = "\n".join(part.text for part in message.parts if isinstance(part, TextChunk))
+            content = markers + ("\n" if markers and message_text else "") + message_text
             conversation.append({"role": message.role,
                                  "content": [{"type": "text", "text": content}] if self.content_format == "list"
                                  else content})
@@ -281,10 +278,7 @@ class ChatModel:
             raise PromptError("this model does not accept images")
         refs: list[ImageRef] = [(image.sha256, functools.partial(decode_image, image), image.detail)
                                 for image in images]
-        if self.image_cache is None:
-            rows, hits = encode_each(self.vision, refs), [False] * len(refs)
-        else:
-            rows, hits = encode_cached_with_hits(self.vision, self.image_cache, refs)
+        rows, hits = encode_cached_with_hits(self.vision, self.image_cache, refs)
         for image, row in zip(images, rows, strict=True):
             expected = (self.vision.num_tokens(image.detail), self.hidden_size)
             if tuple(row.shape) != expected:
@@ -338,21 +332,7 @@ def template_content_format(tokenizer: Any) -> ContentFormat:
 
 def decode_image(image: ImageChunk) -> PILImage:
     """The chunk's stored (already validated) bytes as RGB, EXIF orientation applied."""
-    # decode_stored reads only the bytes; the other StoredImage fields are for the store.
-    return decode_stored(StoredImage(sha256=image.sha256, mime_type="", width=0, height=0, data=image.data))
-
-
-def encode_each(vision: VisionPart, images: list[ImageRef]) -> list[torch.Tensor]:
-    """Embeddings ``(num_tokens(detail), C)`` of every image, without a cache: one ``encode`` call per detail."""
-    rows: list[torch.Tensor] = [torch.empty(0)] * len(images)
-    by_detail: dict[str, list[int]] = {}
-    for i, (_, _, detail) in enumerate(images):
-        by_detail.setdefault(detail, []).append(i)
-    for detail, indices in by_detail.items():
-        encoded = vision.encode([images[i][1]() for i in indices], detail)  # (n, num_tokens(detail), C)
-        for i, row in zip(indices, encoded, strict=True):
-            rows[i] = row
-    return rows
+    return decode_stored(image.data)
 
 
 # ------------------------------------------------------------ loading
