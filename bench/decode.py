@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 
 from assistant.engine.engine import Engine
-from assistant.engine.model import ChatModel, Prompt, load_chat_model
+from assistant.engine.loader import load_chat_model
+from assistant.engine.model import ChatModel, Prompt
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk
 from assistant.engine.sampling import SamplingParams
 from assistant.models import DEFAULT_MODEL, default_data_dir, resolve_model

@@ -17,7 +17,8 @@ import pytest
 from assistant.app import default_settings, image_budget
 from assistant.config import load_config
 from assistant.engine.engine import AsyncEngine, Engine
-from assistant.engine.model import ChatModel, load_chat_model
+from assistant.engine.loader import load_chat_model
+from assistant.engine.model import ChatModel
 from assistant.server import App, start_server
 from assistant.store import Store
 from tests.engine_fixtures import save_tiny_chat_model

@@ -16,7 +16,8 @@ import torch
 
 import assistant.engine.engine as engine_module
 from assistant.engine.engine import AsyncEngine, Engine, EngineOverloaded, EngineStopped
-from assistant.engine.model import ChatModel, ImageSlot, PromptError, PromptTooLong, load_chat_model
+from assistant.engine.loader import load_chat_model
+from assistant.engine.model import ChatModel, ImageSlot, PromptError, PromptTooLong
 from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, TextChunk,
                                       TokenDelta)
 from assistant.engine.sampling import SamplingParams

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import assistant.engine.model as model_module
+import assistant.engine.loader as loader_module
 from assistant.config import Config
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.engine import Engine
@@ -200,7 +200,7 @@ def test_a_vision_module_quantized_anyway_is_refused(tmp_path: Path, monkeypatch
         return quantization_config(kind, skip_modules=[name.rsplit(".", 1)[-1] for name in skip_modules],
                                    compute_dtype=compute_dtype)
 
-    monkeypatch.setattr(model_module, "quantization_config", bare_names)
+    monkeypatch.setattr(loader_module, "quantization_config", bare_names)
     with pytest.raises(RuntimeError, match=r"must stay unquantized, e\.g\. model\.vision_tower\."):
         load(save_tiny_llava_chat(tmp_path / "llava", "clip"), tmp_path, quantize="nf4", dtype="bfloat16")
 

@@ -13,7 +13,8 @@ import torch
 
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.engine import AsyncEngine, Engine
-from assistant.engine.model import ChatModel, load_chat_model
+from assistant.engine.loader import load_chat_model
+from assistant.engine.model import ChatModel
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk, TokenDelta
 from assistant.engine.sampling import SamplingParams
 from assistant.models import default_data_dir, pull_default_model

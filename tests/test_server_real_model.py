@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from openai import AsyncOpenAI
 
-from assistant.engine.model import ChatModel, load_chat_model
+from assistant.engine.loader import load_chat_model
+from assistant.engine.model import ChatModel
 from assistant.models import default_data_dir, pull_default_model
 from tests.conftest import running_server
 

@@ -24,7 +24,7 @@ dtype of quantized layers.
 
 ``--quantize nf4|int8`` quantizes the decoder only, with bitsandbytes: the
 vision tower, the projector and ``lm_head`` are skipped by full module path and
-checked after loading (:func:`assistant.engine.model.load_decoder`); a
+checked after loading (:func:`load_decoder`); a
 composition's vision part is separate modules, never quantized. int8 works on
 CPU but is slow there (bitsandbytes also warns on every call), so it is logged.
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any, TypeVar
 from pathlib import Path
 
 import torch
@@ -43,14 +44,15 @@ import torch
 from assistant.config import Config
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.composition import load_composition, load_vision_part
-from assistant.engine.model import (ChatModel, from_source, load_chat_model, load_decoder, load_tokenizer,
-                                    parse_dtype)
-from assistant.engine.vision import LlavaVision, load_image_processor
+from assistant.engine.model import ChatModel
+from assistant.engine.quantize import quantization_config, quantized_modules, skip_modules_for
+from assistant.engine.vision import LlavaVision, VisionPart, load_image_processor
 from assistant.models import resolve_model
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 def pick_device(device: str) -> str:
@@ -81,6 +83,66 @@ def load_model(config: Config, progress: Progress = print) -> ChatModel:
     if model_type(source) == "llava":
         return load_llava_model(source, config, device=device, dtype=dtype)
     return load_chat_model(source, dtype=dtype, device=device, quantize=config.quantize)
+
+
+def load_chat_model(source: str, *, dtype: str = "bfloat16", device: str = "cpu", quantize: str = "none",
+                    vision: VisionPart | None = None, image_cache: EmbeddingCache | None = None) -> ChatModel:
+    """Tokenizer + causal LM from a local directory (or a hub id, if the hub is reachable), with an optional
+    vision part (a composition's encoder + projector) and its embedding cache."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    tokenizer = load_tokenizer(source)
+    hf_model = load_decoder(AutoModelForCausalLM, source, dtype=torch_dtype, device=device, quantize=quantize)
+    return ChatModel(hf_model, tokenizer, vision=vision, image_cache=image_cache)
+
+
+def load_decoder(model_class: Any, source: str, *, dtype: torch.dtype, device: str, quantize: str = "none") -> Any:
+    """``model_class.from_pretrained(source)``, in eval mode on ``device``, without gradients.
+
+    With ``quantize`` "nf4" or "int8", bitsandbytes quantizes every Linear layer
+    except the full module paths of :func:`skip_modules_for` (a LLaVA's vision
+    tower and projector, and ``lm_head``), with ``dtype`` as compute dtype;
+    afterwards a RuntimeError is raised if any of those was quantized anyway.
+    """
+    from transformers import AutoConfig
+
+    skip_modules = skip_modules_for(from_source(AutoConfig.from_pretrained, source))
+    quantization = quantization_config(quantize, skip_modules=skip_modules, compute_dtype=dtype)
+    if quantization is None:
+        model = from_source(model_class.from_pretrained, source, dtype=dtype).to(device)
+    else:  # bitsandbytes places the weights itself (a quantized model refuses .to())
+        model = from_source(model_class.from_pretrained, source, dtype=dtype, quantization_config=quantization,
+                            device_map=device)
+        leaked = quantized_modules(model, skip_modules)
+        if leaked:
+            raise RuntimeError(f"bitsandbytes quantized {len(leaked)} modules that must stay unquantized, e.g. "
+                               f"{', '.join(leaked[:3])} (skip_modules: {', '.join(skip_modules)})")
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return from_source(AutoTokenizer.from_pretrained, source)
+
+
+def from_source(load: Callable[..., T], source: str, **kwargs: Any) -> T:
+    """``load(source, **kwargs)`` (a ``from_pretrained``); a missing model becomes a RuntimeError saying what to do."""
+    try:
+        return load(source, **kwargs)
+    except OSError as exc:
+        if Path(source).expanduser().exists():
+            raise RuntimeError(f"could not load the model in {source}: {exc}") from exc
+        raise RuntimeError(f"could not load model {source!r}: it is not a local path, and the Hugging Face hub "
+                           "is unreachable or does not have it; pass a local model directory instead") from exc
+
+
+def parse_dtype(dtype: str) -> torch.dtype:
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'bfloat16', 'float16' or 'float32'")
+    return torch_dtype
 
 
 def model_type(source: str) -> str:

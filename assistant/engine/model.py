@@ -34,11 +34,8 @@ from the cache. So an image is encoded once, not again on later turns of its
 conversation nor when another conversation sends the same bytes. Without an
 ``image_cache`` (or with a zero-byte one) every image is encoded each time.
 
-Loading: :func:`load_decoder` (``from_pretrained`` with optional bitsandbytes
-quantization, the vision half and ``lm_head`` skipped by full module path and
-checked after loading), :func:`load_tokenizer` and :func:`load_chat_model` (a
-causal LM). Which kind of model ``--model`` names is decided in
-:mod:`assistant.engine.loader`.
+Loading (``from_pretrained``, quantization, which kind of model ``--model``
+names) lives in :mod:`assistant.engine.loader`.
 
 The session never imports this module; it checks :attr:`ChatModel.accepts_images`
 before sending images and uses :meth:`ChatModel.num_image_tokens` for image-token
@@ -51,16 +48,14 @@ import functools
 import inspect
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jinja2 import TemplateError
 
 from assistant.engine.cache import EmbeddingCache, ImageRef, encode_cached_with_hits
-from assistant.engine.quantize import quantization_config, quantized_modules, skip_modules_for
 from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
 from assistant.engine.vision import VisionPart
 from assistant.images import decode_stored
@@ -68,7 +63,6 @@ from assistant.images import decode_stored
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-T = TypeVar("T")
 ContentFormat = Literal["string", "list"]
 
 # The id written at image-slot positions; it is embedded and then overwritten, so any valid id works.
@@ -333,69 +327,6 @@ def template_content_format(tokenizer: Any) -> ContentFormat:
 def decode_image(image: ImageChunk) -> PILImage:
     """The chunk's stored (already validated) bytes as RGB, EXIF orientation applied."""
     return decode_stored(image.data)
-
-
-# ------------------------------------------------------------ loading
-
-
-def load_chat_model(source: str, *, dtype: str = "bfloat16", device: str = "cpu", quantize: str = "none",
-                    vision: VisionPart | None = None, image_cache: EmbeddingCache | None = None) -> ChatModel:
-    """Tokenizer + causal LM from a local directory (or a hub id, if the hub is reachable), with an optional
-    vision part (a composition's encoder + projector) and its embedding cache."""
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = parse_dtype(dtype)
-    tokenizer = load_tokenizer(source)
-    hf_model = load_decoder(AutoModelForCausalLM, source, dtype=torch_dtype, device=device, quantize=quantize)
-    return ChatModel(hf_model, tokenizer, vision=vision, image_cache=image_cache)
-
-
-def load_decoder(model_class: Any, source: str, *, dtype: torch.dtype, device: str, quantize: str = "none") -> Any:
-    """``model_class.from_pretrained(source)``, in eval mode on ``device``, without gradients.
-
-    With ``quantize`` "nf4" or "int8", bitsandbytes quantizes every Linear layer
-    except the full module paths of :func:`skip_modules_for` (a LLaVA's vision
-    tower and projector, and ``lm_head``), with ``dtype`` as compute dtype;
-    afterwards a RuntimeError is raised if any of those was quantized anyway.
-    """
-    from transformers import AutoConfig
-
-    skip_modules = skip_modules_for(from_source(AutoConfig.from_pretrained, source))
-    quantization = quantization_config(quantize, skip_modules=skip_modules, compute_dtype=dtype)
-    if quantization is None:
-        model = from_source(model_class.from_pretrained, source, dtype=dtype).to(device)
-    else:  # bitsandbytes places the weights itself (a quantized model refuses .to())
-        model = from_source(model_class.from_pretrained, source, dtype=dtype, quantization_config=quantization,
-                            device_map=device)
-        leaked = quantized_modules(model, skip_modules)
-        if leaked:
-            raise RuntimeError(f"bitsandbytes quantized {len(leaked)} modules that must stay unquantized, e.g. "
-                               f"{', '.join(leaked[:3])} (skip_modules: {', '.join(skip_modules)})")
-    return model.eval().requires_grad_(False)
-
-
-def load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return from_source(AutoTokenizer.from_pretrained, source)
-
-
-def from_source(load: Callable[..., T], source: str, **kwargs: Any) -> T:
-    """``load(source, **kwargs)`` (a ``from_pretrained``); a missing model becomes a RuntimeError saying what to do."""
-    try:
-        return load(source, **kwargs)
-    except OSError as exc:
-        if Path(source).expanduser().exists():
-            raise RuntimeError(f"could not load the model in {source}: {exc}") from exc
-        raise RuntimeError(f"could not load model {source!r}: it is not a local path, and the Hugging Face hub "
-                           "is unreachable or does not have it; pass a local model directory instead") from exc
-
-
-def parse_dtype(dtype: str) -> torch.dtype:
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'bfloat16', 'float16' or 'float32'")
-    return torch_dtype
 
 
 def _eos_token_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:
