@@ -59,8 +59,7 @@ class Store:
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (a no-op when it is already there)."""
-        config = AlembicConfig()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+        config = _alembic_config()
         with self.engine.connect() as connection:
             # SQLite batch migrations drop and recreate tables; with foreign keys on, dropping a
             # parent table would cascade-delete its children. The pragma only works outside a transaction.
@@ -82,9 +81,7 @@ class Store:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
 
-        config = AlembicConfig()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
-        heads = set(ScriptDirectory.from_config(config).get_heads())
+        heads = set(ScriptDirectory.from_config(_alembic_config()).get_heads())
         with self.engine.connect() as connection:
             return set(MigrationContext.configure(connection).get_current_heads()) == heads
 
@@ -354,3 +351,9 @@ def _record_of(row: ResponseRow, output_item_ids: tuple[str, ...]) -> ResponseRe
     usage = Usage(row.input_tokens, row.output_tokens, row.cached_tokens, row.image_tokens, row.cached_image_tokens)
     return ResponseRecord(row.id, row.conversation_id, cast(Any, row.status), row.reason, output_item_ids, usage,
                           row.time_to_first_token_ms, row.duration_ms)
+
+
+def _alembic_config() -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return config
