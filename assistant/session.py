@@ -101,6 +101,8 @@ class Session:
         self.id = new_id("sess")
         self._response_task: asyncio.Task[None] | None = None
         self._response_id: str | None = None
+        # Set by a cancel or a disconnect that may come before the engine knows the request.
+        self._is_cancel_requested = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -111,6 +113,7 @@ class Session:
         """The client is gone: stop generating, and let the response record itself."""
         task = self._response_task
         if task is not None and not task.done():
+            self._is_cancel_requested = True
             self.engine.abort(self._response_id)
             await asyncio.wait([task])
 
@@ -234,6 +237,7 @@ class Session:
             raise ResponseInProgress(f"Response {self._response_id} is still in progress; wait for response.done "
                                      "or send response.cancel.")
         self._response_id = new_id("resp")
+        self._is_cancel_requested = False
         self._response_task = asyncio.create_task(self._run_response(self._response_id, event))
 
     def _cancel_response(self, response_id: str | None) -> None:
@@ -241,6 +245,7 @@ class Session:
         if not running or (response_id is not None and response_id != self._response_id):
             raise ResponseNotFound("There is no response in progress" +
                                    (f" with id '{response_id}'." if response_id else "."), param="response_id")
+        self._is_cancel_requested = True
         self.engine.abort(self._response_id)
 
     def _prepare_prompt(self, event: ResponseCreate, settings: Settings) -> GenerationRequest:
@@ -266,12 +271,15 @@ class Session:
         item = Item(new_id("item"), "assistant", (), status="in_progress")
         try:
             request = await asyncio.to_thread(self._prepare_prompt, event, settings)
-        except AssistantError as exc:
+            await asyncio.to_thread(self.store.start_response, response_id, self.conversation_id)
+        except Exception as exc:  # nothing was announced yet: one error event says it all
+            if not isinstance(exc, AssistantError):
+                log.exception("response %s could not start", response_id)
+                exc = InternalError()
             exc.event_id = event.event_id
             await self._send(self.writer.error(exc))
             return
         request = replace(request, request_id=response_id)
-        await asyncio.to_thread(self.store.start_response, response_id, self.conversation_id)
         refs = {"response_id": response_id, "item_id": item.id, "output_index": 0}
         previous: str | None = None
         text: list[str] = []
@@ -289,16 +297,19 @@ class Session:
                 await self.send("conversation.item.added", previous_item_id=previous, item=self.writer.item(item))
             await self.send("response.content_part.added", **refs, content_index=0,
                             part={"type": "text", "text": ""})
-            async for engine_event in self.engine.generate(request):
-                if isinstance(engine_event, TokenDelta):
-                    if first_token_at is None:
-                        first_token_at = time.monotonic()
-                    if engine_event.text:
-                        text.append(engine_event.text)
-                        await self.send("response.output_text.delta", **refs, content_index=0,
-                                        delta=engine_event.text)
-                else:
-                    finished = engine_event
+            if self._is_cancel_requested:  # cancelled before the engine saw the request
+                finished = Finished(reason="cancelled")
+            else:
+                async for engine_event in self.engine.generate(request):
+                    if isinstance(engine_event, TokenDelta):
+                        if first_token_at is None:
+                            first_token_at = time.monotonic()
+                        if engine_event.text:
+                            text.append(engine_event.text)
+                            await self.send("response.output_text.delta", **refs, content_index=0,
+                                            delta=engine_event.text)
+                    else:
+                        finished = engine_event
         except AssistantError as exc:  # the engine refused the request (queue full)
             finished = Finished(reason="error", error=f"{exc.code}: {exc.message}")
         except Exception:
@@ -326,12 +337,15 @@ class Session:
             response_id, self.conversation_id, status, details.get("reason") if details else None,
             (item.id,) if in_conversation else (), usage,
             None if first_token_at is None else (first_token_at - started) * 1000.0, (now - started) * 1000.0)
-        try:
-            if in_conversation:
+        if in_conversation:
+            try:
                 await asyncio.to_thread(self.store.update_item, self.conversation_id, item)
+            except AssistantError:
+                log.info("response %s: its output item was deleted while it ran", response_id)
+            except Exception:
+                log.exception("response %s: could not store its output item", response_id)
+        try:
             await asyncio.to_thread(self.store.finish_response, record)
-        except AssistantError:
-            log.warning("response %s: its output item was deleted while it ran", response_id)
         except Exception:
             log.exception("response %s: could not store the result", response_id)
         part = {"type": "text", "text": text}

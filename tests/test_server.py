@@ -380,3 +380,31 @@ async def test_out_of_band_response_with_its_own_input(server: RunningServer) ->
     assert response["metadata"] == {"purpose": "title"} and response["output"]
     assert [i.text for i in server.app.store.list_items(session["conversation_id"])] == ["stored turn"]
     await ws.close()
+
+
+async def test_cancel_right_after_create_is_not_lost(server: RunningServer) -> None:
+    """A cancel that arrives while the prompt is still being prepared stops the response all the same."""
+    ws, _ = await open_session(server)
+    await send(ws, user_item("Tell me a very long story"))
+    await recv_until(ws, "conversation.item.done")
+    await ws.send(json.dumps({"type": "response.create", "response": {"temperature": 1.0}}))
+    await ws.send(json.dumps({"type": "response.cancel"}))
+    response = (await recv_until(ws, "response.done"))[-1]["response"]
+    assert response["status"] == "cancelled" and response["usage"]["output_tokens"] < 1000
+    stored = server.app.store.get_response(response["id"])
+    assert stored is not None and stored.status == "cancelled"
+    await ws.close()
+
+
+async def test_deleting_the_output_item_mid_response_still_records_the_response(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await send(ws, user_item("Hello"))
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "response": {"max_output_tokens": 20}})
+    added = (await recv_until(ws, "conversation.item.added"))[-1]
+    await send(ws, {"type": "conversation.item.delete", "item_id": added["item"]["id"]})
+    response = (await recv_until(ws, "response.done"))[-1]["response"]
+    stored = server.app.store.get_response(response["id"])
+    assert stored is not None and stored.status == response["status"] != "in_progress"
+    assert stored.usage.output_tokens == response["usage"]["output_tokens"]
+    await ws.close()
