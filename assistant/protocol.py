@@ -27,6 +27,10 @@ from assistant.items import DETAILS, ROLES
 
 MAX_ID_LENGTH = 64
 MAX_INSTRUCTIONS_CHARS = 100_000
+# One text part; far beyond any context this server runs, small enough to render quickly.
+MAX_TEXT_CHARS = 200_000
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_CHARS = 512
 Unlimited = Literal["inf"]
 
 # Realtime events this server knows but does not implement (audio, tools); they get
@@ -115,7 +119,7 @@ def parse_client_event(frame: str | bytes) -> ClientEvent:
     """Parse one frame; raise a coded AssistantError carrying the client's event_id."""
     try:
         data = json.loads(frame)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidJSON("The message is not valid JSON; every client event is a JSON object.") from None
     if not isinstance(data, dict):
         raise InvalidJSON("The message must be a JSON object with a 'type' field.")
@@ -123,6 +127,7 @@ def parse_client_event(frame: str | bytes) -> ClientEvent:
     try:
         if "event_id" in data and data["event_id"] is not None and event_id is None:
             raise InvalidType("'event_id' must be a string.", param="event_id")
+        _check_unicode(data, "")
         kind = _get(data, "type", str, "")
         parser = _PARSERS.get(kind)
         if parser is None:
@@ -137,6 +142,24 @@ def parse_client_event(frame: str | bytes) -> ClientEvent:
 
 
 # ---------------------------------------------------------------- field readers
+
+
+def _check_unicode(value: Any, param: str) -> None:
+    """Refuse strings that are not valid Unicode text (JSON admits lone surrogates such as "\\ud800"):
+    they can be neither stored nor sent back."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidValue(f"'{param or 'the event'}' holds a lone UTF-16 surrogate; send valid Unicode text.",
+                               param=param or None) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, param)
+            _check_unicode(item, f"{param}.{key}" if param else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, f"{param}[{index}]")
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
                dict: "an object", list: "an array"}
@@ -162,6 +185,14 @@ def _id(obj: dict[str, Any], key: str, prefix: str, *, required: bool = True) ->
     value = _get(obj, key, str, prefix, required=required)
     if value is not None and not 0 < len(value) <= MAX_ID_LENGTH:
         raise InvalidValue(f"'{prefix}{key}' must be 1 to {MAX_ID_LENGTH} characters.", param=f"{prefix}{key}")
+    return value
+
+
+def _item_id(obj: dict[str, Any], prefix: str) -> str | None:
+    """A client-chosen item id; "root" is reserved (``previous_item_id: "root"`` means "first")."""
+    value = _id(obj, "id", prefix, required=False)
+    if value == "root":
+        raise InvalidValue(f"'{prefix}id' must not be \"root\": that name is reserved.", param=f"{prefix}id")
     return value
 
 
@@ -222,6 +253,9 @@ def _parse_part(part: Any, role: str, prefix: str) -> TextInput | ImageInput:
             raise InvalidValue(f"'{prefix}.detail' must be one of {', '.join(DETAILS)}.", param=f"{prefix}.detail")
         return ImageInput(_get(part, "image_url", str, f"{prefix}."), detail)
     text = _get(part, "text", str, f"{prefix}.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidValue(f"'{prefix}.text' has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted.",
+                           param=f"{prefix}.text")
     return TextInput("input_text" if kind == "input_text" else "output_text", text)
 
 
@@ -240,7 +274,7 @@ def _parse_item(item: Any, prefix: str) -> ItemInput:
     if not content:
         raise InvalidValue(f"'{p}content' must hold at least one part.", param=f"{p}content")
     parts = tuple(_parse_part(part, role, f"{p}content[{i}]") for i, part in enumerate(content))
-    return ItemInput(_id(item, "id", p, required=False), role, parts)
+    return ItemInput(_item_id(item, p), role, parts)
 
 
 def _session_update(data: dict[str, Any], event_id: str | None) -> SessionUpdate:
@@ -276,6 +310,10 @@ def _response_create(data: dict[str, Any], event_id: str | None) -> ResponseCrea
     metadata = _get(response, "metadata", dict, p, required=False)
     if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidType("'response.metadata' values must be strings.", param="response.metadata")
+    if metadata is not None and (len(metadata) > MAX_METADATA_ENTRIES
+                                 or any(len(k) > 64 or len(v) > MAX_METADATA_CHARS for k, v in metadata.items())):
+        raise InvalidValue(f"'response.metadata' takes at most {MAX_METADATA_ENTRIES} entries, keys of up to 64 and "
+                           f"values of up to {MAX_METADATA_CHARS} characters.", param="response.metadata")
     return ResponseCreate(event_id, changes, conversation == "auto", items, metadata)
 
 

@@ -99,8 +99,9 @@ class App:
         await session.start()
         try:
             async for frame in connection:
-                if len(frame) > self.max_message_bytes:
-                    error = MessageTooLarge(f"The message has {len(frame)} bytes; the limit is "
+                num_bytes = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
+                if num_bytes > self.max_message_bytes:
+                    error = MessageTooLarge(f"The message has {num_bytes} bytes; the limit is "
                                             f"{self.max_message_bytes}.")
                     await send(writer.error(error))
                     continue

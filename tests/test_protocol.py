@@ -125,3 +125,23 @@ def test_rejection_echoes_client_event_id() -> None:
     error = rejection({"type": "session.update", "event_id": "evt_9", "session": {"temperature": "x"}})
     assert error.event_id == "evt_9"
     assert error.to_wire()["event_id"] == "evt_9"
+
+
+@pytest.mark.parametrize("frame, code, param", [
+    ('{"type": "session.update", "session": {"instructions": "\\ud800"}}', "invalid_value", "session.instructions"),
+    ('{"type": "session.update", "session": {"stop": ["a", "\\udfff"]}}', "invalid_value", "session.stop[1]"),
+    ('{"type": "response.create", "response": {"metadata": {"k": "\\ud83d"}}}', "invalid_value",
+     "response.metadata.k"),
+    ('{"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "input_text", '
+     '"text": "x\\ud800"}]}}', "invalid_value", "item.content[0].text"),
+    ("[" * 100_000, "invalid_json", None),
+    ('{"type": "conversation.item.create", "item": {"id": "root", "role": "user", "content": '
+     '[{"type": "input_text", "text": "a"}]}}', "invalid_value", "item.id"),
+    (json.dumps({"type": "conversation.item.create", "item": {"role": "user", "content": [
+        {"type": "input_text", "text": "x" * 200_001}]}}), "invalid_value", "item.content[0].text"),
+    (json.dumps({"type": "response.create", "response": {"metadata": {f"k{i}": "v" for i in range(17)}}}),
+     "invalid_value", "response.metadata"),
+])
+def test_hostile_strings_and_shapes(frame: str, code: str, param: str | None) -> None:
+    error = rejection(frame)
+    assert (error.code, error.param) == (code, param)

@@ -312,6 +312,9 @@ async def test_message_too_large(tiny_model: Any, data_dir: Path) -> None:
         await send(ws, user_item("x" * 1200, event_id="big"))
         error = await recv(ws)
         assert error["error"]["code"] == "message_too_large"
+        # Fewer than 1000 characters, more than 1000 bytes of UTF-8.
+        await ws.send(json.dumps(user_item("é" * 500), ensure_ascii=False))
+        assert (await recv(ws))["error"]["code"] == "message_too_large"
         await send(ws, user_item("small"))
         assert (await recv(ws))["type"] == "conversation.item.added"
         await ws.close()
