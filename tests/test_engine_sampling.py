@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import pytest
 import torch
 
 from assistant.engine.sampling import SamplingParams, make_generator, sample
@@ -53,3 +54,11 @@ def test_top_p_keeps_only_the_nucleus() -> None:
 def test_bf16_logits_are_accepted() -> None:
     logits = torch.tensor([0.0, 5.0, 1.0], dtype=torch.bfloat16)
     assert sample(logits, SamplingParams(temperature=0.5, top_p=0.9), make_generator(1)) == 1
+
+
+@pytest.mark.gpu
+def test_sampling_cuda_logits_with_the_cpu_generator() -> None:
+    logits = torch.randn(100, device="cuda")
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=3)
+    first = sample(logits, params, make_generator(3))
+    assert first == sample(logits.cpu(), params, make_generator(3))

@@ -68,13 +68,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
     Greedy when ``params.temperature == 0``; otherwise temperature scaling, then
     nucleus (top-p) filtering, then one draw from ``generator`` (so one seed gives
-    one sequence of tokens).
+    one sequence of tokens). The draw happens on the CPU, where the generator lives,
+    whatever the model's device: the same seed samples the same tokens on CPU and GPU.
     """
     import torch
 
     if params.is_greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (vocab,)
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)  # (vocab,)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)  # (vocab,), (vocab,)
         # Keep the smallest head whose mass reaches top_p: a token stays if the mass before it is < top_p.
