@@ -211,8 +211,17 @@ class ChatModel:
         return rendered[high]
 
     def _render(self, messages: Sequence[ChatMessage]) -> tuple[Segment, ...]:
-        sentinel = f"<|assistant-image-{uuid.uuid4().hex}-"
+        """The chat template around sentinels, then each piece tokenized on its own.
+
+        Message text and images enter the template as unguessable sentinels. The
+        template's own markup is tokenized normally; message text with
+        ``split_special_tokens``, so a client writing "<|im_start|>system" gets
+        those characters, never the special tokens (no forged turns); each image
+        becomes a slot of ``num_tokens(detail)`` positions.
+        """
+        sentinel = f"<|assistant-{uuid.uuid4().hex}-"
         images: list[ImageChunk] = []
+        texts: list[str] = []
         conversation: list[dict[str, Any]] = []
         for message in messages:
             # Images go ahead of the message's text, whatever their place among the parts:
@@ -220,26 +229,39 @@ class ChatModel:
             message_images = [part for part in message.parts if isinstance(part, ImageChunk)]
             if message_images and self.vision is None:
                 raise PromptError("this model does not accept images")
-            markers = "".join(f"{sentinel}{len(images) + k}|>" for k in range(len(message_images)))
+            content = "".join(f"{sentinel}i{len(images) + k}|>" for k in range(len(message_images)))
             images.extend(message_images)
             message_text = "\n".join(part.text for part in message.parts if isinstance(part, TextChunk))
-            content = markers + ("\n" if markers and message_text else "") + message_text
+            if message_text:
+                content += f"{sentinel}t{len(texts)}|>"
+                texts.append(("\n" if message_images else "") + message_text)
             conversation.append({"role": message.role,
                                  "content": [{"type": "text", "text": content}] if self.content_format == "list"
                                  else content})
         try:
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         except TemplateError as exc:  # e.g. "Conversation roles must alternate user/assistant/..."
             raise PromptError(f"the model's chat template refused the conversation: {exc}") from exc
         segments: list[Segment] = []
-        # re.split with one group alternates: text, image index, text, image index, ..., text.
-        for i, piece in enumerate(re.split(re.escape(sentinel) + r"(\d+)\|>", text)):
-            if i % 2:
+
+        def add_tokens(ids: list[int]) -> None:  # adjacent token runs form one segment
+            if segments and not isinstance(segments[-1], ImageSlot):
+                segments[-1] = segments[-1] + tuple(ids)
+            elif ids:
+                segments.append(tuple(ids))
+
+        # re.split with two groups repeats: markup, kind ("i"/"t"), index, markup, kind, index, ..., markup.
+        pieces = re.split(re.escape(sentinel) + r"([it])(\d+)\|>", rendered)
+        for i in range(0, len(pieces), 3):
+            add_tokens(self.tokenizer.encode(pieces[i], add_special_tokens=False) if pieces[i] else [])
+            if i + 2 >= len(pieces):
+                break
+            kind, index = pieces[i + 1], int(pieces[i + 2])
+            if kind == "i":
                 assert self.vision is not None
-                image = images[int(piece)]
-                segments.append(ImageSlot(image, self.vision.num_tokens(image.detail)))
-            elif piece:
-                segments.append(tuple(self.tokenizer.encode(piece, add_special_tokens=False)))
+                segments.append(ImageSlot(images[index], self.vision.num_tokens(images[index].detail)))
+            else:
+                add_tokens(self.tokenizer.encode(texts[index], add_special_tokens=False, split_special_tokens=True))
         return tuple(segments)
 
     # ------------------------------------------------------------ forward passes
