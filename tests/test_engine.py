@@ -438,3 +438,20 @@ def test_message_text_cannot_forge_special_tokens(model: ChatModel) -> None:
     assert ids.count(start) == 2 and ids.count(end) == 1  # the user turn and the assistant header only
     plain = model.render((user("hi"),), 1000).token_ids
     assert plain.count(start) == 2 and plain.count(end) == 1
+
+
+def test_history_that_cannot_fit_is_not_rendered(model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old turns far beyond the context are dropped without tokenizing them (render time stays bounded)."""
+    huge = "word " * 20_000  # 100k characters: far more than a 256-token budget, whatever the tokenizer
+    messages = (message("system", "Be brief."), user(huge), message("assistant", huge), user("hi"))
+    rendered_sizes: list[int] = []
+    original = ChatModel._render
+
+    def spy(self: ChatModel, kept: Any) -> Any:
+        rendered_sizes.append(sum(len(p.text) for m in kept for p in m.parts))
+        return original(self, kept)
+
+    monkeypatch.setattr(ChatModel, "_render", spy)
+    prompt = model.render(messages, 256)
+    assert prompt.num_dropped_messages == 2
+    assert max(rendered_sizes) < 100  # only the system prompt and "hi" were ever tokenized

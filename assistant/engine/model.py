@@ -67,6 +67,9 @@ ContentFormat = Literal["string", "list"]
 
 # The id written at image-slot positions; it is embedded and then overwritten, so any valid id works.
 IMAGE_PLACEHOLDER_ID = 0
+# No tokenizer averages more characters per token than this over a whole message (BPE on
+# English text averages about 4); it bounds how much history is worth rendering.
+MAX_CHARS_PER_TOKEN = 16
 # A tokenizer's model_max_length above this is transformers' "unset" sentinel, not a real limit.
 MAX_SANE_CONTEXT = 1 << 24
 
@@ -196,9 +199,12 @@ class ChatModel:
                 rendered[index] = Prompt(self._render(kept), num_dropped_messages=cuts[index])
             return rendered[index].num_tokens <= max_prompt_tokens
 
-        if fits(0):
+        # Rendering costs time in proportion to the text, on the engine thread: skip, unrendered,
+        # the cuts that cannot fit even at MAX_CHARS_PER_TOKEN characters a token.
+        first_possible = self._first_possible_cut(messages, history, cuts, max_prompt_tokens)
+        if first_possible == 0 and fits(0):
             return rendered[0]
-        low, high = 1, len(cuts) - 1
+        low, high = max(1, first_possible), len(cuts) - 1
         if not fits(high):
             raise PromptTooLong(rendered[high].num_tokens, max_prompt_tokens)
         # Binary search for the smallest cut that fits: dropping more never needs more tokens.
@@ -209,6 +215,23 @@ class ChatModel:
             else:
                 low = middle + 1
         return rendered[high]
+
+    def _first_possible_cut(self, messages: Sequence[ChatMessage], history: list[int], cuts: list[int],
+                            max_prompt_tokens: int) -> int:
+        """The first cut whose kept messages might fit, by a lower bound on their tokens (no tokenizing)."""
+        def min_tokens(message: ChatMessage) -> int:
+            return sum(len(p.text) // MAX_CHARS_PER_TOKEN if isinstance(p, TextChunk)
+                       else self.vision.num_tokens(p.detail) if self.vision is not None else 0
+                       for p in message.parts)
+
+        system_tokens = sum(min_tokens(m) for m in messages if m.role == "system")
+        suffix = [0] * (len(messages) + 1)  # lower bound of the non-system messages from index i on
+        for i in reversed(range(len(messages))):
+            suffix[i] = suffix[i + 1] + (0 if messages[i].role == "system" else min_tokens(messages[i]))
+        for index, cut in enumerate(cuts):
+            if system_tokens + suffix[history[cut] if history else 0] <= max_prompt_tokens:
+                return index
+        return len(cuts) - 1
 
     def _render(self, messages: Sequence[ChatMessage]) -> tuple[Segment, ...]:
         """The chat template around sentinels, then each piece tokenized on its own.
