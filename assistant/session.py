@@ -167,14 +167,16 @@ class Session:
     # ------------------------------------------------------------ items
 
     async def _create_item(self, item_input: ItemInput, previous_item_id: str | None) -> None:
-        item, new_images = await asyncio.to_thread(self._validate_item, item_input, "item", True)
+        item, new_images = await asyncio.to_thread(self._validate_item, item_input, "item")
+        image_parts = [p for p in item.content if p.is_image]
+        check = self._conversation_budget(image_parts, "item") if image_parts else None
         previous = await asyncio.to_thread(self.store.add_item, self.conversation_id, item, previous_item_id,
-                                           new_images)
+                                           new_images, check)
         wire = self.writer.item(item)
         await self.send("conversation.item.added", previous_item_id=previous, item=wire)
         await self.send("conversation.item.done", previous_item_id=previous, item=wire)
 
-    def _validate_item(self, item_input: ItemInput, param: str, stored: bool) -> tuple[Item, list[StoredImage]]:
+    def _validate_item(self, item_input: ItemInput, param: str) -> tuple[Item, list[StoredImage]]:
         """Decode and check every part (worker thread); nothing is stored here."""
         budget = self.image_budget
         images: list[StoredImage] = []
@@ -195,32 +197,37 @@ class Session:
             else:
                 parts.append(ContentPart(part.type, text=part.text))
         if images:
-            assert budget.tokens_per_image is not None
-            self._check_image_budget([p for p in parts if p.is_image], param, stored)
+            self._check_message_budget([p for p in parts if p.is_image], param)
         item = Item(item_input.id or new_id("item"), item_input.role, tuple(parts))
         return item, images
 
-    def _check_image_budget(self, image_parts: list[ContentPart], param: str, stored: bool) -> None:
+    def _check_message_budget(self, image_parts: list[ContentPart], param: str) -> None:
         budget = self.image_budget
-        tokens_of = budget.tokens_per_image
-        assert tokens_of is not None
-        message_tokens = sum(tokens_of(p.detail) for p in image_parts)
+        assert budget.tokens_per_image is not None
+        message_tokens = sum(budget.tokens_per_image(p.detail) for p in image_parts)
         if message_tokens > budget.max_tokens_per_message:
             raise BudgetExceeded(f"These images need {message_tokens} image tokens; a message may use at most "
                                  f"{budget.max_tokens_per_message}. Send fewer images or use detail \"low\".",
                                  param=f"{param}.content", code="too_many_image_tokens")
-        if not stored:
-            return
-        existing = [p for it in self.store.list_items(self.conversation_id) for p in it.content if p.is_image]
-        if len(existing) + len(image_parts) > budget.max_images_per_conversation:
-            raise BudgetExceeded(f"This conversation already holds {len(existing)} images; the limit is "
-                                 f"{budget.max_images_per_conversation}.", param=f"{param}.content",
-                                 code="too_many_images")
-        total = message_tokens + sum(tokens_of(p.detail) for p in existing)
-        if total > budget.max_tokens_per_conversation:
-            raise BudgetExceeded(f"This conversation would hold {total} image tokens; the limit is "
-                                 f"{budget.max_tokens_per_conversation}.", param=f"{param}.content",
-                                 code="too_many_image_tokens")
+
+    def _conversation_budget(self, image_parts: list[ContentPart], param: str) -> Callable[[list[ContentPart]], None]:
+        """The check the store runs, in the insert's transaction, against the images already stored."""
+        budget = self.image_budget
+        tokens_of = budget.tokens_per_image
+        assert tokens_of is not None
+
+        def check(existing: list[ContentPart]) -> None:
+            if len(existing) + len(image_parts) > budget.max_images_per_conversation:
+                raise BudgetExceeded(f"This conversation already holds {len(existing)} images; the limit is "
+                                     f"{budget.max_images_per_conversation}.", param=f"{param}.content",
+                                     code="too_many_images")
+            total = sum(tokens_of(p.detail) for p in [*existing, *image_parts])
+            if total > budget.max_tokens_per_conversation:
+                raise BudgetExceeded(f"This conversation would hold {total} image tokens; the limit is "
+                                     f"{budget.max_tokens_per_conversation}.", param=f"{param}.content",
+                                     code="too_many_image_tokens")
+
+        return check
 
     def _image_urls(self, item: Item) -> dict[str, str]:
         urls = {}
@@ -251,7 +258,7 @@ class Session:
     def _prepare_prompt(self, event: ResponseCreate, settings: Settings) -> GenerationRequest:
         """Worker thread: gather the items the model sees and the bytes of their images."""
         if event.input is not None:
-            pairs = [self._validate_item(it, f"response.input[{i}]", False) for i, it in enumerate(event.input)]
+            pairs = [self._validate_item(it, f"response.input[{i}]") for i, it in enumerate(event.input)]
             items = [item for item, _ in pairs]
             images = {img.sha256: img for _, imgs in pairs for img in imgs}
         else:

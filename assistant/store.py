@@ -28,7 +28,7 @@ In-memory SQLite is refused: each pooled connection would see its own database.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -132,14 +132,20 @@ class Store:
         item: Item,
         previous_item_id: str | None = None,
         images: Sequence[StoredImage] = (),
+        check_images: Callable[[list[ContentPart]], None] | None = None,
     ) -> str | None:
         """Store ``item`` (and the new ``images`` it refers to); return the id now preceding it.
 
         ``previous_item_id``: None appends, ``"root"`` inserts first, any other id
-        inserts right after that item.
+        inserts right after that item. ``check_images`` gets the image parts already
+        in the conversation, inside the transaction and after the conversation is
+        locked, so a budget it enforces holds against concurrent writers; whatever
+        it raises aborts the insert.
         """
         with self._write.begin() as session:
             _touch(session, conversation_id)
+            if check_images is not None:
+                check_images(_image_parts(session, conversation_id))
             if _position_of(session, conversation_id, item.id) is not None:
                 raise ItemAlreadyExists(f"Item {item.id!r} already exists in this conversation.", param="item.id")
             position, previous = _insertion_point(session, conversation_id, previous_item_id)
@@ -321,6 +327,13 @@ def _item_not_found(item_id: str, param: str) -> ItemNotFound:
 
 
 # ---------------------------------------------------------------- rows <-> items
+
+
+def _image_parts(session: Session, conversation_id: str) -> list[ContentPart]:
+    rows = session.scalars(
+        select(PartRow).join(ItemRow, PartRow.item_pk == ItemRow.pk)
+        .where(ItemRow.conversation_id == conversation_id, PartRow.image_sha256.is_not(None)))
+    return [ContentPart("input_image", image_sha256=row.image_sha256, detail=cast(Any, row.detail)) for row in rows]
 
 
 def _part_rows(item: Item) -> list[PartRow]:

@@ -307,3 +307,21 @@ def test_is_up_to_date_only_after_upgrade(url: str) -> None:
         assert store.is_up_to_date()
     finally:
         store.close()
+
+
+def test_check_images_sees_stored_image_parts_and_can_refuse(store: Store, conversation: str) -> None:
+    from assistant.errors import BudgetExceeded
+
+    store.add_item(conversation, image_item("a", image("a"), image("b")), images=[image("a"), image("b")])
+    store.add_item(conversation, text_item("t"))
+    seen: list[list[ContentPart]] = []
+    store.add_item(conversation, image_item("c", image("c")), images=[image("c")], check_images=seen.append)
+    assert [sorted(p.image_sha256 or "" for p in parts) for parts in seen] == [[image("a").sha256,
+                                                                                image("b").sha256]]
+
+    def refuse(existing: list[ContentPart]) -> None:
+        raise BudgetExceeded(f"{len(existing)} images already", param="item.content")
+
+    with pytest.raises(BudgetExceeded, match="3 images already"):
+        store.add_item(conversation, image_item("d", image("d")), images=[image("d")], check_images=refuse)
+    assert ids(store, conversation) == ["a", "t", "c"] and num_images(store) == 3
