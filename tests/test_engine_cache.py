@@ -98,12 +98,12 @@ def test_the_key_separates_identity_image_and_preprocessing():
 
 def test_repeated_images_are_encoded_once():
     vision, cache, loads = CountingVision(), EmbeddingCache(max_bytes=1 << 20), []
-    first, num_cached = encode_cached(vision, cache, [ref("a", 1, loads=loads), ref("b", 2, loads=loads)])
-    assert num_cached == 0 and vision.calls == [(2, "high")]
+    first, hits = encode_cached(vision, cache, [ref("a", 1, loads=loads), ref("b", 2, loads=loads)])
+    assert sum(hits) == 0 and vision.calls == [(2, "high")]
 
-    again, num_cached = encode_cached(vision, cache, [ref("b", 2, loads=loads), ref("a", 1, loads=loads),
+    again, hits = encode_cached(vision, cache, [ref("b", 2, loads=loads), ref("a", 1, loads=loads),
                                                       ref("c", 3, loads=loads)])
-    assert num_cached == 2
+    assert sum(hits) == 2
     assert vision.calls == [(2, "high"), (1, "high")]  # only c was encoded
     assert loads == ["a", "b", "c"]  # cached images are not even decoded
     assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
@@ -112,10 +112,10 @@ def test_repeated_images_are_encoded_once():
 
 def test_misses_are_batched_per_detail_and_duplicates_encoded_once():
     vision, cache = CountingVision(), EmbeddingCache(max_bytes=1 << 20)
-    embeddings, num_cached = encode_cached(vision, cache, [
+    embeddings, hits = encode_cached(vision, cache, [
         ref("a", 1, "low"), ref("b", 2, "high"), ref("a", 1, "low"), ref("c", 3, "low"), ref("b", 2, "auto")])
 
-    assert num_cached == 0
+    assert sum(hits) == 0
     assert sorted(vision.calls) == [(1, "high"), (2, "low")]  # a and c together; b once for high and auto
     assert [tuple(t.shape) for t in embeddings] == [(2, HIDDEN), (4, HIDDEN), (2, HIDDEN), (2, HIDDEN), (4, HIDDEN)]
     assert torch.equal(embeddings[0], embeddings[2])
@@ -124,8 +124,8 @@ def test_misses_are_batched_per_detail_and_duplicates_encoded_once():
 def test_the_same_image_at_another_detail_is_another_entry():
     vision, cache = CountingVision(), EmbeddingCache(max_bytes=1 << 20)
     encode_cached(vision, cache, [ref("a", 1, "high")])
-    _, num_cached = encode_cached(vision, cache, [ref("a", 1, "low")])
-    assert num_cached == 0 and len(cache) == 2
+    _, hits = encode_cached(vision, cache, [ref("a", 1, "low")])
+    assert sum(hits) == 0 and len(cache) == 2
 
 
 def test_cached_entries_do_not_pin_the_batch():

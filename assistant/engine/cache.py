@@ -9,9 +9,8 @@ than the budget is returned to the caller but not stored. All methods are
 thread-safe (one lock; no tensor work is done while holding it).
 
 :func:`encode_cached` looks every image up, decodes and encodes only the
-misses, in one batch per detail, and stores them. :func:`encode_cached_with_hits`,
-what the model calls, does the same and says which images were hits, so the
-model can count the image *tokens* served from the cache when details differ.
+misses, in one batch per detail, stores them, and says which images were hits,
+so the model can count the image *tokens* served from the cache when details differ.
 """
 
 from __future__ import annotations
@@ -75,21 +74,14 @@ class EmbeddingCache:
 
 
 def encode_cached(vision: VisionPart, cache: EmbeddingCache,
-                  images: list[ImageRef]) -> tuple[list[torch.Tensor], int]:
-    """Embeddings for ``images`` in order, each ``(num_tokens(detail), hidden_size)``, and how many were cached.
+                  images: list[ImageRef]) -> tuple[list[torch.Tensor], list[bool]]:
+    """Embeddings for ``images`` in order, each ``(num_tokens(detail), hidden_size)``, and one flag per image:
+    whether its embedding came from the cache.
 
     Loaders run only for misses. An image repeated within one call is encoded
-    once. Raises what a loader or the encoder raises; nothing is stored then.
-    """
-    embeddings, hits = encode_cached_with_hits(vision, cache, images)
-    return embeddings, sum(hits)
-
-
-def encode_cached_with_hits(vision: VisionPart, cache: EmbeddingCache,
-                            images: list[ImageRef]) -> tuple[list[torch.Tensor], list[bool]]:
-    """As :func:`encode_cached`, with one flag per image: whether its embedding came from the cache.
-
-    A repeat of an image missed earlier in the same call is not a hit: it was encoded by this call.
+    once; a repeat of an image missed earlier in the same call is not a hit: it
+    was encoded by this call. Raises what a loader or the encoder raises; nothing
+    is stored then.
     """
     results: list[torch.Tensor | None] = [None] * len(images)
     hits = [False] * len(images)

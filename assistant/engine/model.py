@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from jinja2 import TemplateError
 
-from assistant.engine.cache import EmbeddingCache, ImageRef, encode_cached_with_hits
+from assistant.engine.cache import EmbeddingCache, ImageRef, encode_cached
 from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
 from assistant.engine.vision import VisionPart
 from assistant.images import decode_stored
@@ -317,7 +317,7 @@ class ChatModel:
             raise PromptError("this model does not accept images")
         refs: list[ImageRef] = [(image.sha256, functools.partial(decode_image, image), image.detail)
                                 for image in images]
-        rows, hits = encode_cached_with_hits(self.vision, self.image_cache, refs)
+        rows, hits = encode_cached(self.vision, self.image_cache, refs)
         for image, row in zip(images, rows, strict=True):
             expected = (self.vision.num_tokens(image.detail), self.hidden_size)
             if tuple(row.shape) != expected:
