@@ -71,4 +71,3 @@ def test_sequence_counts() -> None:
     s.prompt_token_ids = [1, 2, 3]
     s.output_token_ids = [4, 5]
     assert (s.num_prompt_tokens, s.num_output_tokens, s.num_tokens, s.last_token_id) == (3, 2, 5, 5)
-    assert not s.is_prefilled

@@ -167,8 +167,6 @@ class Engine:
         assert seq.detokenizer is not None
         seq.output_token_ids.append(token_id)
         seq.num_unreported_tokens += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         is_eos = token_id in self.model.eos_token_ids
         is_length = (seq.num_output_tokens == seq.params.max_output_tokens
                      or seq.num_tokens >= self.model.max_context_tokens)
@@ -193,7 +191,6 @@ class Engine:
         with self._cond:
             self.scheduler.finish(seq)
         seq.finish_reason = reason
-        seq.finish_time = time.monotonic()
         seq.kv_cache = None
         self._deliver(seq, Finished(reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
                                     num_output_tokens=seq.num_output_tokens,

@@ -36,10 +36,6 @@ class SchedulerOutput:
     prefill: list[Sequence] = field(default_factory=list)  # newly admitted: run the prompt, sample one token
     decode: list[Sequence] = field(default_factory=list)  # already running: feed the last token, sample one
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.prefill and not self.decode
-
 
 class Scheduler:
     def __init__(self, max_num_running: int = 4, max_num_waiting: int = 64, max_num_prefill: int = 1) -> None:

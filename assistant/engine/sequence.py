@@ -11,7 +11,6 @@ terminal ``Finished`` event; after that the sequence sends nothing more.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import Any
@@ -42,9 +41,6 @@ class Sequence:
         self.generator: Any = None  # torch.Generator, set at prefill
         self.kv_cache: Any = None  # the model's cache object while RUNNING
         self.finish_reason: FinishReason | None = None
-        self.arrival_time = time.monotonic()
-        self.first_token_time: float | None = None
-        self.finish_time: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -69,10 +65,6 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1]
-
-    @property
-    def is_prefilled(self) -> bool:
-        return self.kv_cache is not None
 
     @property
     def is_finished(self) -> bool:
