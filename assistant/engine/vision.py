@@ -52,8 +52,8 @@ from PIL import Image
 from torch import nn
 
 from assistant.engine import efficientnet
+from assistant.items import DETAILS
 
-DETAILS: tuple[str, ...] = ("low", "high", "auto")
 PROJECTOR_KINDS: tuple[str, ...] = ("mlp2x_gelu", "linear")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
