@@ -8,6 +8,7 @@ event loop starts.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 
@@ -18,9 +19,12 @@ from assistant.server import App
 from assistant.session import ImageBudget, Settings
 from assistant.store import Store
 
+if TYPE_CHECKING:
+    from assistant.engine.model import ChatModel
 
-def build_app(config: Config, progress: Callable[[str], None] = print) -> App:
-    """Open (and for SQLite, upgrade) the store, load the model, start the engine thread."""
+
+def build_app(config: Config, progress: Callable[[str], None] = print, model: ChatModel | None = None) -> App:
+    """Open (and for SQLite, upgrade) the store, load the model (unless given), start the engine thread."""
     from assistant.engine.engine import AsyncEngine, Engine
     from assistant.engine.loader import load_model
 
@@ -31,7 +35,8 @@ def build_app(config: Config, progress: Callable[[str], None] = print) -> App:
         store.close()
         raise RuntimeError("the database schema is not at the newest migration; run "
                            "`assistant db upgrade --database-url URL` first")
-    model = load_model(config, progress=progress)
+    if model is None:
+        model = load_model(config, progress=progress)
     engine = Engine(model, max_num_running=config.max_running_requests,
                     max_num_waiting=config.max_waiting_requests)
     engine.start()

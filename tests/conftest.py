@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from assistant.app import default_settings, image_budget
+from assistant.app import build_app, close_app
 from assistant.config import load_config
-from assistant.engine.engine import AsyncEngine, Engine
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
 from assistant.server import App, start_server
-from assistant.store import Store
 from tests.engine_fixtures import save_tiny_chat_model
 
 
@@ -43,7 +41,6 @@ def data_dir(tmp_path: Path) -> Path:
 class RunningServer:
     app: App
     port: int
-    engine: Engine
 
     @property
     def ws_base(self) -> str:
@@ -61,26 +58,16 @@ class RunningServer:
 @contextlib.asynccontextmanager
 async def running_server(model: ChatModel, data_dir: Path, port: int = 0,
                          **overrides: object) -> AsyncIterator[RunningServer]:
-    """The App as `assistant serve` builds it, around ``model``, on ``port`` (0: an ephemeral one)."""
+    """The App exactly as `assistant serve` builds it, around ``model``, on ``port`` (0: an ephemeral one)."""
     config = load_config({"data_dir": str(data_dir), **{k: str(v) for k, v in overrides.items()}}, env={})
-    store = Store(config.database_url)
-    store.upgrade()
-    engine = Engine(model, max_num_running=config.max_running_requests,
-                    max_num_waiting=config.max_waiting_requests)
-    engine.start()
-    tokens_per_image = model.num_image_tokens if model.accepts_images else None
-    app = App(store=store, engine=AsyncEngine(engine), model_name="tiny", defaults=default_settings(config),
-              image_budget=image_budget(config, tokens_per_image), max_message_bytes=config.max_message_bytes,
-              max_connections=config.max_connections)
+    app = build_app(config, model=model)
     server = await start_server(app, "127.0.0.1", port)
-    port = server.sockets[0].getsockname()[1]
     try:
-        yield RunningServer(app, port, engine)
+        yield RunningServer(app, server.sockets[0].getsockname()[1])
     finally:
         server.close()
         await server.wait_closed()
-        engine.shutdown()
-        store.close()
+        close_app(app)
 
 
 @pytest.fixture
