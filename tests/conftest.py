@@ -18,6 +18,7 @@ from assistant.app import build_app, close_app
 from assistant.config import load_config
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
+from assistant.models import default_data_dir, pull_default_model
 from assistant.server import App, start_server
 from tests.engine_fixtures import save_tiny_chat_model
 
@@ -30,6 +31,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path) -> ChatModel:
     return load_chat_model(str(tiny_model_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_model() -> ChatModel:
+    """The real default model (SmolLM2-135M-Instruct), pulled into the default data dir on first use."""
+    return load_chat_model(str(pull_default_model(default_data_dir())))
 
 
 @pytest.fixture

@@ -13,20 +13,13 @@ import torch
 
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.engine import AsyncEngine, Engine
-from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk, TokenDelta
 from assistant.engine.sampling import SamplingParams
-from assistant.models import default_data_dir, pull_default_model
 
 pytestmark = pytest.mark.real_model
 
 QUESTION = (ChatMessage("user", (TextChunk("What is the capital of France?"),)),)
-
-
-@pytest.fixture(scope="module")
-def real_model() -> ChatModel:
-    return load_chat_model(str(pull_default_model(default_data_dir())))
 
 
 @pytest.fixture

@@ -8,21 +8,14 @@ from pathlib import Path
 import pytest
 from openai import AsyncOpenAI
 
-from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
-from assistant.models import default_data_dir, pull_default_model
 from tests.conftest import running_server
 
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> ChatModel:
-    return load_chat_model(str(pull_default_model(default_data_dir())))
-
-
-async def test_capital_of_france_streams_paris(smollm2: ChatModel, data_dir: Path) -> None:
-    async with running_server(smollm2, data_dir) as server:
+async def test_capital_of_france_streams_paris(real_model: ChatModel, data_dir: Path) -> None:
+    async with running_server(real_model, data_dir) as server:
         client = AsyncOpenAI(api_key="sk-unused", base_url=server.http_base, websocket_base_url=server.ws_base)
         async with client.realtime.connect(model="smollm2-135m-instruct") as conn:
             await conn.recv()
