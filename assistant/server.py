@@ -5,6 +5,10 @@
   ``openai-beta.realtime-v1`` subprotocol), GA otherwise. Browsers pass their key
   as a subprotocol; the server then selects ``realtime``.
 - ``GET /healthz`` answers 200 ``ok``; anything else is 404.
+- With a TLS context (``--tls-certfile`` / ``--tls-keyfile``) the same routes are
+  served as ``wss://`` and ``https://``; the Node ``openai`` SDK only speaks ``wss://``.
+- A failed handshake (plain HTTP, garbage, a client that gives up) is one log
+  line; the ``Server`` header names no versions.
 
 The server only moves frames: parsing, state and storage live in
 :mod:`assistant.session`; it never sees a tensor. Close codes: 1000 normal,
@@ -19,6 +23,7 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -50,6 +55,7 @@ class App:
     image_budget: ImageBudget
     max_message_bytes: int
     max_connections: int
+    ssl_context: ssl.SSLContext | None = None  # wss:// when set
     num_connections: int = 0
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -126,10 +132,52 @@ def _select_subprotocol(connection: ServerConnection, subprotocols: Any) -> str 
     return "realtime" if "realtime" in subprotocols else None
 
 
+def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """A server TLS context from PEM files; unreadable or mismatched files raise RuntimeError saying which."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise RuntimeError(f"cannot use the TLS certificate {certfile} with key {keyfile}: {exc}") from exc
+    return context
+
+
+class _OneLineHandshakeFailures(logging.Filter):
+    """A client that fails the opening handshake (plain HTTP, garbage, a port scan, a TLS client that
+    gave up) is the client's problem: one log line with the reason, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(("connection rejected (400", "connection rejected (426")):
+            return False  # the "opening handshake failed" line that follows says why
+        if message == "opening handshake failed" and record.exc_info:
+            exc = record.exc_info[1]
+            cause = exc.__cause__ or exc.__context__ if exc is not None else None
+            reason = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
+            if cause is not None:
+                reason += f" ({type(cause).__name__}: {cause})"
+            record.msg, record.args, record.exc_info, record.exc_text = f"opening handshake failed: {reason}", (), \
+                None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_handshake_filter = _OneLineHandshakeFailures()
+
+
+def url_of(app: App, host: str, port: int) -> str:
+    return f"{'wss' if app.ssl_context else 'ws'}://{host}:{port}{REALTIME_PATH}"
+
+
 async def start_server(app: App, host: str, port: int) -> Server:
     """Start listening (port 0 picks a free port: see ``server.sockets``)."""
+    server_logger = logging.getLogger("websockets.server")
+    if _handshake_filter not in server_logger.filters:
+        server_logger.addFilter(_handshake_filter)
     return await serve(
         app.handle, host, port,
+        ssl=app.ssl_context,
+        server_header="assistant",  # no versions for a scanner to match
         process_request=app.process_request,
         select_subprotocol=_select_subprotocol,
         # Frames up to twice the limit are read and answered with a coded error;
@@ -146,8 +194,7 @@ async def serve_forever(app: App, host: str, port: int) -> None:
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    log.info("listening on ws://%s:%d%s", host, port, REALTIME_PATH)
-    print(f"assistant: listening on ws://{host}:{port}{REALTIME_PATH}", flush=True)
+    print(f"assistant: listening on {url_of(app, host, port)}", flush=True)
     await stop
     log.info("shutting down")
     server.close()  # closes every connection with 1001 (going away)

@@ -50,12 +50,16 @@ class RunningServer:
     port: int
 
     @property
+    def is_tls(self) -> bool:
+        return self.app.ssl_context is not None
+
+    @property
     def ws_base(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1"
+        return f"{'wss' if self.is_tls else 'ws'}://127.0.0.1:{self.port}/v1"
 
     @property
     def http_base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.is_tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     @property
     def realtime_url(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,9 +12,12 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage
 
+from assistant.config import ConfigError, load_config
+from assistant.server import tls_context
 from tests.conftest import RunningServer, running_server
+from tests.tls_fixtures import client_context, make_self_signed_cert
 
 TIMEOUT = 60
 
@@ -341,6 +345,57 @@ async def test_health_and_not_found(server: RunningServer) -> None:
     assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")
     status, body = await asyncio.to_thread(get, "/elsewhere")
     assert status == 404 and "/v1/realtime" in body
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), TIMEOUT)
+    writer.close()
+    return reply
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\n\r\n",  # plain HTTP on the WebSocket route
+    b"\x16\x03\x01\x02\x00garbage that is no HTTP at all\r\n\r\n",  # e.g. TLS to a plain port
+    b"GET /v1/realtime HTTP/1.1\r\n",  # gives up half-way
+])
+async def test_failed_handshakes_are_one_log_line_and_name_no_versions(
+        server: RunningServer, data: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        reply = await raw_exchange(server.port, data)
+        await asyncio.sleep(0.1)
+    if reply:
+        head = reply.split(b"\r\n\r\n")[0].decode().lower()
+        assert "server: assistant" in head and "python" not in head and "websockets/" not in head
+    logged = [r for r in caplog.records if r.name.startswith("websockets")]
+    assert len(logged) <= 1 and not any(r.exc_info or r.levelno >= logging.WARNING for r in logged), caplog.text
+    ws, _ = await open_session(server)  # still serving
+    await ws.close()
+
+
+async def test_tls_serves_wss(tiny_model: Any, data_dir: Path, tmp_path: Path) -> None:
+    cert, key = make_self_signed_cert(tmp_path / "tls")
+    async with running_server(tiny_model, data_dir, tls_certfile=cert, tls_keyfile=key) as tls_server:
+        assert tls_server.realtime_url.startswith("wss://")
+        ws, session = await open_session(tls_server, ssl=client_context(cert))
+        await send(ws, user_item("Hello"))
+        await send(ws, {"type": "response.create", "response": {"max_output_tokens": 3}})
+        done = (await recv_until(ws, "response.done"))[-1]
+        assert done["response"]["status"] == "incomplete"
+        await ws.close()
+        with pytest.raises((InvalidMessage, ConnectionClosed)):  # plain ws:// to a TLS port gets nowhere
+            await connect(f"ws://127.0.0.1:{tls_server.port}/v1/realtime", open_timeout=10)
+        ws, _ = await open_session(tls_server, ssl=client_context(cert))
+        await ws.close()
+
+
+def test_tls_needs_both_files_and_readable_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tls_certfile and tls_keyfile"):
+        load_config({"tls_certfile": "cert.pem"}, env={})
+    with pytest.raises(RuntimeError, match="cannot use the TLS certificate"):
+        tls_context(str(tmp_path / "missing.pem"), str(tmp_path / "missing.key"))
 
 
 async def test_engine_queue_full_fails_the_response_with_a_code(tiny_model: Any, data_dir: Path) -> None:
