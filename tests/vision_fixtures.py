@@ -2,10 +2,14 @@
 
 Everything here is built from configs; nothing touches the Hugging Face hub.
 Towers are 32 px with 8 px patches (a 4 × 4 grid = 16 patches), decoders are a
-2-layer Llama of width 48. :func:`save_tiny_llava_chat` adds what serving needs:
-the byte-level tokenizer of :mod:`tests.engine_fixtures` with a chat template
-(ChatML with string content, or a llava-hf style one reading typed parts, in the
-tokenizer or in the processor's ``chat_template.json``).
+2-layer Llama of width 64. Every decoder Linear has an output width that is a
+multiple of 32 and an even input width (q/o 64, k/v 32, gate/up 128, down 64):
+bitsandbytes' nf4 kernel for CPUs with AVX512-BF16 needs both, and the tests
+must run the same on every CPU. :func:`save_tiny_llava_chat` adds what serving
+needs: the byte-level tokenizer of :mod:`tests.engine_fixtures` with a chat
+template (ChatML with string content, or a llava-hf style one reading typed
+parts, in the tokenizer or in the processor's ``chat_template.json``), and an
+end-of-sequence token that greedy decoding never picks.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from assistant.engine.request import (ChatMessage, EngineEvent, Finished, Genera
                                       TokenDelta)
 from assistant.engine.sampling import SamplingParams
 
-TEXT_HIDDEN = 48
+TEXT_HIDDEN = 64
 VISION_HIDDEN = 32
 VOCAB_SIZE = 128
 IMAGE_TOKEN_ID = 127
@@ -49,7 +53,7 @@ LLAVA_LIST_TEMPLATE = (
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    settings = dict(vocab_size=VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
+    settings = dict(vocab_size=VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return LlamaConfig(**{**settings, **overrides})
@@ -128,6 +132,7 @@ def save_tiny_llava_chat(path: Path, tower: str, select: str = "default", *, tem
         for name, parameter in model.named_parameters():
             if parameter.dim() == 2 and not name.startswith("model.vision_tower"):
                 parameter.normal_(0.0, 0.2)
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # a logit of 0 never wins: greedy runs to the limit
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     tiny_image_processor(tower).save_pretrained(path)
