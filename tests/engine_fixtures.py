@@ -5,7 +5,8 @@
 - :func:`sentencepiece_tokenizer`: a Llama-style BPE with "▁" word prefixes,
   byte-fallback tokens (``<0xF0>``) and the stripping decoder;
 - :func:`save_tiny_chat_model`: a 2-layer random Llama plus the byte-level
-  tokenizer with a ChatML template, saved to a directory for ``load_chat_model``.
+  tokenizer with a ChatML template, saved to a directory for ``load_chat_model``;
+  at its default width nf4 runs on every CPU (see :mod:`assistant.engine.quantize`).
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def save_tiny_chat_model(directory: Path, *, seed: int = 0, max_position_embeddings: int = 256) -> Path:
-    """A random 2-layer Llama (hidden 64, 4 heads) + byte-level tokenizer, saved as a local model dir."""
+def save_tiny_chat_model(directory: Path, *, seed: int = 0, max_position_embeddings: int = 256,
+                         hidden_size: int = 64) -> Path:
+    """A random 2-layer Llama (4 heads, 2 KV heads, MLP twice ``hidden_size``) + byte-level tokenizer, saved as a
+    local model dir. At the default width every Linear but lm_head is a multiple of 32 wide, as nf4 on CPU needs."""
     tokenizer = byte_level_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_position_embeddings,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)

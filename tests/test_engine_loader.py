@@ -205,6 +205,21 @@ def test_a_vision_module_quantized_anyway_is_refused(tmp_path: Path, monkeypatch
         load(save_tiny_llava_chat(tmp_path / "llava", "clip"), tmp_path, quantize="nf4", dtype="bfloat16")
 
 
+def test_nf4_on_a_cpu_with_the_packed_kernel_refuses_widths_it_cannot_run(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused at load time, naming the layers, on every CPU: the AVX512-BF16 probe is forced on."""
+    import bitsandbytes.functional
+
+    path = save_tiny_chat_model(tmp_path / "llama", hidden_size=48)
+    monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: True)
+    with pytest.raises(RuntimeError, match=r"multiples? of 32 .* e\.g\. model\.layers\.0\.self_attn\.q_proj "
+                                           r"\(in 48, out 48\).* Use --quantize none"):
+        load(path, tmp_path, quantize="nf4", dtype="bfloat16")
+
+    monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: False)  # other CPUs run any width
+    assert load(path, tmp_path, quantize="nf4", dtype="bfloat16").hf_model.config.hidden_size == 48
+
+
 def test_int8_on_cpu_loads_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import bitsandbytes as bnb
 

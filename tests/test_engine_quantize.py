@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from assistant.engine.quantize import (LLAVA_SKIP_MODULES, quantization_config, quantized_modules,
-                                       skip_modules_for)
+from assistant.engine.quantize import (LLAVA_SKIP_MODULES, check_packed_cpu_widths, quantization_config,
+                                       quantized_modules, skip_modules_for)
 from assistant.engine.vision import LlavaVision, load_image_processor
 from tests.vision_fixtures import IMAGE_TOKEN_ID, TEXT_HIDDEN, make_image, save_tiny_llava, tiny_llama_config
 
@@ -102,6 +102,39 @@ def test_int8_quantizes_the_decoder_only(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
     assert torch.isfinite(logits).all()
+
+
+def nf4_llama(path, **overrides) -> nn.Module:
+    """A tiny random Llama (``tiny_llama_config(**overrides)``) loaded with nf4, lm_head unquantized."""
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(tiny_llama_config(**overrides)).save_pretrained(path)
+    config = quantization_config("nf4", skip_modules=["lm_head"], compute_dtype=torch.float32)
+    return LlamaForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu", dtype=torch.float32)
+
+
+def test_the_packed_cpu_kernel_refuses_layers_it_cannot_run(tmp_path):
+    """Width 48: q/o 48 and k/v 24 wide (4 heads, 2 KV heads) are not multiples of 32; lm_head is not quantized."""
+    model = nf4_llama(tmp_path, hidden_size=48, intermediate_size=96, vocab_size=100)
+
+    with pytest.raises(RuntimeError, match=r"e\.g\. model\.layers\.0\.self_attn\.q_proj \(in 48, out 48\), "
+                                           r"model\.layers\.0\.self_attn\.k_proj \(in 48, out 24\), "
+                                           r"model\.layers\.0\.self_attn\.v_proj \(in 48, out 24\)\. "
+                                           r"Use --quantize none") as refused:
+        check_packed_cpu_widths(model, is_packed=True)
+    assert "lm_head" not in str(refused.value)
+    check_packed_cpu_widths(model, is_packed=False)  # the other kernels take any width
+
+
+def test_the_packed_cpu_kernel_needs_an_even_input_width():
+    model = nn.Sequential(bnb.nn.Linear4bit(63, 64))
+
+    with pytest.raises(RuntimeError, match=r"1 layers are not, e\.g\. 0 \(in 63, out 64\)"):
+        check_packed_cpu_widths(model, is_packed=True)
+
+
+def test_the_tiny_fixtures_fit_the_packed_cpu_kernel(tmp_path):
+    check_packed_cpu_widths(nf4_llama(tmp_path), is_packed=True)
 
 
 @pytest.mark.gpu

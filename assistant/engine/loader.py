@@ -27,6 +27,9 @@ vision tower, the projector and ``lm_head`` are skipped by full module path and
 checked after loading (:func:`load_decoder`); a
 composition's vision part is separate modules, never quantized. int8 works on
 CPU but is slow there (bitsandbytes also warns on every call), so it is logged.
+nf4 on a CPU with AVX512-BF16 needs layer widths that are multiples of 32
+(:func:`~assistant.engine.quantize.check_packed_cpu_widths`); a model without
+them is refused when it is loaded, naming its layers.
 
 A model with a vision part gets one :class:`EmbeddingCache` of
 ``--image-cache-bytes``, shared by every conversation.
@@ -45,7 +48,8 @@ from assistant.config import Config
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.composition import load_composition, load_vision_part
 from assistant.engine.model import ChatModel
-from assistant.engine.quantize import quantization_config, quantized_modules, skip_modules_for
+from assistant.engine.quantize import (check_packed_cpu_widths, cpu_packs_nf4, quantization_config,
+                                       quantized_modules, skip_modules_for)
 from assistant.engine.vision import LlavaVision, VisionPart, load_image_processor
 from assistant.models import resolve_model
 
@@ -103,7 +107,8 @@ def load_decoder(model_class: Any, source: str, *, dtype: torch.dtype, device: s
     With ``quantize`` "nf4" or "int8", bitsandbytes quantizes every Linear layer
     except the full module paths of :func:`skip_modules_for` (a LLaVA's vision
     tower and projector, and ``lm_head``), with ``dtype`` as compute dtype;
-    afterwards a RuntimeError is raised if any of those was quantized anyway.
+    afterwards a RuntimeError is raised if any of those was quantized anyway, or
+    if nf4 on this CPU would need layer widths the model does not have.
     """
     from transformers import AutoConfig
 
@@ -118,6 +123,8 @@ def load_decoder(model_class: Any, source: str, *, dtype: torch.dtype, device: s
         if leaked:
             raise RuntimeError(f"bitsandbytes quantized {len(leaked)} modules that must stay unquantized, e.g. "
                                f"{', '.join(leaked[:3])} (skip_modules: {', '.join(skip_modules)})")
+        if quantize == "nf4" and torch.device(device).type == "cpu":
+            check_packed_cpu_widths(model, is_packed=cpu_packs_nf4())
     return model.eval().requires_grad_(False)
 
 

@@ -16,6 +16,12 @@ quantizes the whole tower. The paths in ``LlavaForConditionalGeneration``
 
 Passing ``skip_modules`` replaces transformers' own default list (tied and
 output embeddings), so ``lm_head`` must be named explicitly.
+
+On a CPU with AVX512-BF16, bitsandbytes (0.50, ``Linear4bit.forward``) runs nf4
+layers through a packed kernel that asserts, on the first forward, that each
+layer's output width is a multiple of 32 and its input width even
+(``_convert_weight_packed_for_cpu``). :func:`check_packed_cpu_widths` refuses
+such a model when it is loaded, naming the layers, instead.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
 QUANTIZE_KINDS: tuple[str, ...] = ("nf4", "int8", "none")
 LLAVA_SKIP_MODULES: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 CAUSAL_LM_SKIP_MODULES: tuple[str, ...] = ("lm_head",)
+PACKED_CPU_BLOCK_N = 32  # output rows per block of bitsandbytes' packed CPU nf4 kernel
 
 
 def skip_modules_for(config: Any) -> list[str]:
@@ -63,3 +70,27 @@ def quantized_modules(model: nn.Module, prefixes: list[str]) -> list[str]:
     return [name for name, module in model.named_modules()
             if isinstance(module, quantized_types)
             and any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)]
+
+
+def cpu_packs_nf4() -> bool:
+    """Whether bitsandbytes runs nf4 layers on this CPU through its packed kernel (the CPU has AVX512-BF16)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def check_packed_cpu_widths(model: nn.Module, *, is_packed: bool) -> None:
+    """Raise a RuntimeError naming the nf4 layers the packed CPU kernel cannot run, when ``is_packed``."""
+    if not is_packed:
+        return
+    import bitsandbytes as bnb
+
+    misfits = [f"{name} (in {module.in_features}, out {module.out_features})"
+               for name, module in model.named_modules()
+               if isinstance(module, bnb.nn.Linear4bit)
+               and (module.out_features % PACKED_CPU_BLOCK_N or module.in_features % 2)]
+    if misfits:
+        raise RuntimeError(f"bitsandbytes' nf4 kernel for this CPU (AVX512-BF16) needs every quantized layer's "
+                           f"output width to be a multiple of {PACKED_CPU_BLOCK_N} and its input width even; "
+                           f"{len(misfits)} layers are not, e.g. {', '.join(misfits[:3])}. Use --quantize none, "
+                           f"or a model whose layer widths are multiples of {PACKED_CPU_BLOCK_N}")
