@@ -17,7 +17,7 @@ import torch
 import assistant.engine.engine as engine_module
 from assistant.engine.engine import AsyncEngine, Engine, EngineOverloaded, EngineStopped
 from assistant.engine.loader import load_chat_model
-from assistant.engine.model import ChatModel, ImageSlot, PromptError, PromptTooLong
+from assistant.engine.model import ChatModel, ImageSlot, Prompt, PromptError, PromptTooLong
 from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, TextChunk,
                                       TokenDelta)
 from assistant.engine.sampling import SamplingParams
@@ -304,13 +304,18 @@ def test_model_error_finishes_only_that_request(engine: Engine, model: ChatModel
     assert any(r.exc_info and "secret internal detail" in str(r.exc_info[1]) for r in caplog.records)
 
 
-def test_prefill_error_is_one_finished(engine: Engine, model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_prefill(prompt: Any) -> Any:
-        raise torch.cuda.OutOfMemoryError("out of memory")
+def test_prefill_error_is_one_finished(engine: Engine, model: ChatModel, monkeypatch: pytest.MonkeyPatch,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    def out_of_memory(prompt: Prompt, image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(model, "prefill", broken_prefill)
-    done = finished_of(run(engine, request())["r1"])
-    assert done.reason == "error" and done.num_output_tokens == 0
+    monkeypatch.setattr(model, "prefill", out_of_memory)
+    with caplog.at_level(logging.ERROR, logger="assistant.engine.engine"):
+        events = run(engine, request())["r1"]
+
+    done = finished_of(events)
+    assert events == [done] and done.reason == "error" and done.num_output_tokens == 0
++    assert [type(r.exc_info[1]) for r in caplog.records if r.exc_info] == [torch.cuda.OutOfMemoryError]
 
 
 def test_a_failing_sink_drops_its_request_only(engine: Engine) -> None:
