@@ -315,7 +315,7 @@ def test_prefill_error_is_one_finished(engine: Engine, model: ChatModel, monkeyp
 
     done = finished_of(events)
     assert events == [done] and done.reason == "error" and done.num_output_tokens == 0
-+    assert [type(r.exc_info[1]) for r in caplog.records if r.exc_info] == [torch.cuda.OutOfMemoryError]
+    assert [type(r.exc_info[1]) for r in caplog.records if r.exc_info] == [torch.cuda.OutOfMemoryError]
 
 
 def test_a_failing_sink_drops_its_request_only(engine: Engine) -> None:
