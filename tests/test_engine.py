@@ -185,8 +185,8 @@ def test_greedy_engine_matches_generate(engine: Engine, model: ChatModel, monkey
     sampled: list[int] = []
     real_sample = engine_module.sample
 
-    def recording_sample(*args: Any) -> int:
-        sampled.append(real_sample(*args))
+    def recording_sample(*args: Any, **kwargs: Any) -> int:
+        sampled.append(real_sample(*args, **kwargs))
         return sampled[-1]
 
     monkeypatch.setattr(engine_module, "sample", recording_sample)

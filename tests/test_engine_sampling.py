@@ -1,4 +1,4 @@
-"""sample(): greedy, temperature, nucleus, seeded reproducibility."""
+"""sample(): greedy, temperature, nucleus, penalties, seeded reproducibility; the ranges of every parameter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from assistant.engine.sampling import SamplingParams, make_generator, sample
+from assistant.engine.sampling import SamplingParams, apply_penalties, check_sampling_value, make_generator, sample
 
 
 def test_greedy_is_argmax_and_ignores_the_generator() -> None:
@@ -62,3 +62,46 @@ def test_sampling_cuda_logits_with_the_cpu_generator() -> None:
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=3)
     first = sample(logits, params, make_generator(3))
     assert first == sample(logits.cpu(), params, make_generator(3))
+
+
+def test_frequency_and_presence_penalties_follow_openai() -> None:
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    penalized = apply_penalties(logits, params, prompt_token_ids=[3, 3], output_token_ids=[0, 0, 1])
+    # token 0 twice: 1 - 2*0.5 - 0.25; token 1 once: 1 - 0.5 - 0.25; the prompt's token 3 is not penalized
+    assert penalized.tolist() == [-0.25, 0.25, 1.0, 1.0]
+    assert logits.tolist() == [1.0] * 4  # the model's row is left alone
+
+
+def test_repetition_penalty_covers_prompt_and_output_and_keeps_signs() -> None:
+    logits = torch.tensor([2.0, -2.0, 2.0, 2.0])
+    penalized = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), prompt_token_ids=[0],
+                                output_token_ids=[1, 1])
+    assert penalized.tolist() == [1.0, -4.0, 2.0, 2.0]
+
+
+def test_penalties_steer_greedy_picks_away_from_repeats() -> None:
+    logits = torch.tensor([3.0, 2.5, 0.0])
+    assert sample(logits, SamplingParams(temperature=0.0), make_generator(0), output_token_ids=[0]) == 0
+    params = SamplingParams(temperature=0.0, frequency_penalty=1.0)
+    assert sample(logits, params, make_generator(0), output_token_ids=[0]) == 1
+
+
+@pytest.mark.parametrize(("name", "good", "bad"), [
+    ("temperature", [0.0, 2.0], [-0.1, 2.01, math.nan, math.inf]),
+    ("top_p", [0.01, 1.0], [0.0, 1.5, math.nan]),
+    ("frequency_penalty", [-2.0, 0.0, 2.0], [-2.5, 2.5, math.inf]),
+    ("presence_penalty", [-2.0, 2.0], [3.0, -math.inf]),
+    ("repetition_penalty", [0.5, 1.0, 2.0], [0.0, -1.0, 2.5, math.nan]),
+    ("max_output_tokens", [None, 1], [0, -3]),
+    ("seed", [None, 0, 2**63 - 1], [-1, 2**63]),
+    ("stop", [(), ("a",) * 4], [("a",) * 5, ("",), ("x" * 201,)]),
+])
+def test_each_parameter_has_one_range(name: str, good: list, bad: list) -> None:
+    for value in good:
+        assert check_sampling_value(name, value) is None
+        SamplingParams(**{name: value})
+    for value in bad:
+        assert check_sampling_value(name, value)
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: value})

@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.model import ChatModel, PromptError, PromptTooLong
@@ -156,11 +157,16 @@ class Engine:
         seq.generator = make_generator(seq.params.seed)
         image_embeds, seq.num_cached_image_tokens = model.encode_images(prompt.images)  # (num_image_tokens, C)
         logits, seq.kv_cache = model.prefill(prompt, image_embeds)  # (vocab,)
-        self._append_token(seq, sample(logits, seq.params, seq.generator))
+        self._append_token(seq, self._sample(seq, logits))
 
     def _decode(self, seq: Sequence) -> None:
         logits = self.model.decode(seq.last_token_id, seq.kv_cache)  # (vocab,)
-        self._append_token(seq, sample(logits, seq.params, seq.generator))
+        self._append_token(seq, self._sample(seq, logits))
+
+    @staticmethod
+    def _sample(seq: Sequence, logits: Any) -> int:
+        return sample(logits, seq.params, seq.generator, prompt_token_ids=seq.prompt_token_ids,
+                      output_token_ids=seq.output_token_ids)
 
     def _append_token(self, seq: Sequence, token_id: int) -> None:
         """Record one sampled token, stream the text it completes, finish if it ends the sequence."""

@@ -1,22 +1,31 @@
 """Sampling parameters and the sampling step.
 
-``SamplingParams`` is the contract between the session and the engine: the
-session builds it from session defaults and ``response.create`` overrides, the
-engine only reads it. ``sample`` turns one row of logits into a token id.
+``SamplingParams`` is the one record of how tokens are picked: the session keeps
+its defaults and ``session.update`` / ``response.create`` overrides as one, the
+engine only reads it. :func:`check_sampling_value` is the one place that knows
+each parameter's range; the protocol (coded errors), the config (startup errors)
+and ``SamplingParams`` itself (programming errors) all ask it.
 
-torch is imported inside the functions that need it, so the session (which
-builds ``SamplingParams``) never imports torch through this module.
+``sample`` turns one row of logits into a token id: penalties, then temperature,
+then nucleus filtering, then one draw from the request's own generator.
+
+torch is imported inside the functions that need it, so the protocol and the
+session (which build ``SamplingParams``) never import torch through this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,11 @@ class SamplingParams:
     ``max_output_tokens`` None means "until the model stops or the context is full".
     ``stop`` strings end generation; the stop string itself is not emitted.
     ``seed`` makes sampling reproducible for one request.
+    ``frequency_penalty`` / ``presence_penalty`` (OpenAI's, -2..2) lower the logit of
+    every token already generated in this response by ``count * frequency +
+    presence``. ``repetition_penalty`` (vLLM's and transformers', 1 = off) divides
+    the positive logits, and multiplies the negative ones, of every token seen in the
+    prompt or the output.
     """
 
     temperature: float = 0.8
@@ -33,22 +47,59 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     max_output_tokens: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        # Checked on construction: the protocol layer already turned bad client
-        # values into coded errors, so a failure here is a programming error.
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_output_tokens is not None and self.max_output_tokens < 1:
-            raise ValueError("max_output_tokens must be >= 1 or None")
-        if len(self.stop) > MAX_STOP_SEQUENCES or any(not s for s in self.stop):
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} non-empty stop strings")
+        # The protocol and the config already turned bad values into coded errors,
+        # so a failure here is a programming error.
+        for f in dataclasses.fields(self):
+            problem = check_sampling_value(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(f"{f.name} {problem}")
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def check_sampling_value(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the parameter ``name`` ("must be ..."), or None if it is fine.
+
+    Types are the caller's concern; this checks ranges (NaN and infinities fail every range).
+    """
+    def within(low: float, high: float, *, open_low: bool = False) -> bool:
+        return math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
+
+    match name:
+        case "temperature":
+            return None if within(0.0, 2.0) else "must be between 0 and 2"
+        case "top_p":
+            return None if within(0.0, 1.0, open_low=True) else "must be greater than 0 and at most 1"
+        case "frequency_penalty" | "presence_penalty":
+            return None if within(-2.0, 2.0) else "must be between -2 and 2"
+        case "repetition_penalty":
+            return None if within(0.0, 2.0, open_low=True) else "must be greater than 0 and at most 2 (1 = off)"
+        case "seed":
+            return None if value is None or 0 <= value < 2**63 else "must be a non-negative 63-bit integer"
+        case "max_output_tokens":
+            return None if value is None or value >= 1 else "must be a positive integer"
+        case "stop":
+            if len(value) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in value):
+                return f"takes at most {MAX_STOP_SEQUENCES} non-empty strings of up to {MAX_STOP_CHARS} characters"
+            return None
+    raise KeyError(name)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -63,16 +114,39 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_token_ids: Sequence[int],
+                    output_token_ids: Sequence[int]) -> torch.Tensor:
+    """``logits`` (vocab,) with the repetition, frequency and presence penalties applied (a new float32 tensor)."""
+    import torch
+
+    logits = logits.float().cpu().clone()  # (vocab,)
+    vocab = logits.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor([*prompt_token_ids, *output_token_ids], dtype=torch.long).unique()  # (n,)
+        seen = seen[seen < vocab]
+        scores = logits[seen]
+        logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty,
+                                   scores * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and len(output_token_ids):
+        counts = torch.bincount(torch.tensor(output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]  # (vocab,)
+        logits -= counts.float() * params.frequency_penalty + (counts > 0).float() * params.presence_penalty
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, *,
+           prompt_token_ids: Sequence[int] = (), output_token_ids: Sequence[int] = ()) -> int:
     """Pick the next token from one row of logits ``(vocab,)``.
 
-    Greedy when ``params.temperature == 0``; otherwise temperature scaling, then
-    nucleus (top-p) filtering, then one draw from ``generator`` (so one seed gives
-    one sequence of tokens). The draw happens on the CPU, where the generator lives,
-    whatever the model's device: the same seed samples the same tokens on CPU and GPU.
+    Penalties first (they apply to greedy picks too), then greedy when
+    ``params.temperature == 0``, else temperature scaling, nucleus (top-p)
+    filtering and one draw from ``generator`` (so one seed gives one sequence of
+    tokens). The draw happens on the CPU, where the generator lives, whatever the
+    model's device: the same seed samples the same tokens on CPU and GPU.
     """
     import torch
 
+    if params.has_penalties:
+        logits = apply_penalties(logits, params, prompt_token_ids, output_token_ids)
     if params.is_greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)  # (vocab,)
