@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import make_url
 
 from assistant.config import Config
+from assistant.engine.sampling import SamplingParams
 from assistant.images import ImageLimits
 from assistant.prompts import load_system_prompt
 from assistant.server import App, tls_context
@@ -61,9 +62,10 @@ def close_app(app: App) -> None:
 def default_settings(config: Config) -> Settings:
     return Settings(
         instructions=load_system_prompt(config.system_prompt_file or None),
-        max_output_tokens=config.max_output_tokens or None,
-        temperature=config.temperature,
-        top_p=config.top_p,
+        sampling=SamplingParams(temperature=config.temperature, top_p=config.top_p,
+                                max_output_tokens=config.max_output_tokens or None,
+                                frequency_penalty=config.frequency_penalty, presence_penalty=config.presence_penalty,
+                                repetition_penalty=config.repetition_penalty),
     )
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assistant.engine.sampling import check_sampling_value
 from assistant.models import DEFAULT_MODEL, default_data_dir
 
 ENV_PREFIX = "ASSISTANT_"
@@ -68,7 +69,14 @@ class Config:
     # Sampling defaults (per session via session.update, per response via response.create)
     temperature: float = _opt(0.8, "Default sampling temperature (0 = greedy).")
     top_p: float = _opt(1.0, "Default nucleus sampling probability mass.")
-    max_output_tokens: int = _opt(0, "Default cap on tokens per response (0 = until the model stops or the context is full).")
+    frequency_penalty: float = _opt(0.0, "Default OpenAI frequency penalty (-2..2): lowers a token's logit by this "
+                                    "much for each time the response already used it.")
+    presence_penalty: float = _opt(0.0, "Default OpenAI presence penalty (-2..2): lowers the logit of every token "
+                                   "the response already used.")
+    repetition_penalty: float = _opt(1.0, "Default repetition penalty (vLLM/transformers style, 1 = off): divides "
+                                     "the positive logits of tokens seen in the prompt or the response.")
+    max_output_tokens: int = _opt(1024, "Default cap on tokens per response; a client may raise it up to \"inf\" "
+                                  "(0 here = no default cap: until the model stops or the context is full).")
     # Images
     max_image_bytes: int = _opt(10 * 1024 * 1024, "Largest image file accepted, in bytes.")
     max_image_pixels: int = _opt(36_000_000, "Largest image accepted, in pixels (width x height).")
@@ -92,10 +100,10 @@ class Config:
             raise ConfigError("tls_certfile and tls_keyfile go together; give both or neither")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535; got {self.port}")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ConfigError(f"temperature must be in [0, 2]; got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1]; got {self.top_p}")
+        for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+            problem = check_sampling_value(name, getattr(self, name))
+            if problem:
+                raise ConfigError(f"{name} {problem}; got {getattr(self, name)}")
         for name in ("max_message_bytes", "max_connections", "max_running_requests", "max_waiting_requests",
                      "max_image_bytes", "max_image_pixels", "max_images_per_message", "max_image_tokens_per_message"):
             if getattr(self, name) < 1:

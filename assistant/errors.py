@@ -27,7 +27,12 @@ item_not_found                       an ``item_id`` / ``previous_item_id`` is un
 item_already_exists                  ``item.id`` is already used in this conversation
 conversation_not_found               ``?conversation=ID`` names no stored conversation
 conversation_already_has_active_response  ``response.create`` while one is running
-response_not_found                   ``response.cancel`` names no running response
+response_not_found                   ``response.cancel`` names another response than the running one
+response_cancel_not_active           ``response.cancel`` while no response runs
+audio_not_supported                  an audio event, or audio fields (formats, voice, turn
+                                     detection, audio output): the rest of the event is applied
+tools_not_supported                  ``tools`` / ``tool_choice`` that would need tool calls: the
+                                     rest of the event is applied
 message_too_large                    a frame exceeds the configured size limit
 image_*                              an image was refused (see assistant.images)
 too_many_images / too_many_image_tokens  image budgets per message or conversation
@@ -111,6 +116,18 @@ class ConversationNotFound(NotFound):
 
 class ResponseNotFound(NotFound):
     code = "response_not_found"
+
+
+class ResponseCancelNotActive(NotFound):
+    code = "response_cancel_not_active"
+
+
+class AudioNotSupported(InvalidRequest):
+    code = "audio_not_supported"
+
+
+class ToolsNotSupported(InvalidRequest):
+    code = "tools_not_supported"
 
 
 class ItemAlreadyExists(InvalidRequest):

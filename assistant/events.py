@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
 
+from assistant.engine.sampling import SamplingParams
 from assistant.errors import AssistantError
 from assistant.items import ContentPart, Item, Usage
 
@@ -47,11 +48,7 @@ class SessionView:
     model: str
     conversation_id: str
     instructions: str
-    max_output_tokens: int | None  # None = "inf"
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
+    sampling: SamplingParams  # max_output_tokens None = "inf"
 
 
 class EventWriter:
@@ -76,7 +73,8 @@ class EventWriter:
     # ------------------------------------------------------------ objects
 
     def session(self, view: SessionView) -> dict[str, Any]:
-        max_tokens: int | str = "inf" if view.max_output_tokens is None else view.max_output_tokens
+        sampling = view.sampling
+        max_tokens: int | str = "inf" if sampling.max_output_tokens is None else sampling.max_output_tokens
         common = {
             "id": view.id,
             "object": "realtime.session",
@@ -86,10 +84,13 @@ class EventWriter:
             "tool_choice": "auto",
             # Extensions (additive):
             "conversation_id": view.conversation_id,
-            "temperature": view.temperature,
-            "top_p": view.top_p,
-            "seed": view.seed,
-            "stop": list(view.stop),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+            "stop": list(sampling.stop),
+            "frequency_penalty": sampling.frequency_penalty,
+            "presence_penalty": sampling.presence_penalty,
+            "repetition_penalty": sampling.repetition_penalty,
         }
         if self.dialect is Dialect.BETA:
             return {**common, "modalities": ["text"], "max_response_output_tokens": max_tokens}
@@ -119,7 +120,7 @@ class EventWriter:
     def response(
         self,
         response_id: str,
-        conversation_id: str,
+        conversation_id: str | None,  # None for an out-of-band response (conversation "none")
         status: str,
         *,
         output: list[Item] | None = None,

@@ -7,10 +7,19 @@ whose ``event_id`` is the client's, when the frame had one.
 
 Both dialects are accepted: GA names and the beta ones (``modalities``,
 ``max_response_output_tokens``, assistant parts of type ``text``). Fields this
-server does not use (audio, tools, tracing, ...) are ignored, as the SDK sends
-them freely; fields it uses are checked strictly. Our extensions are additive:
-``temperature``, ``top_p``, ``seed`` and ``stop`` inside ``session`` and
+server uses are checked strictly. Fields it cannot act on are never silently
+dropped: audio output, audio formats, voices, turn detection and transcription
+(``audio_not_supported``), and tools or a tool choice that would need tool calls
+(``tools_not_supported``) come back in the event's ``refused`` errors while the
+rest of the same ``session.update`` / ``response.create`` is applied. Fields with
+no effect on a text server (``tracing``, ``truncation``, ``include``, empty
+``tools``, ``tool_choice: "auto"``...) are accepted. Our extensions are additive:
+``temperature``, ``top_p``, ``seed``, ``stop`` and ``repetition_penalty``, next to
+OpenAI's ``frequency_penalty`` and ``presence_penalty``, inside ``session`` and
 ``response``.
+
+Numbers: a JSON integer of more than 64 digits reads as infinity, so it fails
+its field's range check with a coded error instead of costing CPU or overflowing.
 
 Serialization of server events lives in :mod:`assistant.events`.
 """
@@ -18,11 +27,14 @@ Serialization of server events lives in :mod:`assistant.events`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from assistant.engine.sampling import MAX_STOP_SEQUENCES
-from assistant.errors import InvalidJSON, InvalidType, InvalidValue, MissingParameter, UnknownEventType
+from assistant.engine.sampling import SAMPLING_FIELDS, check_sampling_value
+from assistant.errors import (AssistantError, AudioNotSupported, InvalidJSON, InvalidType, InvalidValue,
+                              MissingParameter, ToolsNotSupported, UnknownEventType)
 from assistant.items import DETAILS, ROLES
 
 MAX_ID_LENGTH = 64
@@ -31,14 +43,18 @@ MAX_INSTRUCTIONS_CHARS = 100_000
 MAX_TEXT_CHARS = 200_000
 MAX_METADATA_ENTRIES = 16
 MAX_METADATA_CHARS = 512
-Unlimited = Literal["inf"]
+MAX_INTEGER_DIGITS = 64
 
-# Realtime events this server knows but does not implement (audio, tools); they get
-# ``unknown_event_type`` with a message saying so rather than silence.
-UNSUPPORTED_EVENTS = frozenset({
-    "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
-    "output_audio_buffer.clear", "conversation.item.truncate", "transcription_session.update",
+# Realtime audio events a text server cannot act on: one ``audio_not_supported`` error each.
+# (``input_audio_buffer.clear`` is answered: the buffer is always empty here.)
+AUDIO_EVENTS = frozenset({
+    "input_audio_buffer.append", "input_audio_buffer.commit", "output_audio_buffer.clear",
+    "conversation.item.truncate", "transcription_session.update",
 })
+# Session / response fields that only matter for audio (GA and beta names); any non-null value is refused.
+AUDIO_FIELDS = ("voice", "input_audio_format", "output_audio_format", "input_audio_transcription",
+                "turn_detection", "input_audio_noise_reduction", "speed")
+FLOAT_SAMPLING_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -62,20 +78,19 @@ class ItemInput:
 
 @dataclass(frozen=True)
 class SamplingChanges:
-    """Optional overrides; ``None`` leaves the current value. ``max_output_tokens`` "inf" = no cap."""
+    """What an event changes: ``instructions`` (None leaves it), and ``sampling``: the
+    :class:`~assistant.engine.sampling.SamplingParams` fields it sets, already range-checked
+    (``max_output_tokens: None`` is "inf", no cap)."""
 
     instructions: str | None = None
-    max_output_tokens: int | Unlimited | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SessionUpdate:
     event_id: str | None
     changes: SamplingChanges
+    refused: tuple[AssistantError, ...] = ()  # fields not applied; the rest of the event is
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,7 @@ class ResponseCreate:
     use_conversation: bool = True  # conversation: "auto" (default) or "none"
     input: tuple[ItemInput, ...] | None = None  # replaces the conversation as the prompt
     metadata: dict[str, str] | None = None
+    refused: tuple[AssistantError, ...] = ()  # fields not applied; the rest of the event is
 
 
 @dataclass(frozen=True)
@@ -112,47 +128,70 @@ class ResponseCancel:
     response_id: str | None
 
 
-ClientEvent = SessionUpdate | ItemCreate | ItemDelete | ItemRetrieve | ResponseCreate | ResponseCancel
+@dataclass(frozen=True)
+class AudioBufferClear:
+    """``input_audio_buffer.clear``: answered with ``input_audio_buffer.cleared`` (it is always empty)."""
+
+    event_id: str | None
+
+
+ClientEvent = (SessionUpdate | ItemCreate | ItemDelete | ItemRetrieve | ResponseCreate | ResponseCancel
+               | AudioBufferClear)
 
 
 def parse_client_event(frame: str | bytes) -> ClientEvent:
     """Parse one frame; raise a coded AssistantError carrying the client's event_id."""
     try:
-        data = json.loads(frame)
+        data = json.loads(frame, parse_int=_parse_int)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidJSON("The message is not valid JSON; every client event is a JSON object.") from None
     if not isinstance(data, dict):
         raise InvalidJSON("The message must be a JSON object with a 'type' field.")
-    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    raw_event_id = data.get("event_id")
+    event_id = raw_event_id if isinstance(raw_event_id, str) and _is_unicode(raw_event_id) else None
     try:
-        if "event_id" in data and data["event_id"] is not None and event_id is None:
+        if raw_event_id is not None and not isinstance(raw_event_id, str):
             raise InvalidType("'event_id' must be a string.", param="event_id")
         _check_unicode(data, "")
         kind = _get(data, "type", str, "")
         parser = _PARSERS.get(kind)
         if parser is None:
-            if kind in UNSUPPORTED_EVENTS:
-                raise UnknownEventType(f"'{kind}' is not supported by this server (text and images only).", param="type")
+            if kind in AUDIO_EVENTS:
+                raise AudioNotSupported(f"'{kind}' needs audio; this server takes text and images only.",
+                                        param="type")
             raise UnknownEventType(f"Unknown event type '{kind}'. Supported: {', '.join(sorted(_PARSERS))}.",
                                    param="type")
         return parser(data, event_id)
-    except (InvalidJSON, InvalidType, InvalidValue, MissingParameter, UnknownEventType) as exc:
+    except AssistantError as exc:
         exc.event_id = event_id
         raise
 
 
+def _parse_int(digits: str) -> int | float:
+    """JSON integers beyond 64 digits read as ±infinity: no field takes them, and each says so."""
+    if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        return -math.inf if digits.startswith("-") else math.inf
+    return int(digits)
+
+
 # ---------------------------------------------------------------- field readers
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_unicode(value: Any, param: str) -> None:
     """Refuse strings that are not valid Unicode text (JSON admits lone surrogates such as "\\ud800"):
     they can be neither stored nor sent back."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
+        if not _is_unicode(value):
             raise InvalidValue(f"'{param or 'the event'}' holds a lone UTF-16 surrogate; send valid Unicode text.",
-                               param=param or None) from None
+                               param=param or None)
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_unicode(key, param)
@@ -201,41 +240,76 @@ def _parse_changes(obj: dict[str, Any], prefix: str, *, beta_max_key: str) -> Sa
     if instructions is not None and len(instructions) > MAX_INSTRUCTIONS_CHARS:
         raise InvalidValue(f"'{prefix}instructions' exceeds {MAX_INSTRUCTIONS_CHARS} characters.",
                            param=f"{prefix}instructions")
-    for key in ("output_modalities", "modalities"):
-        modalities = _get(obj, key, list, prefix, required=False)
-        if modalities is not None and modalities != ["text"]:
-            raise InvalidValue(f"'{prefix}{key}' must be [\"text\"]: this server produces text only.",
-                               param=f"{prefix}{key}")
+    sampling: dict[str, Any] = {}
     max_key = "max_output_tokens" if "max_output_tokens" in obj else beta_max_key
     max_tokens = obj.get(max_key)
-    if max_tokens is not None and max_tokens != "inf":
+    if max_tokens == "inf":
+        sampling["max_output_tokens"] = None
+    elif max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidValue(f"'{prefix}{max_key}' must be a positive integer or \"inf\".", param=f"{prefix}{max_key}")
-    temperature = _get(obj, "temperature", float, prefix, required=False)
-    if temperature is not None and not 0.0 <= temperature <= 2.0:
-        raise InvalidValue(f"'{prefix}temperature' must be between 0 and 2.", param=f"{prefix}temperature")
-    top_p = _get(obj, "top_p", float, prefix, required=False)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise InvalidValue(f"'{prefix}top_p' must be in (0, 1].", param=f"{prefix}top_p")
-    seed = _get(obj, "seed", int, prefix, required=False)
-    if seed is not None and not 0 <= seed < 2**63:
-        raise InvalidValue(f"'{prefix}seed' must be a non-negative 63-bit integer.", param=f"{prefix}seed")
-    return SamplingChanges(instructions, max_tokens, temperature, top_p, seed, _parse_stop(obj, prefix))
+            raise InvalidValue(f"'{prefix}{max_key}' must be a positive integer or \"inf\".",
+                               param=f"{prefix}{max_key}")
+        sampling["max_output_tokens"] = max_tokens
+    for name in FLOAT_SAMPLING_FIELDS:
+        sampling[name] = _get(obj, name, float, prefix, required=False)
+    sampling["seed"] = _get(obj, "seed", int, prefix, required=False)
+    sampling["stop"] = _parse_stop(obj, prefix)
+    for name in SAMPLING_FIELDS:
+        if name in sampling and sampling[name] is None and name != "max_output_tokens":
+            del sampling[name]  # absent or null: leave the current value
+        elif name in sampling:
+            problem = check_sampling_value(name, sampling[name])
+            if problem:
+                raise InvalidValue(f"'{prefix}{name}' {problem}.", param=f"{prefix}{name}")
+    return SamplingChanges(instructions, sampling)
 
 
 def _parse_stop(obj: dict[str, Any], prefix: str) -> tuple[str, ...] | None:
     stop = obj.get("stop")
     if stop is None:
         return None
-    param = f"{prefix}stop"
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise InvalidType(f"'{param}' must be a string or an array of strings.", param=param)
-    if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > 200 for s in stop):
-        raise InvalidValue(f"'{param}' takes at most {MAX_STOP_SEQUENCES} non-empty strings of up to 200 characters.",
-                           param=param)
+        raise InvalidType(f"'{prefix}stop' must be a string or an array of strings.", param=f"{prefix}stop")
     return tuple(stop)
+
+
+def _refusals(obj: dict[str, Any], prefix: str) -> tuple[AssistantError, ...]:
+    """The fields of a session or response that this text server cannot act on, as at most two errors
+    (audio, tools), each naming every such field. Malformed values raise as usual."""
+    audio: list[str] = []
+    for key in ("output_modalities", "modalities"):
+        modalities = _get(obj, key, list, prefix, required=False)
+        if modalities is None:
+            continue
+        if not modalities or any(m not in ("text", "audio") for m in modalities):
+            raise InvalidValue(f"'{prefix}{key}' must be [\"text\"] (or include \"audio\", which is refused).",
+                               param=f"{prefix}{key}")
+        if "audio" in modalities:
+            audio.append(f"{prefix}{key}")
+    audio += [f"{prefix}{key}" for key in AUDIO_FIELDS if obj.get(key) is not None]
+    audio_config = _get(obj, "audio", dict, prefix, required=False) or {}
+    for direction in ("input", "output"):
+        settings = _get(audio_config, direction, dict, f"{prefix}audio.", required=False) or {}
+        audio += [f"{prefix}audio.{direction}.{key}" for key, value in settings.items() if value is not None]
+    refused: list[AssistantError] = []
+    if audio:
+        refused.append(AudioNotSupported(
+            f"This server produces text only; not applied: {', '.join(audio)}. The rest of the event was applied.",
+            param=audio[0]))
+    tools_param = []
+    tools = _get(obj, "tools", list, prefix, required=False)
+    if tools:
+        tools_param.append(f"{prefix}tools")
+    tool_choice = obj.get("tool_choice")
+    if tool_choice is not None and tool_choice not in ("auto", "none"):
+        tools_param.append(f"{prefix}tool_choice")
+    if tools_param:
+        refused.append(ToolsNotSupported(
+            f"This server does not call tools yet; not applied: {', '.join(tools_param)}. The rest of the event "
+            "was applied.", param=tools_param[0]))
+    return tuple(refused)
 
 
 def _parse_part(part: Any, role: str, prefix: str) -> TextInput | ImageInput:
@@ -282,7 +356,8 @@ def _session_update(data: dict[str, Any], event_id: str | None) -> SessionUpdate
     kind = session.get("type")
     if kind not in (None, "realtime"):
         raise InvalidValue("'session.type' must be \"realtime\".", param="session.type")
-    return SessionUpdate(event_id, _parse_changes(session, "session.", beta_max_key="max_response_output_tokens"))
+    return SessionUpdate(event_id, _parse_changes(session, "session.", beta_max_key="max_response_output_tokens"),
+                         _refusals(session, "session."))
 
 
 def _item_create(data: dict[str, Any], event_id: str | None) -> ItemCreate:
@@ -314,11 +389,15 @@ def _response_create(data: dict[str, Any], event_id: str | None) -> ResponseCrea
                                  or any(len(k) > 64 or len(v) > MAX_METADATA_CHARS for k, v in metadata.items())):
         raise InvalidValue(f"'response.metadata' takes at most {MAX_METADATA_ENTRIES} entries, keys of up to 64 and "
                            f"values of up to {MAX_METADATA_CHARS} characters.", param="response.metadata")
-    return ResponseCreate(event_id, changes, conversation == "auto", items, metadata)
+    return ResponseCreate(event_id, changes, conversation == "auto", items, metadata, _refusals(response, p))
 
 
 def _response_cancel(data: dict[str, Any], event_id: str | None) -> ResponseCancel:
     return ResponseCancel(event_id, _id(data, "response_id", "", required=False))
+
+
+def _audio_buffer_clear(data: dict[str, Any], event_id: str | None) -> AudioBufferClear:
+    return AudioBufferClear(event_id)
 
 
 _PARSERS = {
@@ -328,4 +407,5 @@ _PARSERS = {
     "conversation.item.retrieve": _item_retrieve,
     "response.create": _response_create,
     "response.cancel": _response_cancel,
+    "input_audio_buffer.clear": _audio_buffer_clear,
 }

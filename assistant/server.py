@@ -42,6 +42,7 @@ from assistant.store import Store
 log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
+MAX_MODEL_NAME_CHARS = 128
 
 
 @dataclass
@@ -82,6 +83,8 @@ class App:
         writer = EventWriter(_dialect_of(headers, connection.subprotocol))
         query = parse_qs(urlsplit(connection.request.path).query)
         conversation_id = (query.get("conversation") or [""])[0]
+        # The SDKs send ?model=NAME; echoing it keeps clients that check session.model happy.
+        model_name = (query.get("model") or [""])[0][:MAX_MODEL_NAME_CHARS] or self.model_name
 
         async def send(event: dict[str, Any]) -> None:
             try:
@@ -99,7 +102,7 @@ class App:
         else:
             conversation_id = await asyncio.to_thread(self.store.create_conversation)
         session = Session(store=self.store, engine=self.engine, conversation_id=conversation_id,
-                          model_name=self.model_name, settings=self.defaults, image_budget=self.image_budget,
+                          model_name=model_name, settings=self.defaults, image_budget=self.image_budget,
                           writer=writer, send=send)
         log.info("connection %s: conversation %s (%s)", session.id, conversation_id, writer.dialect.value)
         await session.start()

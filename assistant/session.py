@@ -27,13 +27,14 @@ from typing import Any
 from assistant import images as image_codec
 from assistant.engine.request import Finished, GenerationRequest, TokenDelta
 from assistant.engine.sampling import SamplingParams
-from assistant.errors import AssistantError, BudgetExceeded, ImageRejected, InternalError, ResponseInProgress, \
-    ResponseNotFound
+from assistant.errors import (AssistantError, BudgetExceeded, ImageRejected, InternalError, ResponseCancelNotActive,
+                              ResponseInProgress, ResponseNotFound)
 from assistant.events import EventWriter, SessionView, new_id
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
 from assistant.prompts import build_messages
-from assistant.protocol import (ClientEvent, ImageInput, ItemCreate, ItemDelete, ItemInput, ItemRetrieve,
-                                ResponseCancel, ResponseCreate, SamplingChanges, SessionUpdate, parse_client_event)
+from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ItemCreate, ItemDelete, ItemInput,
+                                ItemRetrieve, ResponseCancel, ResponseCreate, SamplingChanges, SessionUpdate,
+                                parse_client_event)
 from assistant.store import Store
 
 log = logging.getLogger(__name__)
@@ -56,25 +57,11 @@ class Settings:
     """A session's effective generation settings (defaults, then ``session.update``)."""
 
     instructions: str
-    max_output_tokens: int | None
-    temperature: float
-    top_p: float
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    sampling: SamplingParams
 
     def apply(self, changes: SamplingChanges) -> Settings:
-        updated = self
-        for name in ("instructions", "temperature", "top_p", "seed", "stop"):
-            value = getattr(changes, name)
-            if value is not None:
-                updated = replace(updated, **{name: value})
-        if changes.max_output_tokens is not None:
-            limit = None if changes.max_output_tokens == "inf" else changes.max_output_tokens
-            updated = replace(updated, max_output_tokens=limit)
-        return updated
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.seed, self.stop, self.max_output_tokens)
+        instructions = self.instructions if changes.instructions is None else changes.instructions
+        return Settings(instructions, self.sampling.replace(**changes.sampling))
 
 
 class Session:
@@ -142,8 +129,9 @@ class Session:
 
     async def _dispatch(self, event: ClientEvent) -> None:
         match event:
-            case SessionUpdate(changes=changes):
+            case SessionUpdate(changes=changes, refused=refused):
                 self.settings = self.settings.apply(changes)
+                await self._send_refused(refused, event.event_id)
                 await self.send("session.updated", session=self.writer.session(self._session_view()))
             case ItemCreate(item=item_input, previous_item_id=previous):
                 await self._create_item(item_input, previous)
@@ -154,15 +142,24 @@ class Session:
                 item = await asyncio.to_thread(self.store.get_item, self.conversation_id, item_id)
                 urls = await asyncio.to_thread(self._image_urls, item)
                 await self.send("conversation.item.retrieved", item=self.writer.item(item, urls.__getitem__))
-            case ResponseCreate():
+            case ResponseCreate(refused=refused):
+                self._check_no_response_running()
+                await self._send_refused(refused, event.event_id)
                 self._start_response(event)
             case ResponseCancel(response_id=response_id):
                 self._cancel_response(response_id)
+            case AudioBufferClear():
+                await self.send("input_audio_buffer.cleared")
+
+    async def _send_refused(self, refused: tuple[AssistantError, ...], event_id: str | None) -> None:
+        """The parts of an event that were not applied: one coded error each (the rest was applied)."""
+        for error in refused:
+            error.event_id = event_id
+            await self._send(self.writer.error(error))
 
     def _session_view(self) -> SessionView:
-        s = self.settings
-        return SessionView(self.id, self.model_name, self.conversation_id, s.instructions, s.max_output_tokens,
-                           s.temperature, s.top_p, s.seed, s.stop)
+        return SessionView(self.id, self.model_name, self.conversation_id, self.settings.instructions,
+                           self.settings.sampling)
 
     # ------------------------------------------------------------ items
 
@@ -184,8 +181,9 @@ class Session:
         image_inputs = [p for p in item_input.content if isinstance(p, ImageInput)]
         if image_inputs:
             if budget.tokens_per_image is None:
+                first = next(i for i, part in enumerate(item_input.content) if isinstance(part, ImageInput))
                 raise ImageRejected("This model does not accept images; send text only.",
-                                    param=f"{param}.content", code="image_input_not_supported")
+                                    param=f"{param}.content[{first}]", code="image_input_not_supported")
             image_codec.check_image_count(len(image_inputs), budget.limits, param=f"{param}.content")
         for index, part in enumerate(item_input.content):
             part_param = f"{param}.content[{index}]"
@@ -239,19 +237,23 @@ class Session:
 
     # ------------------------------------------------------------ responses
 
-    def _start_response(self, event: ResponseCreate) -> None:
+    def _check_no_response_running(self) -> None:
         if self._response_task is not None and not self._response_task.done():
             raise ResponseInProgress(f"Response {self._response_id} is still in progress; wait for response.done "
                                      "or send response.cancel.")
+
+    def _start_response(self, event: ResponseCreate) -> None:
+        self._check_no_response_running()
         self._response_id = new_id("resp")
         self._is_cancel_requested = False
         self._response_task = asyncio.create_task(self._run_response(self._response_id, event))
 
     def _cancel_response(self, response_id: str | None) -> None:
         running = self._response_task is not None and not self._response_task.done()
-        if not running or (response_id is not None and response_id != self._response_id):
-            raise ResponseNotFound("There is no response in progress" +
-                                   (f" with id '{response_id}'." if response_id else "."), param="response_id")
+        if not running:
+            raise ResponseCancelNotActive("There is no response in progress to cancel.")
+        if response_id is not None and response_id != self._response_id:
+            raise ResponseNotFound(f"The response in progress is not '{response_id}'.", param="response_id")
         self._is_cancel_requested = True
         self.engine.abort(self._response_id)
 
@@ -269,7 +271,7 @@ class Session:
             if image is not None:
                 images[sha256] = image
         messages = build_messages(settings.instructions, items, images)
-        return GenerationRequest("", messages, settings.sampling())
+        return GenerationRequest("", messages, settings.sampling)
 
     async def _run_response(self, response_id: str, event: ResponseCreate) -> None:
         started = time.monotonic()
@@ -295,8 +297,9 @@ class Session:
         try:
             if in_conversation:
                 previous = await asyncio.to_thread(self.store.add_item, self.conversation_id, item)
-            response = self.writer.response(response_id, self.conversation_id, "in_progress",
-                                            metadata=event.metadata, max_output_tokens=settings.max_output_tokens)
+            response = self.writer.response(response_id, self.conversation_id if in_conversation else None,
+                                            "in_progress", metadata=event.metadata,
+                                            max_output_tokens=settings.sampling.max_output_tokens)
             await self.send("response.created", response=response)
             await self.send("response.output_item.added", response_id=response_id, output_index=0,
                             item=self.writer.item(item))
@@ -364,8 +367,8 @@ class Session:
             if in_conversation:
                 await self.send("conversation.item.done", previous_item_id=previous, item=wire_item)
             response = self.writer.response(
-                response_id, self.conversation_id, status, output=[item], usage=usage, status_details=details,
-                metadata=event.metadata, max_output_tokens=settings.max_output_tokens)
+                response_id, self.conversation_id if in_conversation else None, status, output=[item], usage=usage,
+                status_details=details, metadata=event.metadata, max_output_tokens=settings.sampling.max_output_tokens)
             await self.send("response.done", response=response)
         except Exception:
             # The connection is gone; the result is stored, which is what matters.

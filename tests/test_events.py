@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from assistant.engine.sampling import SamplingParams
 from assistant.events import Dialect, EventWriter, SessionView
 from assistant.errors import ItemNotFound
 from assistant.items import ContentPart, Item, Usage
 
-VIEW = SessionView("sess_1", "m", "conv_1", "Be brief.", None, 0.8, 1.0, None, ())
+VIEW = SessionView("sess_1", "m", "conv_1", "Be brief.", SamplingParams())
 
 
 def test_event_ids_are_unique_and_beta_renames() -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from assistant.errors import AssistantError
-from assistant.protocol import (ImageInput, ItemCreate, ItemDelete, ItemRetrieve, ResponseCancel, ResponseCreate,
+from assistant.protocol import (AudioBufferClear, ImageInput, ItemCreate, ItemDelete, ItemRetrieve, ResponseCancel, ResponseCreate,
                                 SessionUpdate, TextInput, parse_client_event)
 
 
@@ -27,14 +27,66 @@ def test_session_update_ga_with_extensions() -> None:
         "type": "realtime", "instructions": "Be brief.", "output_modalities": ["text"], "max_output_tokens": 42,
         "temperature": 0, "top_p": 0.9, "seed": 7, "stop": "END", "audio": {"output": {"voice": "alloy"}}}})
     assert isinstance(event, SessionUpdate) and event.event_id == "e1"
-    c = event.changes
-    assert (c.instructions, c.max_output_tokens, c.temperature, c.top_p, c.seed, c.stop) == (
-        "Be brief.", 42, 0.0, 0.9, 7, ("END",))
+    assert event.changes.instructions == "Be brief."
+    assert event.changes.sampling == {"max_output_tokens": 42, "temperature": 0.0, "top_p": 0.9, "seed": 7,
+                                      "stop": ("END",)}
+    [refused] = event.refused  # the voice is not applied, the rest is
+    assert (refused.code, refused.param) == ("audio_not_supported", "session.audio.output.voice")
 
 
 def test_session_update_beta_names() -> None:
     event = parse({"type": "session.update", "session": {"modalities": ["text"], "max_response_output_tokens": "inf"}})
-    assert isinstance(event, SessionUpdate) and event.changes.max_output_tokens == "inf"
+    assert isinstance(event, SessionUpdate) and event.changes.sampling == {"max_output_tokens": None}
+    assert event.refused == ()
+
+
+def test_penalties_are_sampling_changes() -> None:
+    event = parse({"type": "response.create", "response": {
+        "frequency_penalty": 0.5, "presence_penalty": -1, "repetition_penalty": 1.1}})
+    assert isinstance(event, ResponseCreate)
+    assert event.changes.sampling == {"frequency_penalty": 0.5, "presence_penalty": -1.0, "repetition_penalty": 1.1}
+
+
+def test_what_an_agent_sdk_sends_is_applied_and_audio_is_named() -> None:
+    """The OpenAI Agents SDK in text mode: audio formats, a voice, transcription, no turn detection, no tools."""
+    event = parse({"type": "session.update", "event_id": "e2", "session": {
+        "type": "realtime", "model": "gpt-realtime", "instructions": "Be kind.", "output_modalities": ["text"],
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "x"},
+                            "turn_detection": None},
+                  "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "ash"}},
+        "tools": [], "tool_choice": "auto", "tracing": None, "truncation": "auto"}})
+    assert isinstance(event, SessionUpdate) and event.changes.instructions == "Be kind."
+    [refused] = event.refused
+    assert refused.code == "audio_not_supported" and refused.param == "session.audio.input.format"
+    for path in ("session.audio.input.transcription", "session.audio.output.format", "session.audio.output.voice"):
+        assert path in refused.message
+    assert "turn_detection" not in refused.message  # null: nothing to refuse
+
+
+@pytest.mark.parametrize("session, codes, params", [
+    ({"output_modalities": ["audio"], "instructions": "x"}, ["audio_not_supported"], ["session.output_modalities"]),
+    ({"modalities": ["text", "audio"], "voice": "alloy", "turn_detection": {"type": "server_vad"}},
+     ["audio_not_supported"], ["session.modalities"]),
+    ({"input_audio_format": "pcm16"}, ["audio_not_supported"], ["session.input_audio_format"]),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "required"}, ["tools_not_supported"],
+     ["session.tools"]),
+    ({"tool_choice": {"type": "function", "name": "f"}}, ["tools_not_supported"], ["session.tool_choice"]),
+    ({"voice": "ash", "tools": [{"type": "function"}]}, ["audio_not_supported", "tools_not_supported"],
+     ["session.voice", "session.tools"]),
+    ({"tools": [], "tool_choice": "none", "tracing": "auto", "include": None}, [], []),
+])
+def test_unsupported_fields_are_refused_by_name_and_the_rest_applies(session: dict, codes: list,
+                                                                      params: list) -> None:
+    event = parse({"type": "session.update", "session": {**session, "temperature": 0.5}})
+    assert isinstance(event, SessionUpdate) and event.changes.sampling == {"temperature": 0.5}
+    assert [e.code for e in event.refused] == codes and [e.param for e in event.refused] == params
+    response = parse({"type": "response.create", "response": {**session, "temperature": 0.5}})
+    assert isinstance(response, ResponseCreate) and response.changes.sampling == {"temperature": 0.5}
+    assert [e.code for e in response.refused] == codes
+
+
+def test_audio_buffer_clear_is_answered() -> None:
+    assert parse({"type": "input_audio_buffer.clear", "event_id": "c"}) == AudioBufferClear("c")
 
 
 def test_item_create_user_text_and_image() -> None:
@@ -73,7 +125,21 @@ def test_response_create_and_cancel_and_items() -> None:
     ("[1, 2]", "invalid_json", None),
     ({"event_id": "e"}, "missing_required_parameter", "type"),
     ({"type": "nope", "event_id": "e"}, "unknown_event_type", "type"),
-    ({"type": "input_audio_buffer.append", "audio": ""}, "unknown_event_type", "type"),
+    ({"type": "input_audio_buffer.append", "audio": ""}, "audio_not_supported", "type"),
+    ({"type": "input_audio_buffer.commit"}, "audio_not_supported", "type"),
+    ({"type": "conversation.item.truncate", "item_id": "a", "content_index": 0, "audio_end_ms": 5},
+     "audio_not_supported", "type"),
+    ({"type": "session.update", "session": {"output_modalities": ["video"]}}, "invalid_value",
+     "session.output_modalities"),
+    ({"type": "session.update", "session": {"output_modalities": []}}, "invalid_value", "session.output_modalities"),
+    ({"type": "session.update", "session": {"audio": "loud"}}, "invalid_type", "session.audio"),
+    ({"type": "session.update", "session": {"tools": {}}}, "invalid_type", "session.tools"),
+    ({"type": "session.update", "session": {"frequency_penalty": 2.5}}, "invalid_value",
+     "session.frequency_penalty"),
+    ({"type": "session.update", "session": {"repetition_penalty": 0}}, "invalid_value",
+     "session.repetition_penalty"),
+    ({"type": "response.create", "response": {"presence_penalty": "x"}}, "invalid_type",
+     "response.presence_penalty"),
     ({"type": "session.update"}, "missing_required_parameter", "session"),
     ({"type": "session.update", "session": []}, "invalid_type", "session"),
     ({"type": "session.update", "session": {"temperature": "hot"}}, "invalid_type", "session.temperature"),
@@ -81,8 +147,6 @@ def test_response_create_and_cancel_and_items() -> None:
     ({"type": "session.update", "session": {"top_p": 0}}, "invalid_value", "session.top_p"),
     ({"type": "session.update", "session": {"max_output_tokens": 0}}, "invalid_value", "session.max_output_tokens"),
     ({"type": "session.update", "session": {"max_output_tokens": True}}, "invalid_value", "session.max_output_tokens"),
-    ({"type": "session.update", "session": {"output_modalities": ["audio"]}}, "invalid_value",
-     "session.output_modalities"),
     ({"type": "session.update", "session": {"stop": [1]}}, "invalid_type", "session.stop"),
     ({"type": "session.update", "session": {"stop": ["a", "b", "c", "d", "e"]}}, "invalid_value", "session.stop"),
     ({"type": "session.update", "session": {"seed": -1}}, "invalid_value", "session.seed"),
@@ -145,3 +209,22 @@ def test_rejection_echoes_client_event_id() -> None:
 def test_hostile_strings_and_shapes(frame: str, code: str, param: str | None) -> None:
     error = rejection(frame)
     assert (error.code, error.param) == (code, param)
+
+
+def test_an_event_id_that_cannot_be_echoed_is_refused_without_echo() -> None:
+    error = rejection('{"type": "response.cancel", "event_id": "\\ud800"}')
+    assert (error.code, error.param, error.event_id) == ("invalid_value", "event_id", None)
+    json.dumps(error.to_wire()).encode("utf-8")  # the error itself can be sent
+
+
+@pytest.mark.parametrize("number", ["1" * 400, "-" + "9" * 5000, "1e400", "-1e999", "NaN", "Infinity"])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "frequency_penalty", "repetition_penalty"])
+def test_over_long_numbers_in_float_fields_are_invalid_values(number: str, field: str) -> None:
+    error = rejection('{"type": "session.update", "event_id": "n", "session": {"%s": %s}}' % (field, number))
+    assert (error.code, error.param, error.event_id) == ("invalid_value", f"session.{field}", "n")
+
+
+def test_over_long_integers_elsewhere_are_coded_too() -> None:
+    assert rejection('{"type": "session.update", "session": {"seed": %s}}' % ("7" * 5000)).param == "session.seed"
+    error = rejection('{"type": "session.update", "session": {"max_output_tokens": %s}}' % ("7" * 90))
+    assert (error.code, error.param) == ("invalid_value", "session.max_output_tokens")

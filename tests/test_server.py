@@ -131,7 +131,13 @@ async def test_max_output_tokens_gives_incomplete(server: RunningServer) -> None
      "item_not_found", "item_id"),
     (json.dumps({**user_item("x"), "event_id": "e6", "previous_item_id": "nope"}),
      "item_not_found", "previous_item_id"),
-    (json.dumps({"type": "response.cancel", "event_id": "e7"}), "response_not_found", "response_id"),
+    (json.dumps({"type": "response.cancel", "event_id": "e7"}), "response_cancel_not_active", None),
+    (json.dumps({"type": "input_audio_buffer.append", "event_id": "e8", "audio": "AAAA"}), "audio_not_supported", "type"),
+    (json.dumps({"type": "input_audio_buffer.commit", "event_id": "e9"}), "audio_not_supported", "type"),
+    (json.dumps({"type": "conversation.item.truncate", "event_id": "e10", "item_id": "x", "content_index": 0,
+                 "audio_end_ms": 0}), "audio_not_supported", "type"),
+    ('{"type": "session.update", "event_id": "e11", "session": {"temperature": %s}}' % ("9" * 5000),
+     "invalid_value", "session.temperature"),
 ])
 async def test_bad_events_get_coded_errors_and_lose_nothing(
         server: RunningServer, frame: str, code: str, param: str | None) -> None:
@@ -142,7 +148,7 @@ async def test_bad_events_get_coded_errors_and_lose_nothing(
     error = await recv(ws)
     assert error["type"] == "error"
     assert error["error"]["code"] == code and error["error"]["param"] == param
-    sent = json.loads(frame) if frame.startswith("{\"") else {}
+    sent = json.loads(frame, parse_int=str) if frame.startswith("{\"") else {}
     assert error["error"]["event_id"] == sent.get("event_id")
     assert "Traceback" not in error["error"]["message"]
     # The connection is still usable and nothing stored was lost.
@@ -465,4 +471,75 @@ async def test_deleting_the_output_item_mid_response_still_records_the_response(
     stored = server.app.store.get_response(response["id"])
     assert stored is not None and stored.status == response["status"] != "in_progress"
     assert stored.usage.output_tokens == response["usage"]["output_tokens"]
+    await ws.close()
+
+
+# ------------------------------------------------------------ what voice and agent front-ends send
+
+
+async def test_audio_and_tools_fields_are_named_and_the_rest_applies(server: RunningServer) -> None:
+    ws, session = await open_session(server)
+    assert session["max_output_tokens"] == 1024  # the default cap
+    await send(ws, {"type": "session.update", "event_id": "s1", "session": {
+        "type": "realtime", "instructions": "Be terse.", "max_output_tokens": 5, "output_modalities": ["audio"],
+        "audio": {"output": {"voice": "ash"}, "input": {"turn_detection": {"type": "semantic_vad"}}},
+        "tools": [{"type": "function", "name": "lookup_order", "parameters": {}}], "tool_choice": "auto"}})
+    audio, tools, updated = await recv(ws), await recv(ws), await recv(ws)
+    assert audio["error"]["code"] == "audio_not_supported" and audio["error"]["event_id"] == "s1"
+    assert audio["error"]["param"] == "session.output_modalities"
+    assert "session.audio.output.voice" in audio["error"]["message"]
+    assert "session.audio.input.turn_detection" in audio["error"]["message"]
+    assert (tools["error"]["code"], tools["error"]["param"]) == ("tools_not_supported", "session.tools")
+    s = updated["session"]
+    assert updated["type"] == "session.updated"
+    assert (s["instructions"], s["max_output_tokens"], s["output_modalities"], s["tools"]) == (
+        "Be terse.", 5, ["text"], [])
+    await send(ws, user_item("Hello"))
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "event_id": "r1",
+                    "response": {"output_modalities": ["audio"], "max_output_tokens": 2}})
+    events = await recv_until(ws, "response.done")
+    assert events[0]["type"] == "error" and events[0]["error"]["code"] == "audio_not_supported"
+    assert events[-1]["response"]["status"] == "incomplete"  # the text response ran, with its own limit
+    assert events[-1]["response"]["usage"]["output_tokens"] == 2
+    await ws.close()
+
+
+async def test_audio_buffer_clear_and_idle_cancel_get_official_answers(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await send(ws, {"type": "input_audio_buffer.clear", "event_id": "c1"})
+    assert (await recv(ws))["type"] == "input_audio_buffer.cleared"
+    await send(ws, {"type": "response.cancel", "event_id": "c2"})
+    error = (await recv(ws))["error"]
+    assert (error["code"], error["event_id"]) == ("response_cancel_not_active", "c2")
+    await ws.close()
+
+
+async def test_session_model_echoes_the_model_asked_for(server: RunningServer) -> None:
+    ws, session = await open_session(server, "?model=gpt-realtime")
+    assert session["model"] == "gpt-realtime"
+    await ws.close()
+    ws, session = await open_session(server)
+    assert session["model"] == server.app.model_name
+    await ws.close()
+
+
+async def test_out_of_band_response_has_no_conversation_id(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await send(ws, {"type": "response.create", "response": {"conversation": "none", "max_output_tokens": 2, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}})
+    events = await recv_until(ws, "response.done")
+    assert events[0]["response"]["conversation_id"] is None and events[-1]["response"]["conversation_id"] is None
+    await ws.close()
+
+
+async def test_unechoable_event_id_and_huge_numbers_keep_the_connection(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await ws.send('{"type": "session.update", "event_id": "\\ud800", "session": {}}')
+    error = (await recv(ws))["error"]
+    assert (error["code"], error["param"], error["event_id"]) == ("invalid_value", "event_id", None)
+    await ws.send('{"type": "session.update", "session": {"top_p": 1%s}}' % ("0" * 400))
+    assert (await recv(ws))["error"]["code"] == "invalid_value"
+    await send(ws, {"type": "session.update", "session": {"temperature": 0}})
+    assert (await recv(ws))["type"] == "session.updated"
     await ws.close()

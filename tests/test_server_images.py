@@ -198,6 +198,7 @@ async def test_text_only_model_refuses_images(server: RunningServer) -> None:
     await send(ws, image_item(data_url(make_image(5))))
     error = await recv(ws)
     assert error["error"]["code"] == "image_input_not_supported"
+    assert error["error"]["param"] == "item.content[1]"  # the image part, after the text part
     await ws.close()
 
 
