@@ -31,12 +31,14 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
     from assistant.engine.loader import load_model
 
     store = Store(config.database_url)
-    if make_url(config.database_url).get_backend_name() == "sqlite":
+    url = make_url(config.database_url)
+    if url.get_backend_name() == "sqlite":
         store.upgrade()  # the embedded database follows the code; others via `assistant db upgrade`
     elif not store.is_up_to_date():
         store.close()
         raise RuntimeError("the database schema is not at the newest migration; run "
                            "`assistant db upgrade --database-url URL` first")
+    progress(f"database {url.render_as_string(hide_password=True)} is ready")
     if model is None:
         model = load_model(config, progress=progress)
     engine = Engine(model, max_num_running=config.max_running_requests,

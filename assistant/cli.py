@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"assistant: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level)
     try:
         if args.command == "serve":
             return _serve(config)
@@ -70,6 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:  # model pull / load failures carry user-facing messages
         print(f"assistant: {exc}", file=sys.stderr)
         return 1
+
+
+def configure_logging(level: str) -> None:
+    """Our log at ``level``; the libraries' start-up chatter (Alembic's plug-ins and migration context,
+    transformers' progress bars) only at debug, so a start is a few readable lines."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
 
 
 def _db_upgrade(config: Config) -> int:
@@ -97,6 +109,9 @@ def _serve(config: Config) -> int:
     app = build_app(config, progress=_progress)
     try:
         asyncio.run(serve_forever(app, config.host, config.port))
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(f"assistant: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     finally:
         close_app(app)
     return 0

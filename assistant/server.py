@@ -151,6 +151,8 @@ class _OneLineHandshakeFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if message.startswith("server listening on"):
+            return False  # serve_forever prints the URL itself
         if message.startswith(("connection rejected (400", "connection rejected (426")):
             return False  # the "opening handshake failed" line that follows says why
         if message == "opening handshake failed" and record.exc_info:

@@ -1,7 +1,11 @@
-"""The command line: `assistant db upgrade` on any URL, and config errors that exit cleanly."""
+"""The command line: `assistant db upgrade` on any URL, config errors that exit cleanly, a quiet `serve` start."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +42,43 @@ def test_serve_refuses_a_database_that_was_never_upgraded(tmp_path: Path, url: s
     config = load_config({"database_url": url, "data_dir": str(tmp_path), "model": str(tmp_path / "unused")}, env={})
     with pytest.raises(RuntimeError, match="assistant db upgrade"):
         build_app(config, progress=lambda _: None)
+
+
+def serve_command(model_dir: Path, data_dir: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "assistant", "serve", "--model", str(model_dir), "--data-dir", str(data_dir),
+            "--dtype", "float32", *flags]
+
+
+async def test_serve_starts_with_a_few_readable_lines_and_refuses_a_taken_port(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            *serve_command(tiny_model_dir, tmp_path / "one", "--port", str(port)), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await asyncio.wait_for(process.communicate(), 120)
+    lines = output.decode().splitlines()
+    assert process.returncode == 1 and lines[-1].startswith(f"assistant: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in output.decode()
+
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        *serve_command(tiny_model_dir, tmp_path / "two", "--port", str(port)), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert process.stdout is not None
+    lines = []
+    try:
+        while not lines or "listening on" not in lines[-1]:
+            line = await asyncio.wait_for(process.stdout.readline(), 120)
+            assert line, f"serve exited: {lines}"
+            lines.append(line.decode().rstrip())
+    finally:
+        process.terminate()
+        await process.wait()
+    assert len(lines) <= 4, lines  # database, model, (TLS / auth notes), URL: no plug-in or migration chatter
+    assert all(line.startswith("assistant: ") for line in lines), lines
+    assert lines[-1] == f"assistant: listening on ws://127.0.0.1:{port}/v1/realtime"

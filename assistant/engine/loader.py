@@ -83,7 +83,8 @@ def load_model(config: Config, progress: Progress = print) -> ChatModel:
         return load_composed_model(Path(config.model).expanduser(), config, device=device, dtype=dtype,
                                    progress=progress)
     source = resolve_model(config.model, config.data_dir, progress)
-    progress(f"loading {source} on {device}")
+    quantized = "" if config.quantize == "none" else f", {config.quantize}"
+    progress(f"loading {config.model} ({dtype}{quantized}) on {device} from {source}")
     if model_type(source) == "llava":
         return load_llava_model(source, config, device=device, dtype=dtype)
     return load_chat_model(source, dtype=dtype, device=device, quantize=config.quantize)
