@@ -6,6 +6,12 @@ realtime=v1``) renames a few events, spells assistant parts ``text`` instead of
 ``output_text``, names session fields ``modalities`` / ``max_response_output_tokens``,
 and has no ``conversation.item.done`` (it is simply not sent).
 
+Every event validates against the ``openai`` SDK's own pydantic types of its dialect
+(``tests/test_server_sdk_types.py``), as clients such as the Agents SDK validate them;
+only our documented extensions are undeclared fields there. So the beta session carries
+no ``model``: the beta type admits only OpenAI's model names. (Beta content parts have no
+image type; an image a beta client sends comes back as ``input_image``, outside them.)
+
 Images in items: ``conversation.item.retrieved`` carries the full ``data:`` URL;
 ``conversation.item.added``/``done`` carry only our extension field
 ``image_sha256`` so a 10 MB image is not echoed back on every create.
@@ -78,7 +84,6 @@ class EventWriter:
         common = {
             "id": view.id,
             "object": "realtime.session",
-            "model": view.model,
             "instructions": view.instructions,
             "tools": [],
             "tool_choice": "auto",
@@ -94,7 +99,8 @@ class EventWriter:
         }
         if self.dialect is Dialect.BETA:
             return {**common, "modalities": ["text"], "max_response_output_tokens": max_tokens}
-        return {"type": "realtime", **common, "output_modalities": ["text"], "max_output_tokens": max_tokens}
+        return {"type": "realtime", **common, "model": view.model, "output_modalities": ["text"],
+                "max_output_tokens": max_tokens}
 
     def part(self, part: ContentPart, image_url: Callable[[str], str] | None = None) -> dict[str, Any]:
         if part.is_image:
