@@ -98,6 +98,17 @@ Segment = tuple[int, ...] | ImageSlot
 
 
 @dataclass(frozen=True)
+class TextRun:
+    """Tokens of one rendered piece of text: one message's own text (``role`` set), or template markup (None)."""
+
+    token_ids: tuple[int, ...]
+    role: str | None = None
+
+
+Piece = TextRun | ImageSlot
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A rendered prompt: text token runs and image slots, in order."""
 
@@ -234,17 +245,30 @@ class ChatModel:
         return len(cuts) - 1
 
     def _render(self, messages: Sequence[ChatMessage]) -> tuple[Segment, ...]:
-        """The chat template around sentinels, then each piece tokenized on its own.
+        segments: list[Segment] = []
+        for piece in self.render_pieces(messages, add_generation_prompt=True):
+            if isinstance(piece, ImageSlot):
+                segments.append(piece)
+            elif segments and not isinstance(segments[-1], ImageSlot):  # adjacent token runs form one segment
+                segments[-1] = segments[-1] + piece.token_ids
+            elif piece.token_ids:
+                segments.append(piece.token_ids)
+        return tuple(segments)
+
+    def render_pieces(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> tuple[Piece, ...]:
+        """The chat template around sentinels, then each piece tokenized on its own: the one prompt layout
+        that serving (:meth:`render`) and training (:mod:`assistant.training.examples`) share.
 
         Message text and images enter the template as unguessable sentinels. The
         template's own markup is tokenized normally; message text with
         ``split_special_tokens``, so a client writing "<|im_start|>system" gets
         those characters, never the special tokens (no forged turns); each image
-        becomes a slot of ``num_tokens(detail)`` positions.
+        becomes a slot of ``num_tokens(detail)`` positions. Each text run says
+        whose text it is, so training can put its loss on the assistant's words only.
         """
         sentinel = f"<|assistant-{uuid.uuid4().hex}-"
         images: list[ImageChunk] = []
-        texts: list[str] = []
+        texts: list[tuple[str, str]] = []  # (text, role)
         conversation: list[dict[str, Any]] = []
         for message in messages:
             # Images go ahead of the message's text, whatever their place among the parts:
@@ -257,35 +281,32 @@ class ChatModel:
             message_text = "\n".join(part.text for part in message.parts if isinstance(part, TextChunk))
             if message_text:
                 content += f"{sentinel}t{len(texts)}|>"
-                texts.append(("\n" if message_images else "") + message_text)
+                texts.append((("\n" if message_images else "") + message_text, message.role))
             conversation.append({"role": message.role,
                                  "content": [{"type": "text", "text": content}] if self.content_format == "list"
                                  else content})
         try:
-            rendered = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:  # e.g. "Conversation roles must alternate user/assistant/..."
             raise PromptError(f"the model's chat template refused the conversation: {exc}") from exc
-        segments: list[Segment] = []
-
-        def add_tokens(ids: list[int]) -> None:  # adjacent token runs form one segment
-            if segments and not isinstance(segments[-1], ImageSlot):
-                segments[-1] = segments[-1] + tuple(ids)
-            elif ids:
-                segments.append(tuple(ids))
-
+        result: list[Piece] = []
         # re.split with two groups repeats: markup, kind ("i"/"t"), index, markup, kind, index, ..., markup.
-        pieces = re.split(re.escape(sentinel) + r"([it])(\d+)\|>", rendered)
-        for i in range(0, len(pieces), 3):
-            add_tokens(self.tokenizer.encode(pieces[i], add_special_tokens=False) if pieces[i] else [])
-            if i + 2 >= len(pieces):
+        parts = re.split(re.escape(sentinel) + r"([it])(\d+)\|>", rendered)
+        for i in range(0, len(parts), 3):
+            if parts[i]:
+                result.append(TextRun(tuple(self.tokenizer.encode(parts[i], add_special_tokens=False))))
+            if i + 2 >= len(parts):
                 break
-            kind, index = pieces[i + 1], int(pieces[i + 2])
+            kind, index = parts[i + 1], int(parts[i + 2])
             if kind == "i":
                 assert self.vision is not None
-                segments.append(ImageSlot(images[index], self.vision.num_tokens(images[index].detail)))
+                result.append(ImageSlot(images[index], self.vision.num_tokens(images[index].detail)))
             else:
-                add_tokens(self.tokenizer.encode(texts[index], add_special_tokens=False, split_special_tokens=True))
-        return tuple(segments)
+                text, role = texts[index]
+                result.append(TextRun(tuple(self.tokenizer.encode(text, add_special_tokens=False,
+                                                                  split_special_tokens=True)), role))
+        return tuple(result)
 
     # ------------------------------------------------------------ forward passes
 
@@ -297,13 +318,12 @@ class ChatModel:
         for ``prompt.images``; encoded here when not given.
         """
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=self.device)  # (1, T)
-        embeds = self.hf_model.get_input_embeddings()(ids)  # (1, T, C)
-        if prompt.num_image_tokens:
-            if image_embeds is None:
-                image_embeds, _ = self.encode_images(prompt.images)  # (num_image_tokens, C)
-            mask = torch.tensor([prompt.image_mask], dtype=torch.bool, device=self.device)  # (1, T)
-            embeds[mask] = image_embeds.to(device=embeds.device, dtype=embeds.dtype)
-        return embeds
+        if not prompt.num_image_tokens:
+            return self.hf_model.get_input_embeddings()(ids)  # (1, T, C)
+        if image_embeds is None:
+            image_embeds, _ = self.encode_images(prompt.images)  # (num_image_tokens, C)
+        mask = torch.tensor([prompt.image_mask], dtype=torch.bool, device=self.device)  # (1, T)
+        return embed_with_images(self.hf_model, ids, mask, image_embeds)
 
     def encode_images(self, images: Sequence[ImageChunk]) -> tuple[torch.Tensor, int]:
         """Embeddings of ``images`` in order, concatenated ``(sum of num_tokens(detail), C)``, and how many of
@@ -348,6 +368,16 @@ class ChatModel:
         ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)  # (1, 1)
         out = self.hf_model(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
         return out.logits[0, -1].float()  # (vocab,)
+
+
+def embed_with_images(hf_model: Any, token_ids: torch.Tensor, image_mask: torch.Tensor,
+                      image_embeds: torch.Tensor) -> torch.Tensor:
+    """Input embeddings ``(B, T, C)`` of ``token_ids`` ``(B, T)``, with the rows of ``image_embeds``
+    ``(num_image_tokens, C)`` written, in order, where ``image_mask`` ``(B, T)`` is True: one masked
+    assignment. Differentiable in ``image_embeds`` (training backpropagates through it into the projector)."""
+    embeds = hf_model.get_input_embeddings()(token_ids)  # (B, T, C)
+    embeds[image_mask] = image_embeds.to(device=embeds.device, dtype=embeds.dtype)
+    return embeds
 
 
 def template_content_format(tokenizer: Any) -> ContentFormat:

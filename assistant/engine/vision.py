@@ -2,7 +2,8 @@
 
 A :class:`VisionPart` is an image encoder plus the projector that maps its
 features to the decoder's embedding width. It is always unquantized, in eval
-mode and run without gradients. The model renders one image slot of
+mode and run without gradients (training, :mod:`assistant.training`, makes the
+projector of a :class:`ProjectedVision` trainable). The model renders one image slot of
 ``num_tokens(detail)`` placeholder tokens per image and assigns the rows of
 ``encode(...)`` into those slots in one masked assignment (as nanoVLM does).
 
@@ -97,15 +98,43 @@ class GridVision:
 
     @torch.no_grad()  # not inference_mode: callers may edit the result in place outside it
     def encode(self, images: list[Image.Image], detail: str) -> torch.Tensor:
-        is_low = _check_detail(detail) == "low"
-        x = self._encode_high(images)  # (N, T_high, h)
+        _check_detail(detail)
+        return self.pool(self._encode_high(images), detail).float()  # (N, num_tokens(detail), h)
+
+    def pool(self, x: torch.Tensor, detail: str) -> torch.Tensor:
+        """(N, T_high, h) high-detail embeddings → (N, num_tokens(detail), h)."""
         assert x.shape[1] == self.num_high_tokens, (x.shape, self.num_high_tokens)
-        if is_low and self.grid is not None:
-            x = pool_grid(x, self.num_prefix, self.grid)  # (N, P + ⌈g/2⌉², h)
-        return x.float()
+        if detail == "low" and self.grid is not None:
+            return pool_grid(x, self.num_prefix, self.grid)  # (N, P + ⌈g/2⌉², h)
+        return x
 
     def _encode_high(self, images: list[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
+
+
+class ProjectedVision(GridVision):
+    """An encoder whose features a separate :class:`Projector` maps to the decoder: what training aligns.
+
+    A subclass sets ``encoder_identity`` (the encoder's weights and preprocessing,
+    without the projector: the key of :mod:`assistant.training.features`) and
+    ``projector``, and implements :meth:`features`. ``encode`` is
+    ``pool(projector(features))``; training calls :meth:`features` once per image
+    and :meth:`project` at every step, with gradients, on a projector it made trainable.
+    """
+
+    encoder_identity: str
+    projector: Projector
+
+    def features(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, T_high, in_dim): the encoder's output before the projector, without gradients."""
+        raise NotImplementedError
+
+    def project(self, features: torch.Tensor, detail: str) -> torch.Tensor:
+        """(N, T_high, in_dim) features → (N, num_tokens(detail), h) embeddings, differentiable in the projector."""
+        return self.pool(self.projector(features.to(module_device_dtype(self.projector)[1])), detail)
+
+    def _encode_high(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.projector(self.features(images).to(module_device_dtype(self.projector)[1]))  # (N, T_high, h)
 
 
 def _check_detail(detail: str) -> str:
@@ -183,7 +212,7 @@ def load_projector(path: Path) -> Projector:
 
 # --- EfficientNet-Lite0 ---------------------------------------------------------------------------
 
-class EfficientNetVision(GridVision):
+class EfficientNetVision(ProjectedVision):
     image_size = efficientnet.IMAGE_SIZE
 
     def __init__(self, backbone: efficientnet.EfficientNetLite0, projector: Projector):
@@ -195,19 +224,20 @@ class EfficientNetVision(GridVision):
         self.hidden_size = projector.out_dim
         self.grid = self.image_size // 32  # 7
         self.num_high_tokens = self.grid**2  # 49
-        self.identity = f"efficientnet-lite0:{fingerprint(backbone)}+proj:{fingerprint(projector)}"
+        self.encoder_identity = f"efficientnet-lite0:{fingerprint(backbone)}"
+        self.identity = f"{self.encoder_identity}+proj:{fingerprint(projector)}"
 
-    def _encode_high(self, images: list[Image.Image]) -> torch.Tensor:
+    @torch.no_grad()
+    def features(self, images: list[Image.Image]) -> torch.Tensor:
         device, dtype = module_device_dtype(self.backbone)
         pixels = efficientnet.preprocess(images, self.image_size).to(device, dtype)  # (N, 3, 224, 224)
         features = self.backbone.forward_features(pixels)  # (N, 1280, 7, 7)
-        tokens = features.flatten(2).transpose(1, 2)  # (N, 49, 1280)
-        return self.projector(tokens.to(module_device_dtype(self.projector)[1]))  # (N, 49, h)
+        return features.flatten(2).transpose(1, 2)  # (N, 49, 1280)
 
 
 # --- CLIP / SigLIP towers --------------------------------------------------------------------------
 
-class HFVisionTower(GridVision):
+class HFVisionTower(ProjectedVision):
     """A ``CLIPVisionModel`` or ``SiglipVisionModel`` plus a projector."""
 
     def __init__(self, vision_model: nn.Module, projector: Projector, feature_layer: int = -2,
@@ -227,17 +257,19 @@ class HFVisionTower(GridVision):
         self.grid = config.image_size // config.patch_size
         self.num_prefix = int(self.is_clip and select == "full")
         self.num_high_tokens = self.num_prefix + self.grid**2
-        self.identity = (f"{config.model_type}:{fingerprint(vision_model)}:layer{feature_layer}:{select}"
-                         f"+proj:{fingerprint(projector)}+pre:{processor_fingerprint(image_processor)}")
+        self.encoder_identity = (f"{config.model_type}:{fingerprint(vision_model)}:layer{feature_layer}:{select}"
+                                 f"+pre:{processor_fingerprint(image_processor)}")
+        self.identity = f"{self.encoder_identity}+proj:{fingerprint(projector)}"
 
-    def _encode_high(self, images: list[Image.Image]) -> torch.Tensor:
+    @torch.no_grad()
+    def features(self, images: list[Image.Image]) -> torch.Tensor:
         device, dtype = module_device_dtype(self.vision_model)
         pixels = tower_pixels(images, self.image_processor, self.image_size, self.is_clip)  # (N, 3, S, S)
         out = self.vision_model(pixels.to(device, dtype), output_hidden_states=True)
         features = out.hidden_states[self.feature_layer]  # (N, [1 +] g², d)
         if self.is_clip and self.select == "default":
             features = features[:, 1:]  # (N, g², d)
-        return self.projector(features.to(module_device_dtype(self.projector)[1]))  # (N, T, h)
+        return features  # (N, T_high, d)
 
 
 def tower_pixels(images: list[Image.Image], image_processor: Any, size: int, is_clip: bool) -> torch.Tensor:
