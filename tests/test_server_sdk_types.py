@@ -44,6 +44,8 @@ SESSION_EXTENSIONS = frozenset({
     "session.presence_penalty", "session.repetition_penalty",
     # What OpenAI's own server sends but the SDK's session types do not declare:
     "session.id", "session.object",
+    # A failed response says why in words (declared in openai 3.57's types, not yet in 2.45's):
+    "status_details.error.message",
 })
 GA_EXTENSIONS = SESSION_EXTENSIONS | {"session.temperature", "content[].image_sha256"}
 # Beta content parts have no image type at all, so only GA is checked with images.
