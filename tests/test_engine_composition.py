@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from assistant.engine.composition import CompositionSpec, load_composition, load_vision_part
+from assistant.engine.composition import CompositionSpec, load_composition, load_vision_part, write_composition
 from assistant.engine.vision import HFVisionTower, Projector, save_projector
 from tests.vision_fixtures import GRID, TEXT_HIDDEN, VISION_HIDDEN, make_image, save_tiny_tower
 
@@ -71,6 +71,8 @@ def test_absolute_paths_stay_absolute(tmp_path):
     ('decoder = 3\n[vision]\nencoder = "e"\nprojector = "projector"\n', "decoder must be a string"),
     ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nselect = "cls"\n', "vision.select must be"),
     ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "nowhere"\n', "no projector directory"),
+    ('decoder = "d"\nadapter = "nowhere"\n[vision]\nencoder = "e"\nprojector = "projector"\n',
+     "adapter: no LoRA adapter"),
     ('decoder = "d"\nvision = "clip"\n', "must be a table"),
     ('decoder = "d\n', "cannot read"),
 ])
@@ -79,6 +81,28 @@ def test_mistakes_are_named(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as info:
         load_composition(path)
     assert str(path) in str(info.value)
+
+
+def test_a_written_composition_reads_back_as_the_same_spec(tmp_path):
+    """What `assistant train` writes: parts inside the file's folder become relative, the others stay as given."""
+    out = tmp_path / "out"
+    save_projector(Projector("linear", 4, 8), out / "projector")
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    spec = CompositionSpec(decoder="/opt/decoder", encoder="openai/clip", projector=out / "projector",
+                           feature_layer=-1, select="full", adapter=out / "adapter")
+
+    write_composition(spec, out / "model.toml")
+
+    text = (out / "model.toml").read_text()
+    assert 'projector = "projector"' in text and 'adapter = "adapter"' in text
+    assert load_composition(out / "model.toml") == spec
+
+
+def test_a_projector_yet_to_be_trained_may_be_missing_when_asked(tmp_path):
+    path = write(tmp_path, 'decoder = "d"\n[vision]\nencoder = "e"\nprojector = "fresh"\n', projector=False)
+
+    assert load_composition(path, require_projector=False).projector == tmp_path / "fresh"
 
 
 def test_missing_file_is_a_value_error(tmp_path):

