@@ -1,4 +1,5 @@
-"""Command line: ``assistant serve``, ``assistant db upgrade``, ``assistant models pull``, ``assistant data``.
+"""Command line: ``assistant serve``, ``assistant db upgrade``, ``assistant models pull``, ``assistant data``,
+``assistant train``.
 
 The Config is built here, once, from flags > environment > TOML file > defaults,
 and passed explicitly to what needs it. Every Config field is a ``serve`` flag
@@ -57,13 +58,56 @@ def build_parser() -> argparse.ArgumentParser:
     digits = data_commands.add_parser("digits", help="scikit-learn's handwritten digit scans, fixed split.")
     digits.add_argument("--out", required=True, type=Path, help="Output directory.")
     digits.add_argument("--split", default="train", choices=("train", "heldout"), help="Which part of the split.")
+    train = commands.add_parser("train", help="Align a composition's vision encoder with its decoder on LLaVA-format "
+                                "data (LLaVA's two stages).")
+    train_commands = train.add_subparsers(dest="train_command", required=True)
+    _add_train_flags(train_commands.add_parser(
+        "align", help="Stage 1: train the projector only (encoder and decoder frozen), on captions."), "align")
+    _add_train_flags(train_commands.add_parser(
+        "finetune", help="Stage 2: train the projector and a LoRA adapter of the decoder, on question-answer "
+        "conversations."), "finetune")
     return parser
+
+
+def _add_train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
+    from assistant.training.settings import DEFAULT_LR, DTYPE_CHOICES, QUANTIZE_CHOICES
+
+    parser.add_argument("--model", required=True, type=Path, metavar="TOML_OR_DIR",
+                        help="Composition file (model.toml), or a directory holding one (what `train` writes). A "
+                        "projector directory it names that does not exist yet starts as a fresh projector.")
+    parser.add_argument("--data", required=True, type=Path, action="append", metavar="FILE",
+                        help="LLaVA-format data (.json list or .jsonl); repeat for more files.")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="Output: DIR/model.toml (serve it with --model), projector/, adapter/, checkpoints/.")
+    parser.add_argument("--heldout", type=Path, metavar="FILE", help="LLaVA-format held-out data (default: a "
+                        "fixed split of --data, up to 64 images, when it has at least 20).")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=1, help="Passes over the data (default 1).")
+    length.add_argument("--steps", type=int, help="Optimizer steps (instead of --epochs).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Sequences per step (default 8).")
+    parser.add_argument("--lr", type=float, help=f"Peak learning rate (default {DEFAULT_LR[stage]:g}); warm-up, "
+                        "then cosine decay.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of initialization and data order (default 0).")
+    parser.add_argument("--resume", action="store_true", help="Continue the run in --out from its latest checkpoint.")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available).")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="Frozen decoder weights (default auto: bfloat16, float32 on a GPU without bfloat16).")
+    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                        help="Report the held-out loss and write a checkpoint every N steps (default 100).")
+    if stage == "finetune":
+        parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the LoRA adapter (default 8).")
+        parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                            help="nf4: QLoRA on a bitsandbytes 4-bit decoder (falls back, with a warning, to the "
+                            "unquantized decoder where nf4 cannot train).")
+    _add_config_flags(parser, ["data_dir", "system_prompt_file", "log_level"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "data":
         return _data(args)
+    if args.command == "train":
+        return _train(args)
     flags: dict[str, Any] = {f.name: getattr(args, f.name, None) for f in config_fields()}
     try:
         config = load_config(flags, config_file=args.config)
@@ -110,6 +154,43 @@ def _data(args: argparse.Namespace) -> int:
 
     count = write_digits(args.out, args.split)
     print(f"assistant: wrote {count} {args.split} digit scans to {args.out} (qa.json, captions.json, meta.jsonl)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``assistant train align|finetune``: only data_dir, system_prompt_file and log_level come from the Config."""
+    from tqdm import tqdm
+
+    from assistant.training.settings import TrainingRefused, TrainSettings
+    from assistant.training.trainer import train
+
+    flags = {name: getattr(args, name) for name in ("data_dir", "system_prompt_file", "log_level")}
+    try:
+        config = load_config(flags, config_file=args.config)
+        settings = TrainSettings(
+            stage=args.train_command, model=args.model, data=tuple(args.data), out=args.out, heldout=args.heldout,
+            epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            resume=args.resume, device=args.device, dtype=args.dtype, checkpoint_every=args.checkpoint_every,
+            lora_rank=getattr(args, "lora_rank", 8), quantize=getattr(args, "quantize", "none"))
+    except (ConfigError, TrainingRefused) as exc:
+        print(f"assistant: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    try:
+        result = train(settings, config, report=lambda message: tqdm.write(f"assistant: {message}", file=sys.stderr))
+    except KeyboardInterrupt:
+        print(f"assistant: interrupted; `--resume` continues from the latest checkpoint in {args.out}/checkpoints",
+              file=sys.stderr)
+        return 130
+    except ValueError as exc:  # TrainingRefused, and a bad setting met while loading the model
+        print(f"assistant: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # model loading failures carry user-facing messages
+        print(f"assistant: {exc}", file=sys.stderr)
+        return 1
+    heldout = f", held-out loss {result.heldout_loss:.4f}" if result.heldout_loss is not None else ""
+    print(f"assistant: trained {result.steps} steps on {result.num_sequences} sequences{heldout}; "
+          f"serve it with: assistant serve --model {result.model_file}")
     return 0
 
 

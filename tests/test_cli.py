@@ -82,3 +82,21 @@ async def test_serve_starts_with_a_few_readable_lines_and_refuses_a_taken_port(t
     assert len(lines) <= 4, lines  # database, model, (TLS / auth notes), URL: no plug-in or migration chatter
     assert all(line.startswith("assistant: ") for line in lines), lines
     assert lines[-1] == f"assistant: listening on ws://127.0.0.1:{port}/v1/realtime"
+
+
+def test_train_align_then_finetune_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.training_fixtures import save_tiny_composition, write_data
+
+    composition = save_tiny_composition(tmp_path / "parts")
+    data = write_data(tmp_path / "synth", count=4)
+    common = ["--steps", "1", "--batch-size", "2", "--device", "cpu", "--dtype", "float32",
+              "--data-dir", str(tmp_path / "home")]
+    align = ["train", "align", "--model", str(composition), "--data", str(data / "captions.json"),
+             "--out", str(tmp_path / "aligned"), *common]
+
+    assert main(align) == 0
+    assert main(["train", "finetune", "--model", str(tmp_path / "aligned"), "--data", str(data / "qa.json"),
+                 "--out", str(tmp_path / "tuned"), "--lora-rank", "4", *common]) == 0
+    assert f"serve it with: assistant serve --model {tmp_path / 'tuned' / 'model.toml'}" in capsys.readouterr().out
+    assert main(align) == 2  # the same --out again
+    assert "already holds checkpoints of a run (step 1); pass --resume" in capsys.readouterr().err
