@@ -120,6 +120,13 @@ def test_a_run_never_overwrites_another_and_resumes_only_its_own(composition: Pa
         train(settings("align", composition, data / "captions.json", tmp_path / "new", resume=True), home)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_refused_up_front(composition: Path, data: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingRefused, match="no CUDA device; use --device cpu"):
+        train(settings("align", composition, data / "captions.json", tmp_path / "out", device="cuda"),
+              config(tmp_path / "home"))
+
+
 def test_bad_entries_are_warned_about_with_their_location_and_skipped(composition: Path, data: Path,
                                                                       tmp_path: Path) -> None:
     images = f"{data}/images"

@@ -137,6 +137,8 @@ def train(settings: TrainSettings, config: Config, report: Report = print) -> Tr
     """Run the stage (see the module docstring); raise :class:`TrainingRefused` before any work it cannot do."""
     spec = _read_composition(settings)
     device = pick_device(settings.device)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise TrainingRefused(f"--device {settings.device}: this machine has no CUDA device; use --device cpu")
     dtype = _pick_dtype(settings.dtype, device)
     run = settings.run_identity(dtype)
     checkpoints = Path(settings.out) / "checkpoints"
