@@ -18,6 +18,11 @@ Contract:
 - ``Finished`` counts the prompt's tokens (image positions included), its image
   tokens, and how many of those came from the model's image-embedding cache
   (images already encoded for an earlier turn or another conversation);
+- a :class:`~assistant.engine.request.ScoreRequest` (image–text matching) is
+  admitted like a generation request and runs whole in the step that admits it
+  (:func:`~assistant.engine.matching.score_answers`): no deltas, one ``Finished``
+  with ``reason="stop"`` and its ``scores``; an abort that arrives before that
+  step cancels it;
 - the engine knows nothing about sockets or the store; the asyncio loop only
   ever waits on a queue, never on model work. Torch's thread settings are left
   as the process set them.
@@ -34,7 +39,9 @@ from typing import Any
 
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.model import ChatModel, PromptError, PromptTooLong
-from assistant.engine.request import EngineEvent, Finished, FinishReason, GenerationRequest, TokenDelta
+from assistant.engine.matching import score_answers
+from assistant.engine.request import (EngineEvent, Finished, FinishReason, GenerationRequest, MatchScore, Request,
+                                      ScoreRequest, TokenDelta)
 from assistant.engine.sampling import make_generator, sample
 from assistant.engine.scheduler import EngineOverloaded, Scheduler
 from assistant.engine.sequence import Sequence
@@ -63,7 +70,7 @@ class Engine:
 
     # ------------------------------------------------------------ any thread
 
-    def add_request(self, request: GenerationRequest, sink: Callable[[EngineEvent], None]) -> None:
+    def add_request(self, request: Request, sink: Callable[[EngineEvent], None]) -> None:
         """Queue a request; its events go to ``sink``. Raises EngineOverloaded when the queue is full."""
         with self._cond:
             if self._is_stopping:
@@ -112,7 +119,7 @@ class Engine:
             if seq is not None:
                 self._finish(seq, "cancelled")
         for seq in batch.prefill:
-            self._guarded(self._prefill, seq)
+            self._guarded(self._score if seq.is_scoring else self._prefill, seq)
         # Round-robin, one sequence at a time for now; a batched decode takes batch.decode whole.
         for seq in batch.decode:
             if not seq.is_finished:
@@ -159,14 +166,19 @@ class Engine:
         logits, seq.kv_cache = model.prefill(prompt, image_embeds)  # (vocab,)
         self._append_token(seq, self._sample(seq, logits))
 
+    def _score(self, seq: Sequence) -> None:
+        request = seq.request
+        assert isinstance(request, ScoreRequest)
+        scores = score_answers(self.model, request.image, request.texts, request.prompt, request.instructions)
+        self._finish(seq, "stop", scores=scores)
+
     def _decode(self, seq: Sequence) -> None:
         logits = self.model.decode(seq.last_token_id, seq.kv_cache)  # (vocab,)
         self._append_token(seq, self._sample(seq, logits))
 
-    @staticmethod
-    def _sample(seq: Sequence, logits: Any) -> int:
+    def _sample(self, seq: Sequence, logits: Any) -> int:
         return sample(logits, seq.params, seq.generator, prompt_token_ids=seq.prompt_token_ids,
-                      output_token_ids=seq.output_token_ids)
+                      output_token_ids=seq.output_token_ids, exempt_token_ids=self.model.eos_token_ids)
 
     def _append_token(self, seq: Sequence, token_id: int) -> None:
         """Record one sampled token, stream the text it completes, finish if it ends the sequence."""
@@ -190,7 +202,8 @@ class Engine:
         elif is_length:
             self._finish(seq, "length")
 
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None,
+                scores: tuple[MatchScore, ...] = ()) -> None:
         """Send the one Finished event and release the sequence (idempotent)."""
         if seq.finish_reason is not None:
             return
@@ -201,7 +214,8 @@ class Engine:
         self._deliver(seq, Finished(reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
                                     num_output_tokens=seq.num_output_tokens,
                                     num_image_tokens=seq.num_image_tokens,
-                                    num_cached_image_tokens=seq.num_cached_image_tokens, error=error))
+                                    num_cached_image_tokens=seq.num_cached_image_tokens, error=error,
+                                    scores=scores))
 
     def _deliver(self, seq: Sequence, event: EngineEvent) -> None:
         try:
@@ -245,5 +259,30 @@ class AsyncEngine:
             if not is_finished:  # the consumer stopped early (aclose, break, task cancelled)
                 self.engine.abort(request.request_id)
 
+    async def score(self, request: ScoreRequest) -> Finished:
+        """Run a score request; return its one Finished (``scores`` set when ``reason == "stop"``).
+
+        Raises EngineOverloaded when the engine's queue is full; cancelling the
+        awaiting task aborts the request.
+        """
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[Finished] = loop.create_future()
+
+        def sink(event: EngineEvent) -> None:
+            if isinstance(event, Finished):
+                loop.call_soon_threadsafe(_resolve, finished, event)
+
+        self.engine.add_request(request, sink)
+        try:
+            return await asyncio.shield(finished)
+        finally:
+            if not finished.done():  # the awaiting task was cancelled
+                self.engine.abort(request.request_id)
+
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+
+def _resolve(future: asyncio.Future[Finished], event: Finished) -> None:
+    if not future.done():
+        future.set_result(event)

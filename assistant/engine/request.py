@@ -3,16 +3,24 @@
 The session builds a :class:`GenerationRequest` from stored items (text and
 image *bytes*, never tensors) and receives a stream of :class:`TokenDelta`
 events ending in exactly one :class:`Finished`.
+
+A :class:`ScoreRequest` (image–text matching, :mod:`assistant.engine.matching`)
+streams no deltas: its one event is the :class:`Finished`, with ``reason="stop"``
+and one :class:`MatchScore` per text in ``scores`` when it ran; cancelled or
+failed like any request otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from assistant.engine.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# The question a ScoreRequest's texts answer, unless it names another.
+DEFAULT_MATCH_PROMPT = "Describe this image."
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,56 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class ScoreRequest:
+    """Score ``texts`` as the assistant's answer to ``prompt`` about ``image``, with and without the image.
+
+    ``instructions`` is the system message ("" for none), as in a conversation. Its
+    ``Finished`` carries the scores and counts no tokens (those fields stay 0).
+    """
+
+    request_id: str
+    image: ImageChunk
+    texts: tuple[str, ...]
+    prompt: str = DEFAULT_MATCH_PROMPT
+    instructions: str = ""
+
+
+Request = GenerationRequest | ScoreRequest
+
+
+@dataclass(frozen=True)
+class MatchScore:
+    """How well one text matches the image: ``score`` is ``log_likelihood - log_likelihood_without_image``.
+
+    Both log-likelihoods are natural-log sums over the text's ``num_tokens`` tokens
+    (the answer's own tokens, not the template's end-of-turn markup).
+    """
+
+    index: int  # the text's position in the request
+    text: str
+    log_likelihood: float  # with the image
+    log_likelihood_without_image: float
+    num_tokens: int
+
+    @property
+    def score(self) -> float:
+        return self.log_likelihood - self.log_likelihood_without_image
+
+    @property
+    def mean_log_likelihood(self) -> float:
+        return self.log_likelihood / self.num_tokens
+
+    @property
+    def mean_log_likelihood_without_image(self) -> float:
+        return self.log_likelihood_without_image / self.num_tokens
+
+
+def ranking(scores: Sequence[MatchScore]) -> list[int]:
+    """The texts' indices, best score first; equal scores keep the texts' order."""
+    return [s.index for s in sorted(scores, key=lambda s: (-s.score, s.index))]
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     """New text, safe to show (never a split UTF-8 character, never part of a stop string)."""
 
@@ -60,6 +118,7 @@ class Finished:
     num_image_tokens: int = 0
     num_cached_image_tokens: int = 0
     error: str | None = None  # log-safe description when reason == "error"
+    scores: tuple[MatchScore, ...] = ()  # a ScoreRequest's result, one per text, when reason == "stop"
 
 
 EngineEvent = TokenDelta | Finished

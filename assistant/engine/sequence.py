@@ -16,7 +16,7 @@ from enum import Enum, auto
 from typing import Any
 
 from assistant.engine.detokenize import IncrementalDetokenizer, StopChecker
-from assistant.engine.request import EngineEvent, FinishReason, GenerationRequest
+from assistant.engine.request import EngineEvent, FinishReason, GenerationRequest, Request, ScoreRequest
 from assistant.engine.sampling import SamplingParams
 
 
@@ -27,7 +27,7 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, sink: Callable[[EngineEvent], None]) -> None:
+    def __init__(self, request: Request, sink: Callable[[EngineEvent], None]) -> None:
         self.request = request
         self.sink = sink
         self.status = SequenceStatus.WAITING
@@ -37,7 +37,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.num_unreported_tokens = 0  # sampled but not yet counted in a TokenDelta
         self.detokenizer: IncrementalDetokenizer | None = None  # set at prefill (needs the tokenizer)
-        self.stop_checker = StopChecker(request.params.stop)
+        self.stop_checker = StopChecker(request.params.stop if isinstance(request, GenerationRequest) else ())
         self.generator: Any = None  # torch.Generator, set at prefill
         self.kv_cache: Any = None  # the model's cache object while RUNNING
         self.finish_reason: FinishReason | None = None
@@ -47,7 +47,13 @@ class Sequence:
         return self.request.request_id
 
     @property
+    def is_scoring(self) -> bool:
+        """A ScoreRequest: it runs whole in the step that admits it and decodes nothing."""
+        return isinstance(self.request, ScoreRequest)
+
+    @property
     def params(self) -> SamplingParams:
+        assert isinstance(self.request, GenerationRequest), "a score request has no sampling parameters"
         return self.request.params
 
     @property
