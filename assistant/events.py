@@ -15,15 +15,22 @@ image type; an image a beta client sends comes back as ``input_image``, outside 
 Images in items: ``conversation.item.retrieved`` carries the full ``data:`` URL;
 ``conversation.item.added``/``done`` carry only our extension field
 ``image_sha256`` so a 10 MB image is not echoed back on every create.
+
+``image.match.result`` (extension, answering ``image.match``; no SDK type knows it):
+``client_event_id`` (the client's ``event_id`` or null), ``scores`` (one per text, in the
+texts' order: ``index``, ``text``, ``score``, ``log_likelihood``,
+``log_likelihood_without_image``, ``num_tokens``) and ``ranking`` (indices, best first).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
 
+from assistant.engine.request import MatchScore, ranking
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import AssistantError
 from assistant.items import ContentPart, Item, Usage
@@ -168,4 +175,14 @@ def usage_json(usage: Usage) -> dict[str, Any]:
                                       "image_tokens": usage.cached_image_tokens, "audio_tokens": 0},
         },
         "output_token_details": {"text_tokens": usage.output_tokens, "audio_tokens": 0},
+    }
+
+
+def match_result_json(scores: Sequence[MatchScore]) -> dict[str, Any]:
+    """The ``scores`` and ``ranking`` fields of ``image.match.result``."""
+    return {
+        "scores": [{"index": s.index, "text": s.text, "score": s.score, "log_likelihood": s.log_likelihood,
+                    "log_likelihood_without_image": s.log_likelihood_without_image, "num_tokens": s.num_tokens}
+                   for s in scores],
+        "ranking": ranking(scores),
     }

@@ -16,7 +16,9 @@ no effect on a text server (``tracing``, ``truncation``, ``include``, empty
 ``tools``, ``tool_choice: "auto"``...) are accepted. Our extensions are additive:
 ``temperature``, ``top_p``, ``seed``, ``stop`` and ``repetition_penalty``, next to
 OpenAI's ``frequency_penalty`` and ``presence_penalty``, inside ``session`` and
-``response``.
+``response``; and the event ``image.match`` (:class:`ImageMatch`: one image, 1 to
+:data:`MAX_MATCH_TEXTS` texts of at most :data:`MAX_MATCH_TEXT_CHARS` characters, an
+optional ``prompt``), whose image URL is checked by the session like an item's.
 
 Numbers: a JSON integer of more than 64 digits reads as infinity, so it fails
 its field's range check with a coded error instead of costing CPU or overflowing.
@@ -44,6 +46,9 @@ MAX_TEXT_CHARS = 200_000
 MAX_METADATA_ENTRIES = 16
 MAX_METADATA_CHARS = 512
 MAX_INTEGER_DIGITS = 64
+# image.match: texts scored per event, and the length of each text and of the prompt.
+MAX_MATCH_TEXTS = 16
+MAX_MATCH_TEXT_CHARS = 1_000
 
 # Realtime audio events a text server cannot act on: one ``audio_not_supported`` error each.
 # (``input_audio_buffer.clear`` is answered: the buffer is always empty here.)
@@ -135,8 +140,18 @@ class AudioBufferClear:
     event_id: str | None
 
 
+@dataclass(frozen=True)
+class ImageMatch:
+    """``image.match`` (extension): score ``texts`` against ``image``; ``prompt`` None = the server's default."""
+
+    event_id: str | None
+    image: ImageInput  # image_url not yet decoded: the session checks it like an item's image
+    texts: tuple[str, ...]
+    prompt: str | None = None
+
+
 ClientEvent = (SessionUpdate | ItemCreate | ItemDelete | ItemRetrieve | ResponseCreate | ResponseCancel
-               | AudioBufferClear)
+               | AudioBufferClear | ImageMatch)
 
 
 def parse_client_event(frame: str | bytes) -> ClientEvent:
@@ -400,6 +415,29 @@ def _audio_buffer_clear(data: dict[str, Any], event_id: str | None) -> AudioBuff
     return AudioBufferClear(event_id)
 
 
+def _image_match(data: dict[str, Any], event_id: str | None) -> ImageMatch:
+    image = _get(data, "image", dict, "")
+    detail = _get(image, "detail", str, "image.", required=False) or "auto"
+    if detail not in DETAILS:
+        raise InvalidValue(f"'image.detail' must be one of {', '.join(DETAILS)}.", param="image.detail")
+    texts = _get(data, "texts", list, "")
+    if not 1 <= len(texts) <= MAX_MATCH_TEXTS:
+        raise InvalidValue(f"'texts' holds {len(texts)} texts; send 1 to {MAX_MATCH_TEXTS}.", param="texts")
+    for index, text in enumerate(texts):
+        _check_match_text(text, f"texts[{index}]")
+    prompt = data.get("prompt")
+    if prompt is not None:
+        _check_match_text(prompt, "prompt")
+    return ImageMatch(event_id, ImageInput(_get(image, "image_url", str, "image."), detail), tuple(texts), prompt)
+
+
+def _check_match_text(text: Any, param: str) -> None:
+    if not isinstance(text, str):
+        raise InvalidType(f"'{param}' must be a string.", param=param)
+    if not 0 < len(text) <= MAX_MATCH_TEXT_CHARS:
+        raise InvalidValue(f"'{param}' has {len(text)} characters; send 1 to {MAX_MATCH_TEXT_CHARS}.", param=param)
+
+
 _PARSERS = {
     "session.update": _session_update,
     "conversation.item.create": _item_create,
@@ -408,4 +446,5 @@ _PARSERS = {
     "response.create": _response_create,
     "response.cancel": _response_cancel,
     "input_audio_buffer.clear": _audio_buffer_clear,
+    "image.match": _image_match,
 }

@@ -9,6 +9,10 @@ Invariants:
 - every client event is answered, and every failure becomes one ``error``
   event; the connection stays open and nothing stored is lost;
 - at most one response runs per connection;
+- ``image.match`` (extension) stores nothing and is answered in order: the
+  connection's next event is handled once its ``image.match.result`` (or error)
+  is sent. It runs beside a response, not against the one-response rule; the
+  engine does it in one step, so a ``response.cancel`` behind it waits that long;
 - every item is stored before it is announced; a response's output item is
   stored as ``in_progress`` when it starts and finalized when it ends, also when
   the client disconnects mid-response;
@@ -25,15 +29,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from assistant import images as image_codec
-from assistant.engine.request import Finished, GenerationRequest, TokenDelta
+from assistant.engine.request import Finished, GenerationRequest, ImageChunk, ScoreRequest, TokenDelta
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import (AssistantError, BudgetExceeded, ImageRejected, InternalError, ResponseCancelNotActive,
                               ResponseInProgress, ResponseNotFound)
-from assistant.events import EventWriter, SessionView, new_id
+from assistant.events import EventWriter, SessionView, match_result_json, new_id
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
 from assistant.prompts import build_messages
-from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ItemCreate, ItemDelete, ItemInput,
-                                ItemRetrieve, ResponseCancel, ResponseCreate, SamplingChanges, SessionUpdate,
+from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ImageMatch, ItemCreate, ItemDelete,
+                                ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SamplingChanges, SessionUpdate,
                                 parse_client_event)
 from assistant.store import Store
 
@@ -69,7 +73,7 @@ class Session:
         self,
         *,
         store: Store,
-        engine: Any,  # AsyncEngine: generate(request) -> AsyncIterator[EngineEvent], abort(request_id)
+        engine: Any,  # AsyncEngine: generate(request) -> AsyncIterator[EngineEvent], score(request), abort(request_id)
         conversation_id: str,
         model_name: str,
         settings: Settings,
@@ -150,6 +154,8 @@ class Session:
                 self._cancel_response(response_id)
             case AudioBufferClear():
                 await self.send("input_audio_buffer.cleared")
+            case ImageMatch():
+                await self._match(event)
 
     async def _send_refused(self, refused: tuple[AssistantError, ...], event_id: str | None) -> None:
         """The parts of an event that were not applied: one coded error each (the rest was applied)."""
@@ -234,6 +240,34 @@ class Session:
             if image is not None:
                 urls[sha256] = image_codec.to_data_url(image)
         return urls
+
+    # ------------------------------------------------------------ image matching
+
+    async def _match(self, event: ImageMatch) -> None:
+        """Score the texts against the image (the session's instructions as the system message); store nothing."""
+        if self.image_budget.tokens_per_image is None:
+            raise ImageRejected("This model does not accept images; image.match needs a vision model.",
+                                param="image", code="image_input_not_supported")
+        image = await asyncio.to_thread(self._validate_match_image, event.image)
+        request = ScoreRequest(new_id("match"), image, event.texts, instructions=self.settings.instructions,
+                               **({} if event.prompt is None else {"prompt": event.prompt}))
+        finished = await self.engine.score(request)
+        if finished.reason != "stop":
+            raise _error_of(finished)
+        await self.send("image.match.result", client_event_id=event.event_id, **match_result_json(finished.scores))
+
+    def _validate_match_image(self, image: ImageInput) -> ImageChunk:
+        """Worker thread: the checks an item's image gets, and its per-message token budget."""
+        budget = self.image_budget
+        assert budget.tokens_per_image is not None
+        _, data = image_codec.parse_image_url(image.image_url, budget.limits, param="image.image_url")
+        stored, _ = image_codec.load_image(data, budget.limits, param="image.image_url")
+        num_tokens = budget.tokens_per_image(image.detail)
+        if num_tokens > budget.max_tokens_per_message:
+            raise BudgetExceeded(f"This image needs {num_tokens} image tokens; a message may use at most "
+                                 f"{budget.max_tokens_per_message}. Use detail \"low\".", param="image.detail",
+                                 code="too_many_image_tokens")
+        return ImageChunk(stored.sha256, stored.data, image.detail)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ responses
 
@@ -381,6 +415,16 @@ PUBLIC_ERROR_TYPES = {
     "invalid_prompt": "invalid_request_error",
     "server_overloaded": "server_error",
 }
+
+
+def _error_of(finished: Finished) -> AssistantError:
+    """The error event for a request the engine did not complete (not a response: an image.match)."""
+    code, _, message = (finished.error or "").partition(": ")
+    if finished.reason == "error" and code in PUBLIC_ERROR_TYPES:
+        error = AssistantError(message, code=code)
+        error.type = PUBLIC_ERROR_TYPES[code]
+        return error
+    return InternalError("The request could not be completed inside the model; nothing was stored.")
 
 
 def _status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from assistant.errors import AssistantError
-from assistant.protocol import (AudioBufferClear, ImageInput, ItemCreate, ItemDelete, ItemRetrieve, ResponseCancel, ResponseCreate,
-                                SessionUpdate, TextInput, parse_client_event)
+from assistant.protocol import (AudioBufferClear, ImageInput, ImageMatch, ItemCreate, ItemDelete, ItemRetrieve,
+                                ResponseCancel, ResponseCreate, SessionUpdate, TextInput, parse_client_event)
 
 
 def parse(event: dict) -> object:
@@ -228,3 +228,37 @@ def test_over_long_integers_elsewhere_are_coded_too() -> None:
     assert rejection('{"type": "session.update", "session": {"seed": %s}}' % ("7" * 5000)).param == "session.seed"
     error = rejection('{"type": "session.update", "session": {"max_output_tokens": %s}}' % ("7" * 90))
     assert (error.code, error.param) == ("invalid_value", "session.max_output_tokens")
+
+
+# ---------------------------------------------------------------- image.match (extension)
+
+IMAGE = {"image_url": "data:image/png;base64,iVBORw0KGgo="}
+
+
+def test_image_match_is_parsed_with_its_defaults() -> None:
+    event = parse({"type": "image.match", "event_id": "m1", "image": IMAGE, "texts": ["a cat", "a dog"]})
+    assert event == ImageMatch("m1", ImageInput(IMAGE["image_url"], "auto"), ("a cat", "a dog"), None)
+    event = parse({"type": "image.match", "image": {**IMAGE, "detail": "low"}, "texts": ["x" * 1000] * 16,
+                   "prompt": "What is shown?"})
+    assert isinstance(event, ImageMatch) and event.image.detail == "low" and event.prompt == "What is shown?"
+    assert len(event.texts) == 16
+
+
+@pytest.mark.parametrize("fields, code, param", [
+    ({"texts": ["a"]}, "missing_required_parameter", "image"),
+    ({"image": "data:image/png;base64,AAAA", "texts": ["a"]}, "invalid_type", "image"),
+    ({"image": {}, "texts": ["a"]}, "missing_required_parameter", "image.image_url"),
+    ({"image": {**IMAGE, "detail": "ultra"}, "texts": ["a"]}, "invalid_value", "image.detail"),
+    ({"image": IMAGE}, "missing_required_parameter", "texts"),
+    ({"image": IMAGE, "texts": "a cat"}, "invalid_type", "texts"),
+    ({"image": IMAGE, "texts": []}, "invalid_value", "texts"),
+    ({"image": IMAGE, "texts": ["a"] * 17}, "invalid_value", "texts"),
+    ({"image": IMAGE, "texts": ["a", 2]}, "invalid_type", "texts[1]"),
+    ({"image": IMAGE, "texts": ["a", ""]}, "invalid_value", "texts[1]"),
+    ({"image": IMAGE, "texts": ["x" * 1001]}, "invalid_value", "texts[0]"),
+    ({"image": IMAGE, "texts": ["a"], "prompt": ""}, "invalid_value", "prompt"),
+    ({"image": IMAGE, "texts": ["a"], "prompt": 7}, "invalid_type", "prompt"),
+])
+def test_image_match_rejections_are_coded_with_param(fields: dict, code: str, param: str) -> None:
+    error = rejection({"type": "image.match", "event_id": "m2", **fields})
+    assert (error.code, error.param, error.event_id) == (code, param, "m2")
