@@ -1,5 +1,5 @@
 """Command line: ``assistant serve``, ``assistant db upgrade``, ``assistant models pull``, ``assistant data``,
-``assistant train``.
+``assistant train``, ``assistant match``.
 
 The Config is built here, once, from flags > environment > TOML file > defaults,
 and passed explicitly to what needs it. Every Config field is a ``serve`` flag
@@ -66,7 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train_commands.add_parser(
         "finetune", help="Stage 2: train the projector and a LoRA adapter of the decoder, on question-answer "
         "conversations."), "finetune")
+    _add_match_flags(commands.add_parser(
+        "match", help="Rank texts by how well they describe an image (needs a vision model).",
+        description="Score each TEXT as the model's answer to --prompt about IMAGE, with the image minus without "
+        "it (natural-log likelihoods), and print the texts best first."))
     return parser
+
+
+def _add_match_flags(parser: argparse.ArgumentParser) -> None:
+    from assistant.engine.request import DEFAULT_MATCH_PROMPT
+
+    parser.add_argument("image", type=Path, metavar="IMAGE", help="Image file (PNG, JPEG, WebP or GIF).")
+    parser.add_argument("texts", nargs="+", metavar="TEXT", help="Candidate texts (captions) to score.")
+    parser.add_argument("--prompt", default=DEFAULT_MATCH_PROMPT,
+                        help=f"The question the texts answer (default {DEFAULT_MATCH_PROMPT!r}).")
+    parser.add_argument("--detail", default="auto", choices=("low", "high", "auto"),
+                        help="The image's detail, as in an input_image part (default auto).")
+    parser.add_argument("--json", action="store_true", help="Print the scores and ranking as JSON, as "
+                        "image.match.result carries them.")
+    _add_config_flags(parser, ["data_dir", "model", "quantize", "dtype", "device", "system_prompt_file",
+                               "max_image_bytes", "max_image_pixels", "log_level"])
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
@@ -120,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(config)
         if args.command == "db":
             return _db_upgrade(config)
+        if args.command == "match":
+            return _match(args, config)
         return _models_pull(config)
     except KeyboardInterrupt:
         return 130
@@ -224,6 +245,56 @@ def _serve(config: Config) -> int:
         return 1
     finally:
         close_app(app)
+    return 0
+
+
+def _match(args: argparse.Namespace, config: Config) -> int:
+    """``assistant match``: the image and texts are checked before the model loads; refusals exit 2."""
+    import json
+
+    from assistant.engine.loader import load_model
+    from assistant.engine.matching import image_chunk, score_answers
+    from assistant.engine.model import PromptError
+    from assistant.engine.request import ranking
+    from assistant.errors import ImageRejected
+    from assistant.events import match_result_json
+    from assistant.images import ImageLimits
+    from assistant.prompts import load_system_prompt
+
+    if not args.prompt or not all(args.texts):
+        print("assistant: the prompt and every TEXT must be non-empty", file=sys.stderr)
+        return 2
+    try:
+        data = args.image.read_bytes()
+        image = image_chunk(data, args.detail, ImageLimits(max_bytes=config.max_image_bytes,
+                                                           max_pixels=config.max_image_pixels))
+    except OSError as exc:
+        print(f"assistant: cannot read {args.image}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ImageRejected as exc:
+        print(f"assistant: {args.image}: {exc.message} ({exc.code})", file=sys.stderr)
+        return 2
+    model = load_model(config, progress=_progress)
+    if not model.accepts_images:
+        print(f"assistant: {config.model} is a text-only model; matching needs a vision model (a LLaVA checkpoint "
+              "or a composition file, see --model)", file=sys.stderr)
+        return 2
+    try:
+        scores = score_answers(model, image, args.texts, args.prompt,
+                               load_system_prompt(config.system_prompt_file or None))
+    except PromptError as exc:
+        print(f"assistant: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, **match_result_json(scores)}, ensure_ascii=False, indent=2))
+        return 0
+    # Log-likelihoods (natural log) of each text as the answer, summed and per token, with and without the image.
+    print(f"{'rank':>4} {'score':>9} {'loglik':>10} {'no_image':>10} {'tokens':>6} {'per_token':>9} "
+          f"{'no_image':>9}  text")
+    for rank, index in enumerate(ranking(scores), start=1):
+        s = scores[index]
+        print(f"{rank:>4} {s.score:>+9.3f} {s.log_likelihood:>10.3f} {s.log_likelihood_without_image:>10.3f} "
+              f"{s.num_tokens:>6} {s.mean_log_likelihood:>9.3f} {s.mean_log_likelihood_without_image:>9.3f}  {s.text}")
     return 0
 
 

@@ -100,3 +100,74 @@ def test_train_align_then_finetune_from_the_command_line(tmp_path: Path, capsys:
     assert f"serve it with: assistant serve --model {tmp_path / 'tuned' / 'model.toml'}" in capsys.readouterr().out
     assert main(align) == 2  # the same --out again
     assert "already holds checkpoints of a run (step 1); pass --resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- assistant match
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.vision_fixtures import save_tiny_llava_chat
+
+    return save_tiny_llava_chat(tmp_path_factory.mktemp("llava"), "clip")
+
+
+def match_command(image: Path, model: Path, data_dir: Path, *texts: str) -> list[str]:
+    return ["match", str(image), *texts, "--model", str(model), "--dtype", "float32", "--device", "cpu",
+            "--data-dir", str(data_dir)]
+
+
+def table_rows(out: str) -> list[tuple[int, float, str]]:
+    """(rank, score, text) of each row under the header."""
+    rows = []
+    for line in out.splitlines()[1:]:
+        rank, score, *_, rest = line.split(maxsplit=7)
+        rows.append((int(rank), float(score), rest))
+    return rows
+
+
+def test_match_prints_the_texts_best_first_and_as_json(llava_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tests.vision_fixtures import make_image
+
+    make_image(1).save(tmp_path / "picture.png")
+    texts = ["a cat", "two red circles", "Hello world"]
+    assert main(match_command(tmp_path / "picture.png", llava_dir, tmp_path / "data", *texts)) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [rank for rank, _, _ in rows] == [1, 2, 3] and sorted(text for _, _, text in rows) == sorted(texts)
+    assert [score for _, score, _ in rows] == sorted((score for _, score, _ in rows), reverse=True)
+    assert main([*match_command(tmp_path / "picture.png", llava_dir, tmp_path / "data", *texts), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompt"] == "Describe this image."
+    assert [texts[i] for i in result["ranking"]] == [text for _, _, text in rows]
+    assert [round(result["scores"][i]["score"], 3) for i in result["ranking"]] == [score for _, score, _ in rows]
+
+
+def test_match_ranks_what_the_model_sees_first(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from assistant.engine import loader
+    from tests.matching_fixtures import CAPTIONS, bag_of_words_chat_model, save_bag_of_words_model, solid_png
+
+    seeing = bag_of_words_chat_model(save_bag_of_words_model(tmp_path / "bow"))
+    monkeypatch.setattr(loader, "load_model", lambda config, progress: seeing)  # a model no --model can name
+    (tmp_path / "blue.png").write_bytes(solid_png((0, 0, 255)))
+    assert main(match_command(tmp_path / "blue.png", tmp_path / "bow", tmp_path / "data", *CAPTIONS.values())) == 0
+    assert table_rows(capsys.readouterr().out)[0][2] == "the blue sky"
+
+
+def test_match_refuses_a_text_only_model_and_a_bad_image(tiny_model_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.vision_fixtures import make_image
+
+    make_image(1).save(tmp_path / "picture.png")
+    assert main(match_command(tmp_path / "picture.png", tiny_model_dir, tmp_path / "data", "a cat")) == 2
+    assert "is a text-only model; matching needs a vision model" in capsys.readouterr().err
+    (tmp_path / "notes.png").write_text("not an image")
+    # The image is checked before any model loads: this model directory does not even exist.
+    assert main(match_command(tmp_path / "notes.png", tmp_path / "no-model", tmp_path / "data", "a cat")) == 2
+    assert "(image_unsupported_format)" in capsys.readouterr().err
+    assert main(match_command(tmp_path / "missing.png", tmp_path / "no-model", tmp_path / "data", "a cat")) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(match_command(tmp_path / "picture.png", tmp_path / "no-model", tmp_path / "data", "")) == 2
