@@ -80,6 +80,14 @@ def test_repetition_penalty_covers_prompt_and_output_and_keeps_signs() -> None:
     assert penalized.tolist() == [1.0, -4.0, 2.0, 2.0]
 
 
+def test_end_of_sequence_tokens_are_never_penalized() -> None:
+    logits = torch.tensor([2.0, 2.0, 2.0])
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0, presence_penalty=0.5)
+    penalized = apply_penalties(logits, params, prompt_token_ids=[0, 2], output_token_ids=[0, 2],
+                                exempt_token_ids={2})
+    assert penalized.tolist() == [2.0 / 2.0 - 1.0 - 0.5, 2.0, 2.0]
+
+
 def test_penalties_steer_greedy_picks_away_from_repeats() -> None:
     logits = torch.tensor([3.0, 2.5, 0.0])
     assert sample(logits, SamplingParams(temperature=0.0), make_generator(0), output_token_ids=[0]) == 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,12 +115,17 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_token_ids: Sequence[int],
-                    output_token_ids: Sequence[int]) -> torch.Tensor:
-    """``logits`` (vocab,) with the repetition, frequency and presence penalties applied (a new float32 tensor)."""
+                    output_token_ids: Sequence[int], exempt_token_ids: Collection[int] = ()) -> torch.Tensor:
+    """``logits`` (vocab,) with the repetition, frequency and presence penalties applied (a new float32 tensor).
+
+    ``exempt_token_ids`` (the end-of-sequence tokens) are never penalized: every chat prompt
+    holds the end-of-turn token, and penalizing it would only keep the model from stopping.
+    """
     import torch
 
     logits = logits.float().cpu().clone()  # (vocab,)
     vocab = logits.shape[-1]
+    kept = logits[list(exempt_token_ids)].clone() if exempt_token_ids else None
     if params.repetition_penalty != 1.0:
         seen = torch.tensor([*prompt_token_ids, *output_token_ids], dtype=torch.long).unique()  # (n,)
         seen = seen[seen < vocab]
@@ -130,14 +135,17 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_token_i
     if (params.frequency_penalty or params.presence_penalty) and len(output_token_ids):
         counts = torch.bincount(torch.tensor(output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]  # (vocab,)
         logits -= counts.float() * params.frequency_penalty + (counts > 0).float() * params.presence_penalty
+    if kept is not None:
+        logits[list(exempt_token_ids)] = kept
     return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, *,
-           prompt_token_ids: Sequence[int] = (), output_token_ids: Sequence[int] = ()) -> int:
+           prompt_token_ids: Sequence[int] = (), output_token_ids: Sequence[int] = (),
+           exempt_token_ids: Collection[int] = ()) -> int:
     """Pick the next token from one row of logits ``(vocab,)``.
 
-    Penalties first (they apply to greedy picks too), then greedy when
+    Penalties first (they apply to greedy picks too; never to ``exempt_token_ids``), then greedy when
     ``params.temperature == 0``, else temperature scaling, nucleus (top-p)
     filtering and one draw from ``generator`` (so one seed gives one sequence of
     tokens). The draw happens on the CPU, where the generator lives, whatever the
@@ -146,7 +154,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     import torch
 
     if params.has_penalties:
-        logits = apply_penalties(logits, params, prompt_token_ids, output_token_ids)
+        logits = apply_penalties(logits, params, prompt_token_ids, output_token_ids, exempt_token_ids)
     if params.is_greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)  # (vocab,)
