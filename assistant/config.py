@@ -67,9 +67,9 @@ class Config:
     max_running_requests: int = _opt(4, "Responses generated concurrently by the engine.")
     max_waiting_requests: int = _opt(64, "Responses queued behind them; more are refused with a coded error.")
     # Sampling defaults (per session via session.update, per response via response.create)
-    temperature: float = _opt(0.8, "Default sampling temperature (0 = greedy).")
-    top_p: float = _opt(1.0, "Default nucleus sampling probability mass.")
-    frequency_penalty: float = _opt(0.0, "Default OpenAI frequency penalty (-2..2): lowers a token's logit by this "
+    temperature: float = _opt(0.3, "Default sampling temperature (0 = greedy).")
+    top_p: float = _opt(0.9, "Default nucleus sampling probability mass.")
+    frequency_penalty: float = _opt(0.3, "Default OpenAI frequency penalty (-2..2): lowers a token's logit by this "
                                     "much for each time the response already used it.")
     presence_penalty: float = _opt(0.0, "Default OpenAI presence penalty (-2..2): lowers the logit of every token "
                                    "the response already used.")
