@@ -58,7 +58,6 @@ import json
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -70,6 +69,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from assistant.engine.sampling import check_sampling_value
+from bench.serving import serving
 from bench.quality_questions import QUESTIONS, Question
 
 QUESTION_BY_TEXT = {q.text: q for q in QUESTIONS}
@@ -231,22 +231,8 @@ async def server_url(args: argparse.Namespace) -> AsyncIterator[str]:
     if args.url:
         yield args.url
         return
-    from assistant.app import build_app, close_app
-    from assistant.config import load_config
-    from assistant.server import start_server, url_of
-
-    with tempfile.TemporaryDirectory() as tmp:
-        flags = {"model": args.model, "database_url": f"sqlite:///{Path(tmp) / 'quality.db'}"}
-        started = time.perf_counter()
-        app = await asyncio.to_thread(build_app, load_config(flags, env={}), lambda _: None)
-        print(f"model   {args.model}, loaded in {time.perf_counter() - started:.1f} s", flush=True)
-        server = await start_server(app, "127.0.0.1", 0)
-        try:
-            yield url_of(app, "127.0.0.1", server.sockets[0].getsockname()[1])
-        finally:
-            server.close()
-            await server.wait_closed()
-            close_app(app)
+    async with serving(f"model   {args.model}", model=args.model) as url:
+        yield url
 
 
 # ------------------------------------------------------------ report

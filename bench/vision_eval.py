@@ -70,6 +70,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from assistant.data.digits import QUESTIONS as DIGIT_QUESTIONS
 from assistant.data.digits import write_digits
 from assistant.data.synth import Sample, plan_sample, write_synth
+from bench.serving import serving
 from bench.vision_checks import attribute_questions, is_correct, match_candidates, names_image
 
 HELD_OUT_SEED = 90001  # training must never use this seed (see the module docstring)
@@ -221,32 +222,12 @@ async def matching_checks(url: str, data: HeldOut, seed: int, num_connections: i
 
 
 @asynccontextmanager
-async def serving(model: str, quantize: str) -> AsyncIterator[str]:
-    """The URL of an in-process server built as ``assistant serve`` builds it, serving ``model``."""
-    from assistant.app import build_app, close_app
-    from assistant.config import load_config
-    from assistant.server import start_server, url_of
-
-    with tempfile.TemporaryDirectory() as tmp:
-        flags = {"model": model, "quantize": quantize, "database_url": f"sqlite:///{Path(tmp) / 'eval.db'}"}
-        started = time.perf_counter()
-        app = await asyncio.to_thread(build_app, load_config(flags, env={}), lambda _: None)
-        print(f"served  {model} ({quantize}), loaded in {time.perf_counter() - started:.1f} s", flush=True)
-        server = await start_server(app, "127.0.0.1", 0)
-        try:
-            yield url_of(app, "127.0.0.1", server.sockets[0].getsockname()[1])
-        finally:
-            server.close()
-            await server.wait_closed()
-            close_app(app)
-
-
-@asynccontextmanager
 async def model_url(args: argparse.Namespace) -> AsyncIterator[str]:
     if args.url:
         yield args.url
     else:
-        async with serving(args.model, args.quantize) as url:
+        label = f"served  {args.model} ({args.quantize})"
+        async with serving(label, model=args.model, quantize=args.quantize) as url:
             yield url
 
 
@@ -368,7 +349,7 @@ async def run(args: argparse.Namespace) -> None:
                 if decoder is None:
                     text.append(TextResult(f"{label}, {quantize}", note=f"n/a: {why_not}"))
                     continue
-                async with serving(decoder, quantize) as url:
+                async with serving(f"served  {decoder} ({quantize})", model=decoder, quantize=quantize) as url:
                     text.append(await text_only(url, f"{label}, {quantize}", args.text_config, args.text_seeds,
                                                 args.connections))
         if args.jsonl:

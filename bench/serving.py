@@ -1,0 +1,32 @@
+"""An in-process server for the benches, built exactly as ``assistant serve`` builds it."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+
+@asynccontextmanager
+async def serving(label: str, **flags: str) -> AsyncIterator[str]:
+    """The Realtime URL of a server built from the config ``flags`` (``model``, ``quantize``...) on a
+    throw-away SQLite store and an ephemeral port; prints how long the model took to load."""
+    from assistant.app import build_app, close_app
+    from assistant.config import load_config
+    from assistant.server import start_server, url_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config({**flags, "database_url": f"sqlite:///{Path(tmp) / 'bench.db'}"}, env={})
+        started = time.perf_counter()
+        app = await asyncio.to_thread(build_app, config, lambda _: None)
+        print(f"{label}, loaded in {time.perf_counter() - started:.1f} s", flush=True)
+        server = await start_server(app, "127.0.0.1", 0)
+        try:
+            yield url_of(app, "127.0.0.1", server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            await server.wait_closed()
+            close_app(app)
