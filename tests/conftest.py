@@ -95,7 +95,9 @@ async def running_server(model: ChatModel, data_dir: Path, port: int = 0,
 
 @pytest.fixture
 async def server(tiny_model: ChatModel, data_dir: Path) -> AsyncIterator[RunningServer]:
-    async with running_server(tiny_model, data_dir) as running:
+    """The tiny model served greedy by default, so every test's answer is the same each run (sampled,
+    the random model sometimes ends before its first token); tests of sampling set their own."""
+    async with running_server(tiny_model, data_dir, temperature=0) as running:
         yield running
 
 

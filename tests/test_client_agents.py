@@ -10,25 +10,13 @@ transcription, turn detection), which this server answers with one coded
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from agents.realtime import RealtimeAgent, RealtimeRunner, RealtimeSession
 
-from assistant.engine.model import ChatModel
-from tests.conftest import RunningServer, running_server
+from tests.conftest import RunningServer
 
 TIMEOUT = 60
-
-
-@pytest.fixture
-async def server(tiny_model: ChatModel, data_dir: Path) -> AsyncIterator[RunningServer]:
-    """Greedy by default (the Agents SDK sends no sampling settings): the tiny model's EOS never wins a greedy
-    pick, so the reply is never empty."""
-    async with running_server(tiny_model, data_dir, temperature=0) as running:
-        yield running
 
 
 def server_event(event: Any) -> dict[str, Any] | None:
