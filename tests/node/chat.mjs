@@ -8,9 +8,9 @@ rt.on("error", (err) => console.error(err.message)); // a server's coded error i
 rt.on("session.created", (event) => {
   console.log("conversation:", event.session.conversation_id); // keep it to resume later
   rt.send({ type: "session.update",
-            session: { type: "realtime", output_modalities: ["text"], temperature: 0.2, max_output_tokens: 200 } });
+            session: { type: "realtime", output_modalities: ["text"] } });
   rt.send({ type: "conversation.item.create", item: { type: "message", role: "user",
-            content: [{ type: "input_text", text: "What is the capital of France?" }] } });
+            content: [{ type: "input_text", text: "What is the capital of Japan?" }] } });
   rt.send({ type: "response.create" });
 });
 rt.on("response.output_text.delta", (event) => process.stdout.write(event.delta));
