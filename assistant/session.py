@@ -417,14 +417,21 @@ PUBLIC_ERROR_TYPES = {
 }
 
 
+def _public_error(finished: Finished) -> AssistantError | None:
+    """The engine's error as a client may see it, when its code is a public one; engine errors read
+    "code: message" and only known codes keep their message."""
+    code, _, message = (finished.error or "").partition(": ")
+    if code not in PUBLIC_ERROR_TYPES:
+        return None
+    error = AssistantError(message, code=code)
+    error.type = PUBLIC_ERROR_TYPES[code]
+    return error
+
+
 def _error_of(finished: Finished) -> AssistantError:
     """The error event for a request the engine did not complete (not a response: an image.match)."""
-    code, _, message = (finished.error or "").partition(": ")
-    if finished.reason == "error" and code in PUBLIC_ERROR_TYPES:
-        error = AssistantError(message, code=code)
-        error.type = PUBLIC_ERROR_TYPES[code]
-        return error
-    return InternalError("The request could not be completed inside the model; nothing was stored.")
+    error = _public_error(finished) if finished.reason == "error" else None
+    return error or InternalError("The request could not be completed inside the model; nothing was stored.")
 
 
 def _status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
@@ -436,10 +443,9 @@ def _status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
             return "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         case "cancelled":
             return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
-    # Engine errors read "code: message"; only known codes keep their message.
-    code, _, message = (finished.error or "").partition(": ")
-    if code in PUBLIC_ERROR_TYPES:
-        error = {"type": PUBLIC_ERROR_TYPES[code], "code": code, "message": message}
+    public = _public_error(finished)
+    if public is not None:
+        error = {"type": public.type, "code": public.code, "message": public.message}
     else:
         error = {"type": "server_error", "code": "generation_failed",
                  "message": "Generation failed; the conversation is intact."}
