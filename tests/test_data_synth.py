@@ -55,10 +55,14 @@ def test_the_mix_covers_every_kind_and_count(tmp_path: Path) -> None:
 def test_files_are_llava_format_and_the_command_writes_them(tmp_path: Path, capsys) -> None:
     assert main(["data", "synth", "--out", str(tmp_path), "--count", "6", "--seed", "2"]) == 0
     assert "wrote 6 images" in capsys.readouterr().out
-    for name in ("captions.json", "qa.json"):
-        examples, problems = read_llava(tmp_path / name)
-        assert len(examples) == 6 and problems == []
+    captions, problems = read_llava(tmp_path / "captions.json")
+    assert len(captions) == 6 and problems == []
     meta = [json.loads(line) for line in (tmp_path / "meta.jsonl").read_text().splitlines()]
+    # qa.json: every question alone with its image, as a served question comes (none gives another away)
+    questions, problems = read_llava(tmp_path / "qa.json")
+    assert problems == [] and all(len(example.turns) == 1 for example in questions)
+    assert [(e.image.name, *e.turns[0]) for e in questions] == [
+        (Path(m["image"]).name, question, answer) for m in meta for question, answer in m["qa"]]
     assert [m["image"] for m in meta] == [f"images/{i:06d}.png" for i in range(6)]
     from PIL import Image
 

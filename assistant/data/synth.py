@@ -12,8 +12,8 @@ optional pixel noise. Every sample is generated from ``random.Random(f"{seed}:{i
 alone, so a data set is deterministic per seed and a larger ``count`` only adds samples.
 
 :func:`write_synth` writes ``images/NNNNNN.png`` and three files: ``captions.json``
-(one "describe" turn per image: the alignment stage), ``qa.json`` (several questions per
-image: the instruction stage), both in LLaVA's format, and ``meta.jsonl`` (each sample's
+(one "describe" turn per image: the alignment stage), ``qa.json`` (one entry per question,
+several per image: the instruction stage), both in LLaVA's format, and ``meta.jsonl`` (each sample's
 attributes, for evaluation).
 """
 
@@ -183,12 +183,11 @@ def caption_conversation(sample: Sample, prompt: str) -> list[dict[str, str]]:
     return [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": sample.caption}]
 
 
-def qa_conversation(sample: Sample) -> list[dict[str, str]]:
-    turns: list[dict[str, str]] = []
-    for number, (question, answer) in enumerate(sample.qa):
-        turns.append({"from": "human", "value": f"<image>\n{question}" if number == 0 else question})
-        turns.append({"from": "gpt", "value": answer})
-    return turns
+def qa_conversations(sample: Sample) -> list[list[dict[str, str]]]:
+    """One single-turn conversation per question: asked together, an earlier question would give a later answer
+    away ("What colour is the star?" before "What shape is it?"), and a served question usually comes first."""
+    return [[{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+            for question, answer in sample.qa]
 
 
 def write_synth(out: Path, count: int, seed: int) -> list[Sample]:
@@ -203,8 +202,8 @@ def write_synth(out: Path, count: int, seed: int) -> list[Sample]:
         prompt = random.Random(f"{seed}:{sample.index}:prompt").choice(DESCRIBE_PROMPTS)
         captions.append({"id": f"synth-{seed}-{sample.index}", "image": sample.image_name,
                          "conversations": caption_conversation(sample, prompt)})
-        qa.append({"id": f"synth-{seed}-{sample.index}", "image": sample.image_name,
-                   "conversations": qa_conversation(sample)})
+        qa.extend({"id": f"synth-{seed}-{sample.index}-q{number}", "image": sample.image_name,
+                   "conversations": conversation} for number, conversation in enumerate(qa_conversations(sample)))
     (out / "captions.json").write_text(json.dumps(captions, indent=1) + "\n")
     (out / "qa.json").write_text(json.dumps(qa, indent=1) + "\n")
     with (out / "meta.jsonl").open("w") as meta:
