@@ -25,7 +25,7 @@ from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel, Prompt
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk
 from assistant.engine.sampling import SamplingParams
-from assistant.models import DEFAULT_MODEL, default_data_dir, resolve_model
+from assistant.models import DEFAULT_DECODER, default_data_dir, resolve_model
 
 SHORT = "What is the capital of France? Answer in one sentence, then name two famous landmarks there."
 LONG = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 36) + " Summarize this."
@@ -51,7 +51,7 @@ def time_model_decode(model: ChatModel, prompt: Prompt, num_tokens: int) -> floa
     token = int(logits.argmax())
     started = time.perf_counter()
     for _ in range(num_tokens):
-        token = int(model.decode(token, cache).argmax())
+        token = int(model.decode(token, cache, has_images=bool(prompt.images)).argmax())
     return time.perf_counter() - started
 
 
@@ -78,7 +78,7 @@ def time_engine_decode(model: ChatModel, text: str, num_tokens: int) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_DECODER)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)

@@ -106,7 +106,7 @@ def test_prefill_decode_matches_generate_token_for_token(model: ChatModel) -> No
     logits, cache = model.prefill(model.render(QUESTION, 1000))
     tokens = [int(logits.argmax())]
     for _ in range(len(reference) - 1):
-        tokens.append(int(model.decode(tokens[-1], cache).argmax()))
+        tokens.append(int(model.decode(tokens[-1], cache, has_images=False).argmax()))
     assert tokens == reference
 
 

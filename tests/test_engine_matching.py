@@ -27,8 +27,8 @@ PICTURE = image_chunk(make_image(1))
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
     path = save_tiny_llava_chat(tmp_path_factory.mktemp("llava"), "clip")
-    return load_model(Config(model=str(path), data_dir=path / "data", dtype="float32", device="cpu"),
-                      progress=lambda _: None)
+    config = Config(model=str(path), data_dir=path / "data", dtype="float32", device="cpu", quantize="none")
+    return load_model(config, progress=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,12 @@ def seeing(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
 
 def generation_log_likelihood(model: ChatModel, messages: list[ChatMessage], answer: str) -> float:
     """What generation assigns to ``answer``'s tokens: the serving prompt, prefill, then one decode per token."""
-    logits, cache = model.prefill(model.render(messages, model.max_context_tokens))  # (vocab,)
+    prompt = model.render(messages, model.max_context_tokens)
+    logits, cache = model.prefill(prompt)  # (vocab,)
     total = 0.0
     for token_id in model.tokenizer.encode(answer, add_special_tokens=False, split_special_tokens=True):
         total += float(logits.log_softmax(-1)[token_id])
-        logits = model.decode(token_id, cache)
+        logits = model.decode(token_id, cache, has_images=bool(prompt.images))
     return total
 
 

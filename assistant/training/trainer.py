@@ -277,6 +277,8 @@ def _write_model(settings: TrainSettings, spec: CompositionSpec, model: Trainabl
     adapter = None
     if model.peft_model is not None:
         adapter = out / "adapter"
+        # the decoder as the composition names it (a built-in name stays one), not where this machine keeps it
+        model.peft_model.peft_config["default"].base_model_name_or_path = spec.decoder
         model.peft_model.save_pretrained(str(adapter))
     elif spec.adapter is not None:  # align keeps the adapter it was given
         adapter = out / "adapter"
