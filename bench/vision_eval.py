@@ -1,6 +1,6 @@
 """Vision quality of a model, measured through the server over the Realtime protocol. Prints; never asserts.
 
-    python -m bench.vision_eval --model model.toml [--quantize none|nf4] [--url ws://HOST:PORT/v1/realtime]
+    python -m bench.vision_eval [--model model.toml] [--quantize nf4|none] [--url ws://HOST:PORT/v1/realtime]
                                 [--count 200] [--seed 90001] [--digits N] [--skip-text]
                                 [--text-config "temperature=0,max_output_tokens=256"] [--connections 4]
                                 [--jsonl FILE]
@@ -15,7 +15,8 @@ Held-out data, made fresh in a temporary directory on every run:
   ``heldout``: 359 scans no training split contains), or the first ``--digits N``.
 
 The model is served in-process as ``assistant serve`` builds it (``--model``,
-``--quantize``; the data dir of the environment; a throw-away SQLite store), or
+``--quantize``, by default the server's: the default vision model, nf4; the data dir
+of the environment; a throw-away SQLite store), or
 ``--url`` names a running server (then ``--model``/``--quantize`` say what it serves;
 without ``--model`` the text-only baselines are skipped).
 
@@ -233,11 +234,14 @@ async def model_url(args: argparse.Namespace) -> AsyncIterator[str]:
 
 def decoder_of(model: str | None) -> tuple[str | None, str]:
     """The decoder of a composition file (its vision part and adapter left out), or None and why not."""
+    from assistant.engine.composition import load_composition
+    from assistant.models import DEFAULT_MODEL, VISION_MODEL_FILE
+
     if model is None:
         return None, "no --model given"
+    model = str(VISION_MODEL_FILE) if model == DEFAULT_MODEL else model
     if not model.endswith(".toml"):
         return None, "not a composition file"
-    from assistant.engine.composition import load_composition
 
     return load_composition(Path(model).expanduser()).decoder, ""
 
@@ -361,9 +365,10 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="what to serve in-process (a composition file, a LLaVA checkpoint); with "
-                                        "--url: what that server serves")
-    parser.add_argument("--quantize", default="none", choices=("none", "nf4", "int8"))
+    parser.add_argument("--model", help="what to serve in-process (a composition file, a LLaVA checkpoint; default: "
+                                        "the server's default model); with --url: what that server serves")
+    parser.add_argument("--quantize", default="nf4", choices=("none", "nf4", "int8"),
+                        help="of the decoder (default nf4, as the server's)")
     parser.add_argument("--url", help="a running server's Realtime URL instead of an in-process one")
     parser.add_argument("--count", type=int, default=200, help="synthetic held-out images (default 200)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="synthetic set seed; never a training seed")
@@ -376,7 +381,9 @@ def main() -> None:
     parser.add_argument("--jsonl", help="append every image question and its answer to this file as JSON lines")
     args = parser.parse_args()
     if not args.url and not args.model:
-        sys.exit("--model is required without --url")
+        from assistant.models import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
     if args.count < 1 or args.connections < 1 or args.text_seeds < 1 or (args.digits is not None and args.digits < 0):
         sys.exit("--count, --connections and --text-seeds must be >= 1, --digits >= 0")
     asyncio.run(run(args))

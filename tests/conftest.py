@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random chat model, the real default model and EfficientNet-Lite0's real weights
-(both pulled once into the default data dir), and real loopback servers around a model.
+"""Shared fixtures: a tiny random chat model, the real default model (as ``assistant serve`` loads it, and its
+decoder alone) and EfficientNet-Lite0's real weights (pulled once into the default data dir), and real loopback
+servers around a model.
 
 ``running_server`` starts the real App (SQLite store, engine thread, websockets
 server on an ephemeral port) exactly as ``assistant serve`` wires it, with the
@@ -18,7 +19,7 @@ import pytest
 from assistant.app import build_app, close_app
 from assistant.config import load_config
 from assistant.engine.efficientnet import pull_efficientnet_weights
-from assistant.engine.loader import load_chat_model
+from assistant.engine.loader import load_chat_model, load_model
 from assistant.engine.model import ChatModel
 from assistant.models import default_data_dir, pull_default_model
 from assistant.server import App, start_server
@@ -37,8 +38,16 @@ def tiny_model(tiny_model_dir: Path) -> ChatModel:
 
 @pytest.fixture(scope="session")
 def real_model() -> ChatModel:
-    """The real default model (SmolLM2-135M-Instruct), pulled into the default data dir on first use."""
+    """The default model's decoder alone (SmolLM2-135M-Instruct, bf16, unquantized), pulled into the default data
+    dir on first use."""
     return load_chat_model(str(pull_default_model(default_data_dir())))
+
+
+@pytest.fixture(scope="session")
+def default_model() -> ChatModel:
+    """What ``assistant serve`` loads with no flags (the vision model, nf4), weights pulled into the default data
+    dir on first use; for ``real_model`` tests."""
+    return load_model(load_config({"data_dir": str(default_data_dir())}, env={}), progress=lambda _: None)
 
 
 @pytest.fixture(scope="session")

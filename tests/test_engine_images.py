@@ -25,7 +25,7 @@ PICTURE = image_chunk(make_image(1))
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
     path = save_tiny_llava_chat(tmp_path_factory.mktemp("llava"), "clip")
-    config = Config(model=str(path), data_dir=path / "data", dtype="float32", device="cpu")
+    config = Config(model=str(path), data_dir=path / "data", dtype="float32", device="cpu", quantize="none")
     return load_model(config, progress=lambda _: None)
 
 

@@ -27,7 +27,8 @@ CACHE_BYTES = 1 << 20
 
 
 def config(model: str | Path, data_dir: Path, **overrides: object) -> Config:
-    settings = {"dtype": "float32", "device": "cpu", "image_cache_bytes": CACHE_BYTES, **overrides}
+    settings = {"dtype": "float32", "device": "cpu", "quantize": "none", "image_cache_bytes": CACHE_BYTES,
+                **overrides}
     return Config(model=str(model), data_dir=data_dir, **settings)  # type: ignore[arg-type]
 
 

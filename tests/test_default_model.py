@@ -1,0 +1,83 @@
+"""The default model exactly as ``assistant serve`` loads it with no flags: SmolLM2-135M-Instruct quantized to
+nf4, EfficientNet-Lite0 and the committed projector, on images it never saw (generated here, from a seed no
+training used)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+from pathlib import Path
+
+import pytest
+from openai import AsyncOpenAI
+
+from assistant.data.synth import Sample, render
+from assistant.engine.matching import match
+from assistant.engine.model import ChatModel
+from tests.conftest import running_server
+
+pytestmark = pytest.mark.real_model
+
+SEED = 424242  # not a training seed (1, 2) and not bench.vision_eval's (90001)
+COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black", "grey", "gray", "pink", "brown")
+
+
+def png(sample: Sample) -> bytes:
+    buffer = io.BytesIO()
+    render(sample, SEED).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def red_circle() -> Sample:
+    return Sample(index=0, kind="shape", colour="red", background="white", shape="circle", position="center",
+                  size="large", caption="A large red circle in the center on a white background.")
+
+
+def first_colour(text: str) -> str | None:
+    found = re.search(rf"\b({'|'.join(COLOURS)})\b", text, re.IGNORECASE)
+    return found.group(1).lower() if found else None
+
+
+def test_the_default_is_the_quantized_vision_model(default_model: ChatModel) -> None:
+    import bitsandbytes as bnb
+
+    assert default_model.vision is not None
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in default_model.hf_model.modules())
+
+
+@pytest.mark.xfail(strict=True, reason="issue 7 is open: the committed default names a shape's colour right 32 % of "
+                                        "the time (bench.vision_eval); it answers this red circle 'purple'")
+async def test_it_names_the_colour_of_a_red_circle_through_the_openai_sdk(default_model: ChatModel,
+                                                                           data_dir: Path) -> None:
+    image_url = "data:image/png;base64," + base64.b64encode(png(red_circle())).decode()
+    async with running_server(default_model, data_dir) as server:  # the server's default sampling
+        client = AsyncOpenAI(api_key="unused", base_url=server.http_base, websocket_base_url=server.ws_base)
+        for seed in range(3):
+            async with client.realtime.connect(model="assistant") as conn:
+                await conn.recv()
+                await conn.session.update(session={"type": "realtime", "output_modalities": ["text"], "seed": seed})
+                await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                    {"type": "input_image", "image_url": image_url},
+                    {"type": "input_text", "text": "What colour is the circle?"}]})
+                await conn.response.create()
+                text = ""
+                while True:
+                    event = await asyncio.wait_for(conn.recv(), 300)
+                    if event.type == "response.output_text.delta":
+                        text += event.delta
+                    elif event.type == "response.done":
+                        assert event.response.status == "completed", event.response
+                        break
+            assert first_colour(text) == "red", (seed, text)
+
+
+def test_matching_ranks_the_true_caption_first(default_model: ChatModel) -> None:
+    blue_squares = Sample(index=1, kind="count", colour="blue", background="light grey", shape="square", count=3,
+                          caption="Three blue squares on a light grey background.")
+    captions = ["A red circle in the center.", "Three blue squares.", "A green triangle at the top.",
+                'Yellow text that reads "cat".', "Two purple stars."]  # alike in length: a score is a sum
+    for sample, true_index in ((red_circle(), 0), (blue_squares, 1)):
+        ranked = match(default_model, png(sample), captions)
+        assert ranked[0].index == true_index, [(s.text, round(s.score, 2)) for s in ranked]
