@@ -288,11 +288,11 @@ def test_model_error_finishes_only_that_request(engine: Engine, model: ChatModel
     real_decode = model.decode
     calls = {"n": 0}
 
-    def flaky_decode(token_id: int, cache: Any) -> torch.Tensor:
+    def flaky_decode(token_id: int, cache: Any, *, has_images: bool) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("secret internal detail")
-        return real_decode(token_id, cache)
+        return real_decode(token_id, cache, has_images=has_images)
 
     monkeypatch.setattr(model, "decode", flaky_decode)
     with caplog.at_level(logging.ERROR):
@@ -345,9 +345,9 @@ def test_thread_abort_is_quick_and_shutdown_cancels_the_rest(model: ChatModel,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real_decode = model.decode
 
-    def slow_decode(token_id: int, cache: Any) -> torch.Tensor:
+    def slow_decode(token_id: int, cache: Any, *, has_images: bool) -> torch.Tensor:
         time.sleep(0.02)
-        return real_decode(token_id, cache)
+        return real_decode(token_id, cache, has_images=has_images)
 
     monkeypatch.setattr(model, "decode", slow_decode)
     engine = Engine(model)
