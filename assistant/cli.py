@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,11 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def configure_logging(level: str) -> None:
     """Our log at ``level``; the libraries' start-up chatter (Alembic's plug-ins and migration context,
     transformers' progress bars, bitsandbytes' note that it could not fetch an optional CPU kernel from the
-    Hugging Face hub and uses its own) only at debug, so a start is a few readable lines."""
+    Hugging Face hub and uses its own, a deprecation peft triggers) only at debug, so a start is a few
+    readable lines."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # peft, loading the default model's adapter, calls a transformers method deprecated for v6
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()

@@ -66,22 +66,44 @@ async def test_serve_starts_with_a_few_readable_lines_and_refuses_a_taken_port(t
     with socket.socket() as probe:  # a port that was free a moment ago
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = await asyncio.create_subprocess_exec(
-        *serve_command(tiny_model_dir, tmp_path / "two", "--port", str(port)), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    lines = await startup_lines(serve_command(tiny_model_dir, tmp_path / "two", "--port", str(port)), env)
+    assert len(lines) <= 4, lines  # database, model, (TLS / auth notes), URL: no plug-in or migration chatter
+    assert all(line.startswith("assistant: ") for line in lines), lines
+    assert lines[-1] == f"assistant: listening on ws://127.0.0.1:{port}/v1/realtime"
+
+
+@pytest.mark.real_model
+async def test_the_default_model_starts_as_quietly(tmp_path: Path) -> None:
+    """The nf4 vision default (bitsandbytes, peft and the adapter loading too): three lines."""
+    from assistant.models import default_data_dir
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "assistant", "serve", "--port", str(port), "--data-dir", str(default_data_dir()),
+               "--database-url", f"sqlite:///{tmp_path / 'assistant.db'}"]
+    lines = await startup_lines(command, env)
+    assert len(lines) == 3 and all(line.startswith("assistant: ") for line in lines), lines
+    assert "(bfloat16, nf4)" in lines[1] and "smollm2-135m-vision" in lines[1]
+
+
+async def startup_lines(command: list[str], env: dict[str, str]) -> list[str]:
+    """What ``assistant serve`` prints up to and including its "listening on" line; then it is stopped."""
+    process = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.STDOUT)
     assert process.stdout is not None
-    lines = []
+    lines: list[str] = []
     try:
         while not lines or "listening on" not in lines[-1]:
             line = await asyncio.wait_for(process.stdout.readline(), 120)
             assert line, f"serve exited: {lines}"
             lines.append(line.decode().rstrip())
     finally:
-        process.terminate()
+        if process.returncode is None:
+            process.terminate()
         await process.wait()
-    assert len(lines) <= 4, lines  # database, model, (TLS / auth notes), URL: no plug-in or migration chatter
-    assert all(line.startswith("assistant: ") for line in lines), lines
-    assert lines[-1] == f"assistant: listening on ws://127.0.0.1:{port}/v1/realtime"
+    return lines
 
 
 def test_train_align_then_finetune_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
