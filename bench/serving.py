@@ -15,9 +15,11 @@ async def serving(label: str, **flags: str) -> AsyncIterator[str]:
     """The Realtime URL of a server built from the config ``flags`` (``model``, ``quantize``...) on a
     throw-away SQLite store and an ephemeral port; prints how long the model took to load."""
     from assistant.app import build_app, close_app
+    from assistant.cli import configure_logging
     from assistant.config import load_config
     from assistant.server import start_server, url_of
 
+    configure_logging("warning")  # as quiet as `assistant serve`: no loading bars or library notes between figures
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config({**flags, "database_url": f"sqlite:///{Path(tmp) / 'bench.db'}"}, env={})
         started = time.perf_counter()
