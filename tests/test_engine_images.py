@@ -9,14 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from assistant.config import Config
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.engine import Engine
-from assistant.engine.loader import load_model
 from assistant.engine.model import ChatModel, decode_image
 from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
 from tests.engine_fixtures import message
-from tests.vision_fixtures import GRID, generate, image_chunk, make_image, save_tiny_llava_chat
+from tests.vision_fixtures import GRID, generate, image_chunk, load_tiny_llava_chat, make_image
 
 HIGH, LOW = GRID**2, 4  # CLIP tower, "default" select: the 4 × 4 grid; low pools it to 2 × 2
 PICTURE = image_chunk(make_image(1))
@@ -24,9 +22,7 @@ PICTURE = image_chunk(make_image(1))
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
-    path = save_tiny_llava_chat(tmp_path_factory.mktemp("llava"), "clip")
-    config = Config(model=str(path), data_dir=path / "data", dtype="float32", device="cpu", quantize="none")
-    return load_model(config, progress=lambda _: None)
+    return load_tiny_llava_chat(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ import asyncio
 
 import pytest
 
-from assistant.config import Config
 from assistant.engine import matching
 from assistant.engine.engine import AsyncEngine, Engine
-from assistant.engine.loader import load_model
 from assistant.engine.matching import image_chunk, match, score_answers
 from assistant.engine.model import ChatModel
 from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, MatchScore,
@@ -18,7 +16,7 @@ from assistant.engine.request import (ChatMessage, EngineEvent, Finished, Genera
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import ImageRejected
 from tests.matching_fixtures import CAPTIONS, bag_of_words_chat_model, save_bag_of_words_model, solid_png
-from tests.vision_fixtures import make_image, save_tiny_llava_chat
+from tests.vision_fixtures import load_tiny_llava_chat, make_image
 
 TEXTS = ["a cat", "two red circles on a grey background", "x", "What is the capital of France? Paris."]
 PICTURE = image_chunk(make_image(1))
@@ -26,9 +24,7 @@ PICTURE = image_chunk(make_image(1))
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
-    path = save_tiny_llava_chat(tmp_path_factory.mktemp("llava"), "clip")
-    config = Config(model=str(path), data_dir=path / "data", dtype="float32", device="cpu", quantize="none")
-    return load_model(config, progress=lambda _: None)
+    return load_tiny_llava_chat(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,17 @@ import pytest
 from openai import AsyncOpenAI
 from PIL import Image
 
-from assistant.config import load_config
-from assistant.engine.loader import load_model
 from assistant.engine.model import ChatModel
 from tests.conftest import RunningServer, running_server
 from tests.test_server import open_session, recv, recv_until, send, user_item
-from tests.vision_fixtures import GRID, make_image, save_tiny_llava_chat
+from tests.vision_fixtures import GRID, load_tiny_llava_chat, make_image
 
 IMAGE_TOKENS = GRID * GRID  # CLIP tower, "default" select drops CLS: 4 x 4 patches
 
 
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
-    directory = save_tiny_llava_chat(tmp_path_factory.mktemp("tiny-llava"), "clip")
-    config = load_config({"model": str(directory), "dtype": "float32", "device": "cpu", "quantize": "none",
-                          "data_dir": str(tmp_path_factory.mktemp("data"))}, env={})
-    return load_model(config, progress=lambda _: None)
+    return load_tiny_llava_chat(tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture

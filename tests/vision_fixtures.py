@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from assistant.engine.engine import Engine
+from assistant.engine.model import ChatModel
 from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk,
                                       TokenDelta)
 from assistant.engine.sampling import SamplingParams
@@ -99,6 +100,17 @@ def save_tiny_llava(path: Path, tower: str, select: str = "default", *, seed: in
     LlavaForConditionalGeneration(config).save_pretrained(path)
     tiny_image_processor(tower).save_pretrained(path)
     return Path(path)
+
+
+def load_tiny_llava_chat(tmp: Path) -> ChatModel:
+    """:func:`save_tiny_llava_chat` (CLIP tower) in ``tmp``, loaded as ``assistant serve`` loads a model:
+    unquantized (what these tests are about), float32, on CPU."""
+    from assistant.config import Config
+    from assistant.engine.loader import load_model
+
+    path = save_tiny_llava_chat(tmp, "clip")
+    config = Config(model=str(path), data_dir=path / "data", dtype="float32", device="cpu", quantize="none")
+    return load_model(config, progress=lambda _: None)
 
 
 def save_tiny_llava_chat(path: Path, tower: str, select: str = "default", *, template: str = "chatml",
