@@ -84,9 +84,8 @@ def load_model(config: Config, progress: Progress = print) -> ChatModel:
     if config.quantize == "int8" and device == "cpu":
         log.warning("int8 quantization on CPU is slower than bfloat16 and bitsandbytes warns on every call; "
                     "--quantize nf4 or none is faster there")
-    source = config.model if config.model.endswith(".toml") else resolve_model(config.model, config.data_dir,
-                                                                                  progress)
-    if source.endswith(".toml"):
+    source = resolve_model(config.model, config.data_dir, progress)
+    if source.endswith(".toml"):  # a composition file, the default model's included
         return load_composed_model(Path(source).expanduser(), config, device=device, dtype=dtype,
                                    progress=progress)
     quantized = "" if config.quantize == "none" else f", {config.quantize}"
