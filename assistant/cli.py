@@ -111,7 +111,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--resume", action="store_true", help="Continue the run in --out from its latest checkpoint.")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available).")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="Frozen decoder weights (default auto: bfloat16, float32 on a GPU without bfloat16).")
+                        help="Frozen decoder weights (default auto: bfloat16, float32 on a GPU without bfloat16 "
+                        "or a CPU without AVX512-BF16).")
     parser.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                         help="Report the held-out loss and write a checkpoint every N steps (default 100).")
     if stage == "finetune":

@@ -22,7 +22,7 @@ from assistant.engine.vision import HFVisionTower
 from assistant.models import default_data_dir
 from assistant.training.checkpoints import save_checkpoint
 from assistant.training.settings import TrainingRefused
-from assistant.training.trainer import train
+from assistant.training.trainer import _pick_dtype, train
 from tests.engine_fixtures import save_tiny_chat_model
 from tests.training_fixtures import config, entry, save_tiny_composition, settings, write_data, write_llava
 from tests.vision_fixtures import generate, image_chunk, make_image
@@ -122,6 +122,14 @@ def test_a_run_never_overwrites_another_and_resumes_only_its_own(composition: Pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_auto_dtype_is_float32_on_a_cpu_that_only_emulates_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert _pick_dtype("auto", "cpu") == "float32"
+    assert _pick_dtype("bfloat16", "cpu") == "bfloat16"  # asked for, given
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert _pick_dtype("auto", "cpu") == "bfloat16"
+
+
 def test_cuda_without_a_gpu_is_refused_up_front(composition: Path, data: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingRefused, match="no CUDA device; use --device cpu"):
         train(settings("align", composition, data / "captions.json", tmp_path / "out", device="cuda"),
