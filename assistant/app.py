@@ -57,7 +57,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
 
 
 def close_app(app: App) -> None:
-    app.engine.engine.shutdown()
+    app.engine.shutdown()
     app.store.close()
 
 

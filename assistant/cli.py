@@ -281,8 +281,8 @@ def _match(args: argparse.Namespace, config: Config) -> int:
         return 2
     try:
         data = args.image.read_bytes()
-        image = image_chunk(data, args.detail, ImageLimits(max_bytes=config.max_image_bytes,
-                                                           max_pixels=config.max_image_pixels))
+        image, source = image_chunk(data, args.detail, ImageLimits(max_bytes=config.max_image_bytes,
+                                                                   max_pixels=config.max_image_pixels))
     except OSError as exc:
         print(f"assistant: cannot read {args.image}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -296,7 +296,7 @@ def _match(args: argparse.Namespace, config: Config) -> int:
         return 2
     try:
         scores = score_answers(model, image, args.texts, args.prompt,
-                               load_system_prompt(config.system_prompt_file or None))
+                               load_system_prompt(config.system_prompt_file or None), source=source)
     except PromptError as exc:
         print(f"assistant: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,13 @@ message_too_large                    a frame exceeds the configured size limit
 image_*                              an image was refused (see assistant.images)
 too_many_images / too_many_image_tokens  image budgets per message or conversation
 server_overloaded                    the engine's queue is full; retry later
+context_length_exceeded              the latest message (with the instructions) does not fit the
+                                     model's context, even with all older turns left out
+invalid_prompt                       the model cannot take the conversation (its chat template
+                                     refused it, or it holds images and the model takes none)
+image_not_found                      an image the response needs was deleted (with its item)
+                                     while the response waited for the model
+generation_failed                    generation failed inside the model (the server log says why)
 internal_error                       our fault; details are in the server log only
 ==================================== ==================================================
 """
@@ -158,3 +165,15 @@ class InternalError(AssistantError):
 
     def __init__(self, message: str = "The server hit an internal error; the conversation is intact.") -> None:
         super().__init__(message)
+
+
+# The codes a failed engine request carries (``Finished.code``) and the error type a client sees each with.
+# The engine's own failure, MODEL_ERROR, is shown as "generation_failed" with a generic message.
+MODEL_ERROR = "generation_failed"
+ENGINE_ERROR_TYPES = {
+    "context_length_exceeded": "invalid_request_error",
+    "invalid_prompt": "invalid_request_error",
+    "image_not_found": "invalid_request_error",
+    "server_overloaded": "server_error",
+    MODEL_ERROR: "server_error",
+}

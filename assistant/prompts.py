@@ -1,18 +1,25 @@
 """Prompts as data, and a conversation rendered as the engine's chat messages.
 
 System prompts live as text files in the repository's ``prompts/`` directory.
-``build_messages`` is pure: stored items (plus the images they reference, as
-bytes) in, :class:`~assistant.engine.request.ChatMessage` tuples out. The chat
-template itself is applied by the engine, which owns the tokenizer.
+``build_messages`` is pure: stored items in, :class:`~assistant.engine.request.ChatMessage`
+tuples out, images by reference (sha256 and detail). :class:`StoreImages` is the
+image source the engine asks for the bytes of the images whose embeddings it has
+not cached yet. The chat template itself is applied by the engine, which owns the
+tokenizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
-from assistant.items import Item, StoredImage
+from assistant.items import Item
+
+if TYPE_CHECKING:
+    from assistant.store import Store
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 DEFAULT_SYSTEM_PROMPT_FILE = PROMPTS_DIR / "system.txt"
@@ -24,11 +31,7 @@ def load_system_prompt(path: str | Path | None = None) -> str:
     return file.read_text(encoding="utf-8").strip()
 
 
-def build_messages(
-    instructions: str,
-    items: Sequence[Item],
-    images: Mapping[str, StoredImage],
-) -> tuple[ChatMessage, ...]:
+def build_messages(instructions: str, items: Sequence[Item]) -> tuple[ChatMessage, ...]:
     """Instructions first (as a system message, when non-empty), then every item in order.
 
     Items without any content (an assistant message cancelled before its first
@@ -42,10 +45,25 @@ def build_messages(
         parts: list[TextChunk | ImageChunk] = []
         for part in item.content:
             if part.is_image:
-                image = images[part.image_sha256 or ""]
-                parts.append(ImageChunk(image.sha256, image.data, part.detail))
+                parts.append(ImageChunk(part.image_sha256 or "", part.detail))  # type: ignore[arg-type]
             elif part.text:
                 parts.append(TextChunk(part.text))
         if parts:
             messages.append(ChatMessage(item.role, tuple(parts)))
     return tuple(messages)
+
+
+@dataclass(frozen=True)
+class StoreImages:
+    """The image source of a response: bytes the caller holds (``inline``: a response's own input images, which
+    are not stored), then the store, in one query for the rest. An image that is gone is left out."""
+
+    store: Store
+    inline: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __call__(self, sha256s: Sequence[str]) -> dict[str, bytes]:
+        found = {sha256: self.inline[sha256] for sha256 in sha256s if sha256 in self.inline}
+        rest = [sha256 for sha256 in sha256s if sha256 not in found]
+        if rest:
+            found.update((sha256, image.data) for sha256, image in self.store.get_images(rest).items())
+        return found

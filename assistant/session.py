@@ -29,13 +29,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from assistant import images as image_codec
-from assistant.engine.request import Finished, GenerationRequest, ImageChunk, ScoreRequest, TokenDelta
+from assistant.engine.request import (Finished, GenerationRequest, ImageChunk, InlineImages, ScoreRequest,
+                                      TokenDelta)
 from assistant.engine.sampling import SamplingParams
-from assistant.errors import (AssistantError, BudgetExceeded, ImageRejected, InternalError, ResponseCancelNotActive,
-                              ResponseInProgress, ResponseNotFound)
+from assistant.errors import (ENGINE_ERROR_TYPES, MODEL_ERROR, AssistantError, BudgetExceeded, ImageRejected,
+                              InternalError, ResponseCancelNotActive, ResponseInProgress, ResponseNotFound)
 from assistant.events import EventWriter, SessionView, match_result_json, new_id
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
-from assistant.prompts import build_messages
+from assistant.prompts import StoreImages, build_messages
 from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ImageMatch, ItemCreate, ItemDelete,
                                 ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SamplingChanges, SessionUpdate,
                                 parse_client_event)
@@ -234,12 +235,8 @@ class Session:
         return check
 
     def _image_urls(self, item: Item) -> dict[str, str]:
-        urls = {}
-        for sha256 in item.image_hashes:
-            image = self.store.get_image(sha256)
-            if image is not None:
-                urls[sha256] = image_codec.to_data_url(image)
-        return urls
+        images = self.store.get_images(item.image_hashes)
+        return {sha256: image_codec.to_data_url(image) for sha256, image in images.items()}
 
     # ------------------------------------------------------------ image matching
 
@@ -248,15 +245,15 @@ class Session:
         if self.image_budget.tokens_per_image is None:
             raise ImageRejected("This model does not accept images; image.match needs a vision model.",
                                 param="image", code="image_input_not_supported")
-        image = await asyncio.to_thread(self._validate_match_image, event.image)
+        image, source = await asyncio.to_thread(self._validate_match_image, event.image)
         request = ScoreRequest(new_id("match"), image, event.texts, instructions=self.settings.instructions,
-                               **({} if event.prompt is None else {"prompt": event.prompt}))
+                               image_source=source, **({} if event.prompt is None else {"prompt": event.prompt}))
         finished = await self.engine.score(request)
         if finished.reason != "stop":
             raise _error_of(finished)
         await self.send("image.match.result", client_event_id=event.event_id, **match_result_json(finished.scores))
 
-    def _validate_match_image(self, image: ImageInput) -> ImageChunk:
+    def _validate_match_image(self, image: ImageInput) -> tuple[ImageChunk, InlineImages]:
         """Worker thread: the checks an item's image gets, and its per-message token budget."""
         budget = self.image_budget
         assert budget.tokens_per_image is not None
@@ -267,7 +264,8 @@ class Session:
             raise BudgetExceeded(f"This image needs {num_tokens} image tokens; a message may use at most "
                                  f"{budget.max_tokens_per_message}. Use detail \"low\".", param="image.detail",
                                  code="too_many_image_tokens")
-        return ImageChunk(stored.sha256, stored.data, image.detail)  # type: ignore[arg-type]
+        chunk = ImageChunk(stored.sha256, image.detail)  # type: ignore[arg-type]
+        return chunk, InlineImages({stored.sha256: stored.data})
 
     # ------------------------------------------------------------ responses
 
@@ -292,20 +290,17 @@ class Session:
         self.engine.abort(self._response_id)
 
     def _prepare_prompt(self, event: ResponseCreate, settings: Settings) -> GenerationRequest:
-        """Worker thread: gather the items the model sees and the bytes of their images."""
+        """Worker thread: gather the items the model sees; their images go by reference, and the engine fetches
+        the bytes of those its embedding cache lacks through the request's image source (one store query)."""
+        inline: dict[str, bytes] = {}  # the images of response.input, which are not stored
         if event.input is not None:
             pairs = [self._validate_item(it, f"response.input[{i}]") for i, it in enumerate(event.input)]
             items = [item for item, _ in pairs]
-            images = {img.sha256: img for _, imgs in pairs for img in imgs}
+            inline = {image.sha256: image.data for _, images in pairs for image in images}
         else:
             items = self.store.list_items(self.conversation_id) if event.use_conversation else []
-            images = {}
-        for sha256 in {h for item in items for h in item.image_hashes} - images.keys():
-            image = self.store.get_image(sha256)
-            if image is not None:
-                images[sha256] = image
-        messages = build_messages(settings.instructions, items, images)
-        return GenerationRequest("", messages, settings.sampling)
+        return GenerationRequest("", build_messages(settings.instructions, items), settings.sampling,
+                                 image_source=StoreImages(self.store, inline))
 
     async def _run_response(self, response_id: str, event: ResponseCreate) -> None:
         started = time.monotonic()
@@ -355,7 +350,7 @@ class Session:
                     else:
                         finished = engine_event
         except AssistantError as exc:  # the engine refused the request (queue full)
-            finished = Finished(reason="error", error=f"{exc.code}: {exc.message}")
+            finished = Finished(reason="error", code=exc.code, error=exc.message)
         except Exception:
             log.exception("response %s failed", response_id)
             self.engine.abort(response_id)
@@ -409,22 +404,13 @@ class Session:
             log.info("response %s finished after the client left", response_id)
 
 
-# Engine error codes whose message is safe and useful to show the client, and their error type.
-PUBLIC_ERROR_TYPES = {
-    "context_length_exceeded": "invalid_request_error",
-    "invalid_prompt": "invalid_request_error",
-    "server_overloaded": "server_error",
-}
-
-
 def _public_error(finished: Finished) -> AssistantError | None:
-    """The engine's error as a client may see it, when its code is a public one; engine errors read
-    "code: message" and only known codes keep their message."""
-    code, _, message = (finished.error or "").partition(": ")
-    if code not in PUBLIC_ERROR_TYPES:
+    """The engine's error as a client may see it: its code and message, unless the model itself failed (then
+    the server log has the details and the client a generic message)."""
+    if finished.code not in ENGINE_ERROR_TYPES or finished.code == MODEL_ERROR:
         return None
-    error = AssistantError(message, code=code)
-    error.type = PUBLIC_ERROR_TYPES[code]
+    error = AssistantError(finished.error or finished.code, code=finished.code)
+    error.type = ENGINE_ERROR_TYPES[finished.code]
     return error
 
 
@@ -447,6 +433,6 @@ def _status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
     if public is not None:
         error = {"type": public.type, "code": public.code, "message": public.message}
     else:
-        error = {"type": "server_error", "code": "generation_failed",
+        error = {"type": "server_error", "code": MODEL_ERROR,
                  "message": "Generation failed; the conversation is intact."}
     return "failed", {"type": "failed", "reason": None, "error": error}

@@ -179,11 +179,16 @@ class Store:
     # ------------------------------------------------------------ images
 
     def get_image(self, sha256: str) -> StoredImage | None:
+        return self.get_images([sha256]).get(sha256)
+
+    def get_images(self, sha256s: Sequence[str]) -> dict[str, StoredImage]:
+        """The stored images among ``sha256s``, in one query; absent ones are left out."""
+        if not sha256s:
+            return {}
         with self._read.begin() as session:
-            row = session.get(ImageRow, sha256)
-            if row is None:
-                return None
-            return StoredImage(row.sha256, row.mime_type, row.width, row.height, row.data)
+            rows = session.scalars(select(ImageRow).where(ImageRow.sha256.in_(set(sha256s))))
+            return {row.sha256: StoredImage(row.sha256, row.mime_type, row.width, row.height, row.data)
+                    for row in rows}
 
     # ------------------------------------------------------------ responses
 

@@ -29,7 +29,7 @@ from assistant.config import load_config
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.loader import load_model
 from assistant.engine.model import ChatModel
-from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
+from assistant.engine.request import ChatMessage, ImageChunk, InlineImages, TextChunk
 from assistant.engine.vision import Projector, save_projector
 from assistant.models import default_data_dir, pull_default_model
 
@@ -64,7 +64,8 @@ def main() -> None:
     buffer = io.BytesIO()
     Image.effect_noise((640, 480), 64).convert("RGB").save(buffer, format="PNG")
     data = buffer.getvalue()
-    image = ImageChunk(hashlib.sha256(data).hexdigest(), data, "high")
+    sha256 = hashlib.sha256(data).hexdigest()
+    image, source = ImageChunk(sha256, "high"), InlineImages({sha256: data})
     messages = (ChatMessage("user", (TextChunk("What is in this picture?"), image)),)
     prompt = model.render(messages, model.max_context_tokens)
     assert model.vision is not None
@@ -74,12 +75,13 @@ def main() -> None:
 
     def uncached() -> None:
         model.image_cache = EmbeddingCache(0)
-        model.prefill(prompt)
+        model.prefill(prompt, model.encode_images(prompt.images, source)[0])
 
     cold_s = timed(uncached, args.repeats)
     model.image_cache = EmbeddingCache(64 << 20)
-    model.encode_images(prompt.images)
-    warm_s = timed(lambda: model.prefill(prompt), args.repeats)
+    model.encode_images(prompt.images, source)
+    warm_s = timed(lambda: model.prefill(prompt, model.encode_images(prompt.images, source)[0]),
+                   args.repeats)
     print(f"decoder quantize={args.quantize}; prompt {prompt.num_tokens} tokens, {prompt.num_image_tokens} of them image")
     print(f"vision encode, one 224 px image:   {encode_s * 1000:8.1f} ms")
     print(f"prefill, image not cached:         {cold_s * 1000:8.1f} ms")

@@ -17,9 +17,9 @@ import torch
 import assistant.engine.engine as engine_module
 from assistant.engine.engine import AsyncEngine, Engine, EngineOverloaded, EngineStopped
 from assistant.engine.loader import load_chat_model
-from assistant.engine.model import ChatModel, ImageSlot, Prompt, PromptError, PromptTooLong
-from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, TextChunk,
-                                      TokenDelta)
+from assistant.engine.model import ChatModel, ImageGone, ImageSlot, Prompt, PromptError, PromptTooLong
+from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, InlineImages,
+                                      TextChunk, TokenDelta)
 from assistant.engine.sampling import SamplingParams
 from tests.engine_fixtures import FakeVision, message, png, save_tiny_chat_model, user
 
@@ -126,14 +126,15 @@ def test_truncation_drops_oldest_turns_and_keeps_system_and_latest_user(model: C
 
 
 def test_images_need_a_vision_part(model: ChatModel) -> None:
-    image = ImageChunk(sha256="0" * 64, data=b"\x89PNG")
+    image = ImageChunk(sha256="0" * 64)
     with pytest.raises(PromptError, match="does not accept images"):
         model.render((ChatMessage("user", (TextChunk("look"), image)),), 1000)
 
 
 def test_image_slots_are_filled_by_one_masked_assignment(model: ChatModel) -> None:
     vision_model = ChatModel(model.hf_model, model.tokenizer, vision=FakeVision(model.hidden_size, num_tokens=3))
-    images = (ImageChunk("a" * 64, png(51)), ImageChunk("b" * 64, png(204), detail="low"))
+    images = (ImageChunk("a" * 64), ImageChunk("b" * 64, detail="low"))
+    source = InlineImages({"a" * 64: png(51), "b" * 64: png(204)})
     messages = (ChatMessage("user", (TextChunk("look at"), images[0], TextChunk("and"), images[1])),)
     prompt = vision_model.render(messages, 1000)
     assert [s.image for s in prompt.segments if isinstance(s, ImageSlot)] == list(images)
@@ -142,15 +143,21 @@ def test_image_slots_are_filled_by_one_masked_assignment(model: ChatModel) -> No
     texts = [model.tokenizer.decode(s) for s in prompt.segments if not isinstance(s, ImageSlot)]
     # Images go ahead of the message's text, in their order.
     assert texts == ["<|im_start|>user\n", "\nlook at\nand<|im_end|>\n<|im_start|>assistant\n"]
-    embeds = vision_model.embed(prompt)  # (1, T, C)
+    image_embeds, num_cached = vision_model.encode_images(prompt.images, source)  # (4, C)
+    assert num_cached == 0
+    embeds = vision_model.embed(prompt, image_embeds)  # (1, T, C)
     mask = torch.tensor(prompt.image_mask)  # (T,)
     assert embeds.shape == (1, prompt.num_tokens, model.hidden_size)
     expected = torch.tensor([0.2, 0.2, 0.2, 0.8])[:, None].expand(4, model.hidden_size)  # image order kept
     assert torch.allclose(embeds[0, mask], expected)
     token_embeds = model.hf_model.get_input_embeddings()(torch.tensor(prompt.token_ids))  # (T, C)
     assert torch.equal(embeds[0, ~mask], token_embeds[~mask])
-    logits, _ = vision_model.prefill(prompt)
+    logits, _ = vision_model.prefill(prompt, image_embeds)
     assert logits.shape == (len(model.tokenizer),)
+    with pytest.raises(ValueError, match="pass their embeddings"):
+        vision_model.prefill(prompt)
+    with pytest.raises(ImageGone, match="no longer stored"):  # deleted between admission and prefill
+        vision_model.encode_images([ImageChunk("c" * 64)], source)
 
 
 def test_model_without_chat_template_is_refused(model: ChatModel, tmp_path: Path) -> None:
@@ -247,14 +254,14 @@ def test_full_context_gives_length(short_context_model: ChatModel) -> None:
 def test_prompt_too_long_is_an_error_event(engine: Engine) -> None:
     huge = (user("the quick brown fox " * 200),)
     done = finished_of(run(engine, request(messages=huge))["r1"])
-    assert done.reason == "error" and done.error is not None
-    assert done.error.startswith("context_length_exceeded: ")
+    assert done.reason == "error" and done.code == "context_length_exceeded"
+    assert done.error is not None and "tokens" in done.error
 
 
 def test_image_without_vision_is_an_error_event(engine: Engine) -> None:
-    messages = (ChatMessage("user", (ImageChunk("a" * 64, b"x"),)),)
+    messages = (ChatMessage("user", (ImageChunk("a" * 64),)),)
     done = finished_of(run(engine, request(messages=messages))["r1"])
-    assert done.reason == "error" and "does not accept images" in (done.error or "")
+    assert done.reason == "error" and done.code == "invalid_prompt" and "does not accept images" in (done.error or "")
 
 
 def test_abort_mid_generation(engine: Engine) -> None:
@@ -384,8 +391,9 @@ def test_thread_abort_is_quick_and_shutdown_cancels_the_rest(model: ChatModel,
 def async_engine(model: ChatModel) -> Iterator[AsyncEngine]:
     engine = Engine(model)
     engine.start()
-    yield AsyncEngine(engine)
-    engine.shutdown()
+    async_engine = AsyncEngine(engine)
+    yield async_engine
+    async_engine.shutdown()
 
 
 async def wait_idle(engine: Engine) -> None:
@@ -433,6 +441,61 @@ async def test_async_abort_by_id(async_engine: AsyncEngine) -> None:
         if len(events) == 1:
             async_engine.abort("x")
     assert finished_of(events).reason == "cancelled"
+
+
+async def test_prompts_are_rendered_on_the_admission_thread_never_on_the_engine_thread(
+        async_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    renderer = async_engine.engine._renderer
+    threads: list[str] = []
+    render = renderer.render
+
+    def recording_render(*args: Any, **kwargs: Any) -> Prompt:
+        threads.append(threading.current_thread().name)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(renderer, "render", recording_render)
+    monkeypatch.setattr(async_engine.engine.model, "render", None)  # the engine's own model never renders
+    events = [e async for e in async_engine.generate(request(max_output_tokens=4))]
+    assert finished_of(events).reason == "length"
+    assert len(threads) == 1 and threads[0].startswith("assistant-admission")
+    assert renderer.tokenizer is not async_engine.engine.model.tokenizer  # never shared with detokenizing
+
+
+async def test_a_slow_admission_does_not_stall_running_streams(async_engine: AsyncEngine,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    renderer = async_engine.engine._renderer
+    render, release = renderer.render, threading.Event()
+
+    def render_slowly(messages: Any, max_prompt_tokens: int) -> Prompt:
+        if messages[0].parts[0].text == "a very long history":
+            assert release.wait(30)
+        return render(messages, max_prompt_tokens)
+
+    monkeypatch.setattr(renderer, "render", render_slowly)
+    engine = async_engine.engine
+    events: list[EngineEvent] = []
+    engine.add_request(request("running", max_output_tokens=40), events.append)
+    slow = asyncio.ensure_future(_collect(async_engine.generate(request("slow", (user("a very long history"),),
+                                                                        max_output_tokens=3))))
+    for _ in range(1000):  # the engine thread streams "running" to its end while the admission thread is blocked
+        if events and isinstance(events[-1], Finished):
+            break
+        await asyncio.sleep(0.01)
+    assert finished_of(events).reason == "length" and finished_of(events).num_output_tokens == 40
+    assert not slow.done()
+    release.set()
+    assert finished_of(await asyncio.wait_for(slow, 30)).reason == "length"
+
+
+async def _collect(stream: Any) -> list[EngineEvent]:
+    return [event async for event in stream]
+
+
+def test_a_prompt_that_cannot_run_is_refused_at_admission_with_a_code(engine: Engine) -> None:
+    events: list[EngineEvent] = []
+    engine.add_request(request(messages=(user("the quick brown fox " * 200),)), events.append)
+    assert events and finished_of(events).code == "context_length_exceeded"  # before any engine step
+    assert not engine.scheduler.has_work
 
 
 def test_message_text_cannot_forge_special_tokens(model: ChatModel) -> None:

@@ -40,13 +40,18 @@ def tensor(num_bytes: int) -> torch.Tensor:
     return torch.zeros(num_bytes // 4, dtype=torch.float32)
 
 
-def ref(sha: str, seed: int, detail: str = "high", loads: list[str] | None = None):
-    def loader() -> Image.Image:
-        if loads is not None:
-            loads.append(sha)
-        return make_image(seed)
+SEEDS = {"a": 1, "b": 2, "c": 3}  # the images, by sha256
 
-    return sha, loader, detail
+
+class Loader:
+    """The image source of encode_cached: records the sha256s of each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, sha256s):
+        self.calls.append(list(sha256s))
+        return {sha: make_image(SEEDS[sha]) for sha in sha256s}
 
 
 def test_get_and_put_count_hits_and_misses():
@@ -96,26 +101,29 @@ def test_the_key_separates_identity_image_and_preprocessing():
     assert cache.get(("v1", "sha", "224px/16t")) is None
 
 
-def test_repeated_images_are_encoded_once():
-    vision, cache, loads = CountingVision(), EmbeddingCache(max_bytes=1 << 20), []
-    first, hits = encode_cached(vision, cache, [ref("a", 1, loads=loads), ref("b", 2, loads=loads)])
+def test_repeated_images_are_encoded_once_and_only_misses_are_loaded_in_one_call():
+    vision, cache, load = CountingVision(), EmbeddingCache(max_bytes=1 << 20), Loader()
+    first, hits = encode_cached(vision, cache, [("a", "high"), ("b", "high")], load)
     assert sum(hits) == 0 and vision.calls == [(2, "high")]
 
-    again, hits = encode_cached(vision, cache, [ref("b", 2, loads=loads), ref("a", 1, loads=loads),
-                                                      ref("c", 3, loads=loads)])
+    again, hits = encode_cached(vision, cache, [("b", "high"), ("a", "high"), ("c", "high")], load)
     assert sum(hits) == 2
     assert vision.calls == [(2, "high"), (1, "high")]  # only c was encoded
-    assert loads == ["a", "b", "c"]  # cached images are not even decoded
+    assert load.calls == [["a", "b"], ["c"]]  # one fetch per call; cached images are not even fetched
     assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
     assert [t.shape for t in again] == [(4, HIDDEN)] * 3
+
+    encode_cached(vision, cache, [("a", "high"), ("c", "high")], load)
+    assert load.calls == [["a", "b"], ["c"]]  # all cached: nothing fetched
 
 
 def test_misses_are_batched_per_detail_and_duplicates_encoded_once():
     vision, cache = CountingVision(), EmbeddingCache(max_bytes=1 << 20)
+    load = Loader()
     embeddings, hits = encode_cached(vision, cache, [
-        ref("a", 1, "low"), ref("b", 2, "high"), ref("a", 1, "low"), ref("c", 3, "low"), ref("b", 2, "auto")])
+        ("a", "low"), ("b", "high"), ("a", "low"), ("c", "low"), ("b", "auto")], load)
 
-    assert sum(hits) == 0
+    assert sum(hits) == 0 and load.calls == [["a", "b", "c"]]
     assert sorted(vision.calls) == [(1, "high"), (2, "low")]  # a and c together; b once for high and auto
     assert [tuple(t.shape) for t in embeddings] == [(2, HIDDEN), (4, HIDDEN), (2, HIDDEN), (2, HIDDEN), (4, HIDDEN)]
     assert torch.equal(embeddings[0], embeddings[2])
@@ -123,14 +131,14 @@ def test_misses_are_batched_per_detail_and_duplicates_encoded_once():
 
 def test_the_same_image_at_another_detail_is_another_entry():
     vision, cache = CountingVision(), EmbeddingCache(max_bytes=1 << 20)
-    encode_cached(vision, cache, [ref("a", 1, "high")])
-    _, hits = encode_cached(vision, cache, [ref("a", 1, "low")])
+    encode_cached(vision, cache, [("a", "high")], Loader())
+    _, hits = encode_cached(vision, cache, [("a", "low")], Loader())
     assert sum(hits) == 0 and len(cache) == 2
 
 
 def test_cached_entries_do_not_pin_the_batch():
     vision, cache = CountingVision(), EmbeddingCache(max_bytes=1 << 20)
-    embeddings, _ = encode_cached(vision, cache, [ref("a", 1), ref("b", 2)])
+    embeddings, _ = encode_cached(vision, cache, [("a", "high"), ("b", "high")], Loader())
     assert embeddings[0].untyped_storage().nbytes() == 4 * HIDDEN * 4  # its own (T, h) storage
     assert cache.num_bytes == 2 * 4 * HIDDEN * 4
 
@@ -138,11 +146,11 @@ def test_cached_entries_do_not_pin_the_batch():
 def test_a_failing_loader_stores_nothing():
     vision, cache = CountingVision(), EmbeddingCache(max_bytes=1 << 20)
 
-    def broken() -> Image.Image:
+    def broken(sha256s):
         raise OSError("unreadable")
 
     with pytest.raises(OSError):
-        encode_cached(vision, cache, [ref("a", 1), ("bad", broken, "high")])
+        encode_cached(vision, cache, [("a", "high"), ("bad", "high")], broken)
     assert len(cache) == 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 import torch
@@ -11,10 +11,12 @@ from PIL import Image
 
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.engine import Engine
-from assistant.engine.model import ChatModel, decode_image
-from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
+from assistant.engine.model import ChatModel
+from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, TextChunk
+from assistant.engine.sampling import SamplingParams
+from assistant.images import decode_stored
 from tests.engine_fixtures import message
-from tests.vision_fixtures import GRID, generate, image_chunk, load_tiny_llava_chat, make_image
+from tests.vision_fixtures import GRID, IMAGES, STORED, generate, image_chunk, load_tiny_llava_chat, make_image
 
 HIGH, LOW = GRID**2, 4  # CLIP tower, "default" select: the 4 × 4 grid; low pools it to 2 × 2
 PICTURE = image_chunk(make_image(1))
@@ -68,7 +70,7 @@ def test_a_conversation_encodes_its_image_once(model: ChatModel, encoder_calls: 
 def test_another_conversation_sending_the_same_image_reuses_it(model: ChatModel, encoder_calls: list[int]) -> None:
     engine = Engine(model)
     generate(engine, (user("What is in this picture?", PICTURE),))
-    same_bytes = ImageChunk(sha256=PICTURE.sha256, data=PICTURE.data, detail="high")  # "auto" is "high"
+    same_bytes = ImageChunk(sha256=PICTURE.sha256, detail="high")  # "auto" is "high"
 
     _, finished = generate(engine, (message("system", "Be brief."), user(same_bytes, "Describe it.")))
 
@@ -79,7 +81,7 @@ def test_another_conversation_sending_the_same_image_reuses_it(model: ChatModel,
 def test_detail_levels_cost_different_tokens_and_are_cached_apart(model: ChatModel,
                                                                   encoder_calls: list[int]) -> None:
     engine = Engine(model)
-    low = ImageChunk(sha256=PICTURE.sha256, data=PICTURE.data, detail="low")
+    low = ImageChunk(sha256=PICTURE.sha256, detail="low")
 
     _, high_done = generate(engine, (user("Look.", PICTURE),))
     _, low_done = generate(engine, (user("Look.", low),))
@@ -104,6 +106,32 @@ def test_an_image_repeated_in_one_request_is_encoded_once(model: ChatModel, enco
     assert second.num_cached_image_tokens == 2 * HIGH
 
 
+def test_image_bytes_are_fetched_only_on_cache_misses_in_one_call(model: ChatModel) -> None:
+    calls: list[list[str]] = []
+
+    def source(sha256s: Sequence[str]) -> Mapping[str, bytes]:
+        calls.append(list(sha256s))
+        return IMAGES(sha256s)
+
+    second = image_chunk(make_image(5))
+    conversation = (user("Compare", PICTURE, "with", second),)
+    engine = Engine(model)
+    for _ in range(2):
+        engine.add_request(GenerationRequest("r", conversation, SamplingParams(max_output_tokens=2),
+                                             image_source=source), lambda event: None)
+        while engine.step():
+            pass
+    assert calls == [[PICTURE.sha256, second.sha256]]  # one fetch for both; the next turn none
+
+    gone = image_chunk(make_image(6))
+    events: list[EngineEvent] = []
+    engine.add_request(GenerationRequest("g", (user("And this?", gone),), image_source=lambda sha256s: {}),
+                       events.append)
+    while engine.step():
+        pass
+    assert isinstance(events[-1], Finished) and events[-1].code == "image_not_found"
+
+
 def test_greedy_generation_with_images_is_deterministic(model: ChatModel) -> None:
     """The same text from freshly encoded and from cached embeddings, and the image changes the logits."""
     engine = Engine(model)
@@ -118,7 +146,8 @@ def test_greedy_generation_with_images_is_deterministic(model: ChatModel) -> Non
     assert done.num_cached_image_tokens == HIGH
     assert fresh == cached == fresh_again and fresh
     other = (user("What is in this picture?", image_chunk(make_image(2))),)
-    logits = [model.prefill(model.render(messages, 1000))[0] for messages in (conversation, other)]
+    prompts = [model.render(messages, 1000) for messages in (conversation, other)]
+    logits = [model.prefill(prompt, model.encode_images(prompt.images, IMAGES)[0])[0] for prompt in prompts]
     assert not torch.allclose(logits[0], logits[1])
 
 
@@ -129,10 +158,9 @@ def test_images_are_decoded_upright_and_rgb() -> None:
     sideways = image_chunk(make_image(3, size=(64, 48)), image_format="JPEG", exif=exif.tobytes())
     buffer = io.BytesIO()
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(buffer, format="PNG")
-    transparent = ImageChunk(sha256="0" * 64, data=buffer.getvalue())
 
-    assert decode_image(sideways).size == (48, 64)
-    flat = decode_image(transparent)
+    assert decode_stored(STORED[sideways.sha256]).size == (48, 64)
+    flat = decode_stored(buffer.getvalue())
     assert flat.mode == "RGB" and flat.getpixel((0, 0)) == (255, 255, 255)
 
 

@@ -11,7 +11,7 @@ from assistant.engine import matching
 from assistant.engine.engine import AsyncEngine, Engine
 from assistant.engine.matching import image_chunk, match, score_answers
 from assistant.engine.model import ChatModel
-from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, MatchScore,
+from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, MatchScore,
                                       ScoreRequest, TextChunk, TokenDelta, ranking)
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import ImageRejected
@@ -19,7 +19,7 @@ from tests.matching_fixtures import CAPTIONS, bag_of_words_chat_model, save_bag_
 from tests.vision_fixtures import load_tiny_llava_chat, make_image
 
 TEXTS = ["a cat", "two red circles on a grey background", "x", "What is the capital of France? Paris."]
-PICTURE = image_chunk(make_image(1))
+PICTURE, SOURCE = image_chunk(make_image(1))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def seeing(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
 def generation_log_likelihood(model: ChatModel, messages: list[ChatMessage], answer: str) -> float:
     """What generation assigns to ``answer``'s tokens: the serving prompt, prefill, then one decode per token."""
     prompt = model.render(messages, model.max_context_tokens)
-    logits, cache = model.prefill(prompt)  # (vocab,)
+    logits, cache = model.prefill(prompt, model.encode_images(prompt.images, SOURCE)[0])  # (vocab,)
     total = 0.0
     for token_id in model.tokenizer.encode(answer, add_special_tokens=False, split_special_tokens=True):
         total += float(logits.log_softmax(-1)[token_id])
@@ -46,7 +46,7 @@ def generation_log_likelihood(model: ChatModel, messages: list[ChatMessage], ans
 
 @pytest.mark.parametrize("instructions", ["", "You describe images."])
 def test_score_is_the_log_likelihood_with_the_image_minus_without(llava: ChatModel, instructions: str) -> None:
-    scores = score_answers(llava, PICTURE, TEXTS, "Describe this image.", instructions)
+    scores = score_answers(llava, PICTURE, TEXTS, "Describe this image.", instructions, source=SOURCE)
     system = [ChatMessage("system", (TextChunk(instructions),))] if instructions else []
     for index, (text, score) in enumerate(zip(TEXTS, scores, strict=True)):
         with_image = generation_log_likelihood(llava, [*system, ChatMessage("user", (
@@ -63,10 +63,10 @@ def test_score_is_the_log_likelihood_with_the_image_minus_without(llava: ChatMod
 
 
 def test_batched_scores_equal_one_by_one(llava: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    alone = [score_answers(llava, PICTURE, [text])[0] for text in TEXTS]
+    alone = [score_answers(llava, PICTURE, [text], source=SOURCE)[0] for text in TEXTS]
     for batch_size in (2, 16):
         monkeypatch.setattr(matching, "MAX_BATCH_TEXTS", batch_size)
-        batched = score_answers(llava, PICTURE, TEXTS)
+        batched = score_answers(llava, PICTURE, TEXTS, source=SOURCE)
         assert [s.index for s in batched] == list(range(len(TEXTS)))
         for one, many in zip(alone, batched, strict=True):
             assert many.log_likelihood == pytest.approx(one.log_likelihood, abs=1e-3)
@@ -78,7 +78,7 @@ def test_match_returns_best_first_and_keeps_each_texts_index(llava: ChatModel) -
     assert sorted(s.index for s in ranked) == list(range(len(TEXTS)))
     assert [s.score for s in ranked] == sorted((s.score for s in ranked), reverse=True)
     assert [s.text for s in ranked] == [TEXTS[s.index] for s in ranked]
-    in_order = score_answers(llava, PICTURE, TEXTS)
+    in_order = score_answers(llava, PICTURE, TEXTS, source=SOURCE)
     assert [s.index for s in ranked] == ranking(in_order)
 
 
@@ -129,9 +129,9 @@ def test_match_refuses_what_it_cannot_score(llava: ChatModel, tiny_model: ChatMo
 # ---------------------------------------------------------------- through the engine
 
 
-def score_request(request_id: str, texts: tuple[str, ...] = ("a red square", "the blue sky"),
-                  image: ImageChunk | None = None) -> ScoreRequest:
-    return ScoreRequest(request_id, image or image_chunk(solid_png((255, 0, 0))), texts, instructions="")
+def score_request(request_id: str, texts: tuple[str, ...] = ("a red square", "the blue sky")) -> ScoreRequest:
+    image, source = image_chunk(solid_png((255, 0, 0)))
+    return ScoreRequest(request_id, image, texts, instructions="", image_source=source)
 
 
 def test_a_score_request_runs_in_the_step_that_admits_it_beside_a_generation(seeing: ChatModel) -> None:
@@ -145,7 +145,8 @@ def test_a_score_request_runs_in_the_step_that_admits_it_beside_a_generation(see
     engine.step()
     [finished] = scored  # no deltas: one terminal event, in one step
     assert isinstance(finished, Finished) and finished.reason == "stop"
-    expected = score_answers(seeing, score_request("x").image, ("a red square", "the blue sky"))
+    request = score_request("x")
+    expected = score_answers(seeing, request.image, request.texts, source=request.image_source)
     assert finished.scores == expected
     assert ranking(finished.scores) == [0, 1]
     assert not any(isinstance(e, Finished) for e in generated)  # the generation goes on
@@ -179,7 +180,7 @@ def test_a_score_request_the_model_cannot_run_fails_with_a_code(seeing: ChatMode
         pass
     [finished] = events
     assert finished.reason == "error" and finished.scores == ()
-    assert finished.error is not None and finished.error.startswith(f"{code}: ")
+    assert finished.code == code and finished.error
 
 
 async def test_async_engine_score_returns_the_finished_event(seeing: ChatModel) -> None:

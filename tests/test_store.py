@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, func, inspect, make_url, pool, select, text
@@ -233,6 +234,17 @@ def test_image_is_stored_once_per_hash(store: Store, conversation: str) -> None:
     assert store.get_image(picture.sha256) == picture
     assert store.get_image("0" * 64) is None
     assert store.get_item(conversation, "a").image_hashes == (picture.sha256, picture.sha256)
+
+
+def test_images_are_read_in_one_query_and_absent_ones_left_out(store: Store, conversation: str) -> None:
+    first, second = image("1"), image("2")
+    store.add_item(conversation, image_item("a", first, second), images=[first, second])
+    statements: list[str] = []
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    found = store.get_images([first.sha256, "0" * 64, second.sha256, first.sha256])
+    assert found == {first.sha256: first, second.sha256: second}
+    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1
+    assert store.get_images([]) == {}
 
 
 def test_failed_item_insert_leaves_no_orphan_image(store: Store, conversation: str) -> None:

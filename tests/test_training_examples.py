@@ -45,7 +45,7 @@ def test_labels_are_the_answers_and_the_token_that_ends_each(model: ChatModel) -
 def test_the_prompt_before_each_answer_is_what_serving_renders(model: ChatModel) -> None:
     """Training and serving share the template, the system prompt and the image ahead of the question."""
     sequence = build_sequence(model, two_turns(), SHA, SYSTEM)
-    image = ImageChunk(SHA, b"", "high")
+    image = ImageChunk(SHA, "high")
     served = [ChatMessage("system", (TextChunk(SYSTEM),)), ChatMessage("user", (TextChunk("What colour?"), image))]
     later = served + [ChatMessage("assistant", (TextChunk("red"),)), ChatMessage("user", (TextChunk("Where is it?"),))]
 

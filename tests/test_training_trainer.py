@@ -25,7 +25,7 @@ from assistant.training.settings import TrainingRefused
 from assistant.training.trainer import _pick_dtype, train
 from tests.engine_fixtures import save_tiny_chat_model
 from tests.training_fixtures import config, entry, save_tiny_composition, settings, write_data, write_llava
-from tests.vision_fixtures import generate, image_chunk, make_image
+from tests.vision_fixtures import IMAGES, generate, image_chunk, make_image
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_the_adapter_applies_to_conversations_with_images_only(composition: Path
     decoder = load_chat_model(load_composition(tmp_path / "tuned" / "model.toml").decoder, dtype="float32")
     text_only = (ChatMessage("user", (TextChunk("Hello there"),)),)
     with_image = model.render(look_at_image(), model.max_context_tokens)
-    image_embeds, _ = model.encode_images(with_image.images)  # (16, C)
+    image_embeds, _ = model.encode_images(with_image.images, IMAGES)  # (16, C)
     embeds = model.embed(with_image, image_embeds)  # (1, T, C)
 
     for _ in range(2):  # and again after an image turn switched the adapter on

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from assistant.engine.engine import Engine
 from assistant.engine.model import ChatModel
 from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk,
-                                      TokenDelta)
+                                      InlineImages, TokenDelta)
 from assistant.engine.sampling import SamplingParams
 
 TEXT_HIDDEN = 64
@@ -169,19 +169,27 @@ def make_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
     return image
 
 
+# The bytes of every image_chunk() made so far, by sha256: the tests' stand-in for the store.
+STORED: dict[str, bytes] = {}
+IMAGES = InlineImages(STORED)
+
+
 def image_chunk(image: Image.Image, detail: str = "auto", image_format: str = "PNG", **save_options) -> ImageChunk:
-    """What the session hands the engine for ``image``: its encoded bytes and their sha256."""
+    """What the session hands the engine for ``image``: a reference to its encoded bytes, which IMAGES holds."""
     buffer = io.BytesIO()
     image.save(buffer, format=image_format, **save_options)
     data = buffer.getvalue()
-    return ImageChunk(sha256=hashlib.sha256(data).hexdigest(), data=data, detail=detail)  # type: ignore[arg-type]
+    sha256 = hashlib.sha256(data).hexdigest()
+    STORED[sha256] = data
+    return ImageChunk(sha256=sha256, detail=detail)  # type: ignore[arg-type]
 
 
 def generate(engine: Engine, messages: tuple[ChatMessage, ...], max_output_tokens: int = 6) -> tuple[str, Finished]:
     """One greedy request through ``engine`` (stepped on this thread): its text and its Finished event."""
     events: list[EngineEvent] = []
     request = GenerationRequest(f"r{next(_request_ids)}", messages,
-                                SamplingParams(temperature=0.0, max_output_tokens=max_output_tokens))
+                                SamplingParams(temperature=0.0, max_output_tokens=max_output_tokens),
+                                image_source=IMAGES)
     engine.add_request(request, events.append)
     while engine.step():
         pass

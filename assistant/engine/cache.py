@@ -8,16 +8,17 @@ element_size``) and evicts least-recently-used entries; a single tensor larger
 than the budget is returned to the caller but not stored. All methods are
 thread-safe (one lock; no tensor work is done while holding it).
 
-:func:`encode_cached` looks every image up, decodes and encodes only the
-misses, in one batch per detail, stores them, and says which images were hits,
-so the model can count the image *tokens* served from the cache when details differ.
+:func:`encode_cached` looks every image up, loads the misses in one call (one
+store query), encodes them in one batch per detail, stores them, and says which
+images were hits, so the model can count the image *tokens* served from the
+cache when details differ.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -25,7 +26,9 @@ from PIL import Image
 from assistant.engine.vision import VisionPart
 
 CacheKey = tuple[str, str, str]  # (vision identity, image sha256, preprocess key)
-ImageRef = tuple[str, Callable[[], Image.Image], str]  # (sha256, loader, detail)
+ImageRef = tuple[str, str]  # (sha256, detail)
+# The decoded images of the given sha256s, all in one call; raises when one cannot be had.
+ImageLoader = Callable[[Sequence[str]], Mapping[str, Image.Image]]
 
 
 class EmbeddingCache:
@@ -73,21 +76,21 @@ class EmbeddingCache:
             self.num_bytes = 0
 
 
-def encode_cached(vision: VisionPart, cache: EmbeddingCache,
-                  images: list[ImageRef]) -> tuple[list[torch.Tensor], list[bool]]:
+def encode_cached(vision: VisionPart, cache: EmbeddingCache, images: list[ImageRef],
+                  load: ImageLoader) -> tuple[list[torch.Tensor], list[bool]]:
     """Embeddings for ``images`` in order, each ``(num_tokens(detail), hidden_size)``, and one flag per image:
     whether its embedding came from the cache.
 
-    Loaders run only for misses. An image repeated within one call is encoded
-    once; a repeat of an image missed earlier in the same call is not a hit: it
-    was encoded by this call. Raises what a loader or the encoder raises; nothing
-    is stored then.
+    ``load`` runs once, for the misses only (not at all when everything is cached).
+    An image repeated within one call is encoded once; a repeat of an image missed
+    earlier in the same call is not a hit: it was encoded by this call. Raises what
+    ``load`` or the encoder raises; nothing is stored then.
     """
     results: list[torch.Tensor | None] = [None] * len(images)
     hits = [False] * len(images)
     positions: dict[CacheKey, list[int]] = {}  # misses: key → where its embedding goes
-    firsts: dict[CacheKey, tuple[Callable[[], Image.Image], str]] = {}  # key → (loader, detail) of its first use
-    for position, (sha256, loader, detail) in enumerate(images):
+    firsts: dict[CacheKey, tuple[str, str]] = {}  # key → (sha256, detail) of its first use
+    for position, (sha256, detail) in enumerate(images):
         key = (vision.identity, sha256, vision.preprocess_key(detail))
         cached = None if key in positions else cache.get(key)
         if cached is not None:
@@ -95,12 +98,15 @@ def encode_cached(vision: VisionPart, cache: EmbeddingCache,
             hits[position] = True
             continue
         positions.setdefault(key, []).append(position)
-        firsts.setdefault(key, (loader, detail))
+        firsts.setdefault(key, (sha256, detail))
+    if not firsts:
+        return results, hits  # type: ignore[return-value]
+    pictures = load(list(dict.fromkeys(sha256 for sha256, _ in firsts.values())))
     by_detail: dict[str, list[CacheKey]] = {}
     for key, (_, detail) in firsts.items():
         by_detail.setdefault(detail, []).append(key)
     for detail, keys in by_detail.items():
-        embeddings = vision.encode([firsts[key][0]() for key in keys], detail)  # (N, T, h)
+        embeddings = vision.encode([pictures[firsts[key][0]] for key in keys], detail)  # (N, T, h)
         for key, embedding in zip(keys, embeddings, strict=True):
             embedding = embedding.clone()  # (T, h); a view would pin the whole batch in memory
             cache.put(key, embedding)

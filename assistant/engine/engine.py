@@ -6,11 +6,20 @@ that sleeps on a condition while idle. :class:`AsyncEngine` bridges one request
 to an async iterator for the session.
 
 Contract:
+- admission happens in ``add_request``, on the caller's thread (the session calls
+  it from a worker, :class:`AsyncEngine` from its one admission thread): a
+  generation request's messages are rendered with the chat template, tokenized,
+  truncated to the context less the output reserve, and refused there when even
+  the latest message does not fit. The engine thread receives token ids and image
+  references and does only model work: image encoding on cache misses (fetching
+  the bytes of the misses through the request's image source, in one call),
+  prefill, decode and sampling;
 - every request accepted by ``add_request`` gets exactly one terminal
   :class:`Finished` event through its sink, whatever happens: eos or a stop
   string ("stop"), ``max_output_tokens`` or a full context ("length"), abort
-  ("cancelled"), or an exception in the model for that request ("error", with a
-  log-safe message; the traceback goes to the log). One request failing never
+  ("cancelled"), or a refusal or an exception in the model for that request
+  ("error", with ``code`` from :mod:`assistant.errors` and a log-safe message; a
+  traceback goes to the log). One request failing never
   stops the thread or the other requests;
 - ``abort`` takes effect at the start of the next step, so within one decode step;
 - sinks are called from the engine thread, outside the engine lock; a sink that
@@ -35,16 +44,18 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from assistant.engine.detokenize import IncrementalDetokenizer
-from assistant.engine.model import ChatModel, PromptError, PromptTooLong
+from assistant.engine.model import ChatModel, ImageGone, Prompt, PromptError, PromptTooLong
 from assistant.engine.matching import score_answers
 from assistant.engine.request import (EngineEvent, Finished, FinishReason, GenerationRequest, MatchScore, Request,
                                       ScoreRequest, TokenDelta)
 from assistant.engine.sampling import make_generator, sample
 from assistant.engine.scheduler import EngineOverloaded, Scheduler
 from assistant.engine.sequence import Sequence
+from assistant.errors import MODEL_ERROR
 
 __all__ = ["AsyncEngine", "Engine", "EngineOverloaded", "EngineStopped"]
 
@@ -63,6 +74,8 @@ class Engine:
     def __init__(self, model: ChatModel, *, max_num_running: int = 4, max_num_waiting: int = 64) -> None:
         self.model = model
         self.scheduler = Scheduler(max_num_running=max_num_running, max_num_waiting=max_num_waiting)
+        self._renderer = model.for_rendering()  # admission's own tokenizer: never used on the engine thread
+        self._admission_lock = threading.Lock()  # one admission at a time renders with it
         self._cond = threading.Condition()  # guards scheduler, _pending_aborts, _is_stopping
         self._pending_aborts: set[str] = set()
         self._is_stopping = False
@@ -71,12 +84,39 @@ class Engine:
     # ------------------------------------------------------------ any thread
 
     def add_request(self, request: Request, sink: Callable[[EngineEvent], None]) -> None:
-        """Queue a request; its events go to ``sink``. Raises EngineOverloaded when the queue is full."""
+        """Admit a request (see the module docstring) and queue it; its events go to ``sink``.
+
+        A prompt that cannot run (too long, refused by the chat template) is finished
+        at once: ``sink`` gets its ``Finished(reason="error")`` before this returns.
+        Raises EngineOverloaded when the queue is full, EngineStopped after ``shutdown``.
+        """
         with self._cond:
             if self._is_stopping:
                 raise EngineStopped("the engine is shutting down")
-            self.scheduler.add(Sequence(request, sink))
+        seq = Sequence(request, sink)
+        if isinstance(request, GenerationRequest):
+            try:
+                with self._admission_lock:
+                    seq.prompt = self._admit(request)
+            except PromptError as exc:
+                seq.finish_reason = "error"
+                sink(Finished(reason="error", code=_code_of(exc), error=str(exc)))
+                return
+        with self._cond:
+            if self._is_stopping:
+                raise EngineStopped("the engine is shutting down")
+            self.scheduler.add(seq)
             self._cond.notify()
+
+    def _admit(self, request: GenerationRequest) -> Prompt:
+        """Render and truncate the messages, keeping room for the answer (caller's thread)."""
+        context = self._renderer.max_context_tokens
+        reserve = min(request.params.max_output_tokens or DEFAULT_OUTPUT_RESERVE, context // 4)
+        prompt = self._renderer.render(request.messages, max(1, context - max(1, reserve)))
+        if prompt.num_dropped_messages:
+            log.info("request %s: dropped the %d oldest messages to fit the context",
+                     request.request_id, prompt.num_dropped_messages)
+        return prompt
 
     def abort(self, request_id: str) -> None:
         """Cancel a request at the next step; unknown or finished ids are ignored."""
@@ -143,33 +183,29 @@ class Engine:
     def _guarded(self, work: Callable[[Sequence], None], seq: Sequence) -> None:
         try:
             work(seq)
-        except PromptTooLong as exc:
-            self._finish(seq, "error", f"context_length_exceeded: {exc}")
         except PromptError as exc:
-            self._finish(seq, "error", f"invalid_prompt: {exc}")
+            self._finish(seq, "error", str(exc), code=_code_of(exc))
         except Exception:
             log.exception("request %s failed in the model", seq.request_id)
-            self._finish(seq, "error", "model_error: generation failed inside the model; see the server log")
+            self._finish(seq, "error", "generation failed inside the model; see the server log", code=MODEL_ERROR)
 
     def _prefill(self, seq: Sequence) -> None:
-        model = self.model
-        reserve = min(seq.params.max_output_tokens or DEFAULT_OUTPUT_RESERVE, model.max_context_tokens // 4)
-        prompt = model.render(seq.request.messages, max(1, model.max_context_tokens - max(1, reserve)))
-        if prompt.num_dropped_messages:
-            log.info("request %s: dropped the %d oldest messages to fit the context",
-                     seq.request_id, prompt.num_dropped_messages)
+        model, prompt, request = self.model, seq.prompt, seq.request
+        assert prompt is not None and isinstance(request, GenerationRequest), "admitted generation requests only"
         seq.prompt_token_ids = prompt.token_ids
         seq.num_image_tokens = prompt.num_image_tokens
         seq.detokenizer = IncrementalDetokenizer(model.tokenizer, seq.prompt_token_ids)
         seq.generator = make_generator(seq.params.seed)
-        image_embeds, seq.num_cached_image_tokens = model.encode_images(prompt.images)  # (num_image_tokens, C)
+        image_embeds, seq.num_cached_image_tokens = model.encode_images(
+            prompt.images, request.image_source)  # (num_image_tokens, C)
         logits, seq.kv_cache = model.prefill(prompt, image_embeds)  # (vocab,)
         self._append_token(seq, self._sample(seq, logits))
 
     def _score(self, seq: Sequence) -> None:
         request = seq.request
         assert isinstance(request, ScoreRequest)
-        scores = score_answers(self.model, request.image, request.texts, request.prompt, request.instructions)
+        scores = score_answers(self.model, request.image, request.texts, request.prompt, request.instructions,
+                               source=request.image_source)
         self._finish(seq, "stop", scores=scores)
 
     def _decode(self, seq: Sequence) -> None:
@@ -203,7 +239,7 @@ class Engine:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None,
-                scores: tuple[MatchScore, ...] = ()) -> None:
+                scores: tuple[MatchScore, ...] = (), code: str | None = None) -> None:
         """Send the one Finished event and release the sequence (idempotent)."""
         if seq.finish_reason is not None:
             return
@@ -215,7 +251,7 @@ class Engine:
                                     num_output_tokens=seq.num_output_tokens,
                                     num_image_tokens=seq.num_image_tokens,
                                     num_cached_image_tokens=seq.num_cached_image_tokens, error=error,
-                                    scores=scores))
+                                    code=code, scores=scores))
 
     def _deliver(self, seq: Sequence, event: EngineEvent) -> None:
         try:
@@ -231,11 +267,33 @@ def _discard(event: EngineEvent) -> None:
     pass
 
 
+def _code_of(exc: PromptError) -> str:
+    if isinstance(exc, PromptTooLong):
+        return "context_length_exceeded"
+    return "image_not_found" if isinstance(exc, ImageGone) else "invalid_prompt"
+
+
 class AsyncEngine:
-    """The engine seen from asyncio: one async iterator of events per request."""
+    """The engine seen from asyncio: one async iterator of events per request.
+
+    Admission (rendering and tokenizing a whole conversation) runs on one worker
+    thread of its own, in arrival order: never on the event loop, never on the
+    engine thread, so a long prompt stalls neither the connections nor the streams.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assistant-admission")
+
+    async def _add(self, request: Request, sink: Callable[[EngineEvent], None]) -> asyncio.Future[None]:
+        """Admit ``request`` on the admission thread; the returned future is done once it is queued (or refused)."""
+        added = asyncio.get_running_loop().run_in_executor(self._admission, self.engine.add_request, request, sink)
+        try:
+            await asyncio.shield(added)
+        except asyncio.CancelledError:  # the awaiting task is gone: abort the request once it is in the engine
+            added.add_done_callback(lambda _: self.engine.abort(request.request_id))
+            raise
+        return added
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Stream the request's events, ending with its Finished; closing early aborts it.
@@ -248,7 +306,7 @@ class AsyncEngine:
         def sink(event: EngineEvent) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        self.engine.add_request(request, sink)
+        await self._add(request, sink)
         is_finished = False
         try:
             while not is_finished:
@@ -272,7 +330,7 @@ class AsyncEngine:
             if isinstance(event, Finished):
                 loop.call_soon_threadsafe(_resolve, finished, event)
 
-        self.engine.add_request(request, sink)
+        await self._add(request, sink)
         try:
             return await asyncio.shield(finished)
         finally:
@@ -281,6 +339,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        """Stop admitting (admissions under way finish), then shut the engine down."""
+        self._admission.shutdown(wait=True)
+        self.engine.shutdown()
 
 
 def _resolve(future: asyncio.Future[Finished], event: Finished) -> None:

@@ -35,7 +35,8 @@ import torch
 
 from assistant.engine.model import (IMAGE_PLACEHOLDER_ID, ChatModel, ImageSlot, PromptError, PromptTooLong,
                                     embed_with_images)
-from assistant.engine.request import DEFAULT_MATCH_PROMPT, ChatMessage, ImageChunk, MatchScore, TextChunk, ranking
+from assistant.engine.request import (DEFAULT_MATCH_PROMPT, ChatMessage, ImageChunk, ImageSource, InlineImages,
+                                      MatchScore, TextChunk, ranking)
 from assistant.images import ImageLimits, load_image
 
 if TYPE_CHECKING:
@@ -130,8 +131,10 @@ def answer_log_likelihoods(model: ChatModel, sequences: Sequence[AnswerSequence]
 
 
 def score_answers(model: ChatModel, image: ImageChunk, texts: Sequence[str], prompt: str = DEFAULT_MATCH_PROMPT,
-                  instructions: str = "") -> tuple[MatchScore, ...]:
+                  instructions: str = "", *, source: ImageSource) -> tuple[MatchScore, ...]:
     """One :class:`MatchScore` per text, in the texts' order (model work: the engine thread's, in a server).
+
+    ``source`` has the image's bytes, fetched only when the embedding cache misses.
 
     Raises :class:`~assistant.engine.model.PromptError` for a model without a vision
     part or an empty text or prompt, :class:`~assistant.engine.model.PromptTooLong`
@@ -141,7 +144,7 @@ def score_answers(model: ChatModel, image: ImageChunk, texts: Sequence[str], pro
         raise PromptError("this model does not accept images")
     if not prompt or not all(texts):
         raise PromptError("the prompt and every text must be non-empty")
-    image_embeds, _ = model.encode_images([image])  # (num_image_tokens, C), from the cache when it has them
+    image_embeds, _ = model.encode_images([image], source)  # (num_image_tokens, C), from the cache when it has them
     scores: list[MatchScore] = []
     for start in range(0, len(texts), MAX_BATCH_TEXTS):
         chunk = texts[start:start + MAX_BATCH_TEXTS]
@@ -157,8 +160,10 @@ def score_answers(model: ChatModel, image: ImageChunk, texts: Sequence[str], pro
     return tuple(scores)
 
 
-def image_chunk(image: PILImage | bytes, detail: str = "auto", limits: ImageLimits | None = None) -> ImageChunk:
-    """An image file's bytes (PNG, JPEG, WebP, GIF) or a PIL image, validated as the server validates images.
+def image_chunk(image: PILImage | bytes, detail: str = "auto",
+                limits: ImageLimits | None = None) -> tuple[ImageChunk, InlineImages]:
+    """An image file's bytes (PNG, JPEG, WebP, GIF) or a PIL image, validated as the server validates images:
+    its reference, and the source that holds its (stored form's) bytes.
 
     Raises :class:`~assistant.errors.ImageRejected` with the server's codes (param ``image``).
     """
@@ -167,7 +172,8 @@ def image_chunk(image: PILImage | bytes, detail: str = "auto", limits: ImageLimi
         image.convert("RGB").save(buffer, format="PNG")
         image = buffer.getvalue()
     stored, _ = load_image(image, limits or ImageLimits(), param="image")
-    return ImageChunk(hashlib.sha256(stored.data).hexdigest(), stored.data, detail)  # type: ignore[arg-type]
+    sha256 = hashlib.sha256(stored.data).hexdigest()
+    return ImageChunk(sha256, detail), InlineImages({sha256: stored.data})  # type: ignore[arg-type]
 
 
 def match(model: ChatModel, image: PILImage | bytes, texts: Sequence[str], prompt: str = DEFAULT_MATCH_PROMPT, *,
@@ -186,7 +192,7 @@ def match(model: ChatModel, image: PILImage | bytes, texts: Sequence[str], promp
         raise ValueError("this model has no vision part; image-text matching needs a vision model")
     if not texts or not all(texts) or not prompt:
         raise ValueError("give at least one text; the prompt and every text must be non-empty")
-    chunk = image_chunk(image, detail)
+    chunk, source = image_chunk(image, detail)
     scores = score_answers(model, chunk, list(texts), prompt,
-                           load_system_prompt() if instructions is None else instructions)
+                           load_system_prompt() if instructions is None else instructions, source=source)
     return [scores[index] for index in ranking(scores)]

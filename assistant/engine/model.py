@@ -32,10 +32,11 @@ Where the vision part plugs in: pass a :class:`~assistant.engine.vision.VisionPa
 :class:`~assistant.engine.cache.EmbeddingCache` as ``image_cache=``. ``render``
 asks the part how many positions an image takes (``num_tokens(detail)``);
 :meth:`ChatModel.encode_images` looks each image up by (vision identity, image
-sha256, preprocess key), decodes (EXIF orientation applied, RGB; see
-:func:`assistant.images.decode_stored`) and encodes only the misses, one
-``encode`` call per detail level, and says how many image tokens were served
-from the cache. So an image is encoded once, not again on later turns of its
+sha256, preprocess key), fetches the bytes of the misses only, in one call of the
+request's :data:`~assistant.engine.request.ImageSource`, decodes them (EXIF
+orientation applied, RGB; see :func:`assistant.images.decode_stored`) and
+encodes them, one ``encode`` call per detail level, and says how many image
+tokens were served from the cache. So an image is encoded once, not again on later turns of its
 conversation nor when another conversation sends the same bytes. Without an
 ``image_cache`` (or with a zero-byte one) every image is encoded each time.
 
@@ -45,11 +46,16 @@ names) lives in :mod:`assistant.engine.loader`.
 The session never imports this module; it checks :attr:`ChatModel.accepts_images`
 before sending images and uses :meth:`ChatModel.num_image_tokens` for image-token
 budgets, and the engine turns :class:`PromptError` into a ``Finished(reason="error")``.
+
+Rendering runs where the engine admits a request (the caller's thread, never the
+engine thread): :meth:`ChatModel.for_rendering` gives the admission its own copy
+of the tokenizer, so it never shares the Rust tokenizer with the engine thread's
+detokenizing.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import inspect
 import re
 import uuid
@@ -60,8 +66,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from jinja2 import TemplateError
 
-from assistant.engine.cache import EmbeddingCache, ImageRef, encode_cached
-from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
+from assistant.engine.cache import EmbeddingCache, encode_cached
+from assistant.engine.request import ChatMessage, ImageChunk, ImageSource, TextChunk
 from assistant.engine.vision import VisionPart
 from assistant.images import decode_stored
 
@@ -81,6 +87,10 @@ MAX_SANE_CONTEXT = 1 << 24
 
 class PromptError(ValueError):
     """The messages cannot become a prompt for this model; the message is log-safe."""
+
+
+class ImageGone(PromptError):
+    """An image the prompt needs is no longer stored (its item was deleted while the request waited)."""
 
 
 class PromptTooLong(PromptError):
@@ -207,6 +217,13 @@ class ChatModel:
         if self.vision is None:
             raise ValueError("this model has no vision part; it takes no images")
         return self.vision.num_tokens(detail)
+
+    def for_rendering(self) -> ChatModel:
+        """This model with its own copy of the tokenizer, for rendering prompts on another thread than the one
+        that detokenizes (the forward-pass state is shared; call no forward pass on the copy)."""
+        clone = copy.copy(self)
+        clone.tokenizer = copy.deepcopy(self.tokenizer)
+        return clone
 
     # ------------------------------------------------------------ rendering
 
@@ -336,29 +353,37 @@ class ChatModel:
         """Input embeddings ``(1, T, C)`` of a prompt, image embeddings in the image slots.
 
         ``image_embeds`` ``(num_image_tokens, C)``: what :meth:`encode_images` returned
-        for ``prompt.images``; encoded here when not given.
+        for ``prompt.images``; required when the prompt holds an image.
         """
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=self.device)  # (1, T)
         if not prompt.num_image_tokens:
             return self.hf_model.get_input_embeddings()(ids)  # (1, T, C)
         if image_embeds is None:
-            image_embeds, _ = self.encode_images(prompt.images)  # (num_image_tokens, C)
+            raise ValueError("the prompt holds images: pass their embeddings (encode_images)")
         mask = torch.tensor([prompt.image_mask], dtype=torch.bool, device=self.device)  # (1, T)
         return embed_with_images(self.hf_model, ids, mask, image_embeds)
 
-    def encode_images(self, images: Sequence[ImageChunk]) -> tuple[torch.Tensor, int]:
+    def encode_images(self, images: Sequence[ImageChunk], source: ImageSource) -> tuple[torch.Tensor, int]:
         """Embeddings of ``images`` in order, concatenated ``(sum of num_tokens(detail), C)``, and how many of
         those rows were served from the image cache.
 
-        Only cache misses are decoded and encoded, one ``encode`` call per detail level.
+        Only cache misses are fetched from ``source`` (one call), decoded and encoded, one ``encode`` call per
+        detail level. Raises :class:`ImageGone` when the source no longer has one of them.
         """
         if not images:
             return torch.empty(0, self.hidden_size, device=self.device), 0
         if self.vision is None:
             raise PromptError("this model does not accept images")
-        refs: list[ImageRef] = [(image.sha256, functools.partial(decode_image, image), image.detail)
-                                for image in images]
-        rows, hits = encode_cached(self.vision, self.image_cache, refs)
+
+        def load(sha256s: Sequence[str]) -> dict[str, PILImage]:
+            stored = source(sha256s)
+            missing = [sha256 for sha256 in sha256s if sha256 not in stored]
+            if missing:
+                raise ImageGone(f"image {missing[0]} is no longer stored; it was deleted with its item")
+            return {sha256: decode_stored(stored[sha256]) for sha256 in sha256s}
+
+        rows, hits = encode_cached(self.vision, self.image_cache, [(image.sha256, image.detail) for image in images],
+                                   load)
         for image, row in zip(images, rows, strict=True):
             expected = (self.vision.num_tokens(image.detail), self.hidden_size)
             if tuple(row.shape) != expected:
@@ -429,11 +454,6 @@ def template_content_format(tokenizer: Any) -> ContentFormat:
         if isinstance(text, str) and probe in text:
             return content_format  # type: ignore[return-value]
     return "string"
-
-
-def decode_image(image: ImageChunk) -> PILImage:
-    """The chunk's stored (already validated) bytes as RGB, EXIF orientation applied."""
-    return decode_stored(image.data)
 
 
 def _eos_token_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:

@@ -1,8 +1,11 @@
 """What goes into the engine and what comes out: the engine's whole public contract.
 
-The session builds a :class:`GenerationRequest` from stored items (text and
-image *bytes*, never tensors) and receives a stream of :class:`TokenDelta`
-events ending in exactly one :class:`Finished`.
+The session builds a :class:`GenerationRequest` from stored items (text, and
+images by reference: sha256 and detail, never bytes or tensors) and receives a
+stream of :class:`TokenDelta` events ending in exactly one :class:`Finished`.
+An image's bytes are fetched through the request's :data:`ImageSource` (one
+call for all the images a prompt needs) only when the model's embedding cache
+does not hold the image's embeddings yet.
 
 A :class:`ScoreRequest` (image–text matching, :mod:`assistant.engine.matching`)
 streams no deltas: its one event is the :class:`Finished`, with ``reason="stop"``
@@ -12,7 +15,7 @@ failed like any request otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,11 +33,29 @@ class TextChunk:
 
 @dataclass(frozen=True)
 class ImageChunk:
-    """A validated image: ``data`` is the stored (already validated) file bytes."""
+    """A validated image, by reference: the sha256 of its stored file bytes, and the detail to encode it at."""
 
     sha256: str
-    data: bytes
     detail: Literal["low", "high", "auto"] = "auto"
+
+
+# sha256s → the stored bytes of those images (an image that is gone is left out): one store query for all.
+ImageSource = Callable[[Sequence[str]], Mapping[str, bytes]]
+
+
+def no_images(sha256s: Sequence[str]) -> Mapping[str, bytes]:
+    """The source of a request that holds no image."""
+    return {}
+
+
+@dataclass(frozen=True)
+class InlineImages:
+    """A source for bytes the caller already holds (an image that is not stored, as ``image.match`` sends)."""
+
+    data: Mapping[str, bytes]
+
+    def __call__(self, sha256s: Sequence[str]) -> Mapping[str, bytes]:
+        return {sha256: self.data[sha256] for sha256 in sha256s if sha256 in self.data}
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,7 @@ class GenerationRequest:
     request_id: str
     messages: tuple[ChatMessage, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    image_source: ImageSource = no_images  # the bytes of the messages' images, asked for on cache misses only
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,7 @@ class ScoreRequest:
     texts: tuple[str, ...]
     prompt: str = DEFAULT_MATCH_PROMPT
     instructions: str = ""
+    image_source: ImageSource = no_images
 
 
 Request = GenerationRequest | ScoreRequest
@@ -118,6 +141,7 @@ class Finished:
     num_image_tokens: int = 0
     num_cached_image_tokens: int = 0
     error: str | None = None  # log-safe description when reason == "error"
+    code: str | None = None  # when reason == "error": an assistant.errors code (ENGINE_ERROR_CODES)
     scores: tuple[MatchScore, ...] = ()  # a ScoreRequest's result, one per text, when reason == "stop"
 
 

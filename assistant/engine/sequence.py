@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum, auto
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from assistant.engine.detokenize import IncrementalDetokenizer, StopChecker
 from assistant.engine.request import EngineEvent, FinishReason, GenerationRequest, Request, ScoreRequest
 from assistant.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from assistant.engine.model import Prompt
 
 
 class SequenceStatus(Enum):
@@ -31,6 +34,7 @@ class Sequence:
         self.request = request
         self.sink = sink
         self.status = SequenceStatus.WAITING
+        self.prompt: Prompt | None = None  # a generation request's rendered prompt, set at admission
         self.prompt_token_ids: list[int] = []
         self.num_image_tokens = 0
         self.num_cached_image_tokens = 0  # image tokens whose embeddings came from the image cache

@@ -75,7 +75,7 @@ class Batch:
 def conversation(example: Example, image_sha256: str, system_prompt: str) -> list[ChatMessage]:
     """The chat messages of ``example``, as the session would build them for ``assistant serve``."""
     # Rendering reads only the image's detail; the bytes stay on disk (the feature cache has the features).
-    image = ImageChunk(sha256=image_sha256, data=b"", detail=TRAIN_DETAIL)
+    image = ImageChunk(sha256=image_sha256, detail=TRAIN_DETAIL)
     messages = [ChatMessage("system", (TextChunk(system_prompt),))] if system_prompt else []
     for number, (question, answer) in enumerate(example.turns):
         parts: tuple[TextChunk | ImageChunk, ...] = (TextChunk(question),) if question else ()
