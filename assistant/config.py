@@ -86,6 +86,8 @@ class Config:
     max_image_tokens_per_message: int = _opt(2048, "Image tokens accepted in one message.")
     max_image_tokens_per_conversation: int = _opt(8192, "Image tokens accepted in one conversation.")
     image_cache_bytes: int = _opt(256 * 1024 * 1024, "Memory budget of the image-embedding cache, in bytes.")
+    kv_cache_bytes: int = _opt(256 * 1024 * 1024, "Memory budget of the KV caches kept for the next turn of "
+                               "a conversation (reused when its prompt starts the same way), in bytes; 0 turns it off.")
 
     def __post_init__(self) -> None:
         if self.data_dir is None:
@@ -110,7 +112,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("max_output_tokens", "max_images_per_conversation", "max_image_tokens_per_conversation",
-                     "image_cache_bytes"):
+                     "image_cache_bytes", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
 

@@ -369,7 +369,7 @@ class Session:
         item = replace(item, content=(ContentPart("output_text", text=text),),
                        status="completed" if status == "completed" else "incomplete")
         usage = Usage(input_tokens=finished.num_prompt_tokens, output_tokens=finished.num_output_tokens,
-                      cached_tokens=finished.num_cached_image_tokens, image_tokens=finished.num_image_tokens,
+                      cached_tokens=finished.num_cached_tokens, image_tokens=finished.num_image_tokens,
                       cached_image_tokens=finished.num_cached_image_tokens)
         now = time.monotonic()
         record = ResponseRecord(

@@ -313,7 +313,7 @@ def test_model_error_finishes_only_that_request(engine: Engine, model: ChatModel
 
 def test_prefill_error_is_one_finished(engine: Engine, model: ChatModel, monkeypatch: pytest.MonkeyPatch,
                                       caplog: pytest.LogCaptureFixture) -> None:
-    def out_of_memory(prompt: Prompt, image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def out_of_memory(prompt: Prompt, image_embeds: torch.Tensor | None = None, **_: Any) -> tuple[torch.Tensor, Any]:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(model, "prefill", out_of_memory)

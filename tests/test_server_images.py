@@ -96,7 +96,9 @@ async def test_image_encoded_once_across_turns_and_conversations(vision_server: 
     await send(other, image_item(url, text="Same picture, new conversation"))
     await recv_until(other, "conversation.item.done")
     usage = (await ask(other))["usage"]
-    assert usage["input_token_details"]["cached_tokens"] == IMAGE_TOKENS
+    assert usage["input_token_details"]["cached_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+    # the same system prompt and image start the first conversation's prompts: their KV cache is reused too
+    assert usage["input_token_details"]["cached_tokens"] > IMAGE_TOKENS
     await ws.close()
     await other.close()
 

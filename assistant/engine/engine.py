@@ -24,9 +24,15 @@ Contract:
 - ``abort`` takes effect at the start of the next step, so within one decode step;
 - sinks are called from the engine thread, outside the engine lock; a sink that
   raises (its consumer is gone) gets its request dropped;
+- KV reuse across turns: a finished sequence's KV cache (prompt and answer) goes
+  to a :class:`~assistant.engine.prefix_cache.PrefixCache` bounded by
+  ``kv_cache_bytes``; a later prompt that starts the same way (the next turn of the
+  conversation) takes it and prefills only what follows the shared prefix;
 - ``Finished`` counts the prompt's tokens (image positions included), its image
-  tokens, and how many of those came from the model's image-embedding cache
-  (images already encoded for an earlier turn or another conversation);
+  tokens, the tokens of a reused KV prefix (``num_cached_tokens``), and the image
+  tokens that were not encoded again: inside that prefix or from the model's
+  image-embedding cache (images already encoded for an earlier turn or another
+  conversation);
 - a :class:`~assistant.engine.request.ScoreRequest` (image–text matching) is
   admitted like a generation request and runs whole in the step that admits it
   (:func:`~assistant.engine.matching.score_answers`): no deltas, one ``Finished``
@@ -50,6 +56,7 @@ from typing import Any
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.model import ChatModel, ImageGone, Prompt, PromptError, PromptTooLong
 from assistant.engine.matching import score_answers
+from assistant.engine.prefix_cache import PrefixCache, prompt_key
 from assistant.engine.request import (EngineEvent, Finished, FinishReason, GenerationRequest, MatchScore, Request,
                                       ScoreRequest, TokenDelta)
 from assistant.engine.sampling import make_generator, sample
@@ -71,8 +78,10 @@ class EngineStopped(RuntimeError):
 
 
 class Engine:
-    def __init__(self, model: ChatModel, *, max_num_running: int = 4, max_num_waiting: int = 64) -> None:
+    def __init__(self, model: ChatModel, *, max_num_running: int = 4, max_num_waiting: int = 64,
+                 kv_cache_bytes: int = 0) -> None:
         self.model = model
+        self.prefix_cache = PrefixCache(kv_cache_bytes, model.new_cache)  # engine thread only
         self.scheduler = Scheduler(max_num_running=max_num_running, max_num_waiting=max_num_waiting)
         self._renderer = model.for_rendering()  # admission's own tokenizer: never used on the engine thread
         self._admission_lock = threading.Lock()  # one admission at a time renders with it
@@ -193,12 +202,17 @@ class Engine:
         model, prompt, request = self.model, seq.prompt, seq.request
         assert prompt is not None and isinstance(request, GenerationRequest), "admitted generation requests only"
         seq.prompt_token_ids = prompt.token_ids
+        seq.prompt_key = prompt_key(prompt)
         seq.num_image_tokens = prompt.num_image_tokens
         seq.detokenizer = IncrementalDetokenizer(model.tokenizer, seq.prompt_token_ids)
         seq.generator = make_generator(seq.params.seed)
-        image_embeds, seq.num_cached_image_tokens = model.encode_images(
-            prompt.images, request.image_source)  # (num_image_tokens, C)
-        logits, seq.kv_cache = model.prefill(prompt, image_embeds)  # (vocab,)
+        cache, start = self.prefix_cache.take(seq.prompt_key, seq.num_image_tokens > 0)
+        image_embeds, num_cached_after = model.encode_images(
+            prompt.images_from(start), request.image_source)  # (image tokens after the reused prefix, C)
+        num_images_before = sum(not isinstance(key, int) for key in seq.prompt_key[:start])
+        seq.num_cached_image_tokens = num_images_before + num_cached_after
+        seq.num_cached_tokens = start + num_cached_after
+        logits, seq.kv_cache = model.prefill(prompt, image_embeds, cache=cache, start=start)  # (vocab,)
         self._append_token(seq, self._sample(seq, logits))
 
     def _score(self, seq: Sequence) -> None:
@@ -246,12 +260,17 @@ class Engine:
         with self._cond:
             self.scheduler.finish(seq)
         seq.finish_reason = reason
+        if seq.kv_cache is not None and reason != "error":
+            # The cache holds the prompt and every output token but the last, which was sampled, never fed.
+            key = seq.prompt_key + tuple(seq.output_token_ids[:-1])
+            if seq.kv_cache.get_seq_length() == len(key):
+                self.prefix_cache.put(key, seq.num_image_tokens > 0, seq.kv_cache)
         seq.kv_cache = None
         self._deliver(seq, Finished(reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
                                     num_output_tokens=seq.num_output_tokens,
                                     num_image_tokens=seq.num_image_tokens,
-                                    num_cached_image_tokens=seq.num_cached_image_tokens, error=error,
-                                    code=code, scores=scores))
+                                    num_cached_image_tokens=seq.num_cached_image_tokens,
+                                    num_cached_tokens=seq.num_cached_tokens, error=error, code=code, scores=scores))
 
     def _deliver(self, seq: Sequence, event: EngineEvent) -> None:
         try:

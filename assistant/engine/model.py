@@ -153,6 +153,18 @@ class Prompt:
     def images(self) -> list[ImageChunk]:
         return [s.image for s in self.segments if isinstance(s, ImageSlot)]
 
+    def images_from(self, start: int) -> list[ImageChunk]:
+        """The images whose slots begin at position ``start`` or later."""
+        images, position = [], 0
+        for segment in self.segments:
+            if isinstance(segment, ImageSlot):
+                if position >= start:
+                    images.append(segment.image)
+                position += segment.num_tokens
+            else:
+                position += len(segment)
+        return images
+
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens if isinstance(s, ImageSlot) else len(s) for s in self.segments)
@@ -349,18 +361,22 @@ class ChatModel:
     # ------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def embed(self, prompt: Prompt, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Input embeddings ``(1, T, C)`` of a prompt, image embeddings in the image slots.
+    def embed(self, prompt: Prompt, image_embeds: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """Input embeddings ``(1, T - start, C)`` of a prompt's positions from ``start`` on (a start inside an
+        image slot is refused), image embeddings in the image slots.
 
         ``image_embeds`` ``(num_image_tokens, C)``: what :meth:`encode_images` returned
-        for ``prompt.images``; required when the prompt holds an image.
+        for ``prompt.images_from(start)``; required when those positions hold an image.
         """
-        ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=self.device)  # (1, T)
-        if not prompt.num_image_tokens:
-            return self.hf_model.get_input_embeddings()(ids)  # (1, T, C)
+        ids = torch.tensor([prompt.token_ids[start:]], dtype=torch.long, device=self.device)  # (1, T')
+        image_mask = prompt.image_mask[start:]
+        if not any(image_mask):
+            return self.hf_model.get_input_embeddings()(ids)  # (1, T', C)
+        if start and prompt.image_mask[start - 1] and image_mask[0]:
+            raise ValueError(f"position {start} is inside an image slot")
         if image_embeds is None:
             raise ValueError("the prompt holds images: pass their embeddings (encode_images)")
-        mask = torch.tensor([prompt.image_mask], dtype=torch.bool, device=self.device)  # (1, T)
+        mask = torch.tensor([image_mask], dtype=torch.bool, device=self.device)  # (1, T')
         return embed_with_images(self.hf_model, ids, mask, image_embeds)
 
     def encode_images(self, images: Sequence[ImageChunk], source: ImageSource) -> tuple[torch.Tensor, int]:
@@ -398,13 +414,18 @@ class ChatModel:
         return DynamicCache(config=self.hf_model.config)
 
     @torch.inference_mode()
-    def prefill(self, prompt: Prompt, image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """Run the whole prompt; return the last position's logits ``(vocab,)`` and the filled cache.
+    def prefill(self, prompt: Prompt, image_embeds: torch.Tensor | None = None, *, cache: Any = None,
+                start: int = 0) -> tuple[torch.Tensor, Any]:
+        """Run the prompt; return the last position's logits ``(vocab,)`` and the filled cache.
 
+        ``cache``, when given, already holds the prompt's first ``start`` positions (a
+        reused prefix, :mod:`assistant.engine.prefix_cache`): only the rest is run.
         ``image_embeds`` as for :meth:`embed`.
         """
-        embeds = self.embed(prompt, image_embeds)  # (1, T, C)
-        cache = self.new_cache()
+        if start and (cache is None or cache.get_seq_length() != start):
+            raise ValueError(f"a prefill from position {start} needs a cache holding exactly {start} positions")
+        embeds = self.embed(prompt, image_embeds, start)  # (1, T - start, C)
+        cache = cache if cache is not None else self.new_cache()
         out = self.forward(has_images=bool(prompt.images), inputs_embeds=embeds, use_cache=True, logits_to_keep=1,
                            **{self._cache_kwarg: cache})
         return out.logits[0, -1].float(), cache  # (vocab,)

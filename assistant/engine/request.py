@@ -139,7 +139,8 @@ class Finished:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_image_tokens: int = 0
-    num_cached_image_tokens: int = 0
+    num_cached_image_tokens: int = 0  # image tokens of a reused KV prefix, or whose embeddings were cached
+    num_cached_tokens: int = 0  # the reused KV prefix (text and image) plus the other cached image tokens
     error: str | None = None  # log-safe description when reason == "error"
     code: str | None = None  # when reason == "error": an assistant.errors code (ENGINE_ERROR_CODES)
     scores: tuple[MatchScore, ...] = ()  # a ScoreRequest's result, one per text, when reason == "stop"

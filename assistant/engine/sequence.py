@@ -37,7 +37,9 @@ class Sequence:
         self.prompt: Prompt | None = None  # a generation request's rendered prompt, set at admission
         self.prompt_token_ids: list[int] = []
         self.num_image_tokens = 0
-        self.num_cached_image_tokens = 0  # image tokens whose embeddings came from the image cache
+        self.prompt_key: tuple[Any, ...] = ()  # what each prompt position holds (prefix_cache.prompt_key)
+        self.num_cached_image_tokens = 0  # image tokens of the reused KV prefix or from the image-embedding cache
+        self.num_cached_tokens = 0  # the reused KV prefix, plus the other image tokens from the embedding cache
         self.output_token_ids: list[int] = []
         self.num_unreported_tokens = 0  # sampled but not yet counted in a TokenDelta
         self.detokenizer: IncrementalDetokenizer | None = None  # set at prefill (needs the tokenizer)
