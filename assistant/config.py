@@ -65,7 +65,7 @@ class Config:
                       choices=DTYPE_CHOICES)
     device: str = _opt("auto", "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     system_prompt_file: str = _opt("", "Text file with the default system prompt (default: prompts/system.txt).")
-    max_running_requests: int = _opt(4, "Responses generated concurrently by the engine.")
+    max_running_requests: int = _opt(8, "Responses the engine decodes together, one token each per forward pass.")
     max_waiting_requests: int = _opt(64, "Responses queued behind them; more are refused with a coded error.")
     # Sampling defaults (per session via session.update, per response via response.create)
     temperature: float = _opt(0.3, "Default sampling temperature (0 = greedy).")

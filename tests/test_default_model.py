@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -81,3 +82,51 @@ def test_matching_ranks_the_true_caption_first(default_model: ChatModel) -> None
     for sample, true_index in ((red_circle(), 0), (blue_squares, 1)):
         ranked = match(default_model, png(sample), captions)
         assert ranked[0].index == true_index, [(s.text, round(s.score, 2)) for s in ranked]
+
+
+# ---------------------------------------------------------------- batching and KV reuse, on the real model
+
+
+@pytest.fixture(scope="module")
+def float32_default() -> ChatModel:
+    """The default vision model unquantized in float32, where greedy decoding is exact enough to compare token
+    for token (nf4's bf16 arithmetic rounds differently at different batch sizes)."""
+    from assistant.config import load_config
+    from assistant.engine.loader import load_model
+    from assistant.models import default_data_dir
+
+    config = load_config({"data_dir": str(default_data_dir()), "quantize": "none", "dtype": "float32"}, env={})
+    return load_model(config, progress=lambda _: None)
+
+
+def test_batched_and_reused_greedy_output_equals_each_alone_on_the_default_model(float32_default: ChatModel) -> None:
+    from assistant.engine.engine import Engine
+    from assistant.engine.request import (ChatMessage, EngineEvent, GenerationRequest, ImageChunk, InlineImages,
+                                          TextChunk, TokenDelta)
+    from assistant.engine.sampling import SamplingParams
+
+    data = png(red_circle())
+    sha256 = hashlib.sha256(data).hexdigest()
+    images = InlineImages({sha256: data})
+    picture = ChatMessage("user", (TextChunk("Describe this image."), ImageChunk(sha256, "high")))
+    conversations = {"image": (picture,), "text": (ChatMessage("user", (TextChunk("Name three rivers."),)),),
+                     "long": (ChatMessage("user", (TextChunk("Write a short poem about the sea."),)),)}
+
+    def run(engine: Engine, ids: list[str], tokens: int = 16) -> dict[str, str]:
+        events: dict[str, list[EngineEvent]] = {i: [] for i in ids}
+        for i in ids:
+            engine.add_request(GenerationRequest(i, conversations[i], SamplingParams(temperature=0.0,
+                               max_output_tokens=tokens), image_source=images), events[i].append)
+        while engine.step():
+            pass
+        return {i: "".join(e.text for e in evs if isinstance(e, TokenDelta)) for i, evs in events.items()}
+
+    alone = {i: run(Engine(float32_default), [i])[i] for i in conversations}
+    assert run(Engine(float32_default, max_num_running=3), list(conversations)) == alone
+
+    engine = Engine(float32_default, kv_cache_bytes=64 << 20)
+    first = run(engine, ["image"])["image"]
+    conversations["turn2"] = (picture, ChatMessage("assistant", (TextChunk(first),)),
+                              ChatMessage("user", (TextChunk("What colour is it?"),)))
+    assert run(engine, ["turn2"]) == run(Engine(float32_default), ["turn2"])
+    assert len(engine.prefix_cache) == 1  # the second turn took the first's cache and put its own back

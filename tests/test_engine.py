@@ -292,23 +292,33 @@ def test_abort_of_a_waiting_request_and_unknown_ids(model: ChatModel) -> None:
 def test_model_error_finishes_only_that_request(engine: Engine, model: ChatModel,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    real_decode = model.decode
-    calls = {"n": 0}
+    """The batched pass fails once; its rows are retried alone, and only the one that fails alone is lost."""
+    real_decode_batch, real_decode = model.decode_batch, model.decode
+    calls = {"batched": 0, "alone": 0}
+
+    def flaky_decode_batch(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["batched"] += 1
+        if calls["batched"] == 2:
+            raise RuntimeError("secret internal detail")
+        return real_decode_batch(*args, **kwargs)
 
     def flaky_decode(token_id: int, cache: Any, *, has_images: bool) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("secret internal detail")
+        calls["alone"] += 1
+        if calls["alone"] == 1:
+            raise RuntimeError("secret internal detail, alone")
         return real_decode(token_id, cache, has_images=has_images)
 
+    monkeypatch.setattr(model, "decode_batch", flaky_decode_batch)
     monkeypatch.setattr(model, "decode", flaky_decode)
     with caplog.at_level(logging.ERROR):
         events = run(engine, request("a", max_output_tokens=6), request("b", max_output_tokens=6))
     outcomes = {rid: finished_of(evs) for rid, evs in events.items()}
     assert sorted(f.reason for f in outcomes.values()) == ["error", "length"]
     failed = next(f for f in outcomes.values() if f.reason == "error")
-    assert failed.error is not None and "secret" not in failed.error
+    assert failed.error is not None and "secret" not in failed.error and failed.code == "generation_failed"
     assert any(r.exc_info and "secret internal detail" in str(r.exc_info[1]) for r in caplog.records)
+    survivor = next(evs for evs in events.values() if finished_of(evs).reason == "length")
+    assert text_of(survivor) == text_of(run(Engine(model), request("c", max_output_tokens=6))["c"])
 
 
 def test_prefill_error_is_one_finished(engine: Engine, model: ChatModel, monkeypatch: pytest.MonkeyPatch,
@@ -350,13 +360,13 @@ def test_overload(model: ChatModel) -> None:
 
 def test_thread_abort_is_quick_and_shutdown_cancels_the_rest(model: ChatModel,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    real_decode = model.decode
+    real_decode_batch = model.decode_batch
 
-    def slow_decode(token_id: int, cache: Any, *, has_images: bool) -> torch.Tensor:
+    def slow_decode_batch(*args: Any, **kwargs: Any) -> torch.Tensor:
         time.sleep(0.02)
-        return real_decode(token_id, cache, has_images=has_images)
+        return real_decode_batch(*args, **kwargs)
 
-    monkeypatch.setattr(model, "decode", slow_decode)
+    monkeypatch.setattr(model, "decode_batch", slow_decode_batch)
     engine = Engine(model)
     engine.start()
     first_delta = threading.Event()

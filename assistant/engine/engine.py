@@ -21,6 +21,13 @@ Contract:
   ("error", with ``code`` from :mod:`assistant.errors` and a log-safe message; a
   traceback goes to the log). One request failing never
   stops the thread or the other requests;
+- continuous batching: each step decodes one token for every running sequence in
+  one forward pass per :class:`~assistant.engine.batch.DecodeBatch` (one for
+  sequences with images, one without), then prefills what the scheduler admits,
+  which joins the batch for the next step; a finished or cancelled sequence leaves
+  it at once. Sampling stays per row, with each request's own settings and seed.
+  If a batched pass fails, its rows are retried alone, so a failure stays with the
+  sequence that causes it;
 - ``abort`` takes effect at the start of the next step, so within one decode step;
 - sinks are called from the engine thread, outside the engine lock; a sink that
   raises (its consumer is gone) gets its request dropped;
@@ -53,6 +60,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from assistant.engine.batch import DecodeBatch
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.model import ChatModel, ImageGone, Prompt, PromptError, PromptTooLong
 from assistant.engine.matching import score_answers
@@ -78,10 +86,13 @@ class EngineStopped(RuntimeError):
 
 
 class Engine:
-    def __init__(self, model: ChatModel, *, max_num_running: int = 4, max_num_waiting: int = 64,
+    def __init__(self, model: ChatModel, *, max_num_running: int = 8, max_num_waiting: int = 64,
                  kv_cache_bytes: int = 0) -> None:
         self.model = model
         self.prefix_cache = PrefixCache(kv_cache_bytes, model.new_cache)  # engine thread only
+        # The running sequences, decoded one forward pass per batch and step; with and without images apart, since
+        # the model's image adapter is switched per forward pass.
+        self._batches = (DecodeBatch(model, has_images=False), DecodeBatch(model, has_images=True))
         self.scheduler = Scheduler(max_num_running=max_num_running, max_num_waiting=max_num_waiting)
         self._renderer = model.for_rendering()  # admission's own tokenizer: never used on the engine thread
         self._admission_lock = threading.Lock()  # one admission at a time renders with it
@@ -156,7 +167,8 @@ class Engine:
     # ------------------------------------------------------------ engine thread
 
     def step(self) -> bool:
-        """Apply aborts, prefill newly admitted sequences, decode one token for each running one.
+        """Apply aborts, decode one token for every running sequence (one forward pass per batch), then prefill
+        newly admitted sequences, which join the batch for the next step.
 
         Returns whether work is left.
         """
@@ -167,12 +179,11 @@ class Engine:
         for seq in aborted:
             if seq is not None:
                 self._finish(seq, "cancelled")
+        for group in self._batches:
+            if len(group):
+                self._decode(group)
         for seq in batch.prefill:
             self._guarded(self._score if seq.is_scoring else self._prefill, seq)
-        # Round-robin, one sequence at a time for now; a batched decode takes batch.decode whole.
-        for seq in batch.decode:
-            if not seq.is_finished:
-                self._guarded(self._decode, seq)
         with self._cond:
             return self.scheduler.has_work or bool(self._pending_aborts)
 
@@ -214,6 +225,14 @@ class Engine:
         seq.num_cached_tokens = start + num_cached_after
         logits, seq.kv_cache = model.prefill(prompt, image_embeds, cache=cache, start=start)  # (vocab,)
         self._append_token(seq, self._sample(seq, logits))
+        if seq.finish_reason is None:
+            self._join(seq)
+
+    def _join(self, seq: Sequence) -> None:
+        """Hand the sequence's cache to its decode batch."""
+        seq.batch = self._batches[seq.num_image_tokens > 0]
+        seq.batch.add(seq, seq.kv_cache)
+        seq.kv_cache = None
 
     def _score(self, seq: Sequence) -> None:
         request = seq.request
@@ -222,9 +241,27 @@ class Engine:
                                source=request.image_source)
         self._finish(seq, "stop", scores=scores)
 
-    def _decode(self, seq: Sequence) -> None:
+    def _decode(self, group: DecodeBatch) -> None:
+        """One token for every row of ``group``, in one forward pass; if that pass fails, each row is retried
+        alone, so one sequence that fails inside the model fails alone."""
+        rows = list(group.rows)
+        try:
+            logits = group.step([seq.last_token_id for seq in rows])  # (B, vocab)
+        except Exception:
+            log.exception("a batched decode of %d sequences failed; retrying them one by one", len(rows))
+            group.repair()
+            for seq in rows:
+                seq.kv_cache, seq.batch = group.remove(seq), None
+                self._guarded(self._decode_alone, seq)
+            return
+        for row, seq in enumerate(rows):
+            self._guarded(lambda s, row=row: self._append_token(s, self._sample(s, logits[row])), seq)
+
+    def _decode_alone(self, seq: Sequence) -> None:
         logits = self.model.decode(seq.last_token_id, seq.kv_cache, has_images=seq.num_image_tokens > 0)  # (vocab,)
         self._append_token(seq, self._sample(seq, logits))
+        if seq.finish_reason is None:
+            self._join(seq)
 
     def _sample(self, seq: Sequence, logits: Any) -> int:
         return sample(logits, seq.params, seq.generator, prompt_token_ids=seq.prompt_token_ids,
@@ -260,6 +297,9 @@ class Engine:
         with self._cond:
             self.scheduler.finish(seq)
         seq.finish_reason = reason
+        if seq.batch is not None:
+            seq.kv_cache = seq.batch.remove(seq, keep_cache=reason != "error")
+            seq.batch = None
         if seq.kv_cache is not None and reason != "error":
             # The cache holds the prompt and every output token but the last, which was sampled, never fed.
             key = seq.prompt_key + tuple(seq.output_token_ids[:-1])

@@ -19,8 +19,9 @@ Contract:
 - Prefill always goes through ``inputs_embeds``: embed the token ids, then write
   the image embeddings into the image-slot positions in one masked assignment
   (as nanoVLM does). Without images that is exactly ``model(input_ids=...)``.
-- Each sequence owns a ``DynamicCache``; :meth:`ChatModel.decode` feeds one token
-  and returns the next logits. Batching across sequences comes later.
+- A prefill fills a ``DynamicCache`` of its own; the engine then decodes running
+  sequences together (:mod:`assistant.engine.batch`, :meth:`ChatModel.decode_batch`);
+  :meth:`ChatModel.decode` feeds one token to one sequence's cache.
 - A vision model's LoRA adapter (what ``assistant train finetune`` trains, on
   conversations with images only) is kept as separate layers and switched per
   forward pass (:meth:`ChatModel.forward`): on for a sequence whose prompt holds
@@ -437,6 +438,17 @@ class ChatModel:
         ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)  # (1, 1)
         out = self.forward(has_images=has_images, input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
         return out.logits[0, -1].float()  # (vocab,)
+
+
+    @torch.inference_mode()
+    def decode_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
+                     cache: Any, *, has_images: bool) -> torch.Tensor:
+        """One token for each row of a batched cache (:class:`~assistant.engine.batch.DecodeBatch`):
+        ``token_ids`` and ``positions`` ``(B, 1)``, ``attention_mask`` ``(B, L + 1)`` (0 on left padding);
+        returns logits ``(B, vocab)``."""
+        out = self.forward(has_images=has_images, input_ids=token_ids, position_ids=positions,
+                           attention_mask=attention_mask, use_cache=True, **{self._cache_kwarg: cache})
+        return out.logits[:, -1].float()  # (B, vocab)
 
 
 def embed_with_images(hf_model: Any, token_ids: torch.Tensor, image_mask: torch.Tensor,

@@ -2,17 +2,16 @@
 
 Pure bookkeeping, no torch: tested with bare :class:`Sequence` objects.
 
-Policy (deliberately simple until batching lands):
+Policy:
 - at most ``max_num_running`` sequences hold a KV cache at once; the rest wait
   in arrival order, at most ``max_num_waiting`` of them beyond the free running
   slots — :meth:`Scheduler.add` raises :class:`EngineOverloaded` past that;
-- each step admits (prefills) at most ``max_num_prefill`` waiting sequences and
-  decodes every sequence that was already running, so a long prompt arriving
-  delays the others by one prefill, never more;
+- each step decodes every sequence that was already running (the engine does
+  that in one forward pass per decode batch) and admits (prefills) at most
+  ``max_num_prefill`` waiting sequences, so a long prompt arriving delays the
+  others by one prefill, never more;
 - the caller (the engine) holds the lock around every call here.
 
-:class:`SchedulerOutput` already speaks in lists so a batched decode can take
-``decode`` whole later.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ class Sequence:
         self.detokenizer: IncrementalDetokenizer | None = None  # set at prefill (needs the tokenizer)
         self.stop_checker = StopChecker(request.params.stop if isinstance(request, GenerationRequest) else ())
         self.generator: Any = None  # torch.Generator, set at prefill
-        self.kv_cache: Any = None  # the model's cache object while RUNNING
+        self.kv_cache: Any = None  # the model's cache of this sequence alone, when no decode batch holds it
+        self.batch: Any = None  # the DecodeBatch whose row it is, while it decodes
         self.finish_reason: FinishReason | None = None
 
     @property
