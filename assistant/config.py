@@ -66,6 +66,8 @@ class Config:
     device: str = _opt("auto", "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     system_prompt_file: str = _opt("", "Text file with the default system prompt (default: prompts/system.txt).")
     max_running_requests: int = _opt(8, "Responses the engine decodes together, one token each per forward pass.")
+    prefill_chunk_tokens: int = _opt(512, "Prompt positions prefilled per engine step: a new prompt delays the "
+                                     "responses already streaming by at most one chunk.")
     max_waiting_requests: int = _opt(64, "Responses queued behind them; more are refused with a coded error.")
     # Sampling defaults (per session via session.update, per response via response.create)
     temperature: float = _opt(0.3, "Default sampling temperature (0 = greedy).")
@@ -107,7 +109,8 @@ class Config:
             problem = check_sampling_value(name, getattr(self, name))
             if problem:
                 raise ConfigError(f"{name} {problem}; got {getattr(self, name)}")
-        for name in ("max_message_bytes", "max_connections", "max_running_requests", "max_waiting_requests",
+        for name in ("max_message_bytes", "max_connections", "max_running_requests", "prefill_chunk_tokens",
+                     "max_waiting_requests",
                      "max_image_bytes", "max_image_pixels", "max_images_per_message", "max_image_tokens_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")

@@ -104,3 +104,56 @@ def test_sequences_with_and_without_images_batch_apart_and_match_their_solo_outp
     expected = {req.request_id: solo(llava, req)[0] for req in requests}
     events = staggered(Engine(llava, max_num_running=3), requests, arrivals=[0, 0, 1])
     assert {rid: text(evs) for rid, evs in events.items()} == expected
+
+
+# ---------------------------------------------------------------- chunked prefill
+
+
+def test_chunked_prefill_equals_whole_prefill_with_text_and_images(model: ChatModel, tmp_path: Path) -> None:
+    long = request("long", (user(" ".join(PROMPTS * 3)),), 10)
+    whole = solo(model, long)[0]
+    events: list[EngineEvent] = []
+    engine = Engine(model, prefill_chunk_tokens=7)
+    engine.add_request(long, events.append)
+    while engine.step():
+        pass
+    assert text(events) == whole and isinstance(events[-1], Finished) and events[-1].reason == "length"
+
+    llava = load_tiny_llava_chat(tmp_path / "llava")
+    pictured = request("p", (ChatMessage("user", (TextChunk("Compare"), image_chunk(make_image(3)), TextChunk("and"),
+                                                  image_chunk(make_image(4)))),), 8)
+    expected = solo(llava, pictured)[0]
+    for chunk in (3, 16, 17):  # boundaries inside image slots move to their ends
+        events = []
+        engine = Engine(llava, prefill_chunk_tokens=chunk)
+        engine.add_request(pictured, events.append)
+        while engine.step():
+            pass
+        assert text(events) == expected and events[-1].reason == "length", chunk  # type: ignore[union-attr]
+
+
+def test_a_long_prompt_delays_running_streams_by_one_chunk_a_step(model: ChatModel) -> None:
+    engine = Engine(model, prefill_chunk_tokens=16)
+    running: list[EngineEvent] = []
+    engine.add_request(request("running", (user("Hello"),), 60), running.append)
+    while not any(s.output_token_ids for s in engine.scheduler.running):  # its 18 positions: two chunks
+        engine.step()
+    arriving: list[EngineEvent] = []
+    long = (user(" ".join(PROMPTS * 2)),)  # 151 positions of the tiny model's 256
+    engine.add_request(request("long", long, 4), arriving.append)
+    num_chunks = -(-len(model.render(long, 10_000).token_ids) // 16)
+    steps = 0
+
+    def has_started() -> bool:  # its first token is sampled (the text may wait for a whole character)
+        return bool(arriving) or any(s.request_id == "long" and s.output_token_ids for s in engine.scheduler.running)
+
+    while not has_started():
+        before = sum(isinstance(e, TokenDelta) for e in running)
+        engine.step()
+        steps += 1
+        assert any(isinstance(e, Finished) for e in running) or sum(
+            e.num_tokens for e in running if isinstance(e, TokenDelta)) >= before  # the stream went on
+    assert steps == num_chunks >= 5  # one chunk a step, the running stream decoding beside each
+    while engine.step():
+        pass
+    assert text(running) == solo(model, request("running", (user("Hello"),), 60))[0]

@@ -23,8 +23,10 @@ Contract:
   stops the thread or the other requests;
 - continuous batching: each step decodes one token for every running sequence in
   one forward pass per :class:`~assistant.engine.batch.DecodeBatch` (one for
-  sequences with images, one without), then prefills what the scheduler admits,
-  which joins the batch for the next step; a finished or cancelled sequence leaves
+  sequences with images, one without), then runs one chunk of
+  ``prefill_chunk_tokens`` prompt positions of the oldest admitted sequence still
+  prefilling (an image slot is never split), so running streams wait at most one
+  chunk a step; a sequence whose prompt is in joins the batch for the next step; a finished or cancelled sequence leaves
   it at once. Sampling stays per row, with each request's own settings and seed.
   If a batched pass fails, its rows are retried alone, so a failure stays with the
   sequence that causes it;
@@ -87,8 +89,12 @@ class EngineStopped(RuntimeError):
 
 class Engine:
     def __init__(self, model: ChatModel, *, max_num_running: int = 8, max_num_waiting: int = 64,
-                 kv_cache_bytes: int = 0) -> None:
+                 kv_cache_bytes: int = 0, prefill_chunk_tokens: int = 512) -> None:
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.model = model
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._prefilling: list[Sequence] = []  # admitted, prompt not run whole yet; the first gets a chunk a step
         self.prefix_cache = PrefixCache(kv_cache_bytes, model.new_cache)  # engine thread only
         # The running sequences, decoded one forward pass per batch and step; with and without images apart, since
         # the model's image adapter is switched per forward pass.
@@ -183,7 +189,9 @@ class Engine:
             if len(group):
                 self._decode(group)
         for seq in batch.prefill:
-            self._guarded(self._score if seq.is_scoring else self._prefill, seq)
+            self._guarded(self._score if seq.is_scoring else self._start, seq)
+        if self._prefilling:  # one chunk a step: running streams wait for at most one chunk
+            self._guarded(self._prefill_chunk, self._prefilling[0])
         with self._cond:
             return self.scheduler.has_work or bool(self._pending_aborts)
 
@@ -209,7 +217,9 @@ class Engine:
             log.exception("request %s failed in the model", seq.request_id)
             self._finish(seq, "error", "generation failed inside the model; see the server log", code=MODEL_ERROR)
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _start(self, seq: Sequence) -> None:
+        """A newly admitted sequence: take a reused KV prefix, encode the images after it; its prompt is then
+        prefilled chunk by chunk (:meth:`_prefill_chunk`), one chunk a step."""
         model, prompt, request = self.model, seq.prompt, seq.request
         assert prompt is not None and isinstance(request, GenerationRequest), "admitted generation requests only"
         seq.prompt_token_ids = prompt.token_ids
@@ -217,13 +227,32 @@ class Engine:
         seq.num_image_tokens = prompt.num_image_tokens
         seq.detokenizer = IncrementalDetokenizer(model.tokenizer, seq.prompt_token_ids)
         seq.generator = make_generator(seq.params.seed)
-        cache, start = self.prefix_cache.take(seq.prompt_key, seq.num_image_tokens > 0)
-        image_embeds, num_cached_after = model.encode_images(
-            prompt.images_from(start), request.image_source)  # (image tokens after the reused prefix, C)
-        num_images_before = sum(not isinstance(key, int) for key in seq.prompt_key[:start])
+        seq.kv_cache, seq.num_prefilled = self.prefix_cache.take(seq.prompt_key, seq.num_image_tokens > 0)
+        seq.image_embeds, num_cached_after = model.encode_images(
+            prompt.images_from(seq.num_prefilled), request.image_source)  # (image tokens after the reused prefix, C)
+        num_images_before = sum(not isinstance(key, int) for key in seq.prompt_key[:seq.num_prefilled])
         seq.num_cached_image_tokens = num_images_before + num_cached_after
-        seq.num_cached_tokens = start + num_cached_after
-        logits, seq.kv_cache = model.prefill(prompt, image_embeds, cache=cache, start=start)  # (vocab,)
+        seq.num_cached_tokens = seq.num_prefilled + num_cached_after
+        self._prefilling.append(seq)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        """Run the next ``prefill_chunk_tokens`` positions of the prompt (an image slot is never split); after the
+        last chunk, sample the first token and join the decode batch."""
+        key, start = seq.prompt_key, seq.num_prefilled
+        end = min(len(key), start + self.prefill_chunk_tokens)
+        while end < len(key) and not isinstance(key[end], int) and key[end - 1] == key[end]:
+            end += 1  # position `end` continues the image of position `end - 1`
+        num_image_rows = sum(not isinstance(k, int) for k in key[start:end])
+        used = sum(not isinstance(k, int) for k in key[:start]) - (seq.num_image_tokens - len(seq.image_embeds))
+        image_embeds = seq.image_embeds[used:used + num_image_rows]  # (image tokens of this chunk, C)
+        assert seq.prompt is not None
+        logits, seq.kv_cache = self.model.prefill(seq.prompt, image_embeds, cache=seq.kv_cache, start=start,
+                                                  end=end)  # (vocab,)
+        seq.num_prefilled = end
+        if end < len(key):
+            return
+        self._prefilling.remove(seq)
+        seq.image_embeds = None
         self._append_token(seq, self._sample(seq, logits))
         if seq.finish_reason is None:
             self._join(seq)
@@ -297,6 +326,9 @@ class Engine:
         with self._cond:
             self.scheduler.finish(seq)
         seq.finish_reason = reason
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+            seq.image_embeds = None
         if seq.batch is not None:
             seq.kv_cache = seq.batch.remove(seq, keep_cache=reason != "error")
             seq.batch = None

@@ -154,6 +154,16 @@ class Prompt:
     def images(self) -> list[ImageChunk]:
         return [s.image for s in self.segments if isinstance(s, ImageSlot)]
 
+    def splits_image(self, position: int) -> bool:
+        """Whether ``position`` lies inside an image slot, after its first position."""
+        offset = 0
+        for segment in self.segments:
+            length = segment.num_tokens if isinstance(segment, ImageSlot) else len(segment)
+            if offset < position < offset + length:
+                return isinstance(segment, ImageSlot)
+            offset += length
+        return False
+
     def images_from(self, start: int) -> list[ImageChunk]:
         """The images whose slots begin at position ``start`` or later."""
         images, position = [], 0
@@ -362,18 +372,20 @@ class ChatModel:
     # ------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def embed(self, prompt: Prompt, image_embeds: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
-        """Input embeddings ``(1, T - start, C)`` of a prompt's positions from ``start`` on (a start inside an
-        image slot is refused), image embeddings in the image slots.
+    def embed(self, prompt: Prompt, image_embeds: torch.Tensor | None = None, start: int = 0,
+              end: int | None = None) -> torch.Tensor:
+        """Input embeddings ``(1, end - start, C)`` of a prompt's positions ``start`` to ``end`` (default: its
+        end; a start inside an image slot is refused), image embeddings in the image slots.
 
-        ``image_embeds`` ``(num_image_tokens, C)``: what :meth:`encode_images` returned
-        for ``prompt.images_from(start)``; required when those positions hold an image.
+        ``image_embeds`` ``(image tokens in those positions, C)``: what :meth:`encode_images`
+        returned for the images whose slots they hold (``prompt.images_from(start)`` when
+        ``end`` is the prompt's end); required when those positions hold an image.
         """
-        ids = torch.tensor([prompt.token_ids[start:]], dtype=torch.long, device=self.device)  # (1, T')
-        image_mask = prompt.image_mask[start:]
+        ids = torch.tensor([prompt.token_ids[start:end]], dtype=torch.long, device=self.device)  # (1, T')
+        image_mask = prompt.image_mask[start:end]
         if not any(image_mask):
             return self.hf_model.get_input_embeddings()(ids)  # (1, T', C)
-        if start and prompt.image_mask[start - 1] and image_mask[0]:
+        if prompt.splits_image(start):
             raise ValueError(f"position {start} is inside an image slot")
         if image_embeds is None:
             raise ValueError("the prompt holds images: pass their embeddings (encode_images)")
@@ -416,16 +428,17 @@ class ChatModel:
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, image_embeds: torch.Tensor | None = None, *, cache: Any = None,
-                start: int = 0) -> tuple[torch.Tensor, Any]:
-        """Run the prompt; return the last position's logits ``(vocab,)`` and the filled cache.
+                start: int = 0, end: int | None = None) -> tuple[torch.Tensor, Any]:
+        """Run the prompt's positions ``start`` to ``end`` (default: all of it); return the last one's logits
+        ``(vocab,)`` and the filled cache.
 
         ``cache``, when given, already holds the prompt's first ``start`` positions (a
-        reused prefix, :mod:`assistant.engine.prefix_cache`): only the rest is run.
-        ``image_embeds`` as for :meth:`embed`.
+        reused prefix, :mod:`assistant.engine.prefix_cache`, or the chunks of a chunked
+        prefill run so far). ``image_embeds`` as for :meth:`embed`.
         """
         if start and (cache is None or cache.get_seq_length() != start):
             raise ValueError(f"a prefill from position {start} needs a cache holding exactly {start} positions")
-        embeds = self.embed(prompt, image_embeds, start)  # (1, T - start, C)
+        embeds = self.embed(prompt, image_embeds, start, end)  # (1, end - start, C)
         cache = cache if cache is not None else self.new_cache()
         out = self.forward(has_images=bool(prompt.images), inputs_embeds=embeds, use_cache=True, logits_to_keep=1,
                            **{self._cache_kwarg: cache})

@@ -47,6 +47,8 @@ class Sequence:
         self.generator: Any = None  # torch.Generator, set at prefill
         self.kv_cache: Any = None  # the model's cache of this sequence alone, when no decode batch holds it
         self.batch: Any = None  # the DecodeBatch whose row it is, while it decodes
+        self.num_prefilled = 0  # prompt positions its KV cache holds while its prompt is being prefilled
+        self.image_embeds: Any = None  # while prefilling: the embeddings of the images after the reused prefix
         self.finish_reason: FinishReason | None = None
 
     @property
