@@ -26,8 +26,9 @@ Contract:
   sequences with images, one without), then runs one chunk of
   ``prefill_chunk_tokens`` prompt positions of the oldest admitted sequence still
   prefilling (an image slot is never split), so running streams wait at most one
-  chunk a step; a sequence whose prompt is in joins the batch for the next step; a finished or cancelled sequence leaves
-  it at once. Sampling stays per row, with each request's own settings and seed.
+  chunk a step; a sequence whose prompt is in joins the batch for the next step,
+  and a finished or cancelled one leaves it at once. Sampling stays per row, with
+  each request's own settings and seed.
   If a batched pass fails, its rows are retried alone, so a failure stays with the
   sequence that causes it;
 - ``abort`` takes effect at the start of the next step, so within one decode step;
@@ -173,8 +174,9 @@ class Engine:
     # ------------------------------------------------------------ engine thread
 
     def step(self) -> bool:
-        """Apply aborts, decode one token for every running sequence (one forward pass per batch), then prefill
-        newly admitted sequences, which join the batch for the next step.
+        """Apply aborts, decode one token for every running sequence (one forward pass per batch), start newly
+        admitted sequences, and run one prefill chunk of the oldest still prefilling (it joins the batch once its
+        prompt is in).
 
         Returns whether work is left.
         """
