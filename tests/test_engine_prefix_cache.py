@@ -71,7 +71,7 @@ def test_one_position_is_always_left_to_compute_and_images_are_never_split() -> 
 
 def test_the_budget_evicts_the_oldest_entries_and_refuses_oversized_ones() -> None:
     per_position = 2 * 2 * 4  # keys and values of FakeCache: 2 floats each per position
-    cache = PrefixCache(max_bytes=10 * per_position)
+    cache = PrefixCache(max_bytes=10 * per_position, new_cache=FakeCache)
     cache.put((1,) * 4, False, FakeCache(4))
     cache.put((2,) * 4, False, FakeCache(4))
     cache.put((3,) * 4, False, FakeCache(4))  # 12 positions: the oldest goes

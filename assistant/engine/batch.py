@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from assistant.engine.model import ChatModel
+from assistant.engine.prefix_cache import copy_positions
 
 
 class DecodeBatch:
@@ -37,9 +38,6 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def __contains__(self, row: object) -> bool:
-        return any(row is r for r in self.rows)
 
     @property
     def width(self) -> int:
@@ -66,12 +64,7 @@ class DecodeBatch:
         """Take ``row`` out; return its own cache (batch size 1, no padding), or None when not ``keep_cache``."""
         index = next(i for i, r in enumerate(self.rows) if r is row)
         width, length = self.width, self.lengths[index]
-        own = None
-        if keep_cache:
-            own = self.model.new_cache()
-            for number, layer in enumerate(self.cache.layers):
-                own.update(layer.keys[index:index + 1, :, width - length:, :].clone(),
-                           layer.values[index:index + 1, :, width - length:, :].clone(), number)
+        own = copy_positions(self.cache, self.model.new_cache, width - length, width, row=index) if keep_cache else None
         del self.rows[index], self.lengths[index]
         if not self.rows:
             self.cache, self.mask = None, None

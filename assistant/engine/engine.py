@@ -67,7 +67,7 @@ from assistant.engine.batch import DecodeBatch
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.model import ChatModel, ImageGone, Prompt, PromptError, PromptTooLong
 from assistant.engine.matching import score_answers
-from assistant.engine.prefix_cache import PrefixCache, prompt_key
+from assistant.engine.prefix_cache import PrefixCache, continues_image, prompt_key
 from assistant.engine.request import (EngineEvent, Finished, FinishReason, GenerationRequest, MatchScore, Request,
                                       ScoreRequest, TokenDelta)
 from assistant.engine.sampling import make_generator, sample
@@ -242,11 +242,11 @@ class Engine:
         last chunk, sample the first token and join the decode batch."""
         key, start = seq.prompt_key, seq.num_prefilled
         end = min(len(key), start + self.prefill_chunk_tokens)
-        while end < len(key) and not isinstance(key[end], int) and key[end - 1] == key[end]:
-            end += 1  # position `end` continues the image of position `end - 1`
+        while continues_image(key, end):
+            end += 1
         num_image_rows = sum(not isinstance(k, int) for k in key[start:end])
-        used = sum(not isinstance(k, int) for k in key[:start]) - (seq.num_image_tokens - len(seq.image_embeds))
-        image_embeds = seq.image_embeds[used:used + num_image_rows]  # (image tokens of this chunk, C)
+        # seq.image_embeds holds the rows of the images not prefilled yet, in order: this chunk takes the first.
+        image_embeds, seq.image_embeds = seq.image_embeds[:num_image_rows], seq.image_embeds[num_image_rows:]
         assert seq.prompt is not None
         logits, seq.kv_cache = self.model.prefill(seq.prompt, image_embeds, cache=seq.kv_cache, start=start,
                                                   end=end)  # (vocab,)
@@ -378,15 +378,14 @@ class AsyncEngine:
         self.engine = engine
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assistant-admission")
 
-    async def _add(self, request: Request, sink: Callable[[EngineEvent], None]) -> asyncio.Future[None]:
-        """Admit ``request`` on the admission thread; the returned future is done once it is queued (or refused)."""
+    async def _add(self, request: Request, sink: Callable[[EngineEvent], None]) -> None:
+        """Admit ``request`` on the admission thread; returns once it is queued (or refused)."""
         added = asyncio.get_running_loop().run_in_executor(self._admission, self.engine.add_request, request, sink)
         try:
             await asyncio.shield(added)
         except asyncio.CancelledError:  # the awaiting task is gone: abort the request once it is in the engine
             added.add_done_callback(lambda _: self.engine.abort(request.request_id))
             raise
-        return added
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Stream the request's events, ending with its Finished; closing early aborts it.

@@ -72,16 +72,24 @@ class _Entry:
     num_bytes: int
 
 
-def copy_prefix(cache: Any, length: int, new_cache: Callable[[], Any]) -> Any:
-    """A new cache holding copies of the first ``length`` positions of ``cache``'s layers."""
+def copy_positions(cache: Any, new_cache: Callable[[], Any], start: int, end: int, row: int = 0) -> Any:
+    """A new cache (batch size 1, from ``new_cache``) holding copies of positions ``start`` to ``end`` of row
+    ``row`` of ``cache``'s layers."""
     copy = new_cache()
     for index, layer in enumerate(cache.layers):
-        copy.update(layer.keys[..., :length, :].clone(), layer.values[..., :length, :].clone(), index)
+        copy.update(layer.keys[row:row + 1, :, start:end, :].clone(),
+                    layer.values[row:row + 1, :, start:end, :].clone(), index)
     return copy
 
 
+def continues_image(key: Sequence[PositionKey], position: int) -> bool:
+    """Whether ``position`` holds the same image as the position before it (a cut there would split the image;
+    two identical images side by side count as one)."""
+    return 0 < position < len(key) and not isinstance(key[position], int) and key[position - 1] == key[position]
+
+
 class PrefixCache:
-    def __init__(self, max_bytes: int, new_cache: Callable[[], Any] | None = None) -> None:
+    def __init__(self, max_bytes: int, new_cache: Callable[[], Any]) -> None:
         """``new_cache`` makes an empty cache of the model's kind, for copies of shared prefixes."""
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
@@ -122,9 +130,9 @@ class PrefixCache:
         if best_id is None or best == 0:
             return None, 0
         entry = self._entries[best_id]
-        if best < len(entry.key) and self._new_cache is not None:  # shared in part: the entry stays its own
+        if best < len(entry.key):  # shared in part: the entry stays its own conversation's
             self._entries.move_to_end(best_id)
-            return copy_prefix(entry.cache, best, self._new_cache), best
+            return copy_positions(entry.cache, self._new_cache, 0, best), best
         del self._entries[best_id]
         self.num_bytes -= entry.num_bytes
         cached = entry.cache.get_seq_length()
@@ -136,6 +144,6 @@ class PrefixCache:
 def _usable_length(key: tuple[PositionKey, ...], length: int) -> int:
     """``length`` shortened so that one position is left to compute and the prefix does not split an image."""
     length = min(length, len(key) - 1)
-    while 0 < length < len(key) and not isinstance(key[length], int) and key[length - 1] == key[length]:
-        length -= 1  # position `length` continues the image of position `length - 1`
+    while continues_image(key, length):
+        length -= 1
     return max(length, 0)

@@ -48,7 +48,7 @@ class Sequence:
         self.kv_cache: Any = None  # the model's cache of this sequence alone, when no decode batch holds it
         self.batch: Any = None  # the DecodeBatch whose row it is, while it decodes
         self.num_prefilled = 0  # prompt positions its KV cache holds while its prompt is being prefilled
-        self.image_embeds: Any = None  # while prefilling: the embeddings of the images after the reused prefix
+        self.image_embeds: Any = None  # while prefilling: the embeddings of the images not prefilled yet
         self.finish_reason: FinishReason | None = None
 
     @property
