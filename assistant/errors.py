@@ -33,6 +33,9 @@ audio_not_supported                  an audio event, or audio fields (formats, v
                                      detection, audio output): the rest of the event is applied
 tools_not_supported                  ``tools`` / ``tool_choice`` that would need tool calls: the
                                      rest of the event is applied
+unsupported_schema                   a tool's ``parameters`` or a ``response_format`` schema that
+                                     constrained decoding cannot compile (an unsupported keyword,
+                                     a regex pattern it cannot take); nothing is generated
 message_too_large                    a frame exceeds the configured size limit
 image_*                              an image was refused (see assistant.images)
 too_many_images / too_many_image_tokens  image budgets per message or conversation
@@ -137,6 +140,10 @@ class ToolsNotSupported(InvalidRequest):
     code = "tools_not_supported"
 
 
+class UnsupportedSchema(InvalidRequest):
+    code = "unsupported_schema"
+
+
 class ItemAlreadyExists(InvalidRequest):
     code = "item_already_exists"
 
@@ -170,7 +177,9 @@ class InternalError(AssistantError):
 # The codes a failed engine request carries (``Finished.code``) and the error type a client sees each with.
 # The engine's own failure, MODEL_ERROR, is shown as "generation_failed" with a generic message.
 MODEL_ERROR = "generation_failed"
+UNSUPPORTED_SCHEMA = UnsupportedSchema.code
 ENGINE_ERROR_TYPES = {
+    UNSUPPORTED_SCHEMA: "invalid_request_error",
     "context_length_exceeded": "invalid_request_error",
     "invalid_prompt": "invalid_request_error",
     "image_not_found": "invalid_request_error",
