@@ -186,3 +186,13 @@ ENGINE_ERROR_TYPES = {
     "server_overloaded": "server_error",
     MODEL_ERROR: "server_error",
 }
+
+
+def engine_error(code: str | None, message: str | None) -> AssistantError | None:
+    """A failed engine request's error (``Finished.code`` and ``.error``) as a client may see it: its code and
+    message; None when the model itself failed (the server log has the details, the client a generic message)."""
+    if code not in ENGINE_ERROR_TYPES or code == MODEL_ERROR:
+        return None
+    error = AssistantError(message or code, code=code)
+    error.type = ENGINE_ERROR_TYPES[code]
+    return error

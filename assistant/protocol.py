@@ -154,12 +154,18 @@ ClientEvent = (SessionUpdate | ItemCreate | ItemDelete | ItemRetrieve | Response
                | AudioBufferClear | ImageMatch)
 
 
+def read_json(text: str | bytes, what: str) -> Any:
+    """JSON text → value; huge integers read as ±infinity (every field refuses them); InvalidJSON naming
+    ``what`` (e.g. "every client event is a JSON object") when it is not JSON."""
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidJSON(f"The message is not valid JSON; {what}.") from None
+
+
 def parse_client_event(frame: str | bytes) -> ClientEvent:
     """Parse one frame; raise a coded AssistantError carrying the client's event_id."""
-    try:
-        data = json.loads(frame, parse_int=_parse_int)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidJSON("The message is not valid JSON; every client event is a JSON object.") from None
+    data = read_json(frame, "every client event is a JSON object")
     if not isinstance(data, dict):
         raise InvalidJSON("The message must be a JSON object with a 'type' field.")
     raw_event_id = data.get("event_id")
@@ -167,8 +173,8 @@ def parse_client_event(frame: str | bytes) -> ClientEvent:
     try:
         if raw_event_id is not None and not isinstance(raw_event_id, str):
             raise InvalidType("'event_id' must be a string.", param="event_id")
-        _check_unicode(data, "")
-        kind = _get(data, "type", str, "")
+        check_unicode(data, "")
+        kind = get_field(data, "type", str, "")
         parser = _PARSERS.get(kind)
         if parser is None:
             if kind in AUDIO_EVENTS:
@@ -200,7 +206,7 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _check_unicode(value: Any, param: str) -> None:
+def check_unicode(value: Any, param: str) -> None:
     """Refuse strings that are not valid Unicode text (JSON admits lone surrogates such as "\\ud800"):
     they can be neither stored nor sent back."""
     if isinstance(value, str):
@@ -209,17 +215,17 @@ def _check_unicode(value: Any, param: str) -> None:
                                param=param or None)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_unicode(key, param)
-            _check_unicode(item, f"{param}.{key}" if param else key)
+            check_unicode(key, param)
+            check_unicode(item, f"{param}.{key}" if param else key)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _check_unicode(item, f"{param}[{index}]")
+            check_unicode(item, f"{param}[{index}]")
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
                dict: "an object", list: "an array"}
 
 
-def _get(obj: dict[str, Any], key: str, kind: type, prefix: str, *, required: bool = True) -> Any:
+def get_field(obj: dict[str, Any], key: str, kind: type, prefix: str, *, required: bool = True) -> Any:
     """obj[key] checked against ``kind``; missing or null → MissingParameter if required, else None."""
     param = f"{prefix}{key}"
     value = obj.get(key)
@@ -236,7 +242,7 @@ def _get(obj: dict[str, Any], key: str, kind: type, prefix: str, *, required: bo
 
 
 def _id(obj: dict[str, Any], key: str, prefix: str, *, required: bool = True) -> str | None:
-    value = _get(obj, key, str, prefix, required=required)
+    value = get_field(obj, key, str, prefix, required=required)
     if value is not None and not 0 < len(value) <= MAX_ID_LENGTH:
         raise InvalidValue(f"'{prefix}{key}' must be 1 to {MAX_ID_LENGTH} characters.", param=f"{prefix}{key}")
     return value
@@ -251,7 +257,7 @@ def _item_id(obj: dict[str, Any], prefix: str) -> str | None:
 
 
 def _parse_changes(obj: dict[str, Any], prefix: str, *, beta_max_key: str) -> SamplingChanges:
-    instructions = _get(obj, "instructions", str, prefix, required=False)
+    instructions = get_field(obj, "instructions", str, prefix, required=False)
     if instructions is not None and len(instructions) > MAX_INSTRUCTIONS_CHARS:
         raise InvalidValue(f"'{prefix}instructions' exceeds {MAX_INSTRUCTIONS_CHARS} characters.",
                            param=f"{prefix}instructions")
@@ -266,8 +272,8 @@ def _parse_changes(obj: dict[str, Any], prefix: str, *, beta_max_key: str) -> Sa
                                param=f"{prefix}{max_key}")
         sampling["max_output_tokens"] = max_tokens
     for name in FLOAT_SAMPLING_FIELDS:
-        sampling[name] = _get(obj, name, float, prefix, required=False)
-    sampling["seed"] = _get(obj, "seed", int, prefix, required=False)
+        sampling[name] = get_field(obj, name, float, prefix, required=False)
+    sampling["seed"] = get_field(obj, "seed", int, prefix, required=False)
     sampling["stop"] = _parse_stop(obj, prefix)
     for name in SAMPLING_FIELDS:
         if name in sampling and sampling[name] is None and name != "max_output_tokens":
@@ -295,7 +301,7 @@ def _refusals(obj: dict[str, Any], prefix: str) -> tuple[AssistantError, ...]:
     (audio, tools), each naming every such field. Malformed values raise as usual."""
     audio: list[str] = []
     for key in ("output_modalities", "modalities"):
-        modalities = _get(obj, key, list, prefix, required=False)
+        modalities = get_field(obj, key, list, prefix, required=False)
         if modalities is None:
             continue
         if not modalities or any(m not in ("text", "audio") for m in modalities):
@@ -304,9 +310,9 @@ def _refusals(obj: dict[str, Any], prefix: str) -> tuple[AssistantError, ...]:
         if "audio" in modalities:
             audio.append(f"{prefix}{key}")
     audio += [f"{prefix}{key}" for key in AUDIO_FIELDS if obj.get(key) is not None]
-    audio_config = _get(obj, "audio", dict, prefix, required=False) or {}
+    audio_config = get_field(obj, "audio", dict, prefix, required=False) or {}
     for direction in ("input", "output"):
-        settings = _get(audio_config, direction, dict, f"{prefix}audio.", required=False) or {}
+        settings = get_field(audio_config, direction, dict, f"{prefix}audio.", required=False) or {}
         audio += [f"{prefix}audio.{direction}.{key}" for key, value in settings.items() if value is not None]
     refused: list[AssistantError] = []
     if audio:
@@ -314,7 +320,7 @@ def _refusals(obj: dict[str, Any], prefix: str) -> tuple[AssistantError, ...]:
             f"This server produces text only; not applied: {', '.join(audio)}. The rest of the event was applied.",
             param=audio[0]))
     tools_param = []
-    tools = _get(obj, "tools", list, prefix, required=False)
+    tools = get_field(obj, "tools", list, prefix, required=False)
     if tools:
         tools_param.append(f"{prefix}tools")
     tool_choice = obj.get("tool_choice")
@@ -330,18 +336,18 @@ def _refusals(obj: dict[str, Any], prefix: str) -> tuple[AssistantError, ...]:
 def _parse_part(part: Any, role: str, prefix: str) -> TextInput | ImageInput:
     if not isinstance(part, dict):
         raise InvalidType(f"'{prefix}' must be an object.", param=prefix)
-    kind = _get(part, "type", str, f"{prefix}.")
+    kind = get_field(part, "type", str, f"{prefix}.")
     allowed = {"user": ("input_text", "input_image"), "system": ("input_text",),
                "assistant": ("output_text", "text")}[role]
     if kind not in allowed:
         raise InvalidValue(f"'{prefix}.type' must be one of {', '.join(allowed)} for a {role} message.",
                            param=f"{prefix}.type")
     if kind == "input_image":
-        detail = _get(part, "detail", str, f"{prefix}.", required=False) or "auto"
+        detail = get_field(part, "detail", str, f"{prefix}.", required=False) or "auto"
         if detail not in DETAILS:
             raise InvalidValue(f"'{prefix}.detail' must be one of {', '.join(DETAILS)}.", param=f"{prefix}.detail")
-        return ImageInput(_get(part, "image_url", str, f"{prefix}."), detail)
-    text = _get(part, "text", str, f"{prefix}.")
+        return ImageInput(get_field(part, "image_url", str, f"{prefix}."), detail)
+    text = get_field(part, "text", str, f"{prefix}.")
     if len(text) > MAX_TEXT_CHARS:
         raise InvalidValue(f"'{prefix}.text' has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted.",
                            param=f"{prefix}.text")
@@ -352,14 +358,14 @@ def _parse_item(item: Any, prefix: str) -> ItemInput:
     if not isinstance(item, dict):
         raise InvalidType(f"'{prefix}' must be an object.", param=prefix)
     p = f"{prefix}."
-    kind = _get(item, "type", str, p, required=False) or "message"
+    kind = get_field(item, "type", str, p, required=False) or "message"
     if kind != "message":
         raise InvalidValue(f"'{p}type' must be \"message\": this server supports message items only.",
                            param=f"{p}type")
-    role = _get(item, "role", str, p)
+    role = get_field(item, "role", str, p)
     if role not in ROLES:
         raise InvalidValue(f"'{p}role' must be one of {', '.join(ROLES)}.", param=f"{p}role")
-    content = _get(item, "content", list, p)
+    content = get_field(item, "content", list, p)
     if not content:
         raise InvalidValue(f"'{p}content' must hold at least one part.", param=f"{p}content")
     parts = tuple(_parse_part(part, role, f"{p}content[{i}]") for i, part in enumerate(content))
@@ -367,7 +373,7 @@ def _parse_item(item: Any, prefix: str) -> ItemInput:
 
 
 def _session_update(data: dict[str, Any], event_id: str | None) -> SessionUpdate:
-    session = _get(data, "session", dict, "")
+    session = get_field(data, "session", dict, "")
     kind = session.get("type")
     if kind not in (None, "realtime"):
         raise InvalidValue("'session.type' must be \"realtime\".", param="session.type")
@@ -376,7 +382,7 @@ def _session_update(data: dict[str, Any], event_id: str | None) -> SessionUpdate
 
 
 def _item_create(data: dict[str, Any], event_id: str | None) -> ItemCreate:
-    item = _parse_item(_get(data, "item", dict, ""), "item")
+    item = _parse_item(get_field(data, "item", dict, ""), "item")
     return ItemCreate(event_id, item, _id(data, "previous_item_id", "", required=False))
 
 
@@ -389,15 +395,15 @@ def _item_retrieve(data: dict[str, Any], event_id: str | None) -> ItemRetrieve:
 
 
 def _response_create(data: dict[str, Any], event_id: str | None) -> ResponseCreate:
-    response = _get(data, "response", dict, "", required=False) or {}
+    response = get_field(data, "response", dict, "", required=False) or {}
     p = "response."
     changes = _parse_changes(response, p, beta_max_key="max_response_output_tokens")
-    conversation = _get(response, "conversation", str, p, required=False) or "auto"
+    conversation = get_field(response, "conversation", str, p, required=False) or "auto"
     if conversation not in ("auto", "none"):
         raise InvalidValue("'response.conversation' must be \"auto\" or \"none\".", param="response.conversation")
-    raw_input = _get(response, "input", list, p, required=False)
+    raw_input = get_field(response, "input", list, p, required=False)
     items = None if raw_input is None else tuple(_parse_item(it, f"{p}input[{i}]") for i, it in enumerate(raw_input))
-    metadata = _get(response, "metadata", dict, p, required=False)
+    metadata = get_field(response, "metadata", dict, p, required=False)
     if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidType("'response.metadata' values must be strings.", param="response.metadata")
     if metadata is not None and (len(metadata) > MAX_METADATA_ENTRIES
@@ -416,11 +422,11 @@ def _audio_buffer_clear(data: dict[str, Any], event_id: str | None) -> AudioBuff
 
 
 def _image_match(data: dict[str, Any], event_id: str | None) -> ImageMatch:
-    image = _get(data, "image", dict, "")
-    detail = _get(image, "detail", str, "image.", required=False) or "auto"
+    image = get_field(data, "image", dict, "")
+    detail = get_field(image, "detail", str, "image.", required=False) or "auto"
     if detail not in DETAILS:
         raise InvalidValue(f"'image.detail' must be one of {', '.join(DETAILS)}.", param="image.detail")
-    texts = _get(data, "texts", list, "")
+    texts = get_field(data, "texts", list, "")
     if not 1 <= len(texts) <= MAX_MATCH_TEXTS:
         raise InvalidValue(f"'texts' holds {len(texts)} texts; send 1 to {MAX_MATCH_TEXTS}.", param="texts")
     for index, text in enumerate(texts):
@@ -428,7 +434,7 @@ def _image_match(data: dict[str, Any], event_id: str | None) -> ImageMatch:
     prompt = data.get("prompt")
     if prompt is not None:
         _check_match_text(prompt, "prompt")
-    return ImageMatch(event_id, ImageInput(_get(image, "image_url", str, "image."), detail), tuple(texts), prompt)
+    return ImageMatch(event_id, ImageInput(get_field(image, "image_url", str, "image."), detail), tuple(texts), prompt)
 
 
 def _check_match_text(text: Any, param: str) -> None:

@@ -1,39 +1,53 @@
-"""The WebSocket server: routes, handshakes, and one Session per connection.
+"""The server: one ASGI app (Starlette, run by uvicorn) that speaks WebSocket and HTTP on one port.
 
 - ``GET /v1/realtime[?conversation=ID]`` upgrades to the Realtime protocol. The
   dialect is beta when the client sends ``OpenAI-Beta: realtime=v1`` (or the
   ``openai-beta.realtime-v1`` subprotocol), GA otherwise. Browsers pass their key
-  as a subprotocol; the server then selects ``realtime``.
+  as a subprotocol; the server then selects ``realtime``. Plain HTTP there gets 426.
+- ``/v1/chat/completions``, ``/v1/models``: the OpenAI-compatible HTTP API
+  (:mod:`assistant.http_api`), sharing the engine and its batching with the socket.
 - ``GET /healthz`` answers 200 ``ok``; anything else is 404.
 - With a TLS context (``--tls-certfile`` / ``--tls-keyfile``) the same routes are
   served as ``wss://`` and ``https://``; the Node ``openai`` SDK only speaks ``wss://``.
-- A failed handshake (plain HTTP, garbage, a client that gives up) is one log
-  line; the ``Server`` header names no versions.
+- A request that is not HTTP at all is one log line; the ``Server`` header names no versions.
+
+Why ASGI: the ``websockets`` server's handshake hook can answer HTTP but cannot
+stream a body, and the HTTP API streams server-sent events. uvicorn runs the app
+with its sans-I/O ``websockets`` implementation (the same frame parser as before;
+its other implementation is built on websockets' deprecated legacy API).
 
 The server only moves frames: parsing, state and storage live in
 :mod:`assistant.session`; it never sees a tensor. Close codes: 1000 normal,
 1001 when the server shuts down, 1008 for an unknown conversation, 1009 for a
-frame over twice ``max_message_bytes``
-(frames over the limit itself get a ``message_too_large`` error event), 1013 when the connection limit is reached.
+frame over twice ``max_message_bytes`` (frames over the limit itself get a
+``message_too_large`` error event), 1013 when the connection limit is reached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import socket
 import ssl
-from dataclasses import dataclass
-from http import HTTPStatus
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from assistant import http_api
 from assistant.errors import ConversationNotFound, MessageTooLarge
 from assistant.events import Dialect, EventWriter
 from assistant.session import ImageBudget, Session, Settings
@@ -43,11 +57,13 @@ log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 MAX_MODEL_NAME_CHARS = 128
+REQUEST_HEAD_TIMEOUT_S = 10.0  # as long as the websockets server gave a client to finish its handshake
+NOT_FOUND = f"Not found. The Realtime endpoint is {REALTIME_PATH}; the HTTP API is under /v1.\n"
 
 
 @dataclass
 class App:
-    """Everything a connection needs, built once by :func:`assistant.cli` (or a test)."""
+    """Everything a connection or request needs, built once by :func:`assistant.app.build_app` (or a test)."""
 
     store: Store
     engine: Any  # AsyncEngine
@@ -56,83 +72,124 @@ class App:
     image_budget: ImageBudget
     max_message_bytes: int
     max_connections: int
-    ssl_context: ssl.SSLContext | None = None  # wss:// when set
-    num_connections: int = 0
+    ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
+    sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        if path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "ok\n")
-        if path != REALTIME_PATH:
-            return connection.respond(HTTPStatus.NOT_FOUND, f"Not found. The Realtime endpoint is {REALTIME_PATH}.\n")
-        return None
+    @property
+    def num_connections(self) -> int:
+        return len(self.sockets)
 
-    async def handle(self, connection: ServerConnection) -> None:
-        if self.num_connections >= self.max_connections:
-            await connection.close(1013, "too many connections, try again later")
+    async def close_connections(self, code: int, reason: str) -> None:
+        """Close every open Realtime connection (1001 when the server shuts down)."""
+        await asyncio.gather(*(_close(websocket, code, reason) for websocket in list(self.sockets)))
+
+
+def asgi_app(app: App) -> Starlette:
+    """The ASGI application: the Realtime socket, the HTTP API, health, and 404 for the rest."""
+    routes = [
+        WebSocketRoute(REALTIME_PATH, _realtime),
+        Route(REALTIME_PATH, _upgrade_required),
+        Route("/healthz", _healthz),
+        *http_api.routes(),
+    ]
+    starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    starlette.state.app = app
+    return starlette
+
+
+async def _healthz(request: Request) -> Response:
+    return PlainTextResponse("ok\n")
+
+
+async def _upgrade_required(request: Request) -> Response:
+    return PlainTextResponse(f"{REALTIME_PATH} speaks WebSocket only.\n", status_code=426,
+                             headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404 and request.url.path.startswith("/v1/"):
+        return JSONResponse(http_api.error_body(NOT_FOUND.strip(), "invalid_request_error", "not_found"), 404)
+    if exc.status_code == 404:
+        return PlainTextResponse(NOT_FOUND, status_code=404)
+    if exc.status_code == 405 and request.url.path.startswith("/v1/"):
+        message = f"{request.method} is not allowed on {request.url.path}."
+        return JSONResponse(http_api.error_body(message, "invalid_request_error", "method_not_allowed"), 405,
+                            headers=exc.headers)
+    return PlainTextResponse(f"{exc.detail}\n", status_code=exc.status_code, headers=exc.headers)
+
+
+async def _realtime(websocket: WebSocket) -> None:
+    app: App = websocket.app.state.app
+    if app.num_connections >= app.max_connections:
+        await websocket.accept()
+        await websocket.close(1013, "too many connections, try again later")
+        return
+    app.sockets.add(websocket)
+    try:
+        await _serve_connection(app, websocket)
+    finally:
+        app.sockets.discard(websocket)
+
+
+async def _serve_connection(app: App, websocket: WebSocket) -> None:
+    offered = websocket.scope.get("subprotocols") or []
+    # Browsers send ["realtime", "openai-insecure-api-key.KEY", ...]; answer "realtime".
+    await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
+    writer = EventWriter(_dialect_of(websocket.headers, offered))
+    conversation_id = websocket.query_params.get("conversation", "")
+    # The SDKs send ?model=NAME; echoing it keeps clients that check session.model happy.
+    model_name = websocket.query_params.get("model", "")[:MAX_MODEL_NAME_CHARS] or app.model_name
+
+    async def send(event: dict[str, Any]) -> None:
+        if websocket.application_state != WebSocketState.CONNECTED:
+            return  # the session notices through close(); nothing to tell a gone client
+        with contextlib.suppress(WebSocketDisconnect):
+            await websocket.send_text(json.dumps(event, ensure_ascii=False))
+
+    if conversation_id:
+        if not await asyncio.to_thread(app.store.conversation_exists, conversation_id):
+            error = ConversationNotFound(f"No conversation '{conversation_id}' is stored here.",
+                                         param="conversation")
+            await send(writer.error(error))
+            await _close(websocket, 1008, "conversation not found")
             return
-        self.num_connections += 1
-        try:
-            await self._serve_connection(connection)
-        finally:
-            self.num_connections -= 1
-
-    async def _serve_connection(self, connection: ServerConnection) -> None:
-        assert connection.request is not None
-        headers = connection.request.headers
-        writer = EventWriter(_dialect_of(headers, connection.subprotocol))
-        query = parse_qs(urlsplit(connection.request.path).query)
-        conversation_id = (query.get("conversation") or [""])[0]
-        # The SDKs send ?model=NAME; echoing it keeps clients that check session.model happy.
-        model_name = (query.get("model") or [""])[0][:MAX_MODEL_NAME_CHARS] or self.model_name
-
-        async def send(event: dict[str, Any]) -> None:
-            try:
-                await connection.send(json.dumps(event, ensure_ascii=False))
-            except ConnectionClosed:
-                pass  # the session notices through close(); nothing to tell a gone client
-
-        if conversation_id:
-            if not await asyncio.to_thread(self.store.conversation_exists, conversation_id):
-                error = ConversationNotFound(f"No conversation '{conversation_id}' is stored here.",
-                                             param="conversation")
-                await send(writer.error(error))
-                await connection.close(1008, "conversation not found")
-                return
-        else:
-            conversation_id = await asyncio.to_thread(self.store.create_conversation)
-        session = Session(store=self.store, engine=self.engine, conversation_id=conversation_id,
-                          model_name=model_name, settings=self.defaults, image_budget=self.image_budget,
-                          writer=writer, send=send)
-        log.info("connection %s: conversation %s (%s)", session.id, conversation_id, writer.dialect.value)
-        await session.start()
-        try:
-            async for frame in connection:
-                num_bytes = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
-                if num_bytes > self.max_message_bytes:
-                    error = MessageTooLarge(f"The message has {num_bytes} bytes; the limit is "
-                                            f"{self.max_message_bytes}.")
-                    await send(writer.error(error))
-                    continue
-                await session.handle(frame)
-        except ConnectionClosed:
-            pass
-        finally:
-            await session.close()
-            log.info("connection %s closed", session.id)
+    else:
+        conversation_id = await asyncio.to_thread(app.store.create_conversation)
+    session = Session(store=app.store, engine=app.engine, conversation_id=conversation_id,
+                      model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
+                      writer=writer, send=send)
+    log.info("connection %s: conversation %s (%s)", session.id, conversation_id, writer.dialect.value)
+    await session.start()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            frame = message.get("text")
+            if frame is None:
+                frame = message.get("bytes") or b""
+            num_bytes = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
+            if num_bytes > app.max_message_bytes:
+                await send(writer.error(MessageTooLarge(f"The message has {num_bytes} bytes; the limit is "
+                                                        f"{app.max_message_bytes}.")))
+                continue
+            await session.handle(frame)
+    finally:
+        await session.close()
+        log.info("connection %s closed", session.id)
 
 
-def _dialect_of(headers: Headers, subprotocol: str | None) -> Dialect:
-    beta = headers.get("OpenAI-Beta", "")
-    offered = headers.get("Sec-WebSocket-Protocol", "")
-    if "realtime=v1" in beta or BETA_SUBPROTOCOL in offered:
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    if websocket.application_state == WebSocketState.CONNECTED:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # RuntimeError: it closed meanwhile
+            await websocket.close(code, reason)
+
+
+def _dialect_of(headers: Headers, offered: list[str]) -> Dialect:
+    if "realtime=v1" in headers.get("OpenAI-Beta", "") or BETA_SUBPROTOCOL in offered:
         return Dialect.BETA
     return Dialect.GA
-
-
-def _select_subprotocol(connection: ServerConnection, subprotocols: Any) -> str | None:
-    # Browsers send ["realtime", "openai-insecure-api-key.KEY", ...]; answer "realtime".
-    return "realtime" if "realtime" in subprotocols else None
 
 
 def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -145,29 +202,141 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     return context
 
 
-class _OneLineHandshakeFailures(logging.Filter):
-    """A client that fails the opening handshake (plain HTTP, garbage, a port scan, a TLS client that
-    gave up) is the client's problem: one log line with the reason, not a traceback."""
+class _OneLineBadRequests(logging.Filter):
+    """A client that is not speaking HTTP (garbage, a port scan, TLS to a plain port) is the client's
+    problem: one INFO line, not a warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith("server listening on"):
-            return False  # serve_forever prints the URL itself
-        if message.startswith(("connection rejected (400", "connection rejected (426")):
-            return False  # the "opening handshake failed" line that follows says why
-        if message == "opening handshake failed" and record.exc_info:
-            exc = record.exc_info[1]
-            cause = exc.__cause__ or exc.__context__ if exc is not None else None
-            reason = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
-            if cause is not None:
-                reason += f" ({type(cause).__name__}: {cause})"
-            record.msg, record.args, record.exc_info, record.exc_text = f"opening handshake failed: {reason}", (), \
-                None, None
+        if message.startswith(_UVICORN_CHATTER):
+            return False  # serve_forever prints the URL itself; start and stop are ours to say
+        if message.startswith(("Invalid HTTP request received", "Unsupported upgrade request")):
             record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
         return True
 
 
-_handshake_filter = _OneLineHandshakeFailures()
+_UVICORN_CHATTER = ("Started server process", "Finished server process", "Waiting for application",
+                    "Application startup", "Application shutdown", "Uvicorn running on", "Shutting down")
+_bad_request_filter = _OneLineBadRequests()
+
+
+class _H11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with two changes for hostile or broken clients: a connection whose first
+    request head is not complete within :data:`REQUEST_HEAD_TIMEOUT_S` is closed (uvicorn waits forever, so
+    a client that sends half a request would hold a connection), and the answer to a request that is not
+    HTTP names the server like every other answer (uvicorn's own sends no Server header there)."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = asyncio.get_running_loop().call_later(REQUEST_HEAD_TIMEOUT_S, self._head_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None:
+            self._stop_head_timer()
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        self._stop_head_timer()  # the WebSocket protocol takes the connection over
+        super().handle_websocket_upgrade(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.cycle is None and not self.transport.is_closing():
+            log.info("closed a connection whose request head did not arrive within %.0f s", REQUEST_HEAD_TIMEOUT_S)
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
+                   (b"server", b"assistant")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, started and stopped by its owner (signals are :func:`serve_forever`'s), that closes
+    Realtime connections with 1001 (going away) when it shuts down: uvicorn itself would send 1012."""
+
+    def __init__(self, app: App, host: str, port: int) -> None:
+        config = uvicorn.Config(
+            asgi_app(app), host=host, port=port,
+            http=_H11Protocol, ws="websockets-sansio", lifespan="off",
+            log_config=None, access_log=False,
+            server_header=False, date_header=False, headers=[("server", "assistant")],  # no versions to match
+            # Frames up to twice the limit are read and answered with a coded error;
+            # beyond that the connection closes with 1009 without buffering them.
+            ws_max_size=2 * app.max_message_bytes,
+            timeout_graceful_shutdown=10,
+        )
+        config.load()
+        config.ssl = app.ssl_context  # built and checked by the caller; uvicorn would want the files
+        super().__init__(config)
+        self.app = app
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [sock for server in self.servers for sock in server.sockets]
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the owner decides when to stop (serve_forever on SIGINT/SIGTERM, tests when done)
+
+    async def start(self) -> None:
+        """Listen (an OSError says why not: the port is taken, the address is not this machine's), then serve."""
+        self._task = asyncio.create_task(self.serve(sockets=_listen(self.config.host, self.config.port)))
+        while not self.started:
+            if self._task.done():
+                self._task.result()  # raises why it could not start (e.g. the port is taken)
+                raise RuntimeError("the server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        self.should_exit = True
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # no new connections while the open ones are told to go away
+        await self.app.close_connections(1001, "server shutting down")
+        await super().shutdown(sockets)
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` resolves to, as asyncio's own server makes them; bound here
+    because uvicorn turns a failed bind into ``sys.exit(3)``."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def url_of(app: App, host: str, port: int) -> str:
@@ -176,31 +345,21 @@ def url_of(app: App, host: str, port: int) -> str:
 
 async def start_server(app: App, host: str, port: int) -> Server:
     """Start listening (port 0 picks a free port: see ``server.sockets``)."""
-    server_logger = logging.getLogger("websockets.server")
-    if _handshake_filter not in server_logger.filters:
-        server_logger.addFilter(_handshake_filter)
-    return await serve(
-        app.handle, host, port,
-        ssl=app.ssl_context,
-        server_header="assistant",  # no versions for a scanner to match
-        process_request=app.process_request,
-        select_subprotocol=_select_subprotocol,
-        # Frames up to twice the limit are read and answered with a coded error;
-        # beyond that websockets closes with 1009 without buffering them.
-        max_size=2 * app.max_message_bytes,
-        # Tokens stream as many small frames; don't let a slow reader grow memory unbounded.
-        write_limit=2**20,
-    )
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if _bad_request_filter not in uvicorn_log.filters:
+        uvicorn_log.addFilter(_bad_request_filter)
+    server = Server(app, host, port)
+    await server.start()
+    return server
 
 
 async def serve_forever(app: App, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then close connections with 1001 and return."""
     server = await start_server(app, host, port)
-    stop = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    print(f"assistant: listening on {url_of(app, host, port)}", flush=True)
-    await stop
-    log.info("shutting down")
-    server.close()  # closes every connection with 1001 (going away)
+        loop.add_signal_handler(sig, server.close)
+    scheme = "https" if app.ssl_context else "http"
+    print(f"assistant: listening on {url_of(app, host, port)} and {scheme}://{host}:{port}/v1", flush=True)
     await server.wait_closed()
+    log.info("shut down")

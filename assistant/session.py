@@ -32,9 +32,10 @@ from assistant import images as image_codec
 from assistant.engine.request import (Finished, GenerationRequest, ImageChunk, InlineImages, ScoreRequest,
                                       TokenDelta)
 from assistant.engine.sampling import SamplingParams
-from assistant.errors import (ENGINE_ERROR_TYPES, MODEL_ERROR, AssistantError, BudgetExceeded, ImageRejected,
-                              InternalError, ResponseCancelNotActive, ResponseInProgress, ResponseNotFound)
+from assistant.errors import (MODEL_ERROR, AssistantError, BudgetExceeded, ImageRejected, InternalError,
+                              ResponseCancelNotActive, ResponseInProgress, ResponseNotFound, engine_error)
 from assistant.events import EventWriter, SessionView, match_result_json, new_id
+from assistant.intake import ImageBudget, conversation_budget, validate_item
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
 from assistant.prompts import StoreImages, build_messages
 from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ImageMatch, ItemCreate, ItemDelete,
@@ -44,17 +45,6 @@ from assistant.store import Store
 
 log = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class ImageBudget:
-    """Image limits of one session; ``tokens_per_image`` is None when the model takes no images."""
-
-    limits: image_codec.ImageLimits
-    max_images_per_conversation: int
-    max_tokens_per_message: int
-    max_tokens_per_conversation: int
-    tokens_per_image: Callable[[str], int] | None
 
 
 @dataclass(frozen=True)
@@ -181,58 +171,10 @@ class Session:
         await self.send("conversation.item.done", previous_item_id=previous, item=wire)
 
     def _validate_item(self, item_input: ItemInput, param: str) -> tuple[Item, list[StoredImage]]:
-        """Decode and check every part (worker thread); nothing is stored here."""
-        budget = self.image_budget
-        images: list[StoredImage] = []
-        parts: list[ContentPart] = []
-        image_inputs = [p for p in item_input.content if isinstance(p, ImageInput)]
-        if image_inputs:
-            if budget.tokens_per_image is None:
-                first = next(i for i, part in enumerate(item_input.content) if isinstance(part, ImageInput))
-                raise ImageRejected("This model does not accept images; send text only.",
-                                    param=f"{param}.content[{first}]", code="image_input_not_supported")
-            image_codec.check_image_count(len(image_inputs), budget.limits, param=f"{param}.content")
-        for index, part in enumerate(item_input.content):
-            part_param = f"{param}.content[{index}]"
-            if isinstance(part, ImageInput):
-                _, data = image_codec.parse_image_url(part.image_url, budget.limits, param=f"{part_param}.image_url")
-                image, _ = image_codec.load_image(data, budget.limits, param=f"{part_param}.image_url")
-                images.append(image)
-                parts.append(ContentPart("input_image", image_sha256=image.sha256, detail=part.detail))
-            else:
-                parts.append(ContentPart(part.type, text=part.text))
-        if images:
-            self._check_message_budget([p for p in parts if p.is_image], param)
-        item = Item(item_input.id or new_id("item"), item_input.role, tuple(parts))
-        return item, images
-
-    def _check_message_budget(self, image_parts: list[ContentPart], param: str) -> None:
-        budget = self.image_budget
-        assert budget.tokens_per_image is not None
-        message_tokens = sum(budget.tokens_per_image(p.detail) for p in image_parts)
-        if message_tokens > budget.max_tokens_per_message:
-            raise BudgetExceeded(f"These images need {message_tokens} image tokens; a message may use at most "
-                                 f"{budget.max_tokens_per_message}. Send fewer images or use detail \"low\".",
-                                 param=f"{param}.content", code="too_many_image_tokens")
+        return validate_item(item_input, self.image_budget, param)
 
     def _conversation_budget(self, image_parts: list[ContentPart], param: str) -> Callable[[list[ContentPart]], None]:
-        """The check the store runs, in the insert's transaction, against the images already stored."""
-        budget = self.image_budget
-        tokens_of = budget.tokens_per_image
-        assert tokens_of is not None
-
-        def check(existing: list[ContentPart]) -> None:
-            if len(existing) + len(image_parts) > budget.max_images_per_conversation:
-                raise BudgetExceeded(f"This conversation already holds {len(existing)} images; the limit is "
-                                     f"{budget.max_images_per_conversation}.", param=f"{param}.content",
-                                     code="too_many_images")
-            total = sum(tokens_of(p.detail) for p in [*existing, *image_parts])
-            if total > budget.max_tokens_per_conversation:
-                raise BudgetExceeded(f"This conversation would hold {total} image tokens; the limit is "
-                                     f"{budget.max_tokens_per_conversation}.", param=f"{param}.content",
-                                     code="too_many_image_tokens")
-
-        return check
+        return conversation_budget(self.image_budget, image_parts, param)
 
     def _image_urls(self, item: Item) -> dict[str, str]:
         images = self.store.get_images(item.image_hashes)
@@ -407,11 +349,7 @@ class Session:
 def _public_error(finished: Finished) -> AssistantError | None:
     """The engine's error as a client may see it: its code and message, unless the model itself failed (then
     the server log has the details and the client a generic message)."""
-    if finished.code not in ENGINE_ERROR_TYPES or finished.code == MODEL_ERROR:
-        return None
-    error = AssistantError(finished.error or finished.code, code=finished.code)
-    error.type = ENGINE_ERROR_TYPES[finished.code]
-    return error
+    return engine_error(finished.code, finished.error)
 
 
 def _error_of(finished: Finished) -> AssistantError:

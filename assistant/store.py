@@ -90,11 +90,19 @@ class Store:
 
     # ------------------------------------------------------------ conversations
 
-    def create_conversation(self) -> str:
+    def create_conversation(self, metadata: dict[str, str] | None = None) -> str:
         conversation_id = "conv_" + secrets.token_hex(12)
         with self._write.begin() as session:
-            session.add(ConversationRow(id=conversation_id))
+            session.add(ConversationRow(id=conversation_id, metadata_=metadata))
         return conversation_id
+
+    def conversation_metadata(self, conversation_id: str) -> dict[str, str] | None:
+        """The metadata a conversation was created with (None when none was given)."""
+        with self._read.begin() as session:
+            row = session.get(ConversationRow, conversation_id)
+            if row is None:
+                raise ConversationNotFound(f"No conversation {conversation_id!r}.", param="conversation")
+            return row.metadata_
 
     def conversation_exists(self, conversation_id: str) -> bool:
         with self._read.begin() as session:

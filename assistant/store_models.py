@@ -25,6 +25,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Index,
+    JSON,
     Integer,
     LargeBinary,
     MetaData,
@@ -59,6 +60,8 @@ class ConversationRow(Base):
     id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # "metadata" is reserved on declarative classes; the column keeps the API's name.
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
 
 
 class ItemRow(Base):

@@ -69,7 +69,7 @@ async def test_serve_starts_with_a_few_readable_lines_and_refuses_a_taken_port(t
     lines = await startup_lines(serve_command(tiny_model_dir, tmp_path / "two", "--port", str(port)), env)
     assert len(lines) <= 4, lines  # database, model, (TLS / auth notes), URL: no plug-in or migration chatter
     assert all(line.startswith("assistant: ") for line in lines), lines
-    assert lines[-1] == f"assistant: listening on ws://127.0.0.1:{port}/v1/realtime"
+    assert lines[-1] == f"assistant: listening on ws://127.0.0.1:{port}/v1/realtime and http://127.0.0.1:{port}/v1"
 
 
 @pytest.mark.real_model

@@ -107,7 +107,7 @@ def test_upgrade_creates_schema_and_is_idempotent(url: str) -> None:
         store.upgrade()
         with store.engine.connect() as connection:
             assert TABLES | {"alembic_version"} <= set(inspect(connection).get_table_names())
-            assert MigrationContext.configure(connection).get_current_revision() == "0001"
+            assert MigrationContext.configure(connection).get_current_revision() == "0002"
             if connection.dialect.name == "sqlite":  # switched off while migrating, back on afterwards
                 assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
@@ -138,6 +138,14 @@ def test_data_survives_reopening(url: str) -> None:
 
 
 # ---------------------------------------------------------------- items
+
+
+def test_conversation_keeps_its_metadata(store: Store) -> None:
+    kept = store.create_conversation(metadata={"customer": "c-17", "channel": "web"})
+    assert store.conversation_metadata(kept) == {"customer": "c-17", "channel": "web"}
+    assert store.conversation_metadata(store.create_conversation()) is None
+    with pytest.raises(ConversationNotFound):
+        store.conversation_metadata("conv_missing")
 
 
 def test_conversations_are_created_with_fresh_ids(store: Store) -> None:

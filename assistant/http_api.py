@@ -1,0 +1,311 @@
+"""The OpenAI-compatible HTTP API: ``POST /v1/chat/completions`` (streamed as server-sent events, or whole)
+and ``GET /v1/models``. It shares the engine, and so its batching, with the Realtime socket.
+
+The request is parsed by :mod:`assistant.chat_completions` (pure), its images are
+decoded and checked in a worker thread exactly as on the socket
+(:mod:`assistant.intake`), and a :class:`_Run` task feeds the engine's events to
+the response. The run, not the response, owns the outcome: when the client
+disconnects, the response aborts the engine request (it leaves the batch at the
+next step) and the run still records what was generated, for ``store: true``.
+
+Errors use OpenAI's HTTP error shape, ``{"error": {"message", "type", "param",
+"code"}}``, with the codes of :mod:`assistant.errors` and the status of
+:data:`HTTP_STATUS`. An error after the stream started is sent as one
+``data: {"error": ...}`` event (the ``openai`` SDKs raise it), then ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from assistant.chat_completions import (ChatCompletionRequest, CompletionIds, chunk_json, completion_json,
+                                        parse_request, usage_chunk_json)
+from assistant.engine.request import EngineEvent, Finished, GenerationRequest, InlineImages, TokenDelta
+from assistant.errors import MODEL_ERROR, AssistantError, InternalError, MessageTooLarge, engine_error
+from assistant.events import new_id
+from assistant.intake import conversation_budget, validate_item
+from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
+from assistant.prompts import StoreImages, build_messages
+
+if TYPE_CHECKING:
+    from assistant.server import App
+
+log = logging.getLogger(__name__)
+
+# Status per error code; every other invalid_request_error is 400, every other server_error 500.
+HTTP_STATUS = {
+    "message_too_large": 413,
+    "conversation_not_found": 404,
+    "server_overloaded": 503,
+}
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    ]
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(error: AssistantError) -> JSONResponse:
+    status = HTTP_STATUS.get(error.code, 500 if error.type == "server_error" else 400)
+    return JSONResponse(error_body(error.message, error.type, error.code, error.param), status_code=status)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _model_json(app: App) -> dict[str, Any]:
+    return {"id": app.model_name, "object": "model", "created": 0, "owned_by": "assistant"}
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_json(request.app.state.app)]})
+
+
+async def get_model(request: Request) -> Response:
+    app: App = request.app.state.app
+    name = request.path_params["model"]
+    if name != app.model_name:
+        return JSONResponse(error_body(f"The model '{name}' does not exist; this server serves "
+                                       f"'{app.model_name}'.", "invalid_request_error", "model_not_found",
+                                       "model"), status_code=404)
+    return JSONResponse(_model_json(app))
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+@dataclass
+class _Prepared:
+    """A validated request, ready for the engine."""
+
+    parsed: ChatCompletionRequest
+    generation: GenerationRequest
+    conversation_id: str | None = None  # store: true
+
+
+async def chat_completions(request: Request) -> Response:
+    app: App = request.app.state.app
+    try:
+        body = await _read_body(request, app.max_message_bytes)
+        parsed = parse_request(body)
+        prepared = await asyncio.to_thread(_prepare, app, parsed)
+    except AssistantError as exc:
+        return error_response(exc)
+    except Exception:
+        log.exception("chat completion could not start")
+        return error_response(InternalError())
+    ids = CompletionIds(model=parsed.model or app.model_name)
+    run = _Run(app, prepared, ids)
+    first = await run.next_event(request)
+    if isinstance(first, Finished) and first.reason == "error":
+        return error_response(_error_of(first))
+    if parsed.stream:
+        return StreamingResponse(_stream(run, ids, parsed, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **_conversation_header(prepared)})
+    text: list[str] = []
+    event: EngineEvent | None = first
+    while isinstance(event, TokenDelta):
+        text.append(event.text)
+        event = await run.next_event(request)
+    if event is None:  # the client left
+        return Response(status_code=499)
+    if event.reason == "error":
+        return error_response(_error_of(event))
+    usage = _usage_of(event)
+    message = {"content": "".join(text)}
+    return JSONResponse(completion_json(ids, message, FINISH_REASONS.get(event.reason, "stop"), usage,
+                                        parsed.metadata if parsed.store else None),
+                        headers=_conversation_header(prepared))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise MessageTooLarge(f"The request body exceeds {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prepare(app: App, parsed: ChatCompletionRequest) -> _Prepared:
+    """Worker thread: decode and check every image, build the prompt; with ``store``, keep the messages as
+    a new conversation (only once everything is valid: a refused request stores nothing)."""
+    items: list[Item] = []
+    images: list[list[StoredImage]] = []
+    for index, message in enumerate(parsed.messages):
+        item, item_images = validate_item(message, app.image_budget, f"messages[{index}]", "image_url.url")
+        items.append(item)
+        images.append(item_images)
+    image_parts = [part for item in items for part in item.content if part.is_image]
+    if image_parts:
+        conversation_budget(app.image_budget, image_parts, "messages")([])
+    instructions = "" if parsed.has_system_message else app.defaults.instructions
+    sampling = app.defaults.sampling.replace(**parsed.sampling)
+    inline = {image.sha256: image.data for item_images in images for image in item_images}
+    generation = GenerationRequest("", build_messages(instructions, items), sampling,
+                                   image_source=InlineImages(inline))
+    conversation_id = None
+    if parsed.store:
+        conversation_id = app.store.create_conversation(metadata=parsed.metadata)
+        for item, item_images in zip(items, images, strict=True):
+            app.store.add_item(conversation_id, item, None, item_images)
+        generation = replace(generation, image_source=StoreImages(app.store, inline))
+    return _Prepared(parsed, generation, conversation_id)
+
+
+def _conversation_header(prepared: _Prepared) -> dict[str, str]:
+    """``store: true``: the conversation the exchange was kept as (resume it on /v1/realtime?conversation=)."""
+    return {"X-Conversation-Id": prepared.conversation_id} if prepared.conversation_id else {}
+
+
+async def _stream(run: _Run, ids: CompletionIds, parsed: ChatCompletionRequest,
+                  first: EngineEvent) -> AsyncIterator[str]:
+    """Server-sent events; cancelled by Starlette when the client disconnects (the run is then aborted)."""
+    include_usage = parsed.include_usage
+    try:
+        yield _sse(chunk_json(ids, {"role": "assistant", "content": ""}, include_usage=include_usage))
+        event: EngineEvent | None = first
+        while isinstance(event, TokenDelta):
+            if event.text:
+                yield _sse(chunk_json(ids, {"content": event.text}, include_usage=include_usage))
+            event = await run.next_event()
+        assert event is not None
+        if event.reason == "error":
+            error = _error_of(event)
+            yield _sse(error_body(error.message, error.type, error.code, error.param))
+        else:
+            yield _sse(chunk_json(ids, {}, FINISH_REASONS.get(event.reason, "stop"), include_usage=include_usage))
+            if include_usage:
+                yield _sse(usage_chunk_json(ids, _usage_of(event)))
+        yield "data: [DONE]\n\n"
+    finally:
+        run.abort()  # a no-op when the run has finished
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _Run:
+    """One completion's generation, as a task the response reads from. It ends on its own (and stores the
+    outcome, for ``store: true``) whether or not the client is still there."""
+
+    _running: set[asyncio.Task[None]] = set()  # strong references until each run ends
+
+    def __init__(self, app: App, prepared: _Prepared, ids: CompletionIds) -> None:
+        self.app = app
+        self.prepared = prepared
+        self.request_id = new_id("resp")
+        self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._finished = False
+        task = asyncio.create_task(self._run())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def next_event(self, request: Request | None = None) -> EngineEvent | None:
+        """The next engine event; with ``request``, None when the client disconnects first (the run is
+        aborted)."""
+        if request is None:
+            return await self._events.get()
+        getter = asyncio.ensure_future(self._events.get())
+        watcher = asyncio.ensure_future(_disconnected(request))
+        done, _ = await asyncio.wait((getter, watcher), return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        self.abort()
+        return None
+
+    def abort(self) -> None:
+        if not self._finished:
+            self.app.engine.abort(self.request_id)
+
+    async def _run(self) -> None:
+        started = time.monotonic()
+        first_token_at: float | None = None
+        text: list[str] = []
+        finished = Finished(reason="error", error="engine stream ended without a terminal event")
+        conversation_id = self.prepared.conversation_id
+        try:
+            if conversation_id is not None:
+                await asyncio.to_thread(self.app.store.start_response, self.request_id, conversation_id)
+            request = replace(self.prepared.generation, request_id=self.request_id)
+            async for event in self.app.engine.generate(request):
+                if isinstance(event, TokenDelta):
+                    first_token_at = first_token_at or time.monotonic()
+                    text.append(event.text)
+                    self._events.put_nowait(event)
+                else:
+                    finished = event
+        except AssistantError as exc:  # the engine refused the request (queue full)
+            finished = Finished(reason="error", code=exc.code, error=exc.message)
+        except Exception:
+            log.exception("chat completion %s failed", self.request_id)
+            self.app.engine.abort(self.request_id)
+            finished = Finished(reason="error", error="internal error")
+        finally:
+            self._finished = True
+            if conversation_id is not None:
+                await asyncio.shield(self._store(conversation_id, "".join(text), finished, started, first_token_at))
+            self._events.put_nowait(finished)
+
+    async def _store(self, conversation_id: str, text: str, finished: Finished, started: float,
+                     first_token_at: float | None) -> None:
+        status = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(finished.reason,
+                                                                                             "failed")
+        reason = {"length": "max_output_tokens", "cancelled": "client_cancelled"}.get(finished.reason)
+        item = Item(new_id("item"), "assistant", (ContentPart("output_text", text=text),),
+                    status="completed" if status == "completed" else "incomplete")
+        now = time.monotonic()
+        record = ResponseRecord(self.request_id, conversation_id, status, reason, (item.id,), _usage_of(finished),
+                                None if first_token_at is None else (first_token_at - started) * 1000.0,
+                                (now - started) * 1000.0)
+        try:
+            if text or status == "completed":
+                await asyncio.to_thread(self.app.store.add_item, conversation_id, item)
+            await asyncio.to_thread(self.app.store.finish_response, record)
+        except Exception:
+            log.exception("chat completion %s: could not store the result", self.request_id)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _usage_of(finished: Finished) -> Usage:
+    return Usage(input_tokens=finished.num_prompt_tokens, output_tokens=finished.num_output_tokens,
+                 cached_tokens=finished.num_cached_tokens, image_tokens=finished.num_image_tokens,
+                 cached_image_tokens=finished.num_cached_image_tokens)
+
+
+def _error_of(finished: Finished) -> AssistantError:
+    """A failed engine request as the client sees it (a generic message when the model itself failed)."""
+    error = engine_error(finished.code, finished.error)
+    if error is None:
+        error = AssistantError("Generation failed inside the model; nothing was lost.", code=MODEL_ERROR)
+        error.type = "server_error"
+    return error

@@ -1,0 +1,275 @@
+"""The OpenAI-compatible HTTP API over real loopback sockets: the `openai` SDK's chat.completions with a
+base_url, raw HTTP for what the SDK would not send, and the Realtime socket on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from assistant.engine.model import ChatModel
+from tests.conftest import RunningServer, running_server
+from tests.test_server import open_session, recv_until, send
+from tests.test_server_images import data_url
+from tests.vision_fixtures import GRID, load_tiny_llava_chat, make_image
+
+TIMEOUT = 60
+QUESTION = [{"role": "user", "content": "Say something."}]
+
+
+def client_for(server: RunningServer) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key="sk-unused", base_url=server.http_base, max_retries=0, timeout=TIMEOUT)
+
+
+async def post(server: RunningServer, body: bytes | dict[str, Any], path: str = "/chat/completions") -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        return await http.post(server.http_base + path, content=content,
+                               headers={"Content-Type": "application/json"})
+
+
+async def test_models_lists_the_served_model(server: RunningServer) -> None:
+    client = client_for(server)
+    models = [model.id async for model in client.models.list()]
+    assert models == [server.app.model_name]
+    assert (await client.models.retrieve(server.app.model_name)).id == server.app.model_name
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.models.retrieve("gpt-9")
+    assert info.value.code == "model_not_found"
+
+
+async def test_completion_whole_and_streamed_agree(server: RunningServer) -> None:
+    client = client_for(server)
+    whole = await client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=6, temperature=0)
+    choice = whole.choices[0]
+    assert whole.object == "chat.completion" and whole.model == "tiny"
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 6 and whole.usage.prompt_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 6
+
+    stream = await client.chat.completions.create(model="tiny", messages=QUESTION, max_completion_tokens=6,
+                                                  temperature=0, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 6
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_sampling_fields_and_unknown_fields(server: RunningServer) -> None:
+    client = client_for(server)
+    first, second = [await client.chat.completions.create(
+        model="tiny", messages=QUESTION, max_tokens=5, temperature=1.0, top_p=0.9, seed=7, stop=["\n\n"],
+        frequency_penalty=0.5, presence_penalty=0.2, user="u-1", metadata={"k": "v"}, n=1,
+        extra_body={"service_tier": "auto", "prompt_cache_key": "x", "parallel_tool_calls": True,
+                    "some_future_field": {"a": 1}}) for _ in range(2)]
+    assert first.choices[0].message.content == second.choices[0].message.content  # same seed
+
+
+@pytest.mark.parametrize(("body", "status", "code", "param"), [
+    (b"{not json", 400, "invalid_json", None),
+    (b"[1, 2]", 400, "invalid_type", None),
+    ({"model": "m"}, 400, "missing_required_parameter", "messages"),
+    ({"messages": []}, 400, "invalid_value", "messages"),
+    ({"messages": "hi"}, 400, "invalid_type", "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value", "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "invalid_type", "messages[0].content"),
+    ({"messages": QUESTION, "n": 2}, 400, "invalid_value", "n"),
+    ({"messages": QUESTION, "temperature": 3}, 400, "invalid_value", "temperature"),
+    ({"messages": QUESTION, "temperature": "hot"}, 400, "invalid_type", "temperature"),
+    ({"messages": QUESTION, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ({"messages": QUESTION, "stop": [1]}, 400, "invalid_type", "stop"),
+    ({"messages": QUESTION, "metadata": {"k": 1}}, 400, "invalid_value", "metadata.k"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     400, "image_input_not_supported", "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+     400, "invalid_value", "messages[0].content[0].type"),
+])
+async def test_bad_requests_get_openai_errors_and_store_nothing(
+        server: RunningServer, body: bytes | dict[str, Any], status: int, code: str, param: str | None) -> None:
+    if isinstance(body, dict):
+        body = {**body, "store": True}
+    response = await post(server, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["message"]
+    with server.app.store.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
+
+
+async def test_oversized_body_is_413(tiny_model: ChatModel, data_dir: Path) -> None:
+    async with running_server(tiny_model, data_dir, max_message_bytes=1000) as small:
+        response = await post(small, {"messages": [{"role": "user", "content": "x" * 2000}]})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "message_too_large"
+
+
+async def test_not_found_and_wrong_method_are_json_under_v1(server: RunningServer) -> None:
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        missing = await http.get(server.http_base + "/responses")
+        wrong = await http.get(server.http_base + "/chat/completions")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_context_overflow_is_400_before_streaming(server: RunningServer) -> None:
+    client = client_for(server)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="tiny", stream=True,
+                                             messages=[{"role": "user", "content": "word " * 5000}])
+    assert info.value.code == "context_length_exceeded"
+
+
+def engine_is_idle(server: RunningServer) -> bool:
+    scheduler = server.app.engine.engine.scheduler
+    return scheduler.num_running == 0 and scheduler.num_waiting == 0
+
+
+async def wait_idle(server: RunningServer) -> float:
+    started = time.monotonic()
+    while not engine_is_idle(server):
+        assert time.monotonic() - started < TIMEOUT
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_disconnect_cancels_generation(server: RunningServer, stream: bool) -> None:
+    body = json.dumps({"messages": QUESTION, "max_tokens": 100_000, "stream": stream, "store": True}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    started = time.monotonic()
+    while engine_is_idle(server):
+        assert time.monotonic() - started < TIMEOUT
+        await asyncio.sleep(0.01)
+    if stream:
+        assert b"data: " in await asyncio.wait_for(reader.read(4096), TIMEOUT)
+    writer.close()
+    await wait_idle(server)
+    await asyncio.sleep(0.5)  # the run stores its outcome after it leaves the engine
+    with server.app.store.engine.connect() as connection:
+        status, reason = connection.exec_driver_sql("SELECT status, reason FROM responses").one()
+    assert (status, reason) == ("cancelled", "client_cancelled")  # not "incomplete": the context did not fill
+
+
+async def test_store_keeps_the_exchange_as_a_resumable_conversation(server: RunningServer) -> None:
+    client = client_for(server)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "system", "content": "Be brief."}, *QUESTION], max_tokens=4,
+        temperature=0, store=True, metadata={"ticket": "T-9"})
+    conversation_id = raw.headers["x-conversation-id"]
+    completion = raw.parse()
+    assert completion.metadata == {"ticket": "T-9"}
+    assert server.app.store.conversation_metadata(conversation_id) == {"ticket": "T-9"}
+    ws, session = await open_session(server, f"?conversation={conversation_id}")
+    assert session["conversation_id"] == conversation_id
+    items = server.app.store.list_items(conversation_id)
+    assert [(item.role, item.text) for item in items] == [
+        ("system", "Be brief."), ("user", "Say something."), ("assistant", completion.choices[0].message.content)]
+    await send(ws, {"type": "response.create", "response": {"max_output_tokens": 2}})
+    done = (await recv_until(ws, "response.done"))[-1]
+    assert done["response"]["status"] in ("completed", "incomplete")
+    await ws.close()
+
+
+async def test_without_store_nothing_is_kept(server: RunningServer) -> None:
+    raw = await client_for(server).chat.completions.with_raw_response.create(model="tiny", messages=QUESTION,
+                                                                              max_tokens=2)
+    assert "x-conversation-id" not in raw.headers
+    with server.app.store.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
+
+
+async def test_http_and_realtime_share_the_port_and_engine(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await send(ws, {"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}})
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "response": {"max_output_tokens": 20}})
+    completion = await client_for(server).chat.completions.create(model="tiny", messages=QUESTION, max_tokens=20)
+    assert completion.usage is not None and completion.usage.completion_tokens == 20
+    assert (await recv_until(ws, "response.done"))[-1]["response"]["status"] == "incomplete"
+    await ws.close()
+
+
+# ---------------------------------------------------------------- images
+
+
+@pytest.fixture(scope="module")
+def vision_model(tmp_path_factory: pytest.TempPathFactory) -> ChatModel:
+    return load_tiny_llava_chat(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture
+async def vision_server(vision_model: ChatModel, data_dir: Path) -> AsyncIterator[RunningServer]:
+    async with running_server(vision_model, data_dir, max_images_per_message=2) as running:
+        yield running
+
+
+def image_message(*urls: str, detail: str = "auto") -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                        *({"type": "image_url", "image_url": {"url": url, "detail": detail}}
+                                          for url in urls)]}
+
+
+async def test_image_parts_are_seen_and_counted(vision_server: RunningServer) -> None:
+    client = client_for(vision_server)
+    red = data_url(make_image(1))
+    completion = await client.chat.completions.create(model="tiny", messages=[image_message(red)], max_tokens=3,
+                                                      temperature=0, store=True)
+    assert completion.usage is not None and completion.usage.prompt_tokens_details is not None
+    details = completion.usage.model_dump()["prompt_tokens_details"]
+    assert details["image_tokens"] == GRID * GRID
+    again = await client.chat.completions.create(model="tiny", messages=[image_message(red)], max_tokens=3,
+                                                 temperature=0)
+    assert again.choices[0].message.content == completion.choices[0].message.content
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens and again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+@pytest.mark.parametrize(("url", "code"), [
+    ("https://example.com/cat.png", "image_remote_url_refused"),
+    ("data:image/png;base64,!!!!", "image_invalid_base64"),
+    ("data:image/png;base64,aGVsbG8=", "image_unsupported_format"),  # "hello" is no image
+])
+async def test_bad_images_are_refused_with_their_code(vision_server: RunningServer, url: str, code: str) -> None:
+    response = await post(vision_server, {"messages": [image_message(url)], "store": True})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["param"] == "messages[0].content[1].image_url.url"
+    with vision_server.app.store.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
+
+
+async def test_too_many_images_in_one_message(vision_server: RunningServer) -> None:
+    red = data_url(make_image(1))
+    response = await post(vision_server, {"messages": [image_message(red, red, red)]})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_images"
+
+
+async def test_streamed_image_answer_over_sse_is_well_formed(vision_server: RunningServer) -> None:
+    body = {"messages": [image_message(data_url(make_image(2)))], "max_tokens": 3, "stream": True}
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        async with http.stream("POST", vision_server.http_base + "/chat/completions", json=body) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = [line async for line in response.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
