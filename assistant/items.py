@@ -19,6 +19,7 @@ from typing import Literal
 Role = Literal["user", "system", "assistant"]
 PartType = Literal["input_text", "output_text", "input_image"]
 ItemStatus = Literal["completed", "in_progress", "incomplete"]
+ItemType = Literal["message", "function_call", "function_call_output"]
 Detail = Literal["low", "high", "auto"]
 
 ROLES: tuple[str, ...] = ("user", "system", "assistant")
@@ -42,13 +43,19 @@ class ContentPart:
 
 @dataclass(frozen=True)
 class Item:
-    """One conversation item (only ``type == "message"`` exists so far)."""
+    """One conversation item: a message (``content``), a tool call the assistant made (``function_call``:
+    ``call_id``, ``name``, ``arguments`` as JSON text; role ``assistant``), or its result
+    (``function_call_output``: ``call_id``, ``output``; role ``user``)."""
 
     id: str
     role: Role
     content: tuple[ContentPart, ...] = ()
     status: ItemStatus = "completed"
-    type: Literal["message"] = "message"
+    type: ItemType = "message"
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
 
     @property
     def text(self) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from assistant.engine.request import ChatMessage, ImageChunk, TextChunk
 from assistant.items import Item
+from assistant.tool_calls import render_tool_calls, tool_results_message
 
 if TYPE_CHECKING:
     from assistant.store import Store
@@ -36,12 +37,23 @@ def build_messages(instructions: str, items: Sequence[Item]) -> tuple[ChatMessag
 
     Items without any content (an assistant message cancelled before its first
     token) are skipped: chat templates render them as empty turns that only
-    confuse the model.
+    confuse the model. Tool calls are written as the model writes them
+    (:func:`assistant.tool_calls.render_tool_calls`), consecutive calls as one
+    assistant turn; consecutive results as one user turn of ``<tool_response>`` blocks.
     """
     messages: list[ChatMessage] = []
     if instructions:
         messages.append(ChatMessage("system", (TextChunk(instructions),)))
-    for item in items:
+    index = 0
+    while index < len(items):
+        item = items[index]
+        if item.type != "message":
+            run = [item]
+            while index + len(run) < len(items) and items[index + len(run)].type == item.type:
+                run.append(items[index + len(run)])
+            messages.append(_tool_message(run))
+            index += len(run)
+            continue
         parts: list[TextChunk | ImageChunk] = []
         for part in item.content:
             if part.is_image:
@@ -50,7 +62,15 @@ def build_messages(instructions: str, items: Sequence[Item]) -> tuple[ChatMessag
                 parts.append(TextChunk(part.text))
         if parts:
             messages.append(ChatMessage(item.role, tuple(parts)))
+        index += 1
     return tuple(messages)
+
+
+def _tool_message(run: Sequence[Item]) -> ChatMessage:
+    if run[0].type == "function_call":
+        text = render_tool_calls([(item.name or "", item.arguments or "") for item in run])
+        return ChatMessage("assistant", (TextChunk(text),))
+    return tool_results_message([item.output or "" for item in run])
 
 
 @dataclass(frozen=True)

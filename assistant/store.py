@@ -159,7 +159,9 @@ class Store:
             position, previous = _insertion_point(session, conversation_id, previous_item_id)
             _insert_images(session, images)
             session.add(ItemRow(conversation_id=conversation_id, item_id=item.id, position=position,
-                                type=item.type, role=item.role, status=item.status, parts=_part_rows(item)))
+                                type=item.type, role=item.role, status=item.status, parts=_part_rows(item),
+                                call_id=item.call_id, name=item.name, arguments=item.arguments,
+                                output=item.output))
         return previous
 
     def update_item(self, conversation_id: str, item: Item) -> None:
@@ -172,6 +174,7 @@ class Store:
             if row is None:
                 raise _item_not_found(item.id, "item_id")
             row.status = item.status
+            row.arguments, row.output = item.arguments, item.output
             row.parts.clear()
             session.flush()  # delete the old parts before inserting new ones with the same (item, index)
             row.parts.extend(_part_rows(item))
@@ -356,7 +359,8 @@ def _part_rows(item: Item) -> list[PartRow]:
 
 def _item_of(row: ItemRow) -> Item:
     parts = tuple(ContentPart(cast(Any, p.type), p.text, p.image_sha256, cast(Any, p.detail)) for p in row.parts)
-    return Item(row.item_id, cast(Any, row.role), parts, cast(Any, row.status), cast(Any, row.type))
+    return Item(row.item_id, cast(Any, row.role), parts, cast(Any, row.status), cast(Any, row.type),
+                row.call_id, row.name, row.arguments, row.output)
 
 
 def _write_outcome(row: ResponseRow, record: ResponseRecord) -> None:

@@ -76,12 +76,17 @@ class ItemRow(Base):
         String(MAX_ID_LENGTH), ForeignKey("conversations.id", ondelete="CASCADE"))
     item_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
     position: Mapped[int] = mapped_column(Integer)
-    type: Mapped[str] = mapped_column(String(16))
+    type: Mapped[str] = mapped_column(String(32))  # "function_call_output" is 20
     role: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     response_id: Mapped[str | None] = mapped_column(
         String(MAX_ID_LENGTH), ForeignKey("responses.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # function_call and function_call_output items (see assistant.items.Item); NULL for messages.
+    call_id: Mapped[str | None] = mapped_column(String(MAX_ID_LENGTH))
+    name: Mapped[str | None] = mapped_column(String(MAX_ID_LENGTH))
+    arguments: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[str | None] = mapped_column(Text)
 
     parts: Mapped[list[PartRow]] = relationship(
         order_by="PartRow.index", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin")

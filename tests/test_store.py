@@ -9,6 +9,7 @@ Without a reachable server the PostgreSQL cases are skipped, except in CI
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import threading
 import uuid
 from collections.abc import Iterator
@@ -146,6 +147,18 @@ def test_conversation_keeps_its_metadata(store: Store) -> None:
     assert store.conversation_metadata(store.create_conversation()) is None
     with pytest.raises(ConversationNotFound):
         store.conversation_metadata("conv_missing")
+
+
+def test_tool_call_items_round_trip(store: Store, conversation: str) -> None:
+    call = Item("item_call", "assistant", status="in_progress", type="function_call", call_id="call_1",
+                name="get_weather", arguments='{"city": "Par')
+    store.add_item(conversation, call)
+    store.update_item(conversation, replace(call, status="completed", arguments='{"city": "Paris"}'))
+    store.add_item(conversation, Item("item_out", "user", type="function_call_output", call_id="call_1",
+                                      output='{"temp_c": 21}'))
+    stored = store.list_items(conversation)
+    assert stored == [replace(call, status="completed", arguments='{"city": "Paris"}'),
+                      Item("item_out", "user", type="function_call_output", call_id="call_1", output='{"temp_c": 21}')]
 
 
 def test_conversations_are_created_with_fresh_ids(store: Store) -> None:
