@@ -10,16 +10,18 @@ Contract:
   it from a worker, :class:`AsyncEngine` from its one admission thread): a
   generation request's messages are rendered with the chat template, tokenized,
   truncated to the context less the output reserve, and refused there when even
-  the latest message does not fit. The engine thread receives token ids and image
+  the latest message does not fit; its grammar, if any, is compiled there too
+  (:mod:`~assistant.engine.constraint`; one the library cannot compile is refused
+  with ``unsupported_schema``). The engine thread receives token ids and image
   references and does only model work: image encoding on cache misses (fetching
   the bytes of the misses through the request's image source, in one call),
-  prefill, decode and sampling;
+  prefill, decode and sampling (masked by the request's grammar, if any);
 - every request accepted by ``add_request`` gets exactly one terminal
-  :class:`Finished` event through its sink, whatever happens: eos or a stop
-  string ("stop"), ``max_output_tokens`` or a full context ("length"), abort
-  ("cancelled"), or a refusal or an exception in the model for that request
-  ("error", with ``code`` from :mod:`assistant.errors` and a log-safe message; a
-  traceback goes to the log). One request failing never
+  :class:`Finished` event through its sink, whatever happens: eos, a stop
+  string or a complete grammar ("stop"), ``max_output_tokens`` or a full
+  context ("length"), abort ("cancelled"), or a refusal or an exception in the
+  model for that request ("error", with ``code`` from :mod:`assistant.errors` and
+  a log-safe message; a traceback goes to the log). One request failing never
   stops the thread or the other requests;
 - continuous batching: each step decodes one token for every running sequence in
   one forward pass per :class:`~assistant.engine.batch.DecodeBatch` (one for
@@ -64,6 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from assistant.engine.batch import DecodeBatch
+from assistant.engine.constraint import GrammarCompiler, UnsupportedGrammar
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.model import ChatModel, ImageGone, Prompt, PromptError, PromptTooLong
 from assistant.engine.matching import score_answers
@@ -73,7 +76,7 @@ from assistant.engine.request import (EngineEvent, Finished, FinishReason, Gener
 from assistant.engine.sampling import make_generator, sample
 from assistant.engine.scheduler import EngineOverloaded, Scheduler
 from assistant.engine.sequence import Sequence
-from assistant.errors import MODEL_ERROR
+from assistant.errors import MODEL_ERROR, UNSUPPORTED_SCHEMA
 
 __all__ = ["AsyncEngine", "Engine", "EngineOverloaded", "EngineStopped"]
 
@@ -102,6 +105,7 @@ class Engine:
         self._batches = (DecodeBatch(model, has_images=False), DecodeBatch(model, has_images=True))
         self.scheduler = Scheduler(max_num_running=max_num_running, max_num_waiting=max_num_waiting)
         self._renderer = model.for_rendering()  # admission's own tokenizer: never used on the engine thread
+        self._grammars = GrammarCompiler(self._renderer.tokenizer, model.eos_token_ids)  # admission only
         self._admission_lock = threading.Lock()  # one admission at a time renders with it
         self._cond = threading.Condition()  # guards scheduler, _pending_aborts, _is_stopping
         self._pending_aborts: set[str] = set()
@@ -125,6 +129,7 @@ class Engine:
             try:
                 with self._admission_lock:
                     seq.prompt = self._admit(request)
+                    seq.constraint = self._grammars.compile(request.grammar) if request.grammar else None
             except PromptError as exc:
                 seq.finish_reason = "error"
                 sink(Finished(reason="error", code=_code_of(exc), error=str(exc)))
@@ -295,8 +300,13 @@ class Engine:
             self._join(seq)
 
     def _sample(self, seq: Sequence, logits: Any) -> int:
-        return sample(logits, seq.params, seq.generator, prompt_token_ids=seq.prompt_token_ids,
-                      output_token_ids=seq.output_token_ids, exempt_token_ids=self.model.eos_token_ids)
+        if seq.constraint is not None:
+            logits = seq.constraint.mask_logits(logits)  # (vocab,): the grammar's forbidden tokens at -inf
+        token_id = sample(logits, seq.params, seq.generator, prompt_token_ids=seq.prompt_token_ids,
+                          output_token_ids=seq.output_token_ids, exempt_token_ids=self.model.eos_token_ids)
+        if seq.constraint is not None:
+            seq.constraint.advance(token_id)
+        return token_id
 
     def _append_token(self, seq: Sequence, token_id: int) -> None:
         """Record one sampled token, stream the text it completes, finish if it ends the sequence."""
@@ -304,18 +314,19 @@ class Engine:
         seq.output_token_ids.append(token_id)
         seq.num_unreported_tokens += 1
         is_eos = token_id in self.model.eos_token_ids
+        is_complete = seq.constraint is not None and seq.constraint.is_finished  # nothing may follow this token
         is_length = (seq.num_output_tokens == seq.params.max_output_tokens
                      or seq.num_tokens >= self.model.max_context_tokens)
         text = "" if is_eos else seq.detokenizer.push(token_id)
-        if is_eos or is_length:
+        if is_eos or is_complete or is_length:
             text += seq.detokenizer.flush()  # an unfinished character comes out as U+FFFD
         text, is_stopped = seq.stop_checker.push(text)
-        if not is_stopped and (is_eos or is_length):
+        if not is_stopped and (is_eos or is_complete or is_length):
             text += seq.stop_checker.flush()  # held text that never became a stop string
         if text:
             self._deliver(seq, TokenDelta(text=text, num_tokens=seq.num_unreported_tokens))
             seq.num_unreported_tokens = 0
-        if is_stopped or is_eos:
+        if is_stopped or is_eos or is_complete:
             self._finish(seq, "stop")
         elif is_length:
             self._finish(seq, "length")
@@ -361,6 +372,8 @@ def _discard(event: EngineEvent) -> None:
 
 
 def _code_of(exc: PromptError) -> str:
+    if isinstance(exc, UnsupportedGrammar):
+        return UNSUPPORTED_SCHEMA
     if isinstance(exc, PromptTooLong):
         return "context_length_exceeded"
     return "image_not_found" if isinstance(exc, ImageGone) else "invalid_prompt"

@@ -70,6 +70,8 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     image_source: ImageSource = no_images  # the bytes of the messages' images, asked for on cache misses only
+    # The output must match this grammar (llguidance's Lark dialect; assistant.tools writes it), or None.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)

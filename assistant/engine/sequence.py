@@ -20,6 +20,7 @@ from assistant.engine.request import EngineEvent, FinishReason, GenerationReques
 from assistant.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from assistant.engine.constraint import Constraint
     from assistant.engine.model import Prompt
 
 
@@ -35,6 +36,7 @@ class Sequence:
         self.sink = sink
         self.status = SequenceStatus.WAITING
         self.prompt: Prompt | None = None  # a generation request's rendered prompt, set at admission
+        self.constraint: Constraint | None = None  # the request's grammar, compiled at admission
         self.prompt_token_ids: list[int] = []
         self.num_image_tokens = 0
         self.prompt_key: tuple[Any, ...] = ()  # what each prompt position holds (prefix_cache.prompt_key)
