@@ -18,7 +18,7 @@ What is read: ``model``, ``messages`` (roles ``system``, ``developer``, ``user``
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from assistant.events import new_id
 from assistant.items import DETAILS, Usage
 from assistant.protocol import (MAX_TEXT_CHARS, ImageInput, ItemInput, TextInput, check_unicode, get_field,
                                 read_json)
+from assistant.tool_calls import ToolCall
 
 MAX_MESSAGES = 2048
 MAX_METADATA_KEYS = 16
@@ -280,6 +281,12 @@ def chunk_json(ids: CompletionIds, delta: dict[str, Any], finish_reason: str | N
 
 def usage_chunk_json(ids: CompletionIds, usage: Usage) -> dict[str, Any]:
     return {**ids.head("chat.completion.chunk"), "choices": [], "usage": usage_json(usage)}
+
+
+def tool_calls_json(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """A whole answer's tool calls as a Chat Completions message's ``tool_calls``."""
+    return [{"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in calls]
 
 
 def completion_json(ids: CompletionIds, message: dict[str, Any], finish_reason: str, usage: Usage,

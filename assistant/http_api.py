@@ -28,14 +28,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from assistant import tools as tool_specs
 from assistant.chat_completions import (ChatCompletionRequest, CompletionIds, chunk_json, completion_json,
-                                        parse_request, usage_chunk_json)
-from assistant.engine.request import EngineEvent, Finished, GenerationRequest, InlineImages, TokenDelta
-from assistant.errors import MODEL_ERROR, AssistantError, InternalError, MessageTooLarge, engine_error
+                                        parse_request, tool_calls_json, usage_chunk_json)
+from assistant.engine.request import ChatMessage, Finished, GenerationRequest, InlineImages, TextChunk, TokenDelta
+from assistant.errors import (MODEL_ERROR, AssistantError, InternalError, InvalidValue, MessageTooLarge,
+                              engine_error)
 from assistant.events import new_id
 from assistant.intake import conversation_budget, validate_item
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
 from assistant.prompts import StoreImages, build_messages
+from assistant.tool_calls import ArgumentsDelta, CallDone, CallStarted, OutputEvent, TextDelta, ToolCallParser
 
 if TYPE_CHECKING:
     from assistant.server import App
@@ -49,6 +52,7 @@ HTTP_STATUS = {
     "server_overloaded": 503,
 }
 FINISH_REASONS = {"stop": "stop", "length": "length"}
+RunEvent = OutputEvent | Finished  # what a run hands the response: the parsed answer, then the outcome
 
 
 def routes() -> list[Route]:
@@ -99,6 +103,7 @@ class _Prepared:
     parsed: ChatCompletionRequest
     generation: GenerationRequest
     conversation_id: str | None = None  # store: true
+    may_call_tools: bool = False  # the answer goes through the tool-call parser
 
 
 async def chat_completions(request: Request) -> Response:
@@ -115,6 +120,8 @@ async def chat_completions(request: Request) -> Response:
     ids = CompletionIds(model=parsed.model or app.model_name)
     run = _Run(app, prepared, ids)
     first = await run.next_event(request)
+    if first is None:  # the client left before the first token
+        return Response(status_code=499)
     if isinstance(first, Finished) and first.reason == "error":
         return error_response(_error_of(first))
     if parsed.stream:
@@ -122,17 +129,22 @@ async def chat_completions(request: Request) -> Response:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           **_conversation_header(prepared)})
     text: list[str] = []
-    event: EngineEvent | None = first
-    while isinstance(event, TokenDelta):
-        text.append(event.text)
+    calls: list[CallDone] = []
+    event: RunEvent | None = first
+    while event is not None and not isinstance(event, Finished):
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        elif isinstance(event, CallDone):
+            calls.append(event)
         event = await run.next_event(request)
     if event is None:  # the client left
         return Response(status_code=499)
     if event.reason == "error":
         return error_response(_error_of(event))
-    usage = _usage_of(event)
-    message = {"content": "".join(text)}
-    return JSONResponse(completion_json(ids, message, FINISH_REASONS.get(event.reason, "stop"), usage,
+    message: dict[str, Any] = {"content": "".join(text) if not calls else None}
+    if calls:
+        message["tool_calls"] = tool_calls_json([done.call for done in calls])
+    return JSONResponse(completion_json(ids, message, _finish_reason(event, bool(calls)), _usage_of(event),
                                         parsed.metadata if parsed.store else None),
                         headers=_conversation_header(prepared))
 
@@ -149,29 +161,63 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _prepare(app: App, parsed: ChatCompletionRequest) -> _Prepared:
-    """Worker thread: decode and check every image, build the prompt; with ``store``, keep the messages as
-    a new conversation (only once everything is valid: a refused request stores nothing)."""
+    """Worker thread: check the tools, decode and check every image, build the prompt; with ``store``, keep
+    the messages as a new conversation (only once everything is valid: a refused request stores nothing)."""
+    tools = tool_specs.parse_tools(parsed.tools) if parsed.tools is not None else ()
+    choice = tool_specs.parse_tool_choice(parsed.tool_choice, tools)
+    response_format = tool_specs.parse_response_format(parsed.response_format)
     items: list[Item] = []
-    images: list[list[StoredImage]] = []
+    images: list[StoredImage] = []
+    call_ids: set[str] = set()
     for index, message in enumerate(parsed.messages):
-        item, item_images = validate_item(message, app.image_budget, f"messages[{index}]", "image_url.url")
-        items.append(item)
-        images.append(item_images)
+        param = f"messages[{index}]"
+        result = parsed.tool_results.get(index)
+        if result is not None:
+            if result.tool_call_id not in call_ids:
+                raise InvalidValue(f"'{param}.tool_call_id' names no tool call of an earlier assistant message.",
+                                   param=f"{param}.tool_call_id")
+            items.append(Item(new_id("item"), "user", type="function_call_output", call_id=result.tool_call_id,
+                              output=result.content))
+            continue
+        item, item_images = validate_item(message, app.image_budget, param, "image_url.url")
+        if item.content:
+            items.append(item)
+        images += item_images
+        for call in parsed.tool_calls.get(index, ()):
+            call_ids.add(call.id)
+            items.append(Item(new_id("item"), "assistant", type="function_call", call_id=call.id, name=call.name,
+                              arguments=call.arguments))
     image_parts = [part for item in items for part in item.content if part.is_image]
     if image_parts:
         conversation_budget(app.image_budget, image_parts, "messages")([])
     instructions = "" if parsed.has_system_message else app.defaults.instructions
+    tools_prompt = tool_specs.tools_prompt(tools, choice, parallel_tool_calls=parsed.parallel_tool_calls)
     sampling = app.defaults.sampling.replace(**parsed.sampling)
-    inline = {image.sha256: image.data for item_images in images for image in item_images}
-    generation = GenerationRequest("", build_messages(instructions, items), sampling,
-                                   image_source=InlineImages(inline))
+    inline = {image.sha256: image.data for image in images}
+    grammar = tool_specs.build_grammar(tools, choice, parallel_tool_calls=parsed.parallel_tool_calls,
+                                       response_format=response_format)
+    generation = GenerationRequest("", _with_system_text(build_messages(instructions, items), tools_prompt),
+                                   sampling, image_source=InlineImages(inline), grammar=grammar)
     conversation_id = None
     if parsed.store:
         conversation_id = app.store.create_conversation(metadata=parsed.metadata)
-        for item, item_images in zip(items, images, strict=True):
-            app.store.add_item(conversation_id, item, None, item_images)
+        stored: set[str] = set()
+        for item in items:
+            new_images = [image for image in images if image.sha256 in item.image_hashes and image.sha256 not in stored]
+            stored.update(image.sha256 for image in new_images)
+            app.store.add_item(conversation_id, item, None, new_images)
         generation = replace(generation, image_source=StoreImages(app.store, inline))
-    return _Prepared(parsed, generation, conversation_id)
+    return _Prepared(parsed, generation, conversation_id, tool_specs.calls_allowed(tools, choice))
+
+
+def _with_system_text(messages: tuple[ChatMessage, ...], text: str) -> tuple[ChatMessage, ...]:
+    """``text`` (the tools prompt) appended to the first system message, or as one before the rest."""
+    if not text:
+        return messages
+    if messages and messages[0].role == "system":
+        first = messages[0]
+        return (ChatMessage("system", (*first.parts, TextChunk("\n\n" + text))), *messages[1:])
+    return (ChatMessage("system", (TextChunk(text),)), *messages)
 
 
 def _conversation_header(prepared: _Prepared) -> dict[str, str]:
@@ -180,27 +226,49 @@ def _conversation_header(prepared: _Prepared) -> dict[str, str]:
 
 
 async def _stream(run: _Run, ids: CompletionIds, parsed: ChatCompletionRequest,
-                  first: EngineEvent) -> AsyncIterator[str]:
+                  first: RunEvent) -> AsyncIterator[str]:
     """Server-sent events; cancelled by Starlette when the client disconnects (the run is then aborted)."""
     include_usage = parsed.include_usage
     try:
         yield _sse(chunk_json(ids, {"role": "assistant", "content": ""}, include_usage=include_usage))
-        event: EngineEvent | None = first
-        while isinstance(event, TokenDelta):
-            if event.text:
-                yield _sse(chunk_json(ids, {"content": event.text}, include_usage=include_usage))
+        event: RunEvent | None = first
+        made_calls = False
+        while event is not None and not isinstance(event, Finished):
+            delta = _delta_of(event)
+            made_calls = made_calls or isinstance(event, CallStarted)
+            if delta:
+                yield _sse(chunk_json(ids, delta, include_usage=include_usage))
             event = await run.next_event()
         assert event is not None
         if event.reason == "error":
             error = _error_of(event)
             yield _sse(error_body(error.message, error.type, error.code, error.param))
         else:
-            yield _sse(chunk_json(ids, {}, FINISH_REASONS.get(event.reason, "stop"), include_usage=include_usage))
+            yield _sse(chunk_json(ids, {}, _finish_reason(event, made_calls), include_usage=include_usage))
             if include_usage:
                 yield _sse(usage_chunk_json(ids, _usage_of(event)))
         yield "data: [DONE]\n\n"
     finally:
         run.abort()  # a no-op when the run has finished
+
+
+def _delta_of(event: OutputEvent) -> dict[str, Any] | None:
+    """One parsed piece of the answer as a Chat Completions ``delta`` (None: nothing to send)."""
+    match event:
+        case TextDelta(text=text) if text:
+            return {"content": text}
+        case CallStarted(index=index, call_id=call_id, name=name):
+            return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                    "function": {"name": name, "arguments": ""}}]}
+        case ArgumentsDelta(index=index, delta=piece) if piece:
+            return {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+    return None
+
+
+def _finish_reason(finished: Finished, made_calls: bool) -> str:
+    if made_calls and finished.reason == "stop":
+        return "tool_calls"
+    return FINISH_REASONS.get(finished.reason, "stop")
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -217,15 +285,16 @@ class _Run:
         self.app = app
         self.prepared = prepared
         self.request_id = new_id("resp")
-        self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._events: asyncio.Queue[RunEvent] = asyncio.Queue()
+        self._parser = ToolCallParser() if prepared.may_call_tools else None
         self._finished = False
         task = asyncio.create_task(self._run())
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def next_event(self, request: Request | None = None) -> EngineEvent | None:
-        """The next engine event; with ``request``, None when the client disconnects first (the run is
-        aborted)."""
+    async def next_event(self, request: Request | None = None) -> RunEvent | None:
+        """The next piece of the answer, or the Finished that ends it; with ``request``, None when the client
+        disconnects first (the run is then aborted)."""
         if request is None:
             return await self._events.get()
         getter = asyncio.ensure_future(self._events.get())
@@ -246,6 +315,7 @@ class _Run:
         started = time.monotonic()
         first_token_at: float | None = None
         text: list[str] = []
+        calls: list[CallDone] = []
         finished = Finished(reason="error", error="engine stream ended without a terminal event")
         conversation_id = self.prepared.conversation_id
         try:
@@ -255,10 +325,12 @@ class _Run:
             async for event in self.app.engine.generate(request):
                 if isinstance(event, TokenDelta):
                     first_token_at = first_token_at or time.monotonic()
-                    text.append(event.text)
-                    self._events.put_nowait(event)
+                    self._put(self._parser.push(event.text) if self._parser else [TextDelta(event.text)], text,
+                              calls)
                 else:
                     finished = event
+            if self._parser is not None:
+                self._put(self._parser.finish(), text, calls)
         except AssistantError as exc:  # the engine refused the request (queue full)
             finished = Finished(reason="error", code=exc.code, error=exc.message)
         except Exception:
@@ -268,22 +340,37 @@ class _Run:
         finally:
             self._finished = True
             if conversation_id is not None:
-                await asyncio.shield(self._store(conversation_id, "".join(text), finished, started, first_token_at))
+                await asyncio.shield(self._store(conversation_id, "".join(text), calls, finished, started,
+                                                 first_token_at))
             self._events.put_nowait(finished)
 
-    async def _store(self, conversation_id: str, text: str, finished: Finished, started: float,
-                     first_token_at: float | None) -> None:
+    def _put(self, events: list[OutputEvent], text: list[str], calls: list[CallDone]) -> None:
+        for event in events:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, CallDone):
+                calls.append(event)
+            self._events.put_nowait(event)
+
+    async def _store(self, conversation_id: str, text: str, calls: list[CallDone], finished: Finished,
+                     started: float, first_token_at: float | None) -> None:
         status = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(finished.reason,
                                                                                              "failed")
         reason = {"length": "max_output_tokens", "cancelled": "client_cancelled"}.get(finished.reason)
-        item = Item(new_id("item"), "assistant", (ContentPart("output_text", text=text),),
-                    status="completed" if status == "completed" else "incomplete")
+        item_status = "completed" if status == "completed" else "incomplete"
+        items = [Item(new_id("item"), "assistant", type="function_call", status=item_status,
+                      call_id=done.call.call_id, name=done.call.name, arguments=done.call.arguments)
+                 for done in calls]
+        if not calls and (text or status == "completed"):
+            items.append(Item(new_id("item"), "assistant", (ContentPart("output_text", text=text),),
+                              status=item_status))
         now = time.monotonic()
-        record = ResponseRecord(self.request_id, conversation_id, status, reason, (item.id,), _usage_of(finished),
+        record = ResponseRecord(self.request_id, conversation_id, status, reason, tuple(item.id for item in items),
+                                _usage_of(finished),
                                 None if first_token_at is None else (first_token_at - started) * 1000.0,
                                 (now - started) * 1000.0)
         try:
-            if text or status == "completed":
+            for item in items:
                 await asyncio.to_thread(self.app.store.add_item, conversation_id, item)
             await asyncio.to_thread(self.app.store.finish_response, record)
         except Exception:

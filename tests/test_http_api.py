@@ -273,3 +273,95 @@ async def test_streamed_image_answer_over_sse_is_well_formed(vision_server: Runn
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+# ---------------------------------------------------------------- tools
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+HANDOFF = {"type": "function", "function": {
+    "name": "handoff_to_human", "description": "Pass the conversation to a person.",
+    "parameters": {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 40}},
+                   "required": ["reason"], "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_weather_arguments(arguments: str) -> None:
+    parsed = json.loads(arguments)
+    assert set(parsed) == {"city", "unit"} and isinstance(parsed["city"], str) and len(parsed["city"]) <= 20
+    assert parsed["unit"] in ("celsius", "fahrenheit")
+
+
+async def test_required_tool_call_is_valid_whole_and_streamed(server: RunningServer) -> None:
+    """The tiny random model writes garbage unless constrained: every call here validates anyway."""
+    client = client_for(server)
+    whole = await client.chat.completions.create(model="tiny", messages=ASK_WEATHER, tools=[WEATHER, HANDOFF],
+                                                 tool_choice="required", parallel_tool_calls=False,
+                                                 temperature=1.0, seed=3, max_tokens=200)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and calls[0].id.startswith("call_") and calls[0].type == "function"
+    assert calls[0].function.name in ("get_weather", "handoff_to_human")
+
+    stream = await client.chat.completions.create(
+        model="tiny", messages=ASK_WEATHER, tools=[WEATHER], stream=True, max_tokens=200,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=1.0, seed=5)
+    chunks = [chunk async for chunk in stream]
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].index == 0 and deltas[0].id and deltas[0].function and deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
+    check_weather_arguments(arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+async def test_tool_round_trip_is_stored_and_continues(server: RunningServer) -> None:
+    client = client_for(server)
+    first = await client.chat.completions.create(model="tiny", messages=ASK_WEATHER, tools=[WEATHER],
+                                                 tool_choice="required", temperature=0, max_tokens=200)
+    call = (first.choices[0].message.tool_calls or [])[0]
+    check_weather_arguments(call.function.arguments)
+    messages = [*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21, "sky": "clear"}'}]
+    raw = await client.chat.completions.with_raw_response.create(model="tiny", messages=messages, tools=[WEATHER],
+                                                                 tool_choice="none", max_tokens=5, store=True)
+    second = raw.parse()
+    assert second.choices[0].message.content is not None and not second.choices[0].message.tool_calls
+    items = server.app.store.list_items(raw.headers["x-conversation-id"])
+    assert [item.type for item in items] == ["message", "function_call", "function_call_output", "message"]
+    assert items[1].call_id == items[2].call_id == call.id and items[2].output == '{"temp_c": 21, "sky": "clear"}'
+
+
+async def test_json_schema_response_format_validates(server: RunningServer) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer"], "additionalProperties": False}
+    completion = await client_for(server).chat.completions.create(
+        model="tiny", messages=QUESTION, temperature=1.0, seed=1, max_tokens=100,
+        response_format={"type": "json_schema", "json_schema": {"name": "digit", "schema": schema, "strict": True}})
+    parsed = json.loads(completion.choices[0].message.content or "")
+    assert set(parsed) == {"answer"} and 0 <= parsed["answer"] <= 9
+
+
+@pytest.mark.parametrize(("extra", "code", "param"), [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "invalid_value", "tool_choice.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "invalid_value", "tools[0].function.name"),
+    ({"tools": "all"}, "invalid_type", "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}}}}}]},
+     "unsupported_schema", "tools[0].function.parameters"),
+    ({"messages": [*ASK_WEATHER, {"role": "tool", "tool_call_id": "call_x", "content": "1"}]},
+     "invalid_value", "messages[1].tool_call_id"),
+])
+async def test_bad_tool_requests_get_coded_errors_and_store_nothing(
+        server: RunningServer, extra: dict[str, Any], code: str, param: str) -> None:
+    response = await post(server, {"messages": ASK_WEATHER, "store": True, **extra})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, param), error
+    with server.app.store.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
