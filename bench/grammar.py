@@ -22,6 +22,8 @@ Then the engine's whole per-token cost with the chosen library
 row, advance), and one decode step of the real model (batch 1,
 ``ChatModel.decode``) for scale, unless ``--no-model``. Without a pulled default model the byte-level tokenizer of
 the test fixtures stands in (vocab 320: far cheaper masks than the real 49,152).
+xgrammar and outlines-core are not the project's dependencies: ``pip install xgrammar
+outlines-core`` to compare (a candidate that is missing prints its import error).
 Machines are shared and noisy: compare ratios within one run, not absolutes. On a
 CPU busy with other work torch's intra-op threads wait on each other, and every
 torch op on a row of logits (the mask's application, sampling) slows down many
@@ -158,8 +160,8 @@ def bench_outlines_core(tokenizer: Any, paths: dict[str, list[int]], repeats: in
     def literal(text: str) -> str:
         return "".join("\\n" if c == "\n" else f"\\{c}" if c in r".^$*+?{}[]()|\/" else c for c in text)
 
-    calls = "|".join(f"({literal(call_prefix(name)[len(OPEN):])}{build_regex_from_schema(json.dumps(schema), ' ?')}\\}})"
-                     for name, schema in TOOLS.items())
+    calls = "|".join(f"({literal(call_prefix(name)[len(OPEN):])}"
+                     f"{build_regex_from_schema(json.dumps(schema), ' ?')}\\}})" for name, schema in TOOLS.items())
     regex = f"([^<][\\s\\S]*)|({literal(OPEN)}({calls}){literal(CLOSE)})"
 
     def compile_once() -> float:

@@ -9,6 +9,7 @@ from typing import Any
 import llguidance
 import pytest
 
+from assistant.engine.request import TextChunk
 from assistant.errors import AssistantError
 from assistant.tool_calls import (ArgumentsDelta, CallDone, CallStarted, OutputEvent, TextDelta, ToolCall,
                                   ToolCallParser, parse_output, render_tool_calls, tool_results_message)
@@ -253,6 +254,6 @@ def test_earlier_calls_and_results_render_back_into_the_conversation() -> None:
     assert rendered == CALL + "\n" + SECOND_CALL
     assert [c.name for c in parse_output(rendered).calls] == ["get_weather", "lookup_order"]
     message = tool_results_message(['{"temperature": 18}', "shipped"])
-    assert message.role == "user"
-    assert message.parts[0].text == ('<tool_response>\n{"temperature": 18}\n</tool_response>\n'  # type: ignore[union-attr]
+    assert message.role == "user" and isinstance(message.parts[0], TextChunk)
+    assert message.parts[0].text == ('<tool_response>\n{"temperature": 18}\n</tool_response>\n'
                                      "<tool_response>\nshipped\n</tool_response>")
