@@ -31,6 +31,7 @@ closed with ``additionalProperties: false`` and listing all its properties as
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -176,16 +177,23 @@ def parse_response_format(value: Any, *, param: str = "response_format") -> Resp
 
 def check_schema(schema: Mapping[str, Any], *, param: str) -> None:
     """Raise UnsupportedSchema if constrained decoding cannot compile ``schema`` (no tokenizer needed)."""
-    import llguidance  # no torch: a Rust extension
-
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_CHARS:
         raise InvalidValue(f"'{param}' is {len(text)} characters as JSON; at most {MAX_SCHEMA_CHARS} are allowed",
                            param=param)
-    error = llguidance.LLMatcher.validate_grammar(f"start: {_json(schema)}")
+    error = _schema_error(text)
     if error:
-        raise UnsupportedSchema(f"'{param}' cannot be used for constrained decoding: {_library_error(error)}",
-                                param=param)
+        raise UnsupportedSchema(f"'{param}' cannot be used for constrained decoding: {error}", param=param)
+
+
+@functools.lru_cache(maxsize=512)
+def _schema_error(schema_json: str) -> str:
+    """What llguidance says against the schema ("" if nothing); ~2 ms, so a conversation's tools are checked once,
+    not every turn."""
+    import llguidance  # no torch: a Rust extension
+
+    error = llguidance.LLMatcher.validate_grammar(f"start: {_json(json.loads(schema_json))}")
+    return _library_error(error) if error else ""
 
 
 def _library_error(error: str) -> str:
@@ -266,8 +274,12 @@ def tools_prompt(tools: Sequence[FunctionTool], choice: ToolChoice, *, parallel_
         rules += " You may call several functions at once: one <tool_call> block each, one line apart."
     else:
         rules += " Call one function at most."
-    template = Template(TOOLS_PROMPT_FILE.read_text(encoding="utf-8"))
-    return template.substitute(tools="\n".join(lines), rules=rules).strip()
+    return _tools_template().substitute(tools="\n".join(lines), rules=rules).strip()
+
+
+@functools.cache
+def _tools_template() -> Template:
+    return Template(TOOLS_PROMPT_FILE.read_text(encoding="utf-8"))  # read once: callers may be on the event loop
 
 
 def build_grammar(tools: Sequence[FunctionTool], choice: ToolChoice, *, parallel_tool_calls: bool = True,
