@@ -12,6 +12,12 @@ only our documented extensions are undeclared fields there. So the beta session 
 no ``model``: the beta type admits only OpenAI's model names. (Beta content parts have no
 image type; an image a beta client sends comes back as ``input_image``, outside them.)
 
+Items are messages (``role``, ``status``, ``content``), function calls (``status``,
+``call_id``, ``name``, ``arguments``) or function call outputs (``call_id``, ``output``),
+each in the SDK's shape for its type. Tools are echoed in Realtime's flat shape
+(``{type: "function", name, description, parameters}``), ``tool_choice`` as a string or
+``{type: "function", name}``.
+
 Images in items: ``conversation.item.retrieved`` carries the full ``data:`` URL;
 ``conversation.item.added``/``done`` carry only our extension field
 ``image_sha256`` so a 10 MB image is not echoed back on every create.
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
@@ -34,6 +40,7 @@ from assistant.engine.request import MatchScore, ranking
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import AssistantError
 from assistant.items import ContentPart, Item, Usage
+from assistant.tools import FunctionTool, ToolChoice
 
 
 class Dialect(Enum):
@@ -62,6 +69,8 @@ class SessionView:
     conversation_id: str
     instructions: str
     sampling: SamplingParams  # max_output_tokens None = "inf"
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=lambda: ToolChoice("auto"))
 
 
 class EventWriter:
@@ -92,8 +101,8 @@ class EventWriter:
             "id": view.id,
             "object": "realtime.session",
             "instructions": view.instructions,
-            "tools": [],
-            "tool_choice": "auto",
+            "tools": [tool_json(tool) for tool in view.tools],
+            "tool_choice": tool_choice_json(view.tool_choice),
             # Extensions (additive):
             "conversation_id": view.conversation_id,
             "temperature": sampling.temperature,
@@ -121,14 +130,14 @@ class EventWriter:
         return {"type": kind, "text": part.text or ""}
 
     def item(self, item: Item, image_url: Callable[[str], str] | None = None) -> dict[str, Any]:
-        return {
-            "id": item.id,
-            "object": "realtime.item",
-            "type": item.type,
-            "role": item.role,
-            "status": item.status,
-            "content": [self.part(p, image_url) for p in item.content],
-        }
+        head = {"id": item.id, "object": "realtime.item", "type": item.type}
+        if item.type == "function_call":
+            return {**head, "status": item.status, "call_id": item.call_id, "name": item.name,
+                    "arguments": item.arguments or ""}
+        if item.type == "function_call_output":
+            return {**head, "call_id": item.call_id, "output": item.output or ""}
+        return {**head, "role": item.role, "status": item.status,
+                "content": [self.part(p, image_url) for p in item.content]}
 
     def response(
         self,
@@ -158,6 +167,18 @@ class EventWriter:
         else:
             body.update(output_modalities=["text"], max_output_tokens=max_tokens)
         return body
+
+
+def tool_json(tool: FunctionTool) -> dict[str, Any]:
+    return {"type": "function", "name": tool.name, "description": tool.description,
+            "parameters": dict(tool.parameters)}
+
+
+def tool_choice_json(choice: ToolChoice) -> str | dict[str, str]:
+    if choice.mode == "function":
+        assert choice.name is not None
+        return {"type": "function", "name": choice.name}
+    return choice.mode
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:

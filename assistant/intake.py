@@ -32,7 +32,13 @@ class ImageBudget:
 def validate_item(item_input: ItemInput, budget: ImageBudget, param: str,
                   url_field: str = "image_url") -> tuple[Item, list[StoredImage]]:
     """Decode and check every part; nothing is stored here. ``param`` is the item's path in the request, and
-    ``url_field`` an image part's data URL's path inside the part (Chat Completions: ``image_url.url``)."""
+    ``url_field`` an image part's data URL's path inside the part (Chat Completions: ``image_url.url``).
+    A tool call or a tool's result has no parts: it was checked whole by the protocol."""
+    item_id = item_input.id or new_id("item")
+    if item_input.type != "message":
+        return Item(item_id, item_input.role, (), type=item_input.type,  # type: ignore[arg-type]
+                    call_id=item_input.call_id, name=item_input.name, arguments=item_input.arguments,
+                    output=item_input.output), []
     images: list[StoredImage] = []
     parts: list[ContentPart] = []
     image_inputs = [p for p in item_input.content if isinstance(p, ImageInput)]
@@ -54,7 +60,7 @@ def validate_item(item_input: ItemInput, budget: ImageBudget, param: str,
             parts.append(ContentPart(part.type, text=part.text))
     if images:
         _check_message_budget(budget, [p for p in parts if p.is_image], param)
-    return Item(item_input.id or new_id("item"), item_input.role, tuple(parts)), images
+    return Item(item_id, item_input.role, tuple(parts)), images
 
 
 def _check_message_budget(budget: ImageBudget, image_parts: list[ContentPart], param: str) -> None:

@@ -9,11 +9,16 @@ Both dialects are accepted: GA names and the beta ones (``modalities``,
 ``max_response_output_tokens``, assistant parts of type ``text``). Fields this
 server uses are checked strictly. Fields it cannot act on are never silently
 dropped: audio output, audio formats, voices, turn detection and transcription
-(``audio_not_supported``), and tools or a tool choice that would need tool calls
-(``tools_not_supported``) come back in the event's ``refused`` errors while the
+(``audio_not_supported``) come back in the event's ``refused`` errors while the
 rest of the same ``session.update`` / ``response.create`` is applied. Fields with
-no effect on a text server (``tracing``, ``truncation``, ``include``, empty
-``tools``, ``tool_choice: "auto"``...) are accepted. Our extensions are additive:
+no effect on a text server (``tracing``, ``truncation``, ``include``...) are accepted.
+
+Function calling: ``tools`` are validated here (:func:`assistant.tools.parse_tools`,
+which also refuses a schema constrained decoding cannot compile); ``tool_choice`` is
+kept as sent, because a ``session.update`` may name a tool the session already has:
+the session checks it against the effective tools. Items may be ``function_call``
+(``call_id``, ``name``, ``arguments``) or ``function_call_output`` (``call_id``,
+``output``) besides messages. Our extensions are additive:
 ``temperature``, ``top_p``, ``seed``, ``stop`` and ``repetition_penalty``, next to
 OpenAI's ``frequency_penalty`` and ``presence_penalty``, inside ``session`` and
 ``response``; and the event ``image.match`` (:class:`ImageMatch`: one image, 1 to
@@ -36,8 +41,10 @@ from typing import Any, Literal
 
 from assistant.engine.sampling import SAMPLING_FIELDS, check_sampling_value
 from assistant.errors import (AssistantError, AudioNotSupported, InvalidJSON, InvalidType, InvalidValue,
-                              MissingParameter, ToolsNotSupported, UnknownEventType)
-from assistant.items import DETAILS, ROLES
+                              MissingParameter, UnknownEventType)
+from assistant.items import DETAILS, ROLES, ItemType
+from assistant.tool_calls import NAME_PATTERN
+from assistant.tools import FunctionTool, parse_tools
 
 MAX_ID_LENGTH = 64
 MAX_INSTRUCTIONS_CHARS = 100_000
@@ -76,25 +83,36 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class ItemInput:
+    """A message (``content``), a tool call (``call_id``, ``name``, ``arguments``; role assistant) or a tool's
+    result (``call_id``, ``output``; role user)."""
+
     id: str | None
     role: str
     content: tuple[TextInput | ImageInput, ...]
+    type: ItemType = "message"
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
 
 
 @dataclass(frozen=True)
-class SamplingChanges:
-    """What an event changes: ``instructions`` (None leaves it), and ``sampling``: the
+class SettingChanges:
+    """What an event changes: ``instructions`` (None leaves it); ``sampling``: the
     :class:`~assistant.engine.sampling.SamplingParams` fields it sets, already range-checked
-    (``max_output_tokens: None`` is "inf", no cap)."""
+    (``max_output_tokens: None`` is "inf", no cap); ``tools`` (None leaves them), validated; and
+    ``tool_choice`` as sent (None leaves it), for the session to check against the effective tools."""
 
     instructions: str | None = None
     sampling: Mapping[str, Any] = field(default_factory=dict)
+    tools: tuple[FunctionTool, ...] | None = None
+    tool_choice: Any = None
 
 
 @dataclass(frozen=True)
 class SessionUpdate:
     event_id: str | None
-    changes: SamplingChanges
+    changes: SettingChanges
     refused: tuple[AssistantError, ...] = ()  # fields not applied; the rest of the event is
 
 
@@ -120,7 +138,7 @@ class ItemRetrieve:
 @dataclass(frozen=True)
 class ResponseCreate:
     event_id: str | None
-    changes: SamplingChanges
+    changes: SettingChanges
     use_conversation: bool = True  # conversation: "auto" (default) or "none"
     input: tuple[ItemInput, ...] | None = None  # replaces the conversation as the prompt
     metadata: dict[str, str] | None = None
@@ -256,7 +274,7 @@ def _item_id(obj: dict[str, Any], prefix: str) -> str | None:
     return value
 
 
-def _parse_changes(obj: dict[str, Any], prefix: str, *, beta_max_key: str) -> SamplingChanges:
+def _parse_changes(obj: dict[str, Any], prefix: str, *, beta_max_key: str) -> SettingChanges:
     instructions = get_field(obj, "instructions", str, prefix, required=False)
     if instructions is not None and len(instructions) > MAX_INSTRUCTIONS_CHARS:
         raise InvalidValue(f"'{prefix}instructions' exceeds {MAX_INSTRUCTIONS_CHARS} characters.",
@@ -282,7 +300,9 @@ def _parse_changes(obj: dict[str, Any], prefix: str, *, beta_max_key: str) -> Sa
             problem = check_sampling_value(name, sampling[name])
             if problem:
                 raise InvalidValue(f"'{prefix}{name}' {problem}.", param=f"{prefix}{name}")
-    return SamplingChanges(instructions, sampling)
+    raw_tools = obj.get("tools")
+    tools = None if raw_tools is None else parse_tools(raw_tools, param=f"{prefix}tools")
+    return SettingChanges(instructions, sampling, tools, obj.get("tool_choice"))
 
 
 def _parse_stop(obj: dict[str, Any], prefix: str) -> tuple[str, ...] | None:
@@ -297,8 +317,8 @@ def _parse_stop(obj: dict[str, Any], prefix: str) -> tuple[str, ...] | None:
 
 
 def _refusals(obj: dict[str, Any], prefix: str) -> tuple[AssistantError, ...]:
-    """The fields of a session or response that this text server cannot act on, as at most two errors
-    (audio, tools), each naming every such field. Malformed values raise as usual."""
+    """The fields of a session or response that this text server cannot act on (audio), as at most one error
+    naming every such field. Malformed values raise as usual."""
     audio: list[str] = []
     for key in ("output_modalities", "modalities"):
         modalities = get_field(obj, key, list, prefix, required=False)
@@ -314,23 +334,11 @@ def _refusals(obj: dict[str, Any], prefix: str) -> tuple[AssistantError, ...]:
     for direction in ("input", "output"):
         settings = get_field(audio_config, direction, dict, f"{prefix}audio.", required=False) or {}
         audio += [f"{prefix}audio.{direction}.{key}" for key, value in settings.items() if value is not None]
-    refused: list[AssistantError] = []
-    if audio:
-        refused.append(AudioNotSupported(
-            f"This server produces text only; not applied: {', '.join(audio)}. The rest of the event was applied.",
-            param=audio[0]))
-    tools_param = []
-    tools = get_field(obj, "tools", list, prefix, required=False)
-    if tools:
-        tools_param.append(f"{prefix}tools")
-    tool_choice = obj.get("tool_choice")
-    if tool_choice is not None and tool_choice not in ("auto", "none"):
-        tools_param.append(f"{prefix}tool_choice")
-    if tools_param:
-        refused.append(ToolsNotSupported(
-            f"This server does not call tools yet; not applied: {', '.join(tools_param)}. The rest of the event "
-            "was applied.", param=tools_param[0]))
-    return tuple(refused)
+    if not audio:
+        return ()
+    return (AudioNotSupported(
+        f"This server produces text only; not applied: {', '.join(audio)}. The rest of the event was applied.",
+        param=audio[0]),)
 
 
 def _parse_part(part: Any, role: str, prefix: str) -> TextInput | ImageInput:
@@ -359,8 +367,17 @@ def _parse_item(item: Any, prefix: str) -> ItemInput:
         raise InvalidType(f"'{prefix}' must be an object.", param=prefix)
     p = f"{prefix}."
     kind = get_field(item, "type", str, p, required=False) or "message"
+    if kind == "function_call":
+        name = get_field(item, "name", str, p)
+        if not NAME_PATTERN.fullmatch(name):
+            raise InvalidValue(f"'{p}name' must be 1 to 64 letters, digits, '_' or '-'.", param=f"{p}name")
+        return ItemInput(_item_id(item, p), "assistant", (), "function_call", call_id=_id(item, "call_id", p),
+                         name=name, arguments=_long_text(item, "arguments", p))
+    if kind == "function_call_output":
+        return ItemInput(_item_id(item, p), "user", (), "function_call_output", call_id=_id(item, "call_id", p),
+                         output=_long_text(item, "output", p))
     if kind != "message":
-        raise InvalidValue(f"'{p}type' must be \"message\": this server supports message items only.",
+        raise InvalidValue(f"'{p}type' must be \"message\", \"function_call\" or \"function_call_output\".",
                            param=f"{p}type")
     role = get_field(item, "role", str, p)
     if role not in ROLES:
@@ -370,6 +387,15 @@ def _parse_item(item: Any, prefix: str) -> ItemInput:
         raise InvalidValue(f"'{p}content' must hold at least one part.", param=f"{p}content")
     parts = tuple(_parse_part(part, role, f"{p}content[{i}]") for i, part in enumerate(content))
     return ItemInput(_item_id(item, p), role, parts)
+
+
+def _long_text(obj: dict[str, Any], key: str, prefix: str) -> str:
+    """A required string of at most MAX_TEXT_CHARS characters (a call's arguments, a tool's output)."""
+    text = get_field(obj, key, str, prefix)
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidValue(f"'{prefix}{key}' has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted.",
+                           param=f"{prefix}{key}")
+    return text
 
 
 def _session_update(data: dict[str, Any], event_id: str | None) -> SessionUpdate:

@@ -13,9 +13,11 @@ Invariants:
   connection's next event is handled once its ``image.match.result`` (or error)
   is sent. It runs beside a response, not against the one-response rule; the
   engine does it in one step, so a ``response.cancel`` behind it waits that long;
-- every item is stored before it is announced; a response's output item is
-  stored as ``in_progress`` when it starts and finalized when it ends, also when
-  the client disconnects mid-response;
+- every item is stored before it is announced; a response's output items are
+  stored as ``in_progress`` when they start and finalized when they end, also when
+  the client disconnects mid-response (:mod:`assistant.response_run` runs a response);
+- the tools and tool choice in effect are checked together: a ``session.update`` or
+  ``response.create`` whose ``tool_choice`` names no tool in effect changes nothing;
 - database and image work run in worker threads, never on the event loop.
 """
 
@@ -23,40 +25,64 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from assistant import images as image_codec
-from assistant.engine.request import (Finished, GenerationRequest, ImageChunk, InlineImages, ScoreRequest,
-                                      TokenDelta)
+from assistant.engine.request import Finished, GenerationRequest, ImageChunk, InlineImages, ScoreRequest
 from assistant.engine.sampling import SamplingParams
-from assistant.errors import (MODEL_ERROR, AssistantError, BudgetExceeded, ImageRejected, InternalError,
+from assistant.errors import (AssistantError, BudgetExceeded, ImageRejected, InternalError, InvalidValue,
                               ResponseCancelNotActive, ResponseInProgress, ResponseNotFound, engine_error)
 from assistant.events import EventWriter, SessionView, match_result_json, new_id
 from assistant.intake import ImageBudget, conversation_budget, validate_item
-from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
+from assistant.items import ContentPart, Item, StoredImage
 from assistant.prompts import StoreImages, build_messages
 from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ImageMatch, ItemCreate, ItemDelete,
-                                ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SamplingChanges, SessionUpdate,
+                                ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, SettingChanges,
                                 parse_client_event)
+from assistant.response_run import ResponseRun, Send
 from assistant.store import Store
+from assistant.tools import FunctionTool, ToolChoice, build_grammar, calls_allowed, parse_tool_choice, tools_prompt
 
 log = logging.getLogger(__name__)
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """A session's effective generation settings (defaults, then ``session.update``)."""
+    """A session's effective generation settings (defaults, then ``session.update``; a response's own on top)."""
 
     instructions: str
     sampling: SamplingParams
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=lambda: ToolChoice("auto"))
 
-    def apply(self, changes: SamplingChanges) -> Settings:
+    def apply(self, changes: SettingChanges, prefix: str) -> Settings:
+        """These settings with ``changes`` made; ``prefix`` ("session." or "response.") names their fields in
+        errors. Raises a coded error, changing nothing, when the tool choice does not fit the tools."""
         instructions = self.instructions if changes.instructions is None else changes.instructions
-        return Settings(instructions, self.sampling.replace(**changes.sampling))
+        tools = self.tools if changes.tools is None else changes.tools
+        if changes.tool_choice is not None:
+            choice = parse_tool_choice(changes.tool_choice, tools, param=f"{prefix}tool_choice")
+        else:
+            choice = self.tool_choice
+            names = {tool.name for tool in tools}
+            if (choice.mode == "required" and not tools) or (choice.mode == "function" and choice.name not in names):
+                wanted = "a tool" if choice.mode == "required" else f"the function '{choice.name}'"
+                raise InvalidValue(f"'{prefix}tools' leaves out {wanted}, which the tool_choice in effect calls "
+                                   "for; send a tool_choice with the tools.", param=f"{prefix}tools")
+        return Settings(instructions, self.sampling.replace(**changes.sampling), tools, choice)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model may answer with tool calls."""
+        return calls_allowed(self.tools, self.tool_choice)
+
+    @property
+    def system_prompt(self) -> str:
+        """The instructions, and the tools prompt when the model may call tools."""
+        tools_text = tools_prompt(self.tools, self.tool_choice)
+        return "\n\n".join(text for text in (self.instructions, tools_text) if text)
 
 
 class Session:
@@ -81,10 +107,8 @@ class Session:
         self.writer = writer
         self._send = send
         self.id = new_id("sess")
+        self._response: ResponseRun | None = None
         self._response_task: asyncio.Task[None] | None = None
-        self._response_id: str | None = None
-        # Set by a cancel or a disconnect that may come before the engine knows the request.
-        self._is_cancel_requested = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -95,8 +119,8 @@ class Session:
         """The client is gone: stop generating, and let the response record itself."""
         task = self._response_task
         if task is not None and not task.done():
-            self._is_cancel_requested = True
-            self.engine.abort(self._response_id)
+            assert self._response is not None
+            self._response.cancel()
             await asyncio.wait([task])
 
     async def send(self, type_: str, **fields: Any) -> None:
@@ -125,7 +149,7 @@ class Session:
     async def _dispatch(self, event: ClientEvent) -> None:
         match event:
             case SessionUpdate(changes=changes, refused=refused):
-                self.settings = self.settings.apply(changes)
+                self.settings = self.settings.apply(changes, "session.")
                 await self._send_refused(refused, event.event_id)
                 await self.send("session.updated", session=self.writer.session(self._session_view()))
             case ItemCreate(item=item_input, previous_item_id=previous):
@@ -155,8 +179,9 @@ class Session:
             await self._send(self.writer.error(error))
 
     def _session_view(self) -> SessionView:
-        return SessionView(self.id, self.model_name, self.conversation_id, self.settings.instructions,
-                           self.settings.sampling)
+        settings = self.settings
+        return SessionView(self.id, self.model_name, self.conversation_id, settings.instructions, settings.sampling,
+                           settings.tools, settings.tool_choice)
 
     # ------------------------------------------------------------ items
 
@@ -213,27 +238,46 @@ class Session:
 
     def _check_no_response_running(self) -> None:
         if self._response_task is not None and not self._response_task.done():
-            raise ResponseInProgress(f"Response {self._response_id} is still in progress; wait for response.done "
+            assert self._response is not None
+            raise ResponseInProgress(f"Response {self._response.id} is still in progress; wait for response.done "
                                      "or send response.cancel.")
 
     def _start_response(self, event: ResponseCreate) -> None:
         self._check_no_response_running()
-        self._response_id = new_id("resp")
-        self._is_cancel_requested = False
-        self._response_task = asyncio.create_task(self._run_response(self._response_id, event))
+        settings = self.settings.apply(event.changes, "response.")  # a coded error here starts nothing
+        run = ResponseRun(new_id("resp"), store=self.store, engine=self.engine, writer=self.writer, send=self._send,
+                          conversation_id=self.conversation_id, in_conversation=event.use_conversation,
+                          calls_tools=settings.calls_tools, metadata=event.metadata,
+                          max_output_tokens=settings.sampling.max_output_tokens)
+        self._response = run
+        self._response_task = asyncio.create_task(self._respond(run, event, settings))
 
     def _cancel_response(self, response_id: str | None) -> None:
         running = self._response_task is not None and not self._response_task.done()
         if not running:
             raise ResponseCancelNotActive("There is no response in progress to cancel.")
-        if response_id is not None and response_id != self._response_id:
+        assert self._response is not None
+        if response_id is not None and response_id != self._response.id:
             raise ResponseNotFound(f"The response in progress is not '{response_id}'.", param="response_id")
-        self._is_cancel_requested = True
-        self.engine.abort(self._response_id)
+        self._response.cancel()
 
-    def _prepare_prompt(self, event: ResponseCreate, settings: Settings) -> GenerationRequest:
+    async def _respond(self, run: ResponseRun, event: ResponseCreate, settings: Settings) -> None:
+        try:
+            request = await asyncio.to_thread(self._prepare_request, run.id, event, settings)
+            await asyncio.to_thread(self.store.start_response, run.id, self.conversation_id)
+        except Exception as exc:  # nothing was announced yet: one error event says it all
+            if not isinstance(exc, AssistantError):
+                log.exception("response %s could not start", run.id)
+                exc = InternalError()
+            exc.event_id = event.event_id
+            await self._send(self.writer.error(exc))
+            return
+        await run.run(request)
+
+    def _prepare_request(self, response_id: str, event: ResponseCreate, settings: Settings) -> GenerationRequest:
         """Worker thread: gather the items the model sees; their images go by reference, and the engine fetches
-        the bytes of those its embedding cache lacks through the request's image source (one store query)."""
+        the bytes of those its embedding cache lacks through the request's image source (one store query).
+        With tools, the system message lists them and a grammar holds the answer to text or valid calls."""
         inline: dict[str, bytes] = {}  # the images of response.input, which are not stored
         if event.input is not None:
             pairs = [self._validate_item(it, f"response.input[{i}]") for i, it in enumerate(event.input)]
@@ -241,136 +285,12 @@ class Session:
             inline = {image.sha256: image.data for _, images in pairs for image in images}
         else:
             items = self.store.list_items(self.conversation_id) if event.use_conversation else []
-        return GenerationRequest("", build_messages(settings.instructions, items), settings.sampling,
-                                 image_source=StoreImages(self.store, inline))
-
-    async def _run_response(self, response_id: str, event: ResponseCreate) -> None:
-        started = time.monotonic()
-        settings = self.settings.apply(event.changes)
-        in_conversation = event.use_conversation
-        item = Item(new_id("item"), "assistant", (), status="in_progress")
-        try:
-            request = await asyncio.to_thread(self._prepare_prompt, event, settings)
-            await asyncio.to_thread(self.store.start_response, response_id, self.conversation_id)
-        except Exception as exc:  # nothing was announced yet: one error event says it all
-            if not isinstance(exc, AssistantError):
-                log.exception("response %s could not start", response_id)
-                exc = InternalError()
-            exc.event_id = event.event_id
-            await self._send(self.writer.error(exc))
-            return
-        request = replace(request, request_id=response_id)
-        refs = {"response_id": response_id, "item_id": item.id, "output_index": 0}
-        previous: str | None = None
-        text: list[str] = []
-        first_token_at: float | None = None
-        finished = Finished(reason="error", error="engine stream ended without a terminal event")
-        try:
-            if in_conversation:
-                previous = await asyncio.to_thread(self.store.add_item, self.conversation_id, item)
-            response = self.writer.response(response_id, self.conversation_id if in_conversation else None,
-                                            "in_progress", metadata=event.metadata,
-                                            max_output_tokens=settings.sampling.max_output_tokens)
-            await self.send("response.created", response=response)
-            await self.send("response.output_item.added", response_id=response_id, output_index=0,
-                            item=self.writer.item(item))
-            if in_conversation:
-                await self.send("conversation.item.added", previous_item_id=previous, item=self.writer.item(item))
-            await self.send("response.content_part.added", **refs, content_index=0,
-                            part={"type": "text", "text": ""})
-            if self._is_cancel_requested:  # cancelled before the engine saw the request
-                finished = Finished(reason="cancelled")
-            else:
-                async for engine_event in self.engine.generate(request):
-                    if isinstance(engine_event, TokenDelta):
-                        if first_token_at is None:
-                            first_token_at = time.monotonic()
-                        if engine_event.text:
-                            text.append(engine_event.text)
-                            await self.send("response.output_text.delta", **refs, content_index=0,
-                                            delta=engine_event.text)
-                    else:
-                        finished = engine_event
-        except AssistantError as exc:  # the engine refused the request (queue full)
-            finished = Finished(reason="error", code=exc.code, error=exc.message)
-        except Exception:
-            log.exception("response %s failed", response_id)
-            self.engine.abort(response_id)
-            finished = Finished(reason="error", error="internal error")
-        finally:
-            await asyncio.shield(self._finish_response(
-                response_id, item, "".join(text), finished, in_conversation, previous, refs, event,
-                settings, started, first_token_at))
-
-    async def _finish_response(
-        self, response_id: str, item: Item, text: str, finished: Finished, in_conversation: bool,
-        previous: str | None, refs: dict[str, Any], event: ResponseCreate, settings: Settings,
-        started: float, first_token_at: float | None,
-    ) -> None:
-        status, details = _status_of(finished)
-        item = replace(item, content=(ContentPart("output_text", text=text),),
-                       status="completed" if status == "completed" else "incomplete")
-        usage = Usage(input_tokens=finished.num_prompt_tokens, output_tokens=finished.num_output_tokens,
-                      cached_tokens=finished.num_cached_tokens, image_tokens=finished.num_image_tokens,
-                      cached_image_tokens=finished.num_cached_image_tokens)
-        now = time.monotonic()
-        record = ResponseRecord(
-            response_id, self.conversation_id, status, details.get("reason") if details else None,
-            (item.id,) if in_conversation else (), usage,
-            None if first_token_at is None else (first_token_at - started) * 1000.0, (now - started) * 1000.0)
-        if in_conversation:
-            try:
-                await asyncio.to_thread(self.store.update_item, self.conversation_id, item)
-            except AssistantError:
-                log.info("response %s: its output item was deleted while it ran", response_id)
-            except Exception:
-                log.exception("response %s: could not store its output item", response_id)
-        try:
-            await asyncio.to_thread(self.store.finish_response, record)
-        except Exception:
-            log.exception("response %s: could not store the result", response_id)
-        part = {"type": "text", "text": text}
-        wire_item = self.writer.item(item)
-        try:
-            await self.send("response.output_text.done", **refs, content_index=0, text=text)
-            await self.send("response.content_part.done", **refs, content_index=0, part=part)
-            await self.send("response.output_item.done", response_id=response_id, output_index=0, item=wire_item)
-            if in_conversation:
-                await self.send("conversation.item.done", previous_item_id=previous, item=wire_item)
-            response = self.writer.response(
-                response_id, self.conversation_id if in_conversation else None, status, output=[item], usage=usage,
-                status_details=details, metadata=event.metadata, max_output_tokens=settings.sampling.max_output_tokens)
-            await self.send("response.done", response=response)
-        except Exception:
-            # The connection is gone; the result is stored, which is what matters.
-            log.info("response %s finished after the client left", response_id)
-
-
-def _public_error(finished: Finished) -> AssistantError | None:
-    """The engine's error as a client may see it: its code and message, unless the model itself failed (then
-    the server log has the details and the client a generic message)."""
-    return engine_error(finished.code, finished.error)
+        return GenerationRequest(response_id, build_messages(settings.system_prompt, items), settings.sampling,
+                                 image_source=StoreImages(self.store, inline),
+                                 grammar=build_grammar(settings.tools, settings.tool_choice))
 
 
 def _error_of(finished: Finished) -> AssistantError:
     """The error event for a request the engine did not complete (not a response: an image.match)."""
-    error = _public_error(finished) if finished.reason == "error" else None
+    error = engine_error(finished.code, finished.error) if finished.reason == "error" else None
     return error or InternalError("The request could not be completed inside the model; nothing was stored.")
-
-
-def _status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
-    """Map an engine finish reason to a Realtime response status and status_details."""
-    match finished.reason:
-        case "stop":
-            return "completed", {"type": "completed", "reason": None}
-        case "length":
-            return "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
-        case "cancelled":
-            return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
-    public = _public_error(finished)
-    if public is not None:
-        error = {"type": public.type, "code": public.code, "message": public.message}
-    else:
-        error = {"type": "server_error", "code": MODEL_ERROR,
-                 "message": "Generation failed; the conversation is intact."}
-    return "failed", {"type": "failed", "reason": None, "error": error}

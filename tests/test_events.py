@@ -6,6 +6,7 @@ from assistant.engine.sampling import SamplingParams
 from assistant.events import Dialect, EventWriter, SessionView
 from assistant.errors import ItemNotFound
 from assistant.items import ContentPart, Item, Usage
+from assistant.tools import FunctionTool, ToolChoice
 
 VIEW = SessionView("sess_1", "m", "conv_1", "Be brief.", SamplingParams())
 
@@ -37,6 +38,31 @@ def test_items_and_images() -> None:
     reply = Item("item_2", "assistant", (ContentPart("output_text", text="yo"),))
     assert EventWriter(Dialect.BETA).item(reply)["content"] == [{"type": "text", "text": "yo"}]
     assert EventWriter(Dialect.GA).item(reply)["content"] == [{"type": "output_text", "text": "yo"}]
+
+
+def test_session_echoes_tools_and_tool_choice() -> None:
+    weather = FunctionTool("get_weather", "The weather.", {"type": "object", "properties": {}})
+    view = SessionView("sess_1", "m", "conv_1", "", SamplingParams(), (weather,), ToolChoice("function", "get_weather"))
+    for dialect in Dialect:
+        session = EventWriter(dialect).session(view)
+        assert session["tools"] == [{"type": "function", "name": "get_weather", "description": "The weather.",
+                                     "parameters": {"type": "object", "properties": {}}}]
+        assert session["tool_choice"] == {"type": "function", "name": "get_weather"}
+    assert EventWriter(Dialect.GA).session(VIEW)["tool_choice"] == "auto"
+    assert EventWriter(Dialect.GA).session(VIEW)["tools"] == []
+
+
+def test_function_call_items_in_both_dialects() -> None:
+    call = Item("item_3", "assistant", status="in_progress", type="function_call", call_id="call_1",
+                name="get_weather", arguments='{"city": "Paris"}')
+    result = Item("item_4", "user", type="function_call_output", call_id="call_1", output="sunny")
+    for dialect in Dialect:
+        writer = EventWriter(dialect)
+        assert writer.item(call) == {"id": "item_3", "object": "realtime.item", "type": "function_call",
+                                     "status": "in_progress", "call_id": "call_1", "name": "get_weather",
+                                     "arguments": '{"city": "Paris"}'}
+        assert writer.item(result) == {"id": "item_4", "object": "realtime.item", "type": "function_call_output",
+                                       "call_id": "call_1", "output": "sunny"}
 
 
 def test_response_usage_and_error() -> None:

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from assistant.errors import AssistantError
-from assistant.protocol import (AudioBufferClear, ImageInput, ImageMatch, ItemCreate, ItemDelete, ItemRetrieve,
-                                ResponseCancel, ResponseCreate, SessionUpdate, TextInput, parse_client_event)
+from assistant.protocol import (AudioBufferClear, ImageInput, ImageMatch, ItemCreate, ItemDelete, ItemInput,
+                                ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, TextInput, parse_client_event)
 
 
 def parse(event: dict) -> object:
@@ -68,11 +68,7 @@ def test_what_an_agent_sdk_sends_is_applied_and_audio_is_named() -> None:
     ({"modalities": ["text", "audio"], "voice": "alloy", "turn_detection": {"type": "server_vad"}},
      ["audio_not_supported"], ["session.modalities"]),
     ({"input_audio_format": "pcm16"}, ["audio_not_supported"], ["session.input_audio_format"]),
-    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "required"}, ["tools_not_supported"],
-     ["session.tools"]),
-    ({"tool_choice": {"type": "function", "name": "f"}}, ["tools_not_supported"], ["session.tool_choice"]),
-    ({"voice": "ash", "tools": [{"type": "function"}]}, ["audio_not_supported", "tools_not_supported"],
-     ["session.voice", "session.tools"]),
+    ({"voice": "ash", "tools": [{"type": "function", "name": "f"}]}, ["audio_not_supported"], ["session.voice"]),
     ({"tools": [], "tool_choice": "none", "tracing": "auto", "include": None}, [], []),
 ])
 def test_unsupported_fields_are_refused_by_name_and_the_rest_applies(session: dict, codes: list,
@@ -83,6 +79,34 @@ def test_unsupported_fields_are_refused_by_name_and_the_rest_applies(session: di
     response = parse({"type": "response.create", "response": {**session, "temperature": 0.5}})
     assert isinstance(response, ResponseCreate) and response.changes.sampling == {"temperature": 0.5}
     assert [e.code for e in response.refused] == codes
+
+
+def test_tools_are_validated_and_the_tool_choice_kept_as_sent() -> None:
+    weather = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    for kind, key in (("session.update", "session"), ("response.create", "response")):
+        event = parse({"type": kind, key: {"tools": [weather], "tool_choice": {"type": "function", "name": "nope"}}})
+        assert isinstance(event, SessionUpdate | ResponseCreate) and event.refused == ()
+        [tool] = event.changes.tools or ()
+        assert (tool.name, tool.description, tool.parameters) == ("get_weather", weather["description"],
+                                                                   weather["parameters"])
+        assert event.changes.tool_choice == {"type": "function", "name": "nope"}  # the session checks the name
+    untouched = parse({"type": "session.update", "session": {"instructions": "x"}})
+    assert isinstance(untouched, SessionUpdate)
+    assert (untouched.changes.tools, untouched.changes.tool_choice) == (None, None)
+
+
+def test_item_create_function_call_and_its_output() -> None:
+    call = parse({"type": "conversation.item.create", "item": {
+        "id": "item_c", "type": "function_call", "call_id": "call_1", "name": "get_weather",
+        "arguments": '{"city": "Paris"}'}})
+    assert isinstance(call, ItemCreate)
+    assert call.item == ItemInput("item_c", "assistant", (), "function_call", call_id="call_1", name="get_weather",
+                                  arguments='{"city": "Paris"}')
+    output = parse({"type": "conversation.item.create", "item": {
+        "type": "function_call_output", "call_id": "call_1", "output": ""}})
+    assert isinstance(output, ItemCreate)
+    assert output.item == ItemInput(None, "user", (), "function_call_output", call_id="call_1", output="")
 
 
 def test_audio_buffer_clear_is_answered() -> None:
@@ -154,8 +178,29 @@ def test_response_create_and_cancel_and_items() -> None:
     ({"type": "conversation.item.create", "item": {"role": "user"}}, "missing_required_parameter", "item.content"),
     ({"type": "conversation.item.create", "item": {"role": "robot", "content": []}}, "invalid_value", "item.role"),
     ({"type": "conversation.item.create", "item": {"role": "user", "content": []}}, "invalid_value", "item.content"),
-    ({"type": "conversation.item.create", "item": {"type": "function_call", "role": "user", "content": []}},
+    ({"type": "conversation.item.create", "item": {"type": "mcp_call", "role": "user", "content": []}},
      "invalid_value", "item.type"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call_output", "output": "{}"}},
+     "missing_required_parameter", "item.call_id"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "c", "output": 3}},
+     "invalid_type", "item.output"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "c"}},
+     "missing_required_parameter", "item.output"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "c",
+                                                   "output": "x" * 200_001}}, "invalid_value", "item.output"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call", "call_id": "c", "arguments": "{}"}},
+     "missing_required_parameter", "item.name"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call", "call_id": "c", "name": "no spaces",
+                                                   "arguments": "{}"}}, "invalid_value", "item.name"),
+    ({"type": "response.create", "response": {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}},
+     "missing_required_parameter", "response.input[0].call_id"),
+    ({"type": "session.update", "session": {"tools": [{"type": "function"}]}}, "missing_required_parameter",
+     "session.tools[0].name"),
+    ({"type": "response.create", "response": {"tools": {"type": "function", "name": "f"}}}, "invalid_type",
+     "response.tools"),
+    ({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "format": "no-such-format"}}}}]}},
+     "unsupported_schema", "session.tools[0].parameters"),
     ({"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "input_text"}]}},
      "missing_required_parameter", "item.content[0].text"),
     ({"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "input_text", "text": 5}]}},

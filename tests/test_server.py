@@ -484,16 +484,16 @@ async def test_audio_and_tools_fields_are_named_and_the_rest_applies(server: Run
         "type": "realtime", "instructions": "Be terse.", "max_output_tokens": 5, "output_modalities": ["audio"],
         "audio": {"output": {"voice": "ash"}, "input": {"turn_detection": {"type": "semantic_vad"}}},
         "tools": [{"type": "function", "name": "lookup_order", "parameters": {}}], "tool_choice": "auto"}})
-    audio, tools, updated = await recv(ws), await recv(ws), await recv(ws)
+    audio, updated = await recv(ws), await recv(ws)
     assert audio["error"]["code"] == "audio_not_supported" and audio["error"]["event_id"] == "s1"
     assert audio["error"]["param"] == "session.output_modalities"
     assert "session.audio.output.voice" in audio["error"]["message"]
     assert "session.audio.input.turn_detection" in audio["error"]["message"]
-    assert (tools["error"]["code"], tools["error"]["param"]) == ("tools_not_supported", "session.tools")
     s = updated["session"]
     assert updated["type"] == "session.updated"
-    assert (s["instructions"], s["max_output_tokens"], s["output_modalities"], s["tools"]) == (
-        "Be terse.", 5, ["text"], [])
+    assert (s["instructions"], s["max_output_tokens"], s["output_modalities"], s["tool_choice"]) == (
+        "Be terse.", 5, ["text"], "auto")
+    assert [tool["name"] for tool in s["tools"]] == ["lookup_order"]  # tools are applied too
     await send(ws, user_item("Hello"))
     await recv_until(ws, "conversation.item.done")
     await send(ws, {"type": "response.create", "event_id": "r1",
