@@ -1,6 +1,6 @@
 """Prefill and decode tokens/s of the default model, batch of 1, on this machine. Prints; never asserts.
 
-    python -m bench.decode [--model SPEC] [--dtype bfloat16] [--new-tokens 64] [--repeats 3]
+    python -m bench.decode [--model SPEC] [--dtype bfloat16] [--quantize none|nf4|int8] [--new-tokens 64] [--repeats 3]
 
 Three figures, each the best of ``--repeats`` runs after one warm-up (the first
 forward pass pays one-off kernel set-up):
@@ -80,14 +80,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_DECODER)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantize", default="none", choices=("none", "nf4", "int8"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     source = resolve_model(args.model, default_data_dir())
     started = time.perf_counter()
-    model = load_chat_model(source, dtype=args.dtype)
-    print(f"model   {source} ({args.dtype}), loaded in {time.perf_counter() - started:.1f} s, "
+    model = load_chat_model(source, dtype=args.dtype, quantize=args.quantize)
+    print(f"model   {source} ({args.dtype}, quantize {args.quantize}), loaded in {time.perf_counter() - started:.1f} s, "
           f"torch threads {torch.get_num_threads()}")
     short, long = prompt_of(model, SHORT), prompt_of(model, LONG)
     for name, prompt in (("short", short), ("long", long)):
