@@ -8,7 +8,8 @@ import pytest
 
 from assistant.errors import AssistantError
 from assistant.protocol import (AudioBufferClear, ImageInput, ImageMatch, ItemCreate, ItemDelete, ItemInput,
-                                ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, TextInput, parse_client_event)
+                                ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, TextInput,
+                                parse_client_event)
 
 
 def parse(event: dict) -> object:
