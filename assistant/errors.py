@@ -31,8 +31,6 @@ response_not_found                   ``response.cancel`` names another response 
 response_cancel_not_active           ``response.cancel`` while no response runs
 audio_not_supported                  an audio event, or audio fields (formats, voice, turn
                                      detection, audio output): the rest of the event is applied
-tools_not_supported                  ``tools`` / ``tool_choice`` that would need tool calls: the
-                                     rest of the event is applied
 unsupported_schema                   a tool's ``parameters`` or a ``response_format`` schema that
                                      constrained decoding cannot compile (an unsupported keyword,
                                      a regex pattern it cannot take); nothing is generated
@@ -134,10 +132,6 @@ class ResponseCancelNotActive(NotFound):
 
 class AudioNotSupported(InvalidRequest):
     code = "audio_not_supported"
-
-
-class ToolsNotSupported(InvalidRequest):
-    code = "tools_not_supported"
 
 
 class UnsupportedSchema(InvalidRequest):

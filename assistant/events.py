@@ -4,7 +4,8 @@
 unique ``event_id``. GA names are canonical; the beta dialect (``OpenAI-Beta:
 realtime=v1``) renames a few events, spells assistant parts ``text`` instead of
 ``output_text``, names session fields ``modalities`` / ``max_response_output_tokens``,
-and has no ``conversation.item.done`` (it is simply not sent).
+has no ``conversation.item.done`` (it is simply not sent) and no ``name`` in
+``response.function_call_arguments.done`` (the call's item has it).
 
 Every event validates against the ``openai`` SDK's own pydantic types of its dialect
 (``tests/test_server_sdk_types.py``), as clients such as the Agents SDK validate them;
@@ -54,6 +55,7 @@ _BETA_NAMES = {
     "response.output_text.done": "response.text.done",
 }
 _BETA_DROPPED = frozenset({"conversation.item.done"})
+_BETA_DROPPED_FIELDS = {"response.function_call_arguments.done": ("name",)}  # beta names the call in its item only
 
 
 def new_id(prefix: str) -> str:
@@ -84,6 +86,7 @@ class EventWriter:
         if self.dialect is Dialect.BETA:
             if type_ in _BETA_DROPPED:
                 return None
+            fields = {k: v for k, v in fields.items() if k not in _BETA_DROPPED_FIELDS.get(type_, ())}
             type_ = _BETA_NAMES.get(type_, type_)
         return {"type": type_, "event_id": new_id("event"), **fields}
 

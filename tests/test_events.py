@@ -18,6 +18,9 @@ def test_event_ids_are_unique_and_beta_renames() -> None:
     assert beta.event("response.output_text.delta")["type"] == "response.text.delta"  # type: ignore[index]
     assert beta.event("conversation.item.added")["type"] == "conversation.item.created"  # type: ignore[index]
     assert beta.event("conversation.item.done") is None
+    done = {"item_id": "i", "call_id": "c", "name": "f", "arguments": "{}"}
+    assert "name" not in beta.event("response.function_call_arguments.done", **done)  # type: ignore[operator]
+    assert ga.event("response.function_call_arguments.done", **done)["name"] == "f"  # type: ignore[index]
 
 
 def test_session_shapes() -> None:

@@ -27,6 +27,9 @@ from openai.types.beta.realtime import realtime_server_event as beta_types
 from openai.types.beta.realtime.session import Session as BetaSession
 from openai.types.realtime import realtime_server_event as ga_types
 from openai.types.realtime.realtime_conversation_item_assistant_message import RealtimeConversationItemAssistantMessage
+from openai.types.realtime.realtime_conversation_item_function_call import RealtimeConversationItemFunctionCall
+from openai.types.realtime.realtime_conversation_item_function_call_output import (
+    RealtimeConversationItemFunctionCallOutput)
 from openai.types.realtime.realtime_conversation_item_user_message import RealtimeConversationItemUserMessage
 from openai.types.realtime.realtime_session_create_request import RealtimeSessionCreateRequest
 from pydantic import BaseModel, Field, TypeAdapter
@@ -82,7 +85,10 @@ def make_dialect(name: str, union: Any, headers: dict[str, str], extensions: fro
 GA = make_dialect("ga", ga_types.RealtimeServerEvent, {}, GA_EXTENSIONS, RealtimeSessionCreateRequest)
 BETA = make_dialect("beta", beta_types.RealtimeServerEvent, {"OpenAI-Beta": "realtime=v1"}, BETA_EXTENSIONS,
                     BetaSession)
-ITEM_CLASSES = {"user": RealtimeConversationItemUserMessage, "assistant": RealtimeConversationItemAssistantMessage}
+# GA items are a union of one class per message role and per other item type.
+ITEM_CLASSES = {"user": RealtimeConversationItemUserMessage, "assistant": RealtimeConversationItemAssistantMessage,
+                "function_call": RealtimeConversationItemFunctionCall,
+                "function_call_output": RealtimeConversationItemFunctionCallOutput}
 
 
 def undeclared_fields(value: Any, path: str = "") -> Iterator[str]:
@@ -119,10 +125,10 @@ def validate(dialect: Dialect, frame: str | bytes) -> BaseModel:
     session = getattr(event, "session", None)
     if session is not None:
         assert type(session) is dialect.session_class, f"{kind}: the session validated as {type(session)}"
-    if dialect is GA:  # GA items are a union of one class per role
+    if dialect is GA:
         for item in items_of(event):
-            role = item.role  # type: ignore[attr-defined]
-            assert type(item) is ITEM_CLASSES[role], f"{kind}: a {role} item validated as {type(item)}"
+            key = item.role if item.type == "message" else item.type  # type: ignore[attr-defined]
+            assert type(item) is ITEM_CLASSES[key], f"{kind}: a {key} item validated as {type(item)}"
     unknown = [path for path in undeclared_fields(event)
                if not any(path == ext or path.endswith(f".{ext}") for ext in dialect.extensions)]
     assert not unknown, f"{dialect.name} {kind}: fields the SDK types do not declare: {unknown}\n{frame!r}"
@@ -273,6 +279,31 @@ async def test_an_out_of_band_response_and_a_failed_one(client: Client) -> None:
     await client.send(out_of_band("word " * 5000))  # beyond the tiny model's 2048-token context
     failed = (await client.recv_until("response.done"))[-1].response
     assert failed.status == "failed" and failed.status_details.error.code == "context_length_exceeded"
+
+
+async def test_a_tool_call_and_its_output(client: Client) -> None:
+    weather = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+        "required": ["city"], "additionalProperties": False}}
+    await client.send({"type": "session.update", "session": {
+        **({"type": "realtime"} if client.dialect is GA else {}), "tools": [weather], "tool_choice": "required"}})
+    updated = await client.recv()
+    assert updated.session.tools[0].name == "get_weather" and updated.session.tool_choice == "required"
+    await client.send(user_item("Weather?"))
+    await client.recv_until("conversation.item.added")
+    if client.dialect is GA:
+        await client.recv()
+    await client.send({"type": "response.create", "response": {"max_output_tokens": 200}})
+    events = await client.recv_until("response.done")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done and json.loads(done[0].arguments)["city"] in ("Paris", "Oslo")
+    call = events[-1].response.output[0]
+    assert (call.type, call.name, call.call_id, call.arguments) == (
+        "function_call", "get_weather", done[0].call_id, done[0].arguments)
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "function_call_output", "call_id": call.call_id, "output": "sunny"}})
+    added = (await client.recv_until("conversation.item.added"))[-1].item
+    assert (added.type, added.call_id, added.output) == ("function_call_output", call.call_id, "sunny")
 
 
 async def test_image_parts_in_ga(vision_server: RunningServer) -> None:  # noqa: F811 (the fixture)
