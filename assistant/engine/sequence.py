@@ -45,7 +45,9 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.num_unreported_tokens = 0  # sampled but not yet counted in a TokenDelta
         self.detokenizer: IncrementalDetokenizer | None = None  # set at prefill (needs the tokenizer)
-        self.stop_checker = StopChecker(request.params.stop if isinstance(request, GenerationRequest) else ())
+        # A grammar decides where its answer ends: a stop string inside a call's arguments would cut it invalid.
+        stops = request.params.stop if isinstance(request, GenerationRequest) and not request.grammar else ()
+        self.stop_checker = StopChecker(stops)
         self.generator: Any = None  # torch.Generator, set at prefill
         self.kv_cache: Any = None  # the model's cache of this sequence alone, when no decode batch holds it
         self.batch: Any = None  # the DecodeBatch whose row it is, while it decodes
