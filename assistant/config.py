@@ -27,7 +27,7 @@ from assistant.models import DEFAULT_DECODER, DEFAULT_MODEL, default_data_dir
 
 ENV_PREFIX = "ASSISTANT_"
 DEFAULT_PORT = 8765
-QUANTIZE_CHOICES = ("none", "nf4", "int8")
+QUANTIZE_CHOICES = ("none", "nf4", "int8", "int8-cpu")
 DTYPE_CHOICES = ("bfloat16", "float32", "float16", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from assistant.config import Config
+from assistant.engine import int8_cpu
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.composition import load_composition, load_vision_part
 from assistant.engine.model import ChatModel
@@ -107,6 +108,8 @@ def load_chat_model(source: str, *, dtype: str = "bfloat16", device: str = "cpu"
     hf_model = load_decoder(AutoModelForCausalLM, source, dtype=torch_dtype, device=device, quantize=quantize)
     if adapter is not None:  # kept as its own layers: ChatModel switches it on for sequences with images only
         hf_model = attach_adapter(hf_model, adapter, merge=False)
+    if quantize == int8_cpu.KIND:  # after the adapter: its base layers are converted, its own stay in float
+        int8_cpu.quantize_int8_cpu(hf_model, torch_dtype)
     return ChatModel(hf_model, tokenizer, vision=vision, image_cache=image_cache)
 
 
@@ -193,6 +196,8 @@ def load_llava_model(source: str, config: Config, *, device: str, dtype: str) ->
         tokenizer.chat_template = processor_chat_template(source)
     hf_model = load_decoder(LlavaForConditionalGeneration, source, dtype=parse_dtype(dtype), device=device,
                             quantize=config.quantize)
+    if config.quantize == int8_cpu.KIND:
+        int8_cpu.quantize_int8_cpu(hf_model, parse_dtype(dtype))
     vision = LlavaVision(hf_model, load_image_processor(source))
     return ChatModel(hf_model, tokenizer, vision=vision, image_cache=EmbeddingCache(config.image_cache_bytes))
 
