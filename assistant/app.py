@@ -43,7 +43,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         model = load_model(config, progress=progress)
     engine = Engine(model, max_num_running=config.max_running_requests,
                     max_num_waiting=config.max_waiting_requests, kv_cache_bytes=config.kv_cache_bytes,
-                    prefill_chunk_tokens=config.prefill_chunk_tokens)
+                    prefill_chunk_tokens=config.prefill_chunk_tokens, max_kv_bytes=config.max_kv_bytes)
     engine.start()
     return App(
         store=store,

@@ -27,7 +27,7 @@ from assistant.models import DEFAULT_DECODER, DEFAULT_MODEL, default_data_dir
 
 ENV_PREFIX = "ASSISTANT_"
 DEFAULT_PORT = 8765
-QUANTIZE_CHOICES = ("none", "nf4", "int8", "int8-cpu")
+QUANTIZE_CHOICES = ("auto", "nf4", "int8", "int8-cpu", "none")
 DTYPE_CHOICES = ("bfloat16", "float32", "float16", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -59,8 +59,10 @@ class Config:
                       "first use, seeing through EfficientNet-Lite0 and the project's trained projector), "
                       f"'{DEFAULT_DECODER}' (the same decoder, text only), a local directory of a Hugging Face "
                       "causal LM or LLaVA checkpoint, a composition file (model.toml), or a hub id.")
-    quantize: str = _opt("nf4", "Quantize the decoder with bitsandbytes (vision parts stay unquantized); "
-                         "'none' serves it unquantized.", choices=QUANTIZE_CHOICES)
+    quantize: str = _opt("auto", "Quantize the decoder (vision parts stay unquantized): 'nf4' or 'int8' with "
+                         "bitsandbytes, 'int8-cpu' weight-only int8 on PyTorch's CPU kernel, 'none' unquantized; "
+                         "'auto' is nf4 on CUDA and on CPUs with AVX512-BF16, int8-cpu on other CPUs (where nf4 "
+                         "is several times slower).", choices=QUANTIZE_CHOICES)
     dtype: str = _opt("bfloat16", "Weights dtype of the unquantized parts (and compute dtype when quantized).",
                       choices=DTYPE_CHOICES)
     device: str = _opt("auto", "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
@@ -69,6 +71,9 @@ class Config:
     prefill_chunk_tokens: int = _opt(512, "Prompt positions prefilled per engine step: a new prompt delays the "
                                      "responses already streaming by at most one chunk.")
     max_waiting_requests: int = _opt(64, "Responses queued behind them; more are refused with a coded error.")
+    max_kv_bytes: int = _opt(1024 * 1024 * 1024, "Memory budget of the running responses' KV caches, in bytes: "
+                             "over it the newest response is preempted (its cache dropped) and resumes, recomputed, "
+                             "when there is room; 0: no bound but the context length.")
     # Sampling defaults (per session via session.update, per response via response.create)
     temperature: float = _opt(0.3, "Default sampling temperature (0 = greedy).")
     top_p: float = _opt(0.9, "Default nucleus sampling probability mass.")
@@ -115,7 +120,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("max_output_tokens", "max_images_per_conversation", "max_image_tokens_per_conversation",
-                     "image_cache_bytes", "kv_cache_bytes"):
+                     "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
 

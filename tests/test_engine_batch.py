@@ -159,3 +159,47 @@ def test_a_long_prompt_delays_running_streams_by_one_chunk_a_step(model: ChatMod
     while engine.step():
         pass
     assert text(running) == solo(model, request("running", (user("Hello"),), 60))[0]
+
+
+# ---------------------------------------------------------------- the KV memory budget
+
+
+def test_over_the_kv_budget_the_newest_is_preempted_and_resumes_with_the_same_output(model: ChatModel) -> None:
+    """Three sequences whose caches cannot all fit: the newest gives its place up (its cache dropped) and
+    resumes later, recomputed; every output equals the sequence's output alone, greedy and seeded-sampled."""
+    requests = [request("a", (user(PROMPTS[0]),), 30), request("b", (user(PROMPTS[2]),), 30, temperature=0.9, seed=4),
+                request("c", (user(PROMPTS[3]),), 30)]
+    expected = {req.request_id: solo(model, req) for req in requests}
+    probe = Engine(model)
+    probe_events: list[EngineEvent] = []
+    probe.add_request(request("p", (user(PROMPTS[0]),), 1), probe_events.append)
+    probe.step()
+    per_position = probe._kv_bytes_per_position
+    assert per_position
+    engine = Engine(model, max_num_running=3, max_kv_bytes=int(per_position * 130))  # about two sequences' worth
+    preempted: list[str] = []
+    real_preempt = engine._preempt
+
+    def recording(seq: Any) -> None:
+        preempted.append(seq.request_id)
+        real_preempt(seq)
+
+    engine._preempt = recording  # type: ignore[method-assign]
+    events = staggered(engine, requests, arrivals=[0, 0, 1])
+    assert preempted and "a" not in preempted  # the newest give way; the oldest runs on
+    for req in requests:
+        alone_text, alone_done = expected[req.request_id]
+        done = events[req.request_id][-1]
+        assert isinstance(done, Finished) and text(events[req.request_id]) == alone_text, req.request_id
+        assert (done.reason, done.num_output_tokens) == (alone_done.reason, alone_done.num_output_tokens)
+
+
+def test_one_sequence_alone_runs_whatever_the_budget(model: ChatModel) -> None:
+    req = request("only", (user(PROMPTS[2]),), 12)
+    alone = solo(model, req)[0]
+    events: list[EngineEvent] = []
+    engine = Engine(model, max_kv_bytes=1)
+    engine.add_request(req, events.append)
+    while engine.step():
+        pass
+    assert text(events) == alone and isinstance(events[-1], Finished) and events[-1].reason == "length"

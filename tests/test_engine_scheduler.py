@@ -71,3 +71,19 @@ def test_sequence_counts() -> None:
     s.prompt_token_ids = [1, 2, 3]
     s.output_token_ids = [4, 5]
     assert (s.num_prompt_tokens, s.num_output_tokens, s.num_tokens, s.last_token_id) == (3, 2, 5, 5)
+
+
+def test_a_preempted_sequence_waits_first_in_line_and_admission_asks_whether_it_fits() -> None:
+    scheduler = Scheduler(max_num_running=3, max_num_waiting=4)
+    a, b, c = seq("a"), seq("b"), seq("c")
+    for s in (a, b, c):
+        scheduler.add(s)
+    scheduler.schedule()
+    scheduler.schedule()
+    scheduler.preempt(b)
+    assert b.status is SequenceStatus.WAITING and list(scheduler.waiting) == [b, c]
+    assert scheduler.schedule(fits=lambda s: False).prefill == []  # it does not fit while a runs
+    assert scheduler.schedule(fits=lambda s: s is b).prefill == [b]  # first in line when it does
+    scheduler.finish(a)
+    scheduler.finish(b)
+    assert scheduler.schedule(fits=lambda s: False).prefill == [c]  # nothing runs: one always may

@@ -33,6 +33,12 @@ Contract:
   each request's own settings and seed.
   If a batched pass fails, its rows are retried alone, so a failure stays with the
   sequence that causes it;
+- the KV memory budget (``max_kv_bytes``, the running sequences' caches, a decode
+  batch's padding included): a waiting sequence is admitted only if its cache will
+  fit, and over the budget the newest running sequences are preempted (cache
+  dropped, back to the front of the queue) until the rest fit; a preempted one
+  resumes later by prefilling its prompt and its answer so far, with its sampling
+  state kept, so its output is what it would have been. One sequence always runs;
 - ``abort`` takes effect at the start of the next step, so within one decode step;
 - sinks are called from the engine thread, outside the engine lock; a sink that
   raises (its consumer is gone) gets its request dropped;
@@ -63,6 +69,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from assistant.engine.batch import DecodeBatch
@@ -70,7 +77,7 @@ from assistant.engine.constraint import GrammarCompiler, UnsupportedGrammar
 from assistant.engine.detokenize import IncrementalDetokenizer
 from assistant.engine.model import ChatModel, ImageGone, Prompt, PromptError, PromptTooLong
 from assistant.engine.matching import score_answers
-from assistant.engine.prefix_cache import PrefixCache, continues_image, prompt_key
+from assistant.engine.prefix_cache import PrefixCache, cache_bytes, continues_image, prompt_key
 from assistant.engine.request import (EngineEvent, Finished, FinishReason, GenerationRequest, MatchScore, Request,
                                       ScoreRequest, TokenDelta)
 from assistant.engine.sampling import make_generator, sample
@@ -93,11 +100,13 @@ class EngineStopped(RuntimeError):
 
 class Engine:
     def __init__(self, model: ChatModel, *, max_num_running: int = 8, max_num_waiting: int = 64,
-                 kv_cache_bytes: int = 0, prefill_chunk_tokens: int = 512) -> None:
+                 kv_cache_bytes: int = 0, prefill_chunk_tokens: int = 512, max_kv_bytes: int = 0) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.model = model
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_kv_bytes = max_kv_bytes  # the running sequences' KV caches; 0: no bound but the context
+        self._kv_bytes_per_position: float | None = None  # learned from the first prefilled cache
         self._prefilling: list[Sequence] = []  # admitted, prompt not run whole yet; the first gets a chunk a step
         self.prefix_cache = PrefixCache(kv_cache_bytes, model.new_cache)  # engine thread only
         # The running sequences, decoded one forward pass per batch and step; with and without images apart, since
@@ -188,15 +197,18 @@ class Engine:
         with self._cond:
             aborted = [self.scheduler.abort(request_id) for request_id in self._pending_aborts]
             self._pending_aborts.clear()
-            batch = self.scheduler.schedule()
         for seq in aborted:
             if seq is not None:
                 self._finish(seq, "cancelled")
+        self._preempt_over_budget()
+        with self._cond:
+            batch = self.scheduler.schedule(fits=self._fits)
         for group in self._batches:
             if len(group):
                 self._decode(group)
         for seq in batch.prefill:
-            self._guarded(self._score if seq.is_scoring else self._start, seq)
+            start = self._score if seq.is_scoring else self._resume if seq.output_token_ids else self._start
+            self._guarded(start, seq)
         if self._prefilling:  # one chunk a step: running streams wait for at most one chunk
             self._guarded(self._prefill_chunk, self._prefilling[0])
         with self._cond:
@@ -240,29 +252,87 @@ class Engine:
         num_images_before = sum(not isinstance(key, int) for key in seq.prompt_key[:seq.num_prefilled])
         seq.num_cached_image_tokens = num_images_before + num_cached_after
         seq.num_cached_tokens = seq.num_prefilled + num_cached_after
+        seq.prefill_prompt, seq.prefill_key = prompt, seq.prompt_key
+        self._prefilling.append(seq)
+
+    def _resume(self, seq: Sequence) -> None:
+        """A preempted sequence: its prompt and its answer so far (all but the last token, which is fed by the
+        next decode step) are prefilled again, after any reused prefix. Its sampling state was kept."""
+        assert seq.prompt is not None and isinstance(seq.request, GenerationRequest)
+        answer = tuple(seq.output_token_ids[:-1])
+        seq.prefill_prompt = replace(seq.prompt, segments=(*seq.prompt.segments, answer))
+        seq.prefill_key = seq.prompt_key + answer
+        seq.kv_cache, seq.num_prefilled = self.prefix_cache.take(seq.prefill_key, seq.num_image_tokens > 0)
+        seq.image_embeds, _ = self.model.encode_images(seq.prefill_prompt.images_from(seq.num_prefilled),
+                                                       seq.request.image_source)
         self._prefilling.append(seq)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         """Run the next ``prefill_chunk_tokens`` positions of the prompt (an image slot is never split); after the
-        last chunk, sample the first token and join the decode batch."""
-        key, start = seq.prompt_key, seq.num_prefilled
+        last chunk, sample the first token (unless resuming: it has it) and join the decode batch."""
+        key, start = seq.prefill_key, seq.num_prefilled
         end = min(len(key), start + self.prefill_chunk_tokens)
         while continues_image(key, end):
             end += 1
         num_image_rows = sum(not isinstance(k, int) for k in key[start:end])
         # seq.image_embeds holds the rows of the images not prefilled yet, in order: this chunk takes the first.
         image_embeds, seq.image_embeds = seq.image_embeds[:num_image_rows], seq.image_embeds[num_image_rows:]
-        assert seq.prompt is not None
-        logits, seq.kv_cache = self.model.prefill(seq.prompt, image_embeds, cache=seq.kv_cache, start=start,
+        assert seq.prefill_prompt is not None
+        logits, seq.kv_cache = self.model.prefill(seq.prefill_prompt, image_embeds, cache=seq.kv_cache, start=start,
                                                   end=end)  # (vocab,)
         seq.num_prefilled = end
+        if self._kv_bytes_per_position is None:
+            self._kv_bytes_per_position = cache_bytes(seq.kv_cache) / end
         if end < len(key):
             return
         self._prefilling.remove(seq)
         seq.image_embeds = None
-        self._append_token(seq, self._sample(seq, logits))
+        if not seq.output_token_ids:
+            self._append_token(seq, self._sample(seq, logits))
         if seq.finish_reason is None:
             self._join(seq)
+
+    # ------------------------------------------------------------ the KV memory budget
+
+    def _kv_bytes(self) -> int:
+        """Bytes of the running sequences' KV caches (a decode batch's padding included)."""
+        in_batches = sum(cache_bytes(group.cache) for group in self._batches if group.cache is not None)
+        return in_batches + sum(cache_bytes(seq.kv_cache) for seq in self._prefilling if seq.kv_cache is not None)
+
+    def _fits(self, seq: Sequence) -> bool:
+        """Whether a waiting sequence's whole prompt (and answer so far) fits beside the running ones, once it
+        joins its decode batch (which pads every row to the longest)."""
+        if not self.max_kv_bytes or self._kv_bytes_per_position is None or seq.prompt is None:
+            return True
+        positions = len(seq.prompt.token_ids) + len(seq.output_token_ids)
+        group = self._batches[seq.prompt.num_image_tokens > 0]
+        group_bytes = cache_bytes(group.cache) if group.cache is not None else 0
+        joined = (len(group) + 1) * max(group.width, positions) * self._kv_bytes_per_position
+        return self._kv_bytes() - group_bytes + joined <= self.max_kv_bytes
+
+    def _preempt_over_budget(self) -> None:
+        """Over ``max_kv_bytes``, preempt the newest running sequences until the rest fit; one always runs."""
+        while self.max_kv_bytes and self._kv_bytes() > self.max_kv_bytes:
+            with self._cond:
+                holding = [seq for seq in self.scheduler.running
+                           if seq.batch is not None or seq in self._prefilling]
+            if len(holding) <= 1:
+                return
+            self._preempt(max(holding, key=lambda seq: seq.arrived_at))
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop the sequence's KV cache and put it back in line; it resumes where it was (:meth:`_resume`)."""
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq.batch is not None:
+            seq.batch.remove(seq, keep_cache=False)
+            seq.batch = None
+        seq.kv_cache, seq.image_embeds = None, None
+        seq.num_preemptions += 1
+        with self._cond:
+            self.scheduler.preempt(seq)
+        log.info("request %s preempted (KV over %d bytes) after %d output tokens; it resumes when there is room",
+                 seq.request_id, self.max_kv_bytes, seq.num_output_tokens)
 
     def _join(self, seq: Sequence) -> None:
         """Hand the sequence's cache to its decode batch."""

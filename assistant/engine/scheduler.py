@@ -9,7 +9,10 @@ Policy:
 - each step decodes every sequence that was already running (the engine does
   that in one forward pass per decode batch) and admits (prefills) at most
   ``max_num_prefill`` waiting sequences, so a long prompt arriving delays the
-  others by one prefill, never more;
+  others by one prefill, never more; and none whose KV cache would not fit the
+  engine's memory budget (``fits``), unless nothing runs;
+- a preempted sequence (:meth:`Scheduler.preempt`: the engine is over its KV memory
+  budget) goes back to the front of the queue, to resume before newer arrivals;
 - the caller (the engine) holds the lock around every call here.
 
 """
@@ -17,6 +20,7 @@ Policy:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from assistant.engine.sequence import Sequence, SequenceStatus
@@ -70,16 +74,23 @@ class Scheduler:
         self.waiting.append(seq)
         self._by_id[seq.request_id] = seq
 
-    def schedule(self) -> SchedulerOutput:
-        """Admit waiting sequences into free running slots; decode the ones already running."""
+    def schedule(self, fits: Callable[[Sequence], bool] = lambda seq: True) -> SchedulerOutput:
+        """Admit waiting sequences into free running slots (while ``fits`` says their KV cache fits the memory
+        budget, or nothing runs); decode the ones already running."""
         output = SchedulerOutput(decode=list(self.running))
         while (self.waiting and len(self.running) < self.max_num_running
-               and len(output.prefill) < self.max_num_prefill):
+               and len(output.prefill) < self.max_num_prefill and (not self.running or fits(self.waiting[0]))):
             seq = self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             output.prefill.append(seq)
         return output
+
+    def preempt(self, seq: Sequence) -> None:
+        """A running sequence gives its place up; it waits first in line to resume."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out of the queues for good (idempotent)."""

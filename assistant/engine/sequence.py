@@ -11,6 +11,7 @@ terminal ``Finished`` event; after that the sequence sends nothing more.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,11 @@ class Sequence:
         self.batch: Any = None  # the DecodeBatch whose row it is, while it decodes
         self.num_prefilled = 0  # prompt positions its KV cache holds while its prompt is being prefilled
         self.image_embeds: Any = None  # while prefilling: the embeddings of the images not prefilled yet
+        # What prefill runs: the prompt, or after a preemption the prompt and the answer so far (but its last token)
+        self.prefill_prompt: Prompt | None = None
+        self.prefill_key: tuple[Any, ...] = ()
+        self.num_preemptions = 0
+        self.arrived_at = time.monotonic()  # the newest is preempted first
         self.finish_reason: FinishReason | None = None
 
     @property
