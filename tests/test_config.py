@@ -15,7 +15,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.port == DEFAULT_PORT and config.host == "127.0.0.1"
     assert config.data_dir == tmp_path
     assert config.database_url == f"sqlite:///{tmp_path / 'assistant.db'}"
-    assert config.model == "smollm2-135m-vision" and config.quantize == "nf4"  # the vision model, 4-bit
+    assert config.model == "smollm2-135m-vision" and config.quantize == "auto"  # the vision model, quantized
 
 
 def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ that of every unquantized weight (a LLaVA's vision part included) and the comput
 dtype of quantized layers; a composition's encoder and projector run in float32,
 as in training.
 
+``--quantize auto`` (the default) is nf4 on CUDA and on CPUs with AVX512-BF16,
+``int8-cpu`` (:mod:`~assistant.engine.int8_cpu`, weight-only int8 on PyTorch's own
+kernel) on other CPUs, where bitsandbytes' nf4 is several times slower.
 ``--quantize nf4|int8`` quantizes the decoder only, with bitsandbytes: the
 vision tower, the projector and ``lm_head`` are skipped by full module path and
 checked after loading (:func:`load_decoder`); a
@@ -42,6 +45,7 @@ A model with a vision part gets one :class:`EmbeddingCache` of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -79,9 +83,20 @@ def pick_dtype(dtype: str, device: str) -> str:
     return "bfloat16"
 
 
+def pick_quantize(quantize: str, device: str) -> str:
+    """``auto``: bitsandbytes nf4 on CUDA and on CPUs with AVX512-BF16 (its packed kernel), else ``int8-cpu``:
+    elsewhere nf4 emulates bf16 and decodes several times slower (``bench.quantize``)."""
+    if quantize != "auto":
+        return quantize
+    if device.startswith("cuda") or cpu_packs_nf4():
+        return "nf4"
+    return int8_cpu.KIND if int8_cpu.is_supported() else "nf4"
+
+
 def load_model(config: Config, progress: Progress = print) -> ChatModel:
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
+    config = dataclasses.replace(config, quantize=pick_quantize(config.quantize, device))
     if config.quantize == "int8" and device == "cpu":
         log.warning("int8 quantization on CPU is slower than bfloat16 and bitsandbytes warns on every call; "
                     "--quantize nf4 or none is faster there")
