@@ -1,5 +1,6 @@
 """The default model exactly as ``assistant serve`` loads it with no flags: SmolLM2-135M-Instruct quantized
-(``--quantize auto``: nf4, or int8-cpu on CPUs without AVX512-BF16), EfficientNet-Lite0 and the committed projector, on images it never saw (generated here, from a seed no
+(``--quantize auto``: nf4, or int8-cpu on CPUs without AVX512-BF16), EfficientNet-Lite0 and the committed
+projector, on images it never saw (generated here, from a seed no
 training used)."""
 
 from __future__ import annotations

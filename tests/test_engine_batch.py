@@ -33,12 +33,17 @@ def request(request_id: str, messages: tuple[ChatMessage, ...], tokens: int, **p
 
 
 def solo(model: ChatModel, req: GenerationRequest) -> tuple[str, Finished]:
+    return run_alone(Engine(model, max_num_running=1), req)
+
+
+def run_alone(engine: Engine, req: GenerationRequest) -> tuple[str, Finished]:
+    """``req`` through ``engine`` until it is idle: its text and its Finished."""
     events: list[EngineEvent] = []
-    engine = Engine(model, max_num_running=1)
     engine.add_request(req, events.append)
     while engine.step():
         pass
-    return text(events), events[-1]  # type: ignore[return-value]
+    assert isinstance(events[-1], Finished)
+    return text(events), events[-1]
 
 
 def text(events: list[EngineEvent]) -> str:
@@ -114,12 +119,8 @@ def test_sequences_with_and_without_images_batch_apart_and_match_their_solo_outp
 def test_chunked_prefill_equals_whole_prefill_with_text_and_images(model: ChatModel, tmp_path: Path) -> None:
     long = request("long", (user(" ".join(PROMPTS * 3)),), 10)
     whole = solo(model, long)[0]
-    events: list[EngineEvent] = []
-    engine = Engine(model, prefill_chunk_tokens=7)
-    engine.add_request(long, events.append)
-    while engine.step():
-        pass
-    assert text(events) == whole and isinstance(events[-1], Finished) and events[-1].reason == "length"
+    chunked, finished = run_alone(Engine(model, prefill_chunk_tokens=7), long)
+    assert chunked == whole and finished.reason == "length"
 
     llava = load_tiny_llava_chat(tmp_path / "llava")
     pictured = request("p", (ChatMessage("user", (TextChunk("Compare"), image_chunk(make_image(3)), TextChunk("and"),
@@ -197,9 +198,5 @@ def test_over_the_kv_budget_the_newest_is_preempted_and_resumes_with_the_same_ou
 def test_one_sequence_alone_runs_whatever_the_budget(model: ChatModel) -> None:
     req = request("only", (user(PROMPTS[2]),), 12)
     alone = solo(model, req)[0]
-    events: list[EngineEvent] = []
-    engine = Engine(model, max_kv_bytes=1)
-    engine.add_request(req, events.append)
-    while engine.step():
-        pass
-    assert text(events) == alone and isinstance(events[-1], Finished) and events[-1].reason == "length"
+    squeezed, finished = run_alone(Engine(model, max_kv_bytes=1), req)
+    assert squeezed == alone and finished.reason == "length"
