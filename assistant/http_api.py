@@ -215,8 +215,10 @@ def _with_system_text(messages: tuple[ChatMessage, ...], text: str) -> tuple[Cha
     if not text:
         return messages
     if messages and messages[0].role == "system":
-        first = messages[0]
-        return (ChatMessage("system", (*first.parts, TextChunk("\n\n" + text))), *messages[1:])
+        # One text, as the Realtime session writes instructions and tools: the chat template tokenizes each
+        # chunk apart, so two chunks would give other tokens at the seam than one string.
+        first = "".join(part.text for part in messages[0].parts if isinstance(part, TextChunk))
+        return (ChatMessage("system", (TextChunk(f"{first}\n\n{text}"),)), *messages[1:])
     return (ChatMessage("system", (TextChunk(text),)), *messages)
 
 
