@@ -68,6 +68,7 @@ from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from assistant.config import QUANTIZE_CHOICES
 from assistant.data.digits import QUESTIONS as DIGIT_QUESTIONS
 from assistant.data.digits import write_digits
 from assistant.data.synth import Sample, plan_sample, write_synth
@@ -367,8 +368,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="what to serve in-process (a composition file, a LLaVA checkpoint; default: "
                                         "the server's default model); with --url: what that server serves")
-    parser.add_argument("--quantize", default="nf4", choices=("none", "nf4", "int8"),
-                        help="of the decoder (default nf4, as the server's)")
+    parser.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES,
+                        help="of the decoder (default auto, as the server's)")
     parser.add_argument("--url", help="a running server's Realtime URL instead of an in-process one")
     parser.add_argument("--count", type=int, default=200, help="synthetic held-out images (default 200)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="synthetic set seed; never a training seed")
