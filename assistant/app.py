@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 def build_app(config: Config, progress: Callable[[str], None] = print, model: ChatModel | None = None) -> App:
     """Open (and for SQLite, upgrade) the store, load the model (unless given), start the engine thread."""
     ssl_context = tls_context(config.tls_certfile, config.tls_keyfile) if config.tls_certfile else None
-    from assistant.engine.engine import AsyncEngine, Engine
+    from assistant.engine.async_engine import AsyncEngine
+    from assistant.engine.engine import Engine
     from assistant.engine.loader import load_model
 
     store = Store(config.database_url)

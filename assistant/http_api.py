@@ -110,7 +110,7 @@ async def chat_completions(request: Request) -> Response:
     app: App = request.app.state.app
     try:
         body = await _read_body(request, app.max_message_bytes)
-        parsed = parse_request(body)
+        parsed = await asyncio.to_thread(parse_request, body)  # megabytes of base64 images: not on the loop
         prepared = await asyncio.to_thread(_prepare, app, parsed)
     except AssistantError as exc:
         return error_response(exc)
@@ -118,7 +118,7 @@ async def chat_completions(request: Request) -> Response:
         log.exception("chat completion could not start")
         return error_response(InternalError())
     ids = CompletionIds(model=parsed.model or app.model_name)
-    run = _Run(app, prepared, ids)
+    run = _Run(app, prepared)
     first = await run.next_event(request)
     if first is None:  # the client left before the first token
         return Response(status_code=499)
@@ -283,7 +283,7 @@ class _Run:
 
     _running: set[asyncio.Task[None]] = set()  # strong references until each run ends
 
-    def __init__(self, app: App, prepared: _Prepared, ids: CompletionIds) -> None:
+    def __init__(self, app: App, prepared: _Prepared) -> None:
         self.app = app
         self.prepared = prepared
         self.request_id = new_id("resp")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import assistant.engine.engine as engine_module
-from assistant.engine.engine import AsyncEngine, Engine, EngineOverloaded, EngineStopped
+from assistant.engine.async_engine import AsyncEngine
+from assistant.engine.engine import Engine, EngineOverloaded, EngineStopped
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel, ImageGone, ImageSlot, Prompt, PromptError, PromptTooLong
 from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, ImageChunk, InlineImages,

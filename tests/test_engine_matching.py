@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from assistant.engine import matching
-from assistant.engine.engine import AsyncEngine, Engine
+from assistant.engine.async_engine import AsyncEngine
+from assistant.engine.engine import Engine
 from assistant.engine.matching import image_chunk, match, score_answers
 from assistant.engine.model import ChatModel
 from assistant.engine.request import (ChatMessage, EngineEvent, Finished, GenerationRequest, MatchScore,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from assistant.engine.detokenize import IncrementalDetokenizer
-from assistant.engine.engine import AsyncEngine, Engine
+from assistant.engine.async_engine import AsyncEngine
+from assistant.engine.engine import Engine
 from assistant.engine.model import ChatModel
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk, TokenDelta
 from assistant.engine.sampling import SamplingParams

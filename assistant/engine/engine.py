@@ -2,8 +2,8 @@
 
 API (nano-vllm's shape): :meth:`Engine.add_request`, :meth:`Engine.step`,
 :meth:`Engine.abort`; :meth:`Engine.start` runs ``step()`` in a daemon thread
-that sleeps on a condition while idle. :class:`AsyncEngine` bridges one request
-to an async iterator for the session.
+that sleeps on a condition while idle. :class:`~assistant.engine.async_engine.AsyncEngine`
+bridges one request to an async iterator for the session.
 
 Contract:
 - admission happens in ``add_request``, on the caller's thread (the session calls
@@ -63,12 +63,10 @@ Contract:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -85,7 +83,7 @@ from assistant.engine.scheduler import EngineOverloaded, Scheduler
 from assistant.engine.sequence import Sequence
 from assistant.errors import MODEL_ERROR, UNSUPPORTED_SCHEMA
 
-__all__ = ["AsyncEngine", "Engine", "EngineOverloaded", "EngineStopped"]
+__all__ = ["Engine", "EngineOverloaded", "EngineStopped"]
 
 log = logging.getLogger(__name__)
 
@@ -447,80 +445,3 @@ def _code_of(exc: PromptError) -> str:
     if isinstance(exc, PromptTooLong):
         return "context_length_exceeded"
     return "image_not_found" if isinstance(exc, ImageGone) else "invalid_prompt"
-
-
-class AsyncEngine:
-    """The engine seen from asyncio: one async iterator of events per request.
-
-    Admission (rendering and tokenizing a whole conversation) runs on one worker
-    thread of its own, in arrival order: never on the event loop, never on the
-    engine thread, so a long prompt stalls neither the connections nor the streams.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assistant-admission")
-
-    async def _add(self, request: Request, sink: Callable[[EngineEvent], None]) -> None:
-        """Admit ``request`` on the admission thread; returns once it is queued (or refused)."""
-        added = asyncio.get_running_loop().run_in_executor(self._admission, self.engine.add_request, request, sink)
-        try:
-            await asyncio.shield(added)
-        except asyncio.CancelledError:  # the awaiting task is gone: abort the request once it is in the engine
-            added.add_done_callback(lambda _: self.engine.abort(request.request_id))
-            raise
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
-        """Stream the request's events, ending with its Finished; closing early aborts it.
-
-        Raises EngineOverloaded (before any event) when the engine's queue is full.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-
-        def sink(event: EngineEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        await self._add(request, sink)
-        is_finished = False
-        try:
-            while not is_finished:
-                event = await queue.get()
-                is_finished = isinstance(event, Finished)
-                yield event
-        finally:
-            if not is_finished:  # the consumer stopped early (aclose, break, task cancelled)
-                self.engine.abort(request.request_id)
-
-    async def score(self, request: ScoreRequest) -> Finished:
-        """Run a score request; return its one Finished (``scores`` set when ``reason == "stop"``).
-
-        Raises EngineOverloaded when the engine's queue is full; cancelling the
-        awaiting task aborts the request.
-        """
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[Finished] = loop.create_future()
-
-        def sink(event: EngineEvent) -> None:
-            if isinstance(event, Finished):
-                loop.call_soon_threadsafe(_resolve, finished, event)
-
-        await self._add(request, sink)
-        try:
-            return await asyncio.shield(finished)
-        finally:
-            if not finished.done():  # the awaiting task was cancelled
-                self.engine.abort(request.request_id)
-
-    def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-
-    def shutdown(self) -> None:
-        """Stop admitting (admissions under way finish), then shut the engine down."""
-        self._admission.shutdown(wait=True)
-        self.engine.shutdown()
-
-
-def _resolve(future: asyncio.Future[Finished], event: Finished) -> None:
-    if not future.done():
-        future.set_result(event)
