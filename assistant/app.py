@@ -55,6 +55,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         max_message_bytes=config.max_message_bytes,
         max_connections=config.max_connections,
         ssl_context=ssl_context,
+        renders_tools=model.renders_tools,
     )
 
 

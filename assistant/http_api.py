@@ -191,13 +191,18 @@ def _prepare(app: App, parsed: ChatCompletionRequest) -> _Prepared:
     if image_parts:
         conversation_budget(app.image_budget, image_parts, "messages")([])
     instructions = "" if parsed.has_system_message else app.defaults.instructions
-    tools_prompt = tool_specs.tools_prompt(tools, choice, parallel_tool_calls=parsed.parallel_tool_calls)
+    if app.renders_tools:  # the chat template describes the tools itself
+        tools_prompt, template_tools = "", tool_specs.template_tools(tools, choice)
+    else:
+        tools_prompt = tool_specs.tools_prompt(tools, choice, parallel_tool_calls=parsed.parallel_tool_calls)
+        template_tools = ()
     sampling = app.defaults.sampling.replace(**parsed.sampling)
     inline = {image.sha256: image.data for image in images}
     grammar = tool_specs.build_grammar(tools, choice, parallel_tool_calls=parsed.parallel_tool_calls,
                                        response_format=response_format)
     generation = GenerationRequest("", _with_system_text(build_messages(instructions, items), tools_prompt),
-                                   sampling, image_source=InlineImages(inline), grammar=grammar)
+                                   sampling, image_source=InlineImages(inline), grammar=grammar,
+                                   tools=template_tools)
     conversation_id = None
     if parsed.store:
         conversation_id = app.store.create_conversation(metadata=parsed.metadata)

@@ -73,6 +73,7 @@ class App:
     max_message_bytes: int
     max_connections: int
     ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
+    renders_tools: bool = False  # the model's chat template describes tools itself (ChatModel.renders_tools)
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
 
     @property
@@ -158,7 +159,7 @@ async def _serve_connection(app: App, websocket: WebSocket) -> None:
         conversation_id = await asyncio.to_thread(app.store.create_conversation)
     session = Session(store=app.store, engine=app.engine, conversation_id=conversation_id,
                       model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
-                      writer=writer, send=send)
+                      writer=writer, send=send, renders_tools=app.renders_tools)
     log.info("connection %s: conversation %s (%s)", session.id, conversation_id, writer.dialect.value)
     await session.start()
     try:

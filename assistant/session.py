@@ -43,7 +43,8 @@ from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, Image
                                 parse_client_event)
 from assistant.response_run import ResponseRun, Send
 from assistant.store import Store
-from assistant.tools import FunctionTool, ToolChoice, build_grammar, calls_allowed, parse_tool_choice, tools_prompt
+from assistant.tools import (FunctionTool, ToolChoice, build_grammar, calls_allowed, parse_tool_choice, template_tools,
+                             tools_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ class Settings:
         """Whether the model may answer with tool calls."""
         return calls_allowed(self.tools, self.tool_choice)
 
-    @property
-    def system_prompt(self) -> str:
-        """The instructions, and the tools prompt when the model may call tools."""
-        tools_text = tools_prompt(self.tools, self.tool_choice)
+    def system_prompt(self, *, template_renders_tools: bool) -> str:
+        """The instructions, and the tools prompt when the model may call tools (unless its chat template
+        describes them itself)."""
+        tools_text = "" if template_renders_tools else tools_prompt(self.tools, self.tool_choice)
         return "\n\n".join(text for text in (self.instructions, tools_text) if text)
 
 
@@ -97,8 +98,10 @@ class Session:
         image_budget: ImageBudget,
         writer: EventWriter,
         send: Send,
+        renders_tools: bool = False,  # the model's chat template describes tools itself (ChatModel.renders_tools)
     ) -> None:
         self.store = store
+        self.renders_tools = renders_tools
         self.engine = engine
         self.conversation_id = conversation_id
         self.model_name = model_name
@@ -285,7 +288,9 @@ class Session:
             inline = {image.sha256: image.data for _, images in pairs for image in images}
         else:
             items = self.store.list_items(self.conversation_id) if event.use_conversation else []
-        return GenerationRequest(response_id, build_messages(settings.system_prompt, items), settings.sampling,
+        system_prompt = settings.system_prompt(template_renders_tools=self.renders_tools)
+        tools = template_tools(settings.tools, settings.tool_choice) if self.renders_tools else ()
+        return GenerationRequest(response_id, build_messages(system_prompt, items), settings.sampling, tools=tools,
                                  image_source=StoreImages(self.store, inline),
                                  grammar=build_grammar(settings.tools, settings.tool_choice))
 

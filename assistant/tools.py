@@ -282,6 +282,16 @@ def _tools_template() -> Template:
     return Template(TOOLS_PROMPT_FILE.read_text(encoding="utf-8"))  # read once: callers may be on the event loop
 
 
+def template_tools(tools: Sequence[FunctionTool], choice: ToolChoice) -> tuple[dict[str, Any], ...]:
+    """The tools the model may call, in OpenAI's shape, for a chat template that describes tools itself
+    (``GenerationRequest.tools``; then :func:`tools_prompt` is not used)."""
+    if not calls_allowed(tools, choice):
+        return ()
+    return tuple({"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                                   "parameters": dict(tool.parameters)}}
+                 for tool in tools if choice.mode != "function" or tool.name == choice.name)
+
+
 def build_grammar(tools: Sequence[FunctionTool], choice: ToolChoice, *, parallel_tool_calls: bool = True,
                   response_format: ResponseFormat | None = None) -> str | None:
     """The grammar every answer must match (see the module docstring), or None when any text will do."""

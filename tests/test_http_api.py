@@ -367,3 +367,57 @@ async def test_bad_tool_requests_get_coded_errors_and_store_nothing(
     assert (error["code"], error["param"]) == (code, param), error
     with server.app.store.engine.connect() as connection:
         assert connection.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
+
+
+# A Hermes-style template (as Qwen 2.5's) that lists the tools itself.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n"
+    "{% endif %}# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call a function inside <tool_call></tool_call> tags.<|im_end|>\n"
+    "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if message.role != 'system' %}<|im_start|>{{ message.role }}\n"
+    "{{ message.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+async def test_a_template_that_lists_tools_gets_them_instead_of_the_generic_prompt(
+        tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from assistant.engine.loader import load_chat_model
+    from tests.engine_fixtures import save_tiny_chat_model
+
+    model = load_chat_model(str(save_tiny_chat_model(tmp_path / "tiny", max_position_embeddings=2048)),
+                            dtype="float32")
+    model.tokenizer.chat_template = TOOLS_TEMPLATE
+    assert model.renders_tools
+    async with running_server(model, data_dir, temperature=0) as served:
+        assert served.app.renders_tools
+        seen = []
+        generate = served.app.engine.generate
+
+        def recording(request: Any) -> Any:
+            seen.append(request)
+            return generate(request)
+
+        monkeypatch.setattr(served.app.engine, "generate", recording)
+        completion = await client_for(served).chat.completions.create(
+            model="tiny", messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required", max_tokens=200)
+        check_weather_arguments((completion.choices[0].message.tool_calls or [])[0].function.arguments)
+        ws, _ = await open_session(served)  # the Realtime session does the same
+        await send(ws, {"type": "session.update", "session": {
+            "type": "realtime", "tool_choice": "required",
+            "tools": [{"type": "function", **WEATHER["function"]}]}})  # type: ignore[dict-item]
+        await send(ws, {"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Paris?"}]}})
+        await send(ws, {"type": "response.create", "response": {"max_output_tokens": 200}})
+        done = (await recv_until(ws, "response.done"))[-1]["response"]
+        check_weather_arguments(done["output"][0]["arguments"])
+        await ws.close()
+    assert len(seen) == 2
+    for request in seen:
+        assert [tool["function"]["name"] for tool in request.tools] == ["get_weather"]
+        system = [m for m in request.messages if m.role == "system"]
+        assert all("<tools>" not in part.text for m in system for part in m.parts)  # not the generic prompt
+    request = seen[0]
+    rendered = model.render(request.messages, 4096, tools=request.tools)
+    text = model.tokenizer.decode([t for segment in rendered.segments for t in segment])
+    assert '"name": "get_weather"' in text and "# Tools" in text

@@ -19,14 +19,15 @@ def test_tools_and_choice_are_applied_and_kept() -> None:
                           "session.")
     assert settings.tools == (WEATHER,) and settings.tool_choice == ToolChoice("function", "get_weather")
     assert settings.apply(SettingChanges(instructions="x"), "session.").tool_choice == settings.tool_choice
-    assert settings.calls_tools and "get_weather" in settings.system_prompt
-    assert settings.system_prompt.startswith("Be brief.\n\n")
-    assert not BASE.calls_tools and BASE.system_prompt == "Be brief."
+    assert settings.calls_tools and "get_weather" in settings.system_prompt(template_renders_tools=False)
+    assert settings.system_prompt(template_renders_tools=False).startswith("Be brief.\n\n")
+    assert settings.system_prompt(template_renders_tools=True) == "Be brief."  # the template lists them
+    assert not BASE.calls_tools and BASE.system_prompt(template_renders_tools=False) == "Be brief."
 
 
 def test_none_keeps_the_tools_out_of_the_prompt() -> None:
     settings = BASE.apply(SettingChanges(tools=(WEATHER,), tool_choice="none"), "response.")
-    assert not settings.calls_tools and settings.system_prompt == "Be brief."
+    assert not settings.calls_tools and settings.system_prompt(template_renders_tools=False) == "Be brief."
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}])

@@ -151,7 +151,7 @@ class Engine:
         """Render and truncate the messages, keeping room for the answer (caller's thread)."""
         context = self._renderer.max_context_tokens
         reserve = min(request.params.max_output_tokens or DEFAULT_OUTPUT_RESERVE, context // 4)
-        prompt = self._renderer.render(request.messages, max(1, context - max(1, reserve)))
+        prompt = self._renderer.render(request.messages, max(1, context - max(1, reserve)), tools=request.tools)
         if prompt.num_dropped_messages:
             log.info("request %s: dropped the %d oldest messages to fit the context",
                      request.request_id, prompt.num_dropped_messages)

@@ -60,7 +60,7 @@ import copy
 import inspect
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -71,6 +71,7 @@ from assistant.engine.cache import EmbeddingCache, encode_cached
 from assistant.engine.request import ChatMessage, ImageChunk, ImageSource, TextChunk
 from assistant.engine.vision import VisionPart
 from assistant.images import decode_stored
+from assistant.tool_calls import TAG as TOOL_CALL_TAG
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -250,8 +251,17 @@ class ChatModel:
 
     # ------------------------------------------------------------ rendering
 
-    def render(self, messages: Sequence[ChatMessage], max_prompt_tokens: int) -> Prompt:
-        """Apply the chat template; drop the oldest turns until it fits in ``max_prompt_tokens``.
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template describes function tools itself, in the format of
+        :mod:`assistant.tool_calls` (Hermes: Qwen 2.5, Hermes, ...); then a request's ``tools`` go to it."""
+        template = self.tokenizer.chat_template
+        return isinstance(template, str) and "tools" in template and TOOL_CALL_TAG in template
+
+    def render(self, messages: Sequence[ChatMessage], max_prompt_tokens: int,
+               tools: Sequence[Mapping[str, Any]] = ()) -> Prompt:
+        """Apply the chat template (with ``tools``, for a template that :attr:`renders_tools`); drop the oldest
+        turns until it fits in ``max_prompt_tokens``.
 
         System messages and the latest user message are always kept, and the
         kept history starts at a user message (some templates insist on
@@ -268,7 +278,7 @@ class ChatModel:
             if index not in rendered:
                 first_kept = history[cuts[index]] if history else 0
                 kept = [m for i, m in enumerate(messages) if m.role == "system" or i >= first_kept]
-                rendered[index] = Prompt(self._render(kept), num_dropped_messages=cuts[index])
+                rendered[index] = Prompt(self._render(kept, tools), num_dropped_messages=cuts[index])
             return rendered[index].num_tokens <= max_prompt_tokens
 
         # Rendering costs time in proportion to the text, on the engine thread: skip, unrendered,
@@ -305,9 +315,9 @@ class ChatModel:
                 return index
         return len(cuts) - 1
 
-    def _render(self, messages: Sequence[ChatMessage]) -> tuple[Segment, ...]:
+    def _render(self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]]) -> tuple[Segment, ...]:
         segments: list[Segment] = []
-        for piece in self.render_pieces(messages, add_generation_prompt=True):
+        for piece in self.render_pieces(messages, add_generation_prompt=True, tools=tools):
             if isinstance(piece, ImageSlot):
                 segments.append(piece)
             elif segments and not isinstance(segments[-1], ImageSlot):  # adjacent token runs form one segment
@@ -316,7 +326,8 @@ class ChatModel:
                 segments.append(piece.token_ids)
         return tuple(segments)
 
-    def render_pieces(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> tuple[Piece, ...]:
+    def render_pieces(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool,
+                      tools: Sequence[Mapping[str, Any]] = ()) -> tuple[Piece, ...]:
         """The chat template around sentinels, then each piece tokenized on its own: the one prompt layout
         that serving (:meth:`render`) and training (:mod:`assistant.training.examples`) share.
 
@@ -347,7 +358,7 @@ class ChatModel:
                                  "content": [{"type": "text", "text": content}] if self.content_format == "list"
                                  else content})
         try:
-            rendered = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+            rendered = self.tokenizer.apply_chat_template(conversation, tools=list(tools) or None, tokenize=False,
                                                           add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:  # e.g. "Conversation roles must alternate user/assistant/..."
             raise PromptError(f"the model's chat template refused the conversation: {exc}") from exc

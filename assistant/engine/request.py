@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from assistant.engine.sampling import SamplingParams
 
@@ -72,6 +72,9 @@ class GenerationRequest:
     image_source: ImageSource = no_images  # the bytes of the messages' images, asked for on cache misses only
     # The output must match this grammar (llguidance's Lark dialect; assistant.tools writes it), or None.
     grammar: str | None = None
+    # Function tools in OpenAI's shape for a chat template that renders them itself (ChatModel.renders_tools);
+    # otherwise empty, and the tools are described in the system message instead.
+    tools: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
