@@ -1,6 +1,7 @@
 """Prefill and decode tokens/s of the default model, batch of 1, on this machine. Prints; never asserts.
 
-    python -m bench.decode [--model SPEC] [--dtype bfloat16] [--quantize none|nf4|int8|int8-cpu] [--new-tokens 64] [--repeats 3]
+    python -m bench.decode [--model SPEC] [--dtype bfloat16] [--quantize none|nf4|int8|int8-cpu]
+                           [--new-tokens 64] [--repeats 3]
 
 Three figures, each the best of ``--repeats`` runs after one warm-up (the first
 forward pass pays one-off kernel set-up):
@@ -88,8 +89,8 @@ def main() -> None:
     source = resolve_model(args.model, default_data_dir())
     started = time.perf_counter()
     model = load_chat_model(source, dtype=args.dtype, quantize=args.quantize)
-    print(f"model   {source} ({args.dtype}, quantize {args.quantize}), loaded in {time.perf_counter() - started:.1f} s, "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"model   {source} ({args.dtype}, quantize {args.quantize}), "
+          f"loaded in {time.perf_counter() - started:.1f} s, torch threads {torch.get_num_threads()}")
     short, long = prompt_of(model, SHORT), prompt_of(model, LONG)
     for name, prompt in (("short", short), ("long", long)):
         seconds = best_of(args.repeats, lambda: time_prefill(model, prompt))

@@ -58,7 +58,6 @@ import json
 import re
 import statistics
 import sys
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,7 +68,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from assistant.engine.sampling import check_sampling_value
-from bench.serving import serving
+from bench.serving import run_response, serving
 from bench.quality_questions import QUESTIONS, Question
 
 QUESTION_BY_TEXT = {q.text: q for q in QUESTIONS}
@@ -198,18 +197,7 @@ async def ask(conn: ClientConnection, question: Question, config: RunConfig, see
                                            "content": [{"type": "input_text", "text": question.text}]}]}
     if config.instructions is not None:
         response["instructions"] = config.instructions
-    started = time.perf_counter()
-    await conn.send(json.dumps({"type": "response.create", "response": response}))
-    while True:
-        event = json.loads(await conn.recv())
-        if event["type"] == "error":
-            raise RuntimeError(f"server error: {event['error']}")
-        if event["type"] == "response.done":
-            break
-    seconds = time.perf_counter() - started
-    done = event["response"]
-    if done["status"] == "failed":
-        raise RuntimeError(f"response failed: {done['status_details']}")
+    done, seconds = await run_response(conn, response)
     text = "".join(part.get("text", "") for item in done["output"] for part in item.get("content", []))
     return Answer(config.label, question.text, seed, text, done["status"], done["usage"]["output_tokens"], seconds)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 
 @asynccontextmanager
@@ -32,3 +34,20 @@ async def serving(label: str, **flags: str) -> AsyncIterator[str]:
             server.close()
             await server.wait_closed()
             close_app(app)
+
+
+async def run_response(ws: Any, response: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """Send ``response.create`` with ``response`` on a Realtime connection; (the ``response`` of its
+    ``response.done``, seconds it took). An error event or a failed response raises RuntimeError."""
+    started = time.perf_counter()
+    await ws.send(json.dumps({"type": "response.create", "response": response}))
+    while True:
+        event = json.loads(await ws.recv())
+        if event["type"] == "error":
+            raise RuntimeError(f"server error: {event['error']}")
+        if event["type"] == "response.done":
+            break
+    done = event["response"]
+    if done["status"] == "failed":
+        raise RuntimeError(f"response failed: {done['status_details']}")
+    return done, time.perf_counter() - started

@@ -60,7 +60,7 @@ from jsonschema.exceptions import best_match
 from openai import AsyncOpenAI
 from websockets.asyncio.client import ClientConnection, connect
 
-from bench.serving import serving
+from bench.serving import run_response, serving
 
 PARAMETERS: dict[str, dict[str, Any]] = {
     "get_weather": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
@@ -168,20 +168,9 @@ async def ask_chat(client: AsyncOpenAI, case: Case, tool_choice: str, max_tokens
 
 async def ask_realtime(ws: ClientConnection, case: Case, tool_choice: str, max_tokens: int) -> Answer:
     message = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": case.text}]}
-    started = time.perf_counter()
-    await ws.send(json.dumps({"type": "response.create", "response": {
+    done, seconds = await run_response(ws, {
         "conversation": "none", "input": [message], "output_modalities": ["text"], "tools": REALTIME_TOOLS,
-        "tool_choice": tool_choice, "temperature": 0, "max_output_tokens": max_tokens}}))
-    while True:
-        event = json.loads(await ws.recv())
-        if event["type"] == "error":
-            raise RuntimeError(f"server error: {event['error']}")
-        if event["type"] == "response.done":
-            break
-    seconds = time.perf_counter() - started
-    done = event["response"]
-    if done["status"] == "failed":
-        raise RuntimeError(f"response failed: {done['status_details']}")
+        "tool_choice": tool_choice, "temperature": 0, "max_output_tokens": max_tokens})
     calls = tuple((item["name"], item["arguments"]) for item in done["output"] if item["type"] == "function_call")
     text = "".join(part.get("text", "") for item in done["output"] if item["type"] == "message"
                    for part in item["content"])
