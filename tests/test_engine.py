@@ -477,10 +477,10 @@ async def test_a_slow_admission_does_not_stall_running_streams(async_engine: Asy
     renderer = async_engine.engine._renderer
     render, release = renderer.render, threading.Event()
 
-    def render_slowly(messages: Any, max_prompt_tokens: int) -> Prompt:
+    def render_slowly(messages: Any, max_prompt_tokens: int, **kwargs: Any) -> Prompt:
         if messages[0].parts[0].text == "a very long history":
             assert release.wait(30)
-        return render(messages, max_prompt_tokens)
+        return render(messages, max_prompt_tokens, **kwargs)
 
     monkeypatch.setattr(renderer, "render", render_slowly)
     engine = async_engine.engine
@@ -526,9 +526,9 @@ def test_history_that_cannot_fit_is_not_rendered(model: ChatModel, monkeypatch: 
     rendered_sizes: list[int] = []
     original = ChatModel._render
 
-    def spy(self: ChatModel, kept: Any) -> Any:
+    def spy(self: ChatModel, kept: Any, tools: Any) -> Any:
         rendered_sizes.append(sum(len(p.text) for m in kept for p in m.parts))
-        return original(self, kept)
+        return original(self, kept, tools)
 
     monkeypatch.setattr(ChatModel, "_render", spy)
     prompt = model.render(messages, 256)
