@@ -1,9 +1,9 @@
 """Many conversations on one engine: aggregate decode throughput and time to first token. Prints; never asserts.
 
-    python -m bench.concurrency [--model SPEC] [--quantize nf4|none] [--dtype bfloat16] [--tokens 48]
+    python -m bench.concurrency [--model SPEC] [--quantize auto|nf4|int8-cpu|none] [--dtype bfloat16] [--tokens 48]
                                 [--concurrency 1,4,8] [--turns 10]
 
-The model is loaded as ``assistant serve`` loads it (by default the default model, nf4);
+The model is loaded as ``assistant serve`` loads it (by default the default model, ``--quantize auto``);
 the engine runs in-process on its own thread, as in the server (no sockets: this
 measures the engine, batching and KV reuse, not the protocol).
 
@@ -25,9 +25,9 @@ import threading
 import time
 
 from assistant.cli import configure_logging
-from assistant.config import load_config
+from assistant.config import QUANTIZE_CHOICES, load_config
 from assistant.engine.engine import Engine
-from assistant.engine.loader import load_model
+from assistant.engine.loader import load_model, pick_device, pick_quantize
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk, TokenDelta
 from assistant.engine.sampling import SamplingParams
 
@@ -105,7 +105,7 @@ def first_token_times(engine: Engine, turns: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
-    parser.add_argument("--quantize", choices=("nf4", "none"))
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES)
     parser.add_argument("--dtype")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--concurrency", default="1,4,8")
@@ -116,7 +116,8 @@ def main() -> None:
     config = load_config(overrides, env={})
     began = time.perf_counter()
     model = load_model(config, progress=lambda _: None)
-    print(f"model   {config.model} (quantize {config.quantize}, {config.dtype}), loaded in "
+    quantize = pick_quantize(config.quantize, pick_device(config.device))
+    print(f"model   {config.model} (quantize {config.quantize}: {quantize}, {config.dtype}), loaded in "
           f"{time.perf_counter() - began:.1f} s")
     levels = [int(n) for n in args.concurrency.split(",")]
     engine = Engine(model, max_num_running=max(levels), kv_cache_bytes=0)
