@@ -534,3 +534,35 @@ def test_history_that_cannot_fit_is_not_rendered(model: ChatModel, monkeypatch: 
     prompt = model.render(messages, 256)
     assert prompt.num_dropped_messages == 2
     assert max(rendered_sizes) < 100  # only the system prompt and "hi" were ever tokenized
+
+
+def test_start_loaded_loads_and_decodes_on_the_engine_thread(model: ChatModel) -> None:
+    loaded_on: list[str] = []
+
+    def load() -> ChatModel:
+        loaded_on.append(threading.current_thread().name)
+        return model
+
+    engine = Engine.start_loaded(load, max_num_running=2)
+    try:
+        decoded_on: list[str] = []
+        events: list[EngineEvent] = []
+        done = threading.Event()
+
+        def sink(event: EngineEvent) -> None:
+            decoded_on.append(threading.current_thread().name)
+            events.append(event)
+            if isinstance(event, Finished):
+                done.set()
+
+        engine.add_request(request(max_output_tokens=3), sink)
+        assert done.wait(60) and finished_of(events).reason == "length"
+        assert loaded_on == ["assistant-engine"] and set(decoded_on) == {"assistant-engine"}
+    finally:
+        engine.shutdown()
+
+    def broken() -> ChatModel:
+        raise RuntimeError("no such model")
+
+    with pytest.raises(RuntimeError, match="no such model"):
+        Engine.start_loaded(broken)

@@ -64,6 +64,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -170,6 +171,33 @@ class Engine:
                 return
             self._thread = threading.Thread(target=self._run, name="assistant-engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def start_loaded(cls, load: Callable[[], ChatModel], **options: Any) -> Engine:
+        """Load the model on a new daemon thread and run the engine there; return once it runs (or raise what
+        loading raised).
+
+        Why one thread for both: torch's OpenMP runs each thread's parallel regions with a team of its own, and
+        on a 2-core machine decoding on another thread than the one that loaded the model went about half as
+        fast (11 against 21-29 tok/s for SmolLM2-135M int8-cpu: ``bench.concurrency``, README).
+        """
+        started: queue.Queue[Engine | BaseException] = queue.Queue(maxsize=1)
+
+        def run() -> None:
+            try:
+                engine = cls(load(), **options)
+            except BaseException as exc:  # handed to the caller, who raises it
+                started.put(exc)
+                return
+            engine._thread = threading.current_thread()
+            started.put(engine)
+            engine._run()
+
+        threading.Thread(target=run, name="assistant-engine", daemon=True).start()
+        result = started.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def shutdown(self) -> None:
         """Cancel every request (each gets its Finished) and stop the thread."""
