@@ -272,26 +272,30 @@ class Engine:
         seq.num_image_tokens = prompt.num_image_tokens
         seq.detokenizer = IncrementalDetokenizer(model.tokenizer, seq.prompt_token_ids)
         seq.generator = make_generator(seq.params.seed)
-        seq.kv_cache, seq.num_prefilled = self.prefix_cache.take(seq.prompt_key, seq.num_image_tokens > 0)
-        seq.image_embeds, num_cached_after = model.encode_images(
-            prompt.images_from(seq.num_prefilled), request.image_source)  # (image tokens after the reused prefix, C)
+        num_cached_after = self._queue_prefill(seq, prompt, seq.prompt_key)
         num_images_before = sum(not isinstance(key, int) for key in seq.prompt_key[:seq.num_prefilled])
         seq.num_cached_image_tokens = num_images_before + num_cached_after
         seq.num_cached_tokens = seq.num_prefilled + num_cached_after
-        seq.prefill_prompt, seq.prefill_key = prompt, seq.prompt_key
-        self._prefilling.append(seq)
 
     def _resume(self, seq: Sequence) -> None:
         """A preempted sequence: its prompt and its answer so far (all but the last token, which is fed by the
         next decode step) are prefilled again, after any reused prefix. Its sampling state was kept."""
-        assert seq.prompt is not None and isinstance(seq.request, GenerationRequest)
+        assert seq.prompt is not None
         answer = tuple(seq.output_token_ids[:-1])
-        seq.prefill_prompt = replace(seq.prompt, segments=(*seq.prompt.segments, answer))
-        seq.prefill_key = seq.prompt_key + answer
-        seq.kv_cache, seq.num_prefilled = self.prefix_cache.take(seq.prefill_key, seq.num_image_tokens > 0)
-        seq.image_embeds, _ = self.model.encode_images(seq.prefill_prompt.images_from(seq.num_prefilled),
-                                                       seq.request.image_source)
+        self._queue_prefill(seq, replace(seq.prompt, segments=(*seq.prompt.segments, answer)),
+                            seq.prompt_key + answer)
+
+    def _queue_prefill(self, seq: Sequence, prompt: Prompt, key: tuple[Any, ...]) -> int:
+        """Take a reused KV prefix of ``key``, encode the images after it, and queue ``prompt`` for prefilling
+        (:meth:`_prefill_chunk`); returns the image tokens whose embeddings came from the embedding cache."""
+        request = seq.request
+        assert isinstance(request, GenerationRequest)
+        seq.prefill_prompt, seq.prefill_key = prompt, key
+        seq.kv_cache, seq.num_prefilled = self.prefix_cache.take(key, seq.num_image_tokens > 0)
+        seq.image_embeds, num_cached = self.model.encode_images(
+            prompt.images_from(seq.num_prefilled), request.image_source)  # (image tokens after the reused prefix, C)
         self._prefilling.append(seq)
+        return num_cached
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         """Run the next ``prefill_chunk_tokens`` positions of the prompt (an image slot is never split); after the
@@ -354,7 +358,6 @@ class Engine:
             seq.batch.remove(seq, keep_cache=False)
             seq.batch = None
         seq.kv_cache, seq.image_embeds = None, None
-        seq.num_preemptions += 1
         with self._cond:
             self.scheduler.preempt(seq)
         log.info("request %s preempted (KV over %d bytes) after %d output tokens; it resumes when there is room",

@@ -57,7 +57,6 @@ class Sequence:
         # What prefill runs: the prompt, or after a preemption the prompt and the answer so far (but its last token)
         self.prefill_prompt: Prompt | None = None
         self.prefill_key: tuple[Any, ...] = ()
-        self.num_preemptions = 0
         self.arrived_at = time.monotonic()  # the newest is preempted first
         self.finish_reason: FinishReason | None = None
 
