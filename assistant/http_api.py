@@ -36,8 +36,9 @@ from assistant.errors import (MODEL_ERROR, AssistantError, InternalError, Invali
                               engine_error)
 from assistant.events import new_id
 from assistant.intake import conversation_budget, validate_item
-from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
+from assistant.items import ContentPart, Item, ResponseRecord, StoredImage
 from assistant.prompts import StoreImages, build_messages
+from assistant.response_run import status_of, usage_of
 from assistant.tool_calls import ArgumentsDelta, CallDone, CallStarted, OutputEvent, TextDelta, ToolCallParser
 
 if TYPE_CHECKING:
@@ -100,7 +101,6 @@ async def get_model(request: Request) -> Response:
 class _Prepared:
     """A validated request, ready for the engine."""
 
-    parsed: ChatCompletionRequest
     generation: GenerationRequest
     conversation_id: str | None = None  # store: true
     may_call_tools: bool = False  # the answer goes through the tool-call parser
@@ -144,7 +144,7 @@ async def chat_completions(request: Request) -> Response:
     message: dict[str, Any] = {"content": "".join(text) if not calls else None}
     if calls:
         message["tool_calls"] = tool_calls_json([done.call for done in calls])
-    return JSONResponse(completion_json(ids, message, _finish_reason(event, bool(calls)), _usage_of(event),
+    return JSONResponse(completion_json(ids, message, _finish_reason(event, bool(calls)), usage_of(event),
                                         parsed.metadata if parsed.store else None),
                         headers=_conversation_header(prepared))
 
@@ -212,7 +212,7 @@ def _prepare(app: App, parsed: ChatCompletionRequest) -> _Prepared:
             stored.update(image.sha256 for image in new_images)
             app.store.add_item(conversation_id, item, None, new_images)
         generation = replace(generation, image_source=StoreImages(app.store, inline))
-    return _Prepared(parsed, generation, conversation_id, tool_specs.calls_allowed(tools, choice))
+    return _Prepared(generation, conversation_id, tool_specs.calls_allowed(tools, choice))
 
 
 def _with_system_text(messages: tuple[ChatMessage, ...], text: str) -> tuple[ChatMessage, ...]:
@@ -253,7 +253,7 @@ async def _stream(run: _Run, ids: CompletionIds, parsed: ChatCompletionRequest,
         else:
             yield _sse(chunk_json(ids, {}, _finish_reason(event, made_calls), include_usage=include_usage))
             if include_usage:
-                yield _sse(usage_chunk_json(ids, _usage_of(event)))
+                yield _sse(usage_chunk_json(ids, usage_of(event)))
         yield "data: [DONE]\n\n"
     finally:
         run.abort()  # a no-op when the run has finished
@@ -361,9 +361,8 @@ class _Run:
 
     async def _store(self, conversation_id: str, text: str, calls: list[CallDone], finished: Finished,
                      started: float, first_token_at: float | None) -> None:
-        status = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(finished.reason,
-                                                                                             "failed")
-        reason = {"length": "max_output_tokens", "cancelled": "client_cancelled"}.get(finished.reason)
+        status, details = status_of(finished)  # as a Realtime response of the same outcome is stored
+        reason = details.get("reason") if details else None
         item_status = "completed" if status == "completed" else "incomplete"
         items = [Item(new_id("item"), "assistant", type="function_call", status=item_status,
                       call_id=done.call.call_id, name=done.call.name, arguments=done.call.arguments)
@@ -373,7 +372,7 @@ class _Run:
                               status=item_status))
         now = time.monotonic()
         record = ResponseRecord(self.request_id, conversation_id, status, reason, tuple(item.id for item in items),
-                                _usage_of(finished),
+                                usage_of(finished),
                                 None if first_token_at is None else (first_token_at - started) * 1000.0,
                                 (now - started) * 1000.0)
         try:
@@ -388,12 +387,6 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has gone."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _usage_of(finished: Finished) -> Usage:
-    return Usage(input_tokens=finished.num_prompt_tokens, output_tokens=finished.num_output_tokens,
-                 cached_tokens=finished.num_cached_tokens, image_tokens=finished.num_image_tokens,
-                 cached_image_tokens=finished.num_cached_image_tokens)
 
 
 def _error_of(finished: Finished) -> AssistantError:

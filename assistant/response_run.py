@@ -220,9 +220,7 @@ class ResponseRun:
         closing = [output for output in self._outputs if not output.is_done]
         for output in closing:
             await self._store_end(output, "completed" if status == "completed" else "incomplete")
-        usage = Usage(input_tokens=finished.num_prompt_tokens, output_tokens=finished.num_output_tokens,
-                      cached_tokens=finished.num_cached_tokens, image_tokens=finished.num_image_tokens,
-                      cached_image_tokens=finished.num_cached_image_tokens)
+        usage = usage_of(finished)
         now = time.monotonic()
         first_token_ms = None if self._first_token_at is None else (self._first_token_at - self._started) * 1000.0
         record = ResponseRecord(
@@ -253,6 +251,13 @@ class ResponseRun:
         event = self.writer.event(type_, **fields)
         if event is not None:
             await self._send_event(event)
+
+
+def usage_of(finished: Finished) -> Usage:
+    """The token accounting of a finished engine request."""
+    return Usage(input_tokens=finished.num_prompt_tokens, output_tokens=finished.num_output_tokens,
+                 cached_tokens=finished.num_cached_tokens, image_tokens=finished.num_image_tokens,
+                 cached_image_tokens=finished.num_cached_image_tokens)
 
 
 def status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
