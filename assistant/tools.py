@@ -100,13 +100,8 @@ def _parse_tool(tool: Any, param: str) -> FunctionTool:
     if tool.get("type") != "function":
         raise InvalidValue(f"'{param}.type' must be 'function' (the only tool type this server runs)",
                            param=f"{param}.type")
-    if "function" in tool:  # Chat Completions; Realtime's tools are flat
-        tool, param = tool["function"], f"{param}.function"
-        if not isinstance(tool, dict):
-            raise InvalidType(f"'{param}' must be an object", param=param)
-    name = _required_string(tool, "name", param)
-    if not NAME_PATTERN.fullmatch(name):
-        raise InvalidValue(f"'{param}.name' must be 1 to 64 letters, digits, '_' or '-'", param=f"{param}.name")
+    tool, param = _unwrap(tool, "function", param)  # Chat Completions nests it; Realtime's tools are flat
+    name = _name(tool, param)
     description = tool.get("description") or ""
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidValue(f"'{param}.description' must be a string of at most {MAX_DESCRIPTION_CHARS} characters",
@@ -134,10 +129,7 @@ def parse_tool_choice(value: Any, tools: Sequence[FunctionTool], *, param: str =
         raise InvalidType(f"'{param}' must be a string or an object", param=param)
     if value.get("type") != "function":
         raise InvalidValue(f"'{param}.type' must be 'function'", param=f"{param}.type")
-    if "function" in value:  # Chat Completions; Realtime's is flat
-        value, param = value["function"], f"{param}.function"
-        if not isinstance(value, dict):
-            raise InvalidType(f"'{param}' must be an object", param=param)
+    value, param = _unwrap(value, "function", param)  # Chat Completions nests it; Realtime's is flat
     name = _required_string(value, "name", param)
     if name not in {tool.name for tool in tools}:
         raise InvalidValue(f"'{param}.name' names '{name}', which is not among the tools", param=f"{param}.name")
@@ -158,13 +150,8 @@ def parse_response_format(value: Any, *, param: str = "response_format") -> Resp
         return ResponseFormat({"type": "object"})
     if kind != "json_schema":
         raise InvalidValue(f"'{param}.type' must be 'text', 'json_object' or 'json_schema'", param=f"{param}.type")
-    if "json_schema" in value:
-        value, param = value["json_schema"], f"{param}.json_schema"
-        if not isinstance(value, dict):
-            raise InvalidType(f"'{param}' must be an object", param=param)
-    name = _required_string(value, "name", param)
-    if not NAME_PATTERN.fullmatch(name):
-        raise InvalidValue(f"'{param}.name' must be 1 to 64 letters, digits, '_' or '-'", param=f"{param}.name")
+    value, param = _unwrap(value, "json_schema", param)
+    name = _name(value, param)
     schema = value.get("schema")
     if not isinstance(schema, dict):
         raise InvalidType(f"'{param}.schema' must be a JSON schema object", param=f"{param}.schema")
@@ -236,6 +223,24 @@ def _check_strict(schema: Any, param: str) -> None:
     for key in ("items", "anyOf"):
         if key in schema:
             _check_strict(schema[key], f"{param}.{key}")
+
+
+def _unwrap(value: dict[str, Any], key: str, param: str) -> tuple[dict[str, Any], str]:
+    """``value[key]`` and its path when the object nests its fields under ``key``, else ``value`` itself."""
+    if key not in value:
+        return value, param
+    nested, param = value[key], f"{param}.{key}"
+    if not isinstance(nested, dict):
+        raise InvalidType(f"'{param}' must be an object", param=param)
+    return nested, param
+
+
+def _name(value: dict[str, Any], param: str) -> str:
+    """A function's (or a response format's) name, as OpenAI allows them."""
+    name = _required_string(value, "name", param)
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidValue(f"'{param}.name' must be 1 to 64 letters, digits, '_' or '-'", param=f"{param}.name")
+    return name
 
 
 def _required_string(value: dict[str, Any], key: str, param: str) -> str:
