@@ -175,12 +175,17 @@ async def test_bad_tool_items_are_coded_and_nothing_is_stored(server: RunningSer
     await ws.close()
 
 
-async def test_a_cancelled_call_is_stored_incomplete(server: RunningServer) -> None:
-    ws, _ = await open_session(server)
+async def start_a_long_call(ws: Any) -> None:
+    """A forced call of the note tool: a free string of up to 2000 tokens, which does not end on its own soon."""
     await send(ws, user_item("Take a long note."))
     await recv_until(ws, "conversation.item.done")
     await send(ws, {"type": "response.create", "response": {
         "tools": [NOTE], "tool_choice": "required", "max_output_tokens": 2000, "temperature": 1.0, "seed": 1}})
+
+
+async def test_a_cancelled_call_is_stored_incomplete(server: RunningServer) -> None:
+    ws, _ = await open_session(server)
+    await start_a_long_call(ws)
     await recv_until(ws, "response.function_call_arguments.delta")
     await send(ws, {"type": "response.cancel"})
     events = await recv_until(ws, "response.done")
@@ -197,10 +202,7 @@ async def test_a_cancelled_call_is_stored_incomplete(server: RunningServer) -> N
 
 async def test_a_call_cut_by_a_disconnect_is_stored_incomplete(server: RunningServer) -> None:
     ws, session = await open_session(server)
-    await send(ws, user_item("Take a long note."))
-    await recv_until(ws, "conversation.item.done")
-    await send(ws, {"type": "response.create", "response": {
-        "tools": [NOTE], "tool_choice": "required", "max_output_tokens": 2000, "temperature": 1.0, "seed": 1}})
+    await start_a_long_call(ws)
     response_id = (await recv(ws))["response"]["id"]
     call_id = (await recv(ws))["item"]["id"]
     await recv_until(ws, "response.function_call_arguments.delta")
