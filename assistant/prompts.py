@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,25 +45,19 @@ def build_messages(instructions: str, items: Sequence[Item]) -> tuple[ChatMessag
     messages: list[ChatMessage] = []
     if instructions:
         messages.append(ChatMessage("system", (TextChunk(instructions),)))
-    index = 0
-    while index < len(items):
-        item = items[index]
-        if item.type != "message":
-            run = [item]
-            while index + len(run) < len(items) and items[index + len(run)].type == item.type:
-                run.append(items[index + len(run)])
-            messages.append(_tool_message(run))
-            index += len(run)
+    for kind, run in groupby(items, key=lambda item: item.type):
+        if kind != "message":
+            messages.append(_tool_message(list(run)))
             continue
-        parts: list[TextChunk | ImageChunk] = []
-        for part in item.content:
-            if part.is_image:
-                parts.append(ImageChunk(part.image_sha256 or "", part.detail))  # type: ignore[arg-type]
-            elif part.text:
-                parts.append(TextChunk(part.text))
-        if parts:
-            messages.append(ChatMessage(item.role, tuple(parts)))
-        index += 1
+        for item in run:
+            parts: list[TextChunk | ImageChunk] = []
+            for part in item.content:
+                if part.is_image:
+                    parts.append(ImageChunk(part.image_sha256 or "", part.detail))  # type: ignore[arg-type]
+                elif part.text:
+                    parts.append(TextChunk(part.text))
+            if parts:
+                messages.append(ChatMessage(item.role, tuple(parts)))
     return tuple(messages)
 
 
