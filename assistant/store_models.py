@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 MAX_ID_LENGTH = 64
+DEFAULT_TENANT = "default"  # conversations made without keys, and before keys existed
 
 # Deterministic constraint names, so the migration can name them and autogenerate can compare them.
 NAMING_CONVENTION = {
@@ -62,6 +63,10 @@ class ConversationRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # "metadata" is reserved on declarative classes; the column keeps the API's name.
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
+    # Whose it is: the tenant of the key that made it ("default" without keys). Another tenant never sees it.
+    tenant: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), server_default=DEFAULT_TENANT)
+
+    __table_args__ = (Index("ix_conversations_tenant_created_at", "tenant", "created_at"),)
 
 
 class ItemRow(Base):
@@ -132,3 +137,23 @@ class ResponseRow(Base):
     duration_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The server process running it and when that process last said so: an in_progress response whose
+    # owner is gone is finished as incomplete (server_crash) by whichever server notices first.
+    owner: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_responses_status", "status"),)
+
+
+class ApiKeyRow(Base):
+    """A key that names a tenant. Only the key's SHA-256 is kept (keys are 256-bit random: a slow hash adds
+    nothing); ``prefix`` lets a person tell keys apart in ``assistant keys list``."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -28,7 +28,7 @@ from assistant.store import Store
 from assistant.store_models import Base, ImageRow
 
 POSTGRES_URL = os.environ.get("ASSISTANT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TABLES = {"conversations", "items", "content_parts", "images", "responses"}
+TABLES = {"api_keys", "conversations", "items", "content_parts", "images", "responses"}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -108,7 +108,7 @@ def test_upgrade_creates_schema_and_is_idempotent(url: str) -> None:
         store.upgrade()
         with store.engine.connect() as connection:
             assert TABLES | {"alembic_version"} <= set(inspect(connection).get_table_names())
-            assert MigrationContext.configure(connection).get_current_revision() == "0002"
+            assert MigrationContext.configure(connection).get_current_revision() == "0003"
             if connection.dialect.name == "sqlite":  # switched off while migrating, back on afterwards
                 assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
