@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 
-from assistant.config import Config
+from assistant.access import requires_keys
+from assistant.config import Config, origins_of
 from assistant.engine.sampling import SamplingParams
 from assistant.images import ImageLimits
+from assistant.keys import Keys
+from assistant.limits import TenantLimits
 from assistant.prompts import load_system_prompt
 from assistant.server import App, tls_context
 from assistant.session import ImageBudget, Settings
@@ -50,6 +53,16 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
                                  max_num_waiting=config.max_waiting_requests, kv_cache_bytes=config.kv_cache_bytes,
                                  prefill_chunk_tokens=config.prefill_chunk_tokens, max_kv_bytes=config.max_kv_bytes)
     model = engine.model
+    keys = Keys(store.engine)
+    has_keys = keys.any_active()
+    keys_required = requires_keys(config.auth, config.host, has_keys)
+    if not keys_required:
+        progress(f"no API key required: only this machine can connect ({config.host}); create a key with "
+                 "`assistant keys create --tenant NAME` to require keys")
+    elif not has_keys:
+        progress("API keys are required but none exists yet: create one with `assistant keys create --tenant NAME`")
+    else:
+        progress("API keys are required")
     return App(
         store=store,
         engine=AsyncEngine(engine),
@@ -60,6 +73,9 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         max_connections=config.max_connections,
         ssl_context=ssl_context,
         renders_tools=model.renders_tools,
+        tenant_of=keys.tenant_of if keys_required else None,
+        allowed_origins=origins_of(config.allowed_origins),
+        limits=TenantLimits(config.max_connections_per_tenant, config.max_responses_per_tenant),
     )
 
 

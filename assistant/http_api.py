@@ -17,10 +17,11 @@ Errors use OpenAI's HTTP error shape, ``{"error": {"message", "type", "param",
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from assistant import tools as tool_specs
+from assistant.access import tenant_of
 from assistant.chat_completions import (ChatCompletionRequest, CompletionIds, chunk_json, completion_json,
                                         parse_request, tool_calls_json, usage_chunk_json)
 from assistant.engine.request import ChatMessage, Finished, GenerationRequest, InlineImages, TextChunk, TokenDelta
@@ -51,6 +53,7 @@ HTTP_STATUS = {
     "message_too_large": 413,
     "conversation_not_found": 404,
     "server_overloaded": 503,
+    "rate_limit_exceeded": 429,
 }
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 RunEvent = OutputEvent | Finished  # what a run hands the response: the parsed answer, then the outcome
@@ -108,17 +111,26 @@ class _Prepared:
 
 async def chat_completions(request: Request) -> Response:
     app: App = request.app.state.app
+    tenant = tenant_of(request.scope)
+    try:
+        app.limits.acquire_response(tenant)  # counted from here to the run's end, so a refusal costs nothing
+    except AssistantError as exc:
+        return error_response(exc)
+    run: _Run | None = None
     try:
         body = await _read_body(request, app.max_message_bytes)
         parsed = await asyncio.to_thread(parse_request, body)  # megabytes of base64 images: not on the loop
-        prepared = await asyncio.to_thread(_prepare, app, parsed)
+        prepared = await asyncio.to_thread(_prepare, app, parsed, tenant)
+        run = _Run(app, prepared, on_end=functools.partial(app.limits.release_response, tenant))
     except AssistantError as exc:
         return error_response(exc)
     except Exception:
         log.exception("chat completion could not start")
         return error_response(InternalError())
+    finally:
+        if run is None:
+            app.limits.release_response(tenant)
     ids = CompletionIds(model=parsed.model or app.model_name)
-    run = _Run(app, prepared)
     first = await run.next_event(request)
     if first is None:  # the client left before the first token
         return Response(status_code=499)
@@ -160,7 +172,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare(app: App, parsed: ChatCompletionRequest) -> _Prepared:
+def _prepare(app: App, parsed: ChatCompletionRequest, tenant: str) -> _Prepared:
     """Worker thread: check the tools, decode and check every image, build the prompt; with ``store``, keep
     the messages as a new conversation (only once everything is valid: a refused request stores nothing)."""
     tools = tool_specs.parse_tools(parsed.tools) if parsed.tools is not None else ()
@@ -205,7 +217,7 @@ def _prepare(app: App, parsed: ChatCompletionRequest) -> _Prepared:
                                    tools=template_tools)
     conversation_id = None
     if parsed.store:
-        conversation_id = app.store.create_conversation(metadata=parsed.metadata)
+        conversation_id = app.store.create_conversation(metadata=parsed.metadata, tenant=tenant)
         stored: set[str] = set()
         for item in items:
             new_images = [image for image in images if image.sha256 in item.image_hashes and image.sha256 not in stored]
@@ -288,7 +300,7 @@ class _Run:
 
     _running: set[asyncio.Task[None]] = set()  # strong references until each run ends
 
-    def __init__(self, app: App, prepared: _Prepared) -> None:
+    def __init__(self, app: App, prepared: _Prepared, on_end: Callable[[], None] = lambda: None) -> None:
         self.app = app
         self.prepared = prepared
         self.request_id = new_id("resp")
@@ -298,6 +310,7 @@ class _Run:
         task = asyncio.create_task(self._run())
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda _: on_end())
 
     async def next_event(self, request: Request | None = None) -> RunEvent | None:
         """The next piece of the answer, or the Finished that ends it; with ``request``, None when the client

@@ -74,7 +74,9 @@ class ResponseRun:
         calls_tools: bool,  # the model may answer with tool calls: its text is parsed for them
         metadata: dict[str, str] | None = None,
         max_output_tokens: int | None = None,  # as reported in the response object; None = "inf"
+        rate_limits: list[dict[str, Any]] | None = None,  # sent as rate_limits.updated after response.created
     ) -> None:
+        self.rate_limits = rate_limits
         self.id = response_id
         self.store = store
         self.engine = engine
@@ -102,6 +104,8 @@ class ResponseRun:
         finished = Finished(reason="error", error="engine stream ended without a terminal event")
         try:
             await self._send("response.created", response=self._response_json("in_progress"))
+            if self.rate_limits is not None:
+                await self._send("rate_limits.updated", rate_limits=self.rate_limits)
             if self._parser is None:
                 await self._open_message()
             if self._is_cancel_requested:  # cancelled before the engine saw the request

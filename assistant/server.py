@@ -7,6 +7,11 @@
 - ``/v1/chat/completions``, ``/v1/models``: the OpenAI-compatible HTTP API
   (:mod:`assistant.http_api`), sharing the engine and its batching with the socket.
 - ``GET /healthz`` answers 200 ``ok``; anything else is 404.
+- Before any route: :mod:`assistant.access` refuses pages from other origins (403) and, when keys are
+  required, a missing, unknown or revoked key (401), and names the caller's tenant. A connection sees
+  only its tenant's conversations, and is counted against its tenant's bounds (:mod:`assistant.limits`).
+- A connection without ``?conversation=`` gets a fresh conversation id; the conversation is stored with
+  its first item or response, so a connection that writes nothing leaves nothing behind.
 - With a TLS context (``--tls-certfile`` / ``--tls-keyfile``) the same routes are
   served as ``wss://`` and ``https://``; the Node ``openai`` SDK only speaks ``wss://``.
 - A request that is not HTTP at all is one log line; the ``Server`` header names no versions.
@@ -20,7 +25,8 @@ The server only moves frames: parsing, state and storage live in
 :mod:`assistant.session`; it never sees a tensor. Close codes: 1000 normal,
 1001 when the server shuts down, 1008 for an unknown conversation, 1009 for a
 frame over twice ``max_message_bytes`` (frames over the limit itself get a
-``message_too_large`` error event), 1013 when the connection limit is reached.
+``message_too_large`` error event), 1013 when the connection limit (total, or the
+tenant's) is reached.
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import h11
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -48,10 +56,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from assistant import http_api
+from assistant.access import Access, tenant_of
 from assistant.errors import ConversationNotFound, MessageTooLarge
 from assistant.events import Dialect, EventWriter
+from assistant.limits import TenantLimits
 from assistant.session import ImageBudget, Session, Settings
-from assistant.store import Store
+from assistant.store import Store, new_conversation_id
 
 log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
@@ -74,6 +84,10 @@ class App:
     max_connections: int
     ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
     renders_tools: bool = False  # the model's chat template describes tools itself (ChatModel.renders_tools)
+    # Access (assistant.access): a key's tenant (None: unknown or revoked); None when no keys are required.
+    tenant_of: Callable[[str], str | None] | None = None
+    allowed_origins: frozenset[str] = frozenset()  # besides the server's own; "*" for any
+    limits: TenantLimits = field(default_factory=lambda: TenantLimits(64, 16))
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
 
     @property
@@ -93,7 +107,13 @@ def asgi_app(app: App) -> Starlette:
         Route("/healthz", _healthz),
         *http_api.routes(),
     ]
-    starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    middleware = [Middleware(Access, tenant_of=app.tenant_of, allowed_origins=app.allowed_origins)]
+    if app.allowed_origins:  # other sites' pages may call the HTTP API: answer their browsers' CORS checks
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=["*"] if "*" in app.allowed_origins else sorted(app.allowed_origins),
+            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type", "OpenAI-Beta"],
+            expose_headers=["X-Conversation-Id"], max_age=600))
+    starlette = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})
     starlette.state.app = app
     return starlette
 
@@ -122,18 +142,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _realtime(websocket: WebSocket) -> None:
     app: App = websocket.app.state.app
+    tenant = tenant_of(websocket.scope)
     if app.num_connections >= app.max_connections:
         await websocket.accept()
         await websocket.close(1013, "too many connections, try again later")
         return
+    if not app.limits.acquire_connection(tenant):
+        await websocket.accept()
+        await websocket.close(1013, "too many connections for this key, try again later")
+        return
     app.sockets.add(websocket)
     try:
-        await _serve_connection(app, websocket)
+        await _serve_connection(app, websocket, tenant)
     finally:
         app.sockets.discard(websocket)
+        app.limits.release_connection(tenant)
 
 
-async def _serve_connection(app: App, websocket: WebSocket) -> None:
+async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None:
     offered = websocket.scope.get("subprotocols") or []
     # Browsers send ["realtime", "openai-insecure-api-key.KEY", ...]; answer "realtime".
     await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
@@ -148,19 +174,22 @@ async def _serve_connection(app: App, websocket: WebSocket) -> None:
         with contextlib.suppress(WebSocketDisconnect):
             await websocket.send_text(json.dumps(event, ensure_ascii=False))
 
-    if conversation_id:
-        if not await asyncio.to_thread(app.store.conversation_exists, conversation_id):
-            error = ConversationNotFound(f"No conversation '{conversation_id}' is stored here.",
+    is_stored = bool(conversation_id)
+    if conversation_id:  # another tenant's conversation is as unknown as one never made
+        if not await asyncio.to_thread(app.store.conversation_exists, conversation_id, tenant):
+            error = ConversationNotFound(f"No conversation '{conversation_id[:100]}' is stored here.",
                                          param="conversation")
             await send(writer.error(error))
             await _close(websocket, 1008, "conversation not found")
             return
     else:
-        conversation_id = await asyncio.to_thread(app.store.create_conversation)
+        conversation_id = new_conversation_id()  # stored with the first item or response, not before
     session = Session(store=app.store, engine=app.engine, conversation_id=conversation_id,
                       model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
-                      writer=writer, send=send, renders_tools=app.renders_tools)
-    log.info("connection %s: conversation %s (%s)", session.id, conversation_id, writer.dialect.value)
+                      writer=writer, send=send, renders_tools=app.renders_tools, tenant=tenant,
+                      is_conversation_stored=is_stored, limits=app.limits)
+    log.info("connection %s: conversation %s, tenant %s (%s)", session.id, conversation_id, tenant,
+             writer.dialect.value)
     await session.start()
     try:
         while True:

@@ -18,6 +18,8 @@ Invariants:
   the client disconnects mid-response (:mod:`assistant.response_run` runs a response);
 - the tools and tool choice in effect are checked together: a ``session.update`` or
   ``response.create`` whose ``tool_choice`` names no tool in effect changes nothing;
+- the conversation row is written with the connection's first item or response (for its tenant), so a
+  connection that writes nothing stores nothing; before that, no item can be named;
 - database and image work run in worker threads, never on the event loop.
 """
 
@@ -33,16 +35,18 @@ from assistant import images as image_codec
 from assistant.engine.request import Finished, GenerationRequest, ImageChunk, InlineImages, ScoreRequest
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import (AssistantError, BudgetExceeded, ImageRejected, InternalError, InvalidValue,
-                              ResponseCancelNotActive, ResponseInProgress, ResponseNotFound, engine_error)
+                              ItemNotFound, ResponseCancelNotActive, ResponseInProgress, ResponseNotFound, engine_error)
 from assistant.events import EventWriter, SessionView, match_result_json, new_id
 from assistant.intake import ImageBudget, conversation_budget, validate_item
 from assistant.items import ContentPart, Item, StoredImage
+from assistant.limits import TenantLimits
 from assistant.prompts import StoreImages, build_messages
 from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ImageMatch, ItemCreate, ItemDelete,
                                 ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, SettingChanges,
                                 parse_client_event)
 from assistant.response_run import ResponseRun, Send
 from assistant.store import Store
+from assistant.store_models import DEFAULT_TENANT
 from assistant.tools import (FunctionTool, ToolChoice, build_grammar, calls_allowed, parse_tool_choice, template_tools,
                              tools_prompt)
 
@@ -99,8 +103,14 @@ class Session:
         writer: EventWriter,
         send: Send,
         renders_tools: bool = False,  # the model's chat template describes tools itself (ChatModel.renders_tools)
+        tenant: str = DEFAULT_TENANT,
+        is_conversation_stored: bool = True,  # False: stored with the first item or response, not before
+        limits: TenantLimits | None = None,  # per-tenant bounds; None: unbounded
     ) -> None:
         self.store = store
+        self.tenant = tenant
+        self._is_conversation_stored = is_conversation_stored
+        self.limits = limits
         self.renders_tools = renders_tools
         self.engine = engine
         self.conversation_id = conversation_id
@@ -158,9 +168,11 @@ class Session:
             case ItemCreate(item=item_input, previous_item_id=previous):
                 await self._create_item(item_input, previous)
             case ItemDelete(item_id=item_id):
+                self._check_conversation_has(item_id)
                 await asyncio.to_thread(self.store.delete_item, self.conversation_id, item_id)
                 await self.send("conversation.item.deleted", item_id=item_id)
             case ItemRetrieve(item_id=item_id):
+                self._check_conversation_has(item_id)
                 item = await asyncio.to_thread(self.store.get_item, self.conversation_id, item_id)
                 urls = await asyncio.to_thread(self._image_urls, item)
                 await self.send("conversation.item.retrieved", item=self.writer.item(item, urls.__getitem__))
@@ -188,10 +200,22 @@ class Session:
 
     # ------------------------------------------------------------ items
 
+    async def _store_conversation(self) -> None:
+        """Store the conversation before its first write: a connection that writes nothing leaves no row."""
+        if not self._is_conversation_stored:
+            await asyncio.to_thread(self.store.create_conversation, tenant=self.tenant,
+                                    conversation_id=self.conversation_id)
+            self._is_conversation_stored = True
+
+    def _check_conversation_has(self, item_id: str) -> None:
+        if not self._is_conversation_stored:  # nothing was written yet: no item can be named
+            raise ItemNotFound(f"No item {item_id[:100]!r} in this conversation.", param="item_id")
+
     async def _create_item(self, item_input: ItemInput, previous_item_id: str | None) -> None:
         item, new_images = await asyncio.to_thread(self._validate_item, item_input, "item")
         image_parts = [p for p in item.content if p.is_image]
         check = self._conversation_budget(image_parts, "item") if image_parts else None
+        await self._store_conversation()
         previous = await asyncio.to_thread(self.store.add_item, self.conversation_id, item, previous_item_id,
                                            new_images, check)
         wire = self.writer.item(item)
@@ -248,12 +272,20 @@ class Session:
     def _start_response(self, event: ResponseCreate) -> None:
         self._check_no_response_running()
         settings = self.settings.apply(event.changes, "response.")  # a coded error here starts nothing
+        rate_limits = None
+        if self.limits is not None:
+            remaining = self.limits.acquire_response(self.tenant)
+            rate_limits = [{"name": "requests", "limit": self.limits.max_responses_per_tenant,
+                            "remaining": remaining, "reset_seconds": 0.0}]
         run = ResponseRun(new_id("resp"), store=self.store, engine=self.engine, writer=self.writer, send=self._send,
                           conversation_id=self.conversation_id, in_conversation=event.use_conversation,
                           calls_tools=settings.calls_tools, metadata=event.metadata,
-                          max_output_tokens=settings.sampling.max_output_tokens)
+                          max_output_tokens=settings.sampling.max_output_tokens, rate_limits=rate_limits)
         self._response = run
         self._response_task = asyncio.create_task(self._respond(run, event, settings))
+        if self.limits is not None:
+            limits, tenant = self.limits, self.tenant
+            self._response_task.add_done_callback(lambda _: limits.release_response(tenant))
 
     def _cancel_response(self, response_id: str | None) -> None:
         running = self._response_task is not None and not self._response_task.done()
@@ -266,6 +298,7 @@ class Session:
 
     async def _respond(self, run: ResponseRun, event: ResponseCreate, settings: Settings) -> None:
         try:
+            await self._store_conversation()  # the response row names it, also when out of band
             request = await asyncio.to_thread(self._prepare_request, run.id, event, settings)
             await asyncio.to_thread(self.store.start_response, run.id, self.conversation_id)
         except Exception as exc:  # nothing was announced yet: one error event says it all

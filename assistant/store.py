@@ -40,12 +40,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from assistant.errors import ConversationNotFound, ItemAlreadyExists, ItemNotFound, ResponseNotFound
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
-from assistant.store_models import ConversationRow, ImageRow, ItemRow, PartRow, ResponseRow, utcnow
+from assistant.store_models import DEFAULT_TENANT, ConversationRow, ImageRow, ItemRow, PartRow, ResponseRow, utcnow
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 ROOT = "root"  # previous_item_id that means "insert first"
 SQLITE_BUSY_TIMEOUT_MS = 5000
-_READ_ONLY = "assistant_read_only"  # execution option: SQLite may BEGIN DEFERRED
+READ_ONLY = "assistant_read_only"  # execution option of reads: SQLite may BEGIN DEFERRED, taking no write lock
 
 
 class Store:
@@ -55,7 +55,7 @@ class Store:
         self.url = make_url(url)
         self.engine = _create_engine(self.url)
         self._write = sessionmaker(self.engine, expire_on_commit=False)
-        self._read = sessionmaker(self.engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False)
+        self._read = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (a no-op when it is already there)."""
@@ -90,10 +90,12 @@ class Store:
 
     # ------------------------------------------------------------ conversations
 
-    def create_conversation(self, metadata: dict[str, str] | None = None) -> str:
-        conversation_id = "conv_" + secrets.token_hex(12)
+    def create_conversation(self, metadata: dict[str, str] | None = None, *, tenant: str = DEFAULT_TENANT,
+                            conversation_id: str | None = None) -> str:
+        """A new conversation of ``tenant`` (with ``conversation_id`` when given: see :func:`new_conversation_id`)."""
+        conversation_id = conversation_id or new_conversation_id()
         with self._write.begin() as session:
-            session.add(ConversationRow(id=conversation_id, metadata_=metadata))
+            session.add(ConversationRow(id=conversation_id, metadata_=metadata, tenant=tenant))
         return conversation_id
 
     def conversation_metadata(self, conversation_id: str) -> dict[str, str] | None:
@@ -104,9 +106,11 @@ class Store:
                 raise ConversationNotFound(f"No conversation {conversation_id!r}.", param="conversation")
             return row.metadata_
 
-    def conversation_exists(self, conversation_id: str) -> bool:
+    def conversation_exists(self, conversation_id: str, tenant: str) -> bool:
+        """Whether ``tenant`` has this conversation (another tenant's is as absent as an unknown one)."""
         with self._read.begin() as session:
-            return session.get(ConversationRow, conversation_id) is not None
+            row = session.get(ConversationRow, conversation_id)
+            return row is not None and row.tenant == tenant
 
     # ------------------------------------------------------------ items
 
@@ -237,6 +241,11 @@ class Store:
             return _record_of(row, tuple(output_ids))
 
 
+def new_conversation_id() -> str:
+    """An id for a conversation not stored yet (a connection names its conversation before its first write)."""
+    return "conv_" + secrets.token_hex(12)
+
+
 # ---------------------------------------------------------------- engine
 
 
@@ -271,7 +280,7 @@ def _set_sqlite_foreign_keys(connection: Connection, enabled: bool) -> None:
 
 def _on_sqlite_begin(connection: Connection) -> None:
     # Writers take the write lock at BEGIN, where busy_timeout can wait for it; readers never block.
-    read_only = connection.get_execution_options().get(_READ_ONLY, False)
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
     connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
 

@@ -22,10 +22,35 @@ def test_db_upgrade_on_any_url(url: str, capsys: pytest.CaptureFixture[str]) -> 
     try:
         assert store.is_up_to_date()
         conversation_id = store.create_conversation()
-        assert store.conversation_exists(conversation_id)
+        assert store.conversation_exists(conversation_id, "default")
     finally:
         store.close()
     assert main(["db", "upgrade", "--database-url", url]) == 0  # idempotent
+
+
+def test_keys_create_list_revoke(url: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    from assistant.keys import Keys
+
+    main(["db", "upgrade", "--database-url", url])
+    capsys.readouterr()
+    assert main(["keys", "create", "--tenant", "acme", "--database-url", url]) == 0
+    out, err = capsys.readouterr()
+    key = out.strip()  # stdout is the key alone, for scripts; what it is goes to stderr
+    assert key.startswith("sk-asst-") and len(key) == 51 and "shown this once" in err
+    store = Store(url)
+    try:
+        keys = Keys(store.engine)
+        assert keys.tenant_of(key) == "acme"
+        assert main(["keys", "list", "--database-url", url]) == 0
+        listed = capsys.readouterr().out
+        assert "acme" in listed and key[:12] + "..." in listed and key not in listed
+        assert main(["keys", "create", "--tenant", "no spaces", "--database-url", url]) == 2
+        assert main(["keys", "revoke", "key_missing", "--database-url", url]) == 1
+        assert "no key 'key_missing'" in capsys.readouterr().err
+        assert main(["keys", "revoke", key[:12], "--database-url", url]) == 0  # by the prefix list shows
+        assert keys.tenant_of(key) is None and keys.list()[-1].is_revoked
+    finally:
+        store.close()
 
 
 def test_configuration_error_exits_with_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -67,14 +92,14 @@ async def test_serve_starts_with_a_few_readable_lines_and_refuses_a_taken_port(t
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     lines = await startup_lines(serve_command(tiny_model_dir, tmp_path / "two", "--port", str(port)), env)
-    assert len(lines) <= 4, lines  # database, model, (TLS / auth notes), URL: no plug-in or migration chatter
+    assert len(lines) <= 5, lines  # database, model, keys, (TLS note), URL: no plug-in or migration chatter
     assert all(line.startswith("assistant: ") for line in lines), lines
     assert lines[-1] == f"assistant: listening on ws://127.0.0.1:{port}/v1/realtime and http://127.0.0.1:{port}/v1"
 
 
 @pytest.mark.real_model
 async def test_the_default_model_starts_as_quietly(tmp_path: Path) -> None:
-    """The quantized vision default (peft and the adapter loading too): three lines."""
+    """The quantized vision default (peft and the adapter loading too): four lines."""
     from assistant.models import default_data_dir
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -84,7 +109,8 @@ async def test_the_default_model_starts_as_quietly(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "assistant", "serve", "--port", str(port), "--data-dir", str(default_data_dir()),
                "--database-url", f"sqlite:///{tmp_path / 'assistant.db'}"]
     lines = await startup_lines(command, env)
-    assert len(lines) == 3 and all(line.startswith("assistant: ") for line in lines), lines
+    assert len(lines) == 4 and all(line.startswith("assistant: ") for line in lines), lines
+    assert lines[2].startswith("assistant: no API key required: only this machine can connect (127.0.0.1)")
     from assistant.engine.quantize import cpu_packs_nf4
 
     quantized = "nf4" if cpu_packs_nf4() else "int8-cpu"  # --quantize auto

@@ -22,8 +22,12 @@ from tests.tls_fixtures import client_context, make_self_signed_cert
 TIMEOUT = 60
 
 
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+async def recv(ws: ClientConnection, *, rate_limits: bool = False) -> dict[str, Any]:
+    """The next event; ``rate_limits.updated`` (one per response, tested on its own) is skipped unless asked for."""
+    while True:
+        event = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        if rate_limits or event["type"] != "rate_limits.updated":
+            return event
 
 
 async def recv_until(ws: ClientConnection, type_: str) -> list[dict[str, Any]]:

@@ -131,7 +131,7 @@ def test_data_survives_reopening(url: str) -> None:
     second = Store(url)
     try:
         second.upgrade()
-        assert second.conversation_exists(conversation_id)
+        assert second.conversation_exists(conversation_id, "default")
         assert second.list_items(conversation_id) == [image_item("a", image("1"))]
         assert second.get_image(image("1").sha256) == image("1")
     finally:
@@ -165,9 +165,17 @@ def test_conversations_are_created_with_fresh_ids(store: Store) -> None:
     first, second = store.create_conversation(), store.create_conversation()
     assert first != second
     assert first.startswith("conv_") and len(first) == len("conv_") + 24
-    assert store.conversation_exists(first)
-    assert not store.conversation_exists("conv_missing")
+    assert store.conversation_exists(first, "default")
+    assert not store.conversation_exists("conv_missing", "default")
     assert store.list_items("conv_missing") == []
+
+
+def test_a_conversation_belongs_to_its_tenant(store: Store) -> None:
+    theirs = store.create_conversation(tenant="acme")
+    assert store.conversation_exists(theirs, "acme")
+    assert not store.conversation_exists(theirs, "default")  # as absent as an unknown id
+    chosen = store.create_conversation(tenant="acme", conversation_id="conv_" + "0" * 24)
+    assert chosen == "conv_" + "0" * 24 and store.conversation_exists(chosen, "acme")
 
 
 def test_append_root_and_insert_after_keep_order(store: Store, conversation: str) -> None:
