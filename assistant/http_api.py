@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 HTTP_STATUS = {
     "message_too_large": 413,
     "conversation_not_found": 404,
+    "item_not_found": 404,
+    "image_not_found": 404,
     "server_overloaded": 503,
     "rate_limit_exceeded": 429,
 }

@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 Role = Literal["user", "system", "assistant"]
@@ -113,3 +114,12 @@ class StoredImage:
     @property
     def num_bytes(self) -> int:
         return len(self.data)
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    """A stored conversation, without its items."""
+
+    id: str
+    created_at: datetime
+    metadata: dict[str, str] | None = None

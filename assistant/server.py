@@ -55,7 +55,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from assistant import http_api
+from assistant import conversations_api, http_api
 from assistant.access import Access, tenant_of
 from assistant.errors import ConversationNotFound, MessageTooLarge
 from assistant.events import Dialect, EventWriter
@@ -106,6 +106,7 @@ def asgi_app(app: App) -> Starlette:
         Route(REALTIME_PATH, _upgrade_required),
         Route("/healthz", _healthz),
         *http_api.routes(),
+        *conversations_api.routes(),
     ]
     middleware = [Middleware(Access, tenant_of=app.tenant_of, allowed_origins=app.allowed_origins)]
     if app.allowed_origins:  # other sites' pages may call the HTTP API: answer their browsers' CORS checks

@@ -29,17 +29,18 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
+from datetime import UTC
 from pathlib import Path
 from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import URL, Connection, Engine, create_engine, delete, event, make_url, select, update
+from sqlalchemy import URL, Connection, Engine, create_engine, delete, event, make_url, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from assistant.errors import ConversationNotFound, ItemAlreadyExists, ItemNotFound, ResponseNotFound
-from assistant.items import ContentPart, Item, ResponseRecord, StoredImage, Usage
+from assistant.items import ContentPart, ConversationInfo, Item, ResponseRecord, StoredImage, Usage
 from assistant.store_models import DEFAULT_TENANT, ConversationRow, ImageRow, ItemRow, PartRow, ResponseRow, utcnow
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
@@ -112,7 +113,55 @@ class Store:
             row = session.get(ConversationRow, conversation_id)
             return row is not None and row.tenant == tenant
 
+    def get_conversation(self, conversation_id: str, tenant: str) -> ConversationInfo:
+        with self._read.begin() as session:
+            row = session.get(ConversationRow, conversation_id)
+            if row is None or row.tenant != tenant:
+                raise _conversation_not_found(conversation_id)
+            return _conversation_of(row)
+
+    def list_conversations(self, tenant: str, *, limit: int, after: str | None = None,
+                           newest_first: bool = True) -> tuple[list[ConversationInfo], bool]:
+        """One page of ``tenant``'s conversations by creation time, starting after the conversation ``after``;
+        and whether more follow."""
+        order = (ConversationRow.created_at, ConversationRow.id)
+        with self._read.begin() as session:
+            query = select(ConversationRow).where(ConversationRow.tenant == tenant)
+            if after is not None:
+                cursor = session.get(ConversationRow, after)
+                if cursor is None or cursor.tenant != tenant:
+                    raise _conversation_not_found(after, "after")
+                key = tuple_(*order)
+                query = query.where(key < (cursor.created_at, cursor.id) if newest_first
+                                    else key > (cursor.created_at, cursor.id))
+            query = query.order_by(*(column.desc() if newest_first else column for column in order))
+            rows = list(session.scalars(query.limit(limit + 1)))
+            return [_conversation_of(row) for row in rows[:limit]], len(rows) > limit
+
+    def delete_conversation(self, conversation_id: str, tenant: str) -> None:
+        """Delete a conversation with its items and responses (image bytes stay: other items may share them)."""
+        with self._write.begin() as session:
+            result = session.execute(delete(ConversationRow).where(
+                ConversationRow.id == conversation_id, ConversationRow.tenant == tenant))
+            if _rowcount(result) == 0:
+                raise _conversation_not_found(conversation_id)
+
     # ------------------------------------------------------------ items
+
+    def page_items(self, conversation_id: str, *, limit: int, after: str | None = None,
+                   newest_first: bool = False) -> tuple[list[Item], bool]:
+        """One page of a conversation's items in order (or newest first), starting after the item ``after``;
+        and whether more follow."""
+        with self._read.begin() as session:
+            query = select(ItemRow).where(ItemRow.conversation_id == conversation_id)
+            if after is not None:
+                position = _position_of(session, conversation_id, after)
+                if position is None:
+                    raise _item_not_found(after, "after")
+                query = query.where(ItemRow.position < position if newest_first else ItemRow.position > position)
+            query = query.order_by(ItemRow.position.desc() if newest_first else ItemRow.position)
+            rows = list(session.scalars(query.limit(limit + 1)))
+            return [_item_of(row) for row in rows[:limit]], len(rows) > limit
 
     def list_items(self, conversation_id: str) -> list[Item]:
         """All items of a conversation in order; empty for an unknown conversation."""
@@ -192,6 +241,11 @@ class Store:
                 raise _item_not_found(item_id, "item_id")
 
     # ------------------------------------------------------------ images
+
+    def image_parts(self, conversation_id: str) -> list[ContentPart]:
+        """The image parts of a conversation's items (which images it refers to)."""
+        with self._read.begin() as session:
+            return _image_parts(session, conversation_id)
 
     def get_image(self, sha256: str) -> StoredImage | None:
         return self.get_images([sha256]).get(sha256)
@@ -345,6 +399,15 @@ def _insert_images(session: Session, images: Sequence[StoredImage]) -> None:
 
 def _rowcount(result: Any) -> int:
     return cast(int, result.rowcount)
+
+
+def _conversation_not_found(conversation_id: str, param: str = "conversation_id") -> ConversationNotFound:
+    return ConversationNotFound(f"No conversation {conversation_id[:100]!r}.", param=param)
+
+
+def _conversation_of(row: ConversationRow) -> ConversationInfo:
+    created_at = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)  # SQLite: naive UTC
+    return ConversationInfo(row.id, created_at, row.metadata_)
 
 
 def _item_not_found(item_id: str, param: str) -> ItemNotFound:

@@ -366,3 +366,29 @@ def test_check_images_sees_stored_image_parts_and_can_refuse(store: Store, conve
     with pytest.raises(BudgetExceeded, match="3 images already"):
         store.add_item(conversation, image_item("d", image("d")), images=[image("d")], check_images=refuse)
     assert ids(store, conversation) == ["a", "t", "c"] and num_images(store) == 3
+
+
+def test_conversations_and_items_page_per_tenant(store: Store) -> None:
+    ids = [store.create_conversation(tenant="acme") for _ in range(5)]
+    store.create_conversation(tenant="globex")
+    page, has_more = store.list_conversations("acme", limit=2)
+    assert [c.id for c in page] == ids[:2:-1][:2] and has_more
+    page, has_more = store.list_conversations("acme", limit=2, after=page[-1].id)
+    assert [c.id for c in page] == [ids[2], ids[1]] and has_more
+    page, has_more = store.list_conversations("acme", limit=5, after=page[-1].id)
+    assert [c.id for c in page] == [ids[0]] and not has_more
+    assert [c.id for c in store.list_conversations("acme", limit=9, newest_first=False)[0]] == ids
+    with pytest.raises(ConversationNotFound):
+        store.list_conversations("globex", limit=2, after=ids[0])  # a cursor from another tenant
+    for name in "abcde":
+        store.add_item(ids[0], text_item(name))
+    items, has_more = store.page_items(ids[0], limit=2, after="b")
+    assert [i.id for i in items] == ["c", "d"] and has_more
+    items, has_more = store.page_items(ids[0], limit=9, after="c", newest_first=True)
+    assert [i.id for i in items] == ["b", "a"] and not has_more
+    with pytest.raises(ConversationNotFound):
+        store.delete_conversation(ids[0], "globex")
+    store.delete_conversation(ids[0], "acme")
+    assert store.list_items(ids[0]) == [] and not store.conversation_exists(ids[0], "acme")
+    with pytest.raises(ConversationNotFound):
+        store.get_conversation(ids[0], "acme")
