@@ -2,7 +2,8 @@
 
 Order of the checks, before any route runs (so a refused client costs one key lookup at most):
 
-1. ``/healthz`` is open to all (load balancers carry no key).
+1. ``/healthz`` and ``/readyz`` are open to all (load balancers and probes carry no key); ``/metrics``
+   needs a key like the API when keys are required.
 2. **Origin.** A request or WebSocket handshake that carries an ``Origin`` header comes from a
    browser page. It passes when that origin is the server's own (same host and port as the
    ``Host`` header) or is listed in ``--allowed-origins`` (``*`` for any); otherwise it is refused
@@ -38,7 +39,7 @@ from assistant.store_models import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no key
 HTTP_STATUS = {"missing_api_key": 401, "invalid_api_key": 401, "origin_not_allowed": 403}
 
 

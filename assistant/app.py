@@ -18,6 +18,7 @@ from assistant.engine.sampling import SamplingParams
 from assistant.images import ImageLimits
 from assistant.keys import Keys
 from assistant.limits import TenantLimits
+from assistant.metrics import MeteredEngine, Metrics
 from assistant.prompts import load_system_prompt
 from assistant.server import App, tls_context
 from assistant.session import ImageBudget, Settings
@@ -49,9 +50,11 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         return given if given is not None else load_model(config, progress=progress)
 
     # Loaded on the engine's own thread: decoding there runs twice as fast as after loading on this one.
+    metrics = Metrics()
     engine = Engine.start_loaded(load, max_num_running=config.max_running_requests,
                                  max_num_waiting=config.max_waiting_requests, kv_cache_bytes=config.kv_cache_bytes,
-                                 prefill_chunk_tokens=config.prefill_chunk_tokens, max_kv_bytes=config.max_kv_bytes)
+                                 prefill_chunk_tokens=config.prefill_chunk_tokens, max_kv_bytes=config.max_kv_bytes,
+                                 on_image_encode=metrics.image_encode.observe)
     model = engine.model
     keys = Keys(store.engine)
     has_keys = keys.any_active()
@@ -63,9 +66,9 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         progress("API keys are required but none exists yet: create one with `assistant keys create --tenant NAME`")
     else:
         progress("API keys are required")
-    return App(
+    app = App(
         store=store,
-        engine=AsyncEngine(engine),
+        engine=MeteredEngine(AsyncEngine(engine), metrics),
         model_name=config.model,
         defaults=default_settings(config),
         image_budget=image_budget(config, model.num_image_tokens if model.accepts_images else None),
@@ -76,7 +79,12 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         tenant_of=keys.tenant_of if keys_required else None,
         allowed_origins=origins_of(config.allowed_origins),
         limits=TenantLimits(config.max_connections_per_tenant, config.max_responses_per_tenant),
+        metrics=metrics,
     )
+    scheduler = engine.scheduler  # sizes read when scraped (len() of the engine thread's queues)
+    metrics.watch(connections=lambda: app.num_connections, queue_depth=lambda: scheduler.num_waiting,
+                  batch_size=lambda: scheduler.num_running)
+    return app
 
 
 def close_app(app: App) -> None:

@@ -6,7 +6,9 @@
   as a subprotocol; the server then selects ``realtime``. Plain HTTP there gets 426.
 - ``/v1/chat/completions``, ``/v1/models``: the OpenAI-compatible HTTP API
   (:mod:`assistant.http_api`), sharing the engine and its batching with the socket.
-- ``GET /healthz`` answers 200 ``ok``; anything else is 404.
+- ``GET /healthz`` answers 200 ``ok`` (alive); ``GET /readyz`` 200 when the engine runs and the database
+  answers, 503 saying which is not; ``GET /metrics`` is Prometheus text (:mod:`assistant.metrics`); anything
+  else is 404.
 - Before any route: :mod:`assistant.access` refuses pages from other origins (403) and, when keys are
   required, a missing, unknown or revoked key (401), and names the caller's tenant. A connection sees
   only its tenant's conversations, and is counted against its tenant's bounds (:mod:`assistant.limits`).
@@ -44,6 +46,7 @@ from typing import Any
 
 import h11
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -60,6 +63,7 @@ from assistant.access import Access, tenant_of
 from assistant.errors import ConversationNotFound, MessageTooLarge
 from assistant.events import Dialect, EventWriter
 from assistant.limits import TenantLimits
+from assistant.metrics import Metrics
 from assistant.session import ImageBudget, Session, Settings
 from assistant.store import Store, new_conversation_id
 
@@ -67,6 +71,7 @@ log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 MAX_MODEL_NAME_CHARS = 128
+READY_TIMEOUT_S = 2.0  # a database slower than this to answer SELECT 1 is not ready
 REQUEST_HEAD_TIMEOUT_S = 10.0  # as long as the websockets server gave a client to finish its handshake
 NOT_FOUND = f"Not found. The Realtime endpoint is {REALTIME_PATH}; the HTTP API is under /v1.\n"
 
@@ -88,6 +93,7 @@ class App:
     tenant_of: Callable[[str], str | None] | None = None
     allowed_origins: frozenset[str] = frozenset()  # besides the server's own; "*" for any
     limits: TenantLimits = field(default_factory=lambda: TenantLimits(64, 16))
+    metrics: Metrics = field(default_factory=Metrics)
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
 
     @property
@@ -105,6 +111,8 @@ def asgi_app(app: App) -> Starlette:
         WebSocketRoute(REALTIME_PATH, _realtime),
         Route(REALTIME_PATH, _upgrade_required),
         Route("/healthz", _healthz),
+        Route("/readyz", _readyz),
+        Route("/metrics", _metrics),
         *http_api.routes(),
         *conversations_api.routes(),
     ]
@@ -121,6 +129,25 @@ def asgi_app(app: App) -> Starlette:
 
 async def _healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
+
+
+async def _readyz(request: Request) -> Response:
+    """Ready to serve: the engine thread runs (the model is loaded) and the database answers."""
+    app: App = request.app.state.app
+    problems = [] if app.engine.is_running else ["the engine is not running"]
+    try:
+        await asyncio.wait_for(asyncio.to_thread(app.store.ping), READY_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001  any failure means not ready; the reason is logged, not sent
+        log.info("readyz: the database did not answer: %s", type(exc).__name__)
+        problems.append("the database does not answer")
+    if problems:
+        return PlainTextResponse("not ready: " + "; ".join(problems) + "\n", status_code=503)
+    return PlainTextResponse("ready\n")
+
+
+async def _metrics(request: Request) -> Response:
+    app: App = request.app.state.app
+    return Response(app.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _upgrade_required(request: Request) -> Response:

@@ -89,6 +89,11 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """Raise unless the database answers a trivial query."""
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
     # ------------------------------------------------------------ conversations
 
     def create_conversation(self, metadata: dict[str, str] | None = None, *, tenant: str = DEFAULT_TENANT,

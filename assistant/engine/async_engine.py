@@ -83,6 +83,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
+    @property
+    def is_running(self) -> bool:
+        return self.engine.is_running
+
     def shutdown(self) -> None:
         """Stop admitting (admissions under way finish), then shut the engine down."""
         self._admission.shutdown(wait=True)

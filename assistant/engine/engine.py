@@ -99,12 +99,14 @@ class EngineStopped(RuntimeError):
 
 class Engine:
     def __init__(self, model: ChatModel, *, max_num_running: int = 8, max_num_waiting: int = 64,
-                 kv_cache_bytes: int = 0, prefill_chunk_tokens: int = 512, max_kv_bytes: int = 0) -> None:
+                 kv_cache_bytes: int = 0, prefill_chunk_tokens: int = 512, max_kv_bytes: int = 0,
+                 on_image_encode: Callable[[float], None] | None = None) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.model = model
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_kv_bytes = max_kv_bytes  # the running sequences' KV caches; 0: no bound but the context
+        self.on_image_encode = on_image_encode  # seconds spent encoding a prompt's images (engine thread)
         self._kv_bytes_per_position: float | None = None  # learned from the first prefilled cache
         self._prefilling: list[Sequence] = []  # admitted, prompt not run whole yet; the first gets a chunk a step
         self.prefix_cache = PrefixCache(kv_cache_bytes, model.new_cache)  # engine thread only
@@ -199,6 +201,11 @@ class Engine:
             raise result
         return result
 
+    @property
+    def is_running(self) -> bool:
+        """Whether the engine thread is alive and not stopping (the model is loaded: it loads before it runs)."""
+        return self._thread is not None and self._thread.is_alive() and not self._is_stopping
+
     def shutdown(self) -> None:
         """Cancel every request (each gets its Finished) and stop the thread."""
         with self._cond:
@@ -292,8 +299,11 @@ class Engine:
         assert isinstance(request, GenerationRequest)
         seq.prefill_prompt, seq.prefill_key = prompt, key
         seq.kv_cache, seq.num_prefilled = self.prefix_cache.take(key, seq.num_image_tokens > 0)
+        started = time.perf_counter()
         seq.image_embeds, num_cached = self.model.encode_images(
             prompt.images_from(seq.num_prefilled), request.image_source)  # (image tokens after the reused prefix, C)
+        if self.on_image_encode is not None and seq.image_embeds is not None and num_cached < len(seq.image_embeds):
+            self.on_image_encode(time.perf_counter() - started)  # something was encoded, not only looked up
         self._prefilling.append(seq)
         return num_cached
 
