@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", help="The key's id (key_...) or the first characters `keys list` shows.")
     for parser_ in (create, list_keys, revoke):
         _add_config_flags(parser_, ["data_dir", "database_url", "log_level"])
+    doctor = commands.add_parser("doctor", help="Print what a bug report needs: versions, CPU features, device, "
+                                 "bitsandbytes backend, model files, database (no password) and migration state.")
+    _add_config_flags(doctor)
     models = commands.add_parser("models", help="Model management.")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     pull = model_commands.add_parser("pull", help="Fetch the configured model's weights into the data dir (default: "
@@ -144,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"assistant: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     try:
         if args.command == "serve":
             return _serve(config)
@@ -152,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _db_upgrade(config)
         if args.command == "keys":
             return _keys(args, config)
+        if args.command == "doctor":
+            from assistant.doctor import report
+
+            print("\n".join(report(config)))
+            return 0
         if args.command == "match":
             return _match(args, config)
         return _models_pull(config)
@@ -162,12 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def configure_logging(level: str) -> None:
-    """Our log at ``level``; the libraries' start-up chatter (Alembic's plug-ins and migration context,
-    transformers' progress bars, bitsandbytes' note that it could not fetch an optional CPU kernel from the
-    Hugging Face hub and uses its own, a deprecation peft triggers) only at debug, so a start is a few
-    readable lines."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Our log at ``level``, as text or JSON lines; the libraries' start-up chatter (Alembic's plug-ins and
+    migration context, transformers' progress bars, bitsandbytes' note that it could not fetch an optional CPU
+    kernel from the Hugging Face hub and uses its own, a deprecation peft triggers) only at debug, so a start is a
+    few readable lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     if level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -177,6 +190,17 @@ def configure_logging(level: str) -> None:
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and the traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -214,7 +238,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, TrainingRefused) as exc:
         print(f"assistant: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     try:
         result = train(settings, config, report=lambda message: tqdm.write(f"assistant: {message}", file=sys.stderr))
     except KeyboardInterrupt:

@@ -32,6 +32,7 @@ QUANTIZE_CHOICES = ("auto", "nf4", "int8", "int8-cpu", "none")
 DTYPE_CHOICES = ("bfloat16", "float32", "float16", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_CHOICES = ("auto", "on", "off")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,8 @@ class Config:
     max_message_bytes: int = _opt(16 * 1024 * 1024, "Largest WebSocket message accepted from a client, in bytes.")
     max_connections: int = _opt(256, "Concurrent WebSocket connections; more are refused with close code 1013.")
     log_level: str = _opt("info", "Log level.", choices=LOG_LEVELS)
+    log_format: str = _opt("text", "Log lines as text, or as one JSON object each (time, level, logger, message) "
+                           "for log collectors.", choices=LOG_FORMATS)
     tls_certfile: str = _opt("", "PEM certificate chain: serve wss:// and https:// (with --tls-keyfile).")
     tls_keyfile: str = _opt("", "PEM private key of --tls-certfile.")
     # Access

@@ -40,7 +40,7 @@ from assistant.events import new_id
 from assistant.intake import conversation_budget, validate_item
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage
 from assistant.prompts import StoreImages, build_messages
-from assistant.response_run import status_of, usage_of
+from assistant.response_run import log_outcome, status_of, usage_of
 from assistant.tool_calls import ArgumentsDelta, CallDone, CallStarted, OutputEvent, TextDelta, ToolCallParser
 
 if TYPE_CHECKING:
@@ -361,9 +361,10 @@ class _Run:
             finished = Finished(reason="error", error="internal error")
         finally:
             self._finished = True
+            record = self._record(finished, started, first_token_at)
             if conversation_id is not None:
-                await asyncio.shield(self._store(conversation_id, "".join(text), calls, finished, started,
-                                                 first_token_at))
+                await asyncio.shield(self._store(conversation_id, "".join(text), calls, record))
+            log_outcome(record, "chat completion", conversation_id)
             self._events.put_nowait(finished)
 
     def _put(self, events: list[OutputEvent], text: list[str], calls: list[CallDone]) -> None:
@@ -374,22 +375,22 @@ class _Run:
                 calls.append(event)
             self._events.put_nowait(event)
 
-    async def _store(self, conversation_id: str, text: str, calls: list[CallDone], finished: Finished,
-                     started: float, first_token_at: float | None) -> None:
+    def _record(self, finished: Finished, started: float, first_token_at: float | None) -> ResponseRecord:
         status, details = status_of(finished)  # as a Realtime response of the same outcome is stored
-        reason = details.get("reason") if details else None
-        item_status = "completed" if status == "completed" else "incomplete"
+        return ResponseRecord(self.request_id, self.prepared.conversation_id or "", status,
+                              details.get("reason") if details else None, (), usage_of(finished),
+                              None if first_token_at is None else (first_token_at - started) * 1000.0,
+                              (time.monotonic() - started) * 1000.0)
+
+    async def _store(self, conversation_id: str, text: str, calls: list[CallDone], record: ResponseRecord) -> None:
+        item_status = "completed" if record.status == "completed" else "incomplete"
         items = [Item(new_id("item"), "assistant", type="function_call", status=item_status,
                       call_id=done.call.call_id, name=done.call.name, arguments=done.call.arguments)
                  for done in calls]
-        if not calls and (text or status == "completed"):
+        if not calls and (text or record.status == "completed"):
             items.append(Item(new_id("item"), "assistant", (ContentPart("output_text", text=text),),
                               status=item_status))
-        now = time.monotonic()
-        record = ResponseRecord(self.request_id, conversation_id, status, reason, tuple(item.id for item in items),
-                                usage_of(finished),
-                                None if first_token_at is None else (first_token_at - started) * 1000.0,
-                                (now - started) * 1000.0)
+        record = replace(record, output_item_ids=tuple(item.id for item in items))
         try:
             for item in items:
                 await asyncio.to_thread(self.app.store.add_item, conversation_id, item)

@@ -235,6 +235,7 @@ class ResponseRun:
             await asyncio.to_thread(self.store.finish_response, record)
         except Exception:
             log.exception("response %s: could not store the result", self.id)
+        log_outcome(record, "response", self.conversation_id)
         try:
             for output in closing:
                 await self._send_done(output)
@@ -255,6 +256,15 @@ class ResponseRun:
         event = self.writer.event(type_, **fields)
         if event is not None:
             await self._send_event(event)
+
+
+def log_outcome(record: ResponseRecord, kind: str, conversation_id: str | None) -> None:
+    """One log line per response (or chat completion): ids, outcome, tokens, timing."""
+    usage = record.usage
+    first = "-" if record.time_to_first_token_ms is None else f"{record.time_to_first_token_ms:.0f} ms"
+    log.info("%s %s (conversation %s): %s%s, %d input (%d cached) and %d output tokens, first token %s, %.0f ms",
+             kind, record.id, conversation_id or "-", record.status, f" ({record.reason})" if record.reason else "",
+             usage.input_tokens, usage.cached_tokens, usage.output_tokens, first, record.duration_ms or 0.0)
 
 
 def usage_of(finished: Finished) -> Usage:

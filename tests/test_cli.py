@@ -222,3 +222,41 @@ def test_match_refuses_a_text_only_model_and_a_bad_image(tiny_model_dir: Path, t
     assert main(match_command(tmp_path / "missing.png", tmp_path / "no-model", tmp_path / "data", "a cat")) == 2
     assert "cannot read" in capsys.readouterr().err
     assert main(match_command(tmp_path / "picture.png", tmp_path / "no-model", tmp_path / "data", "")) == 2
+
+
+def test_doctor_prints_what_a_bug_report_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["doctor", "--data-dir", str(tmp_path), "--database-url", url]) == 0
+    report = capsys.readouterr().out
+    for expected in ("versions:", "torch ", "bitsandbytes backend ", "avx512_bf16 ", "--quantize auto (here: ",
+                     f"data dir {tmp_path}", "no models pulled yet", "schema NOT at the newest migration",
+                     "--auth auto"):
+        assert expected in report, expected
+    main(["db", "upgrade", "--database-url", url])
+    main(["keys", "create", "--tenant", "acme", "--database-url", url])
+    capsys.readouterr()
+    assert main(["doctor", "--data-dir", str(tmp_path), "--database-url", url]) == 0
+    assert "keys: 1 active, 0 revoked" in capsys.readouterr().out
+    main(["doctor", "--database-url", "postgresql+psycopg://someone:hunter2@127.0.0.1:5432/test"])
+    report = capsys.readouterr().out
+    assert "hunter2" not in report and "someone:***@127.0.0.1" in report
+
+
+def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from assistant.cli import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        root.handlers = []
+        configure_logging("info", "json")
+        logging.getLogger("assistant.server").info("connection %s: conversation %s", "sess_1", "conv_1")
+        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert (line["level"], line["logger"], line["message"]) == ("info", "assistant.server",
+                                                                     "connection sess_1: conversation conv_1")
+        assert line["time"].endswith("+00:00")
+    finally:
+        root.handlers, root.level = saved
