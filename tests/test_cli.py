@@ -225,17 +225,17 @@ def test_match_refuses_a_text_only_model_and_a_bad_image(tiny_model_dir: Path, t
 
 
 def test_doctor_prints_what_a_bug_report_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    assert main(["doctor", "--data-dir", str(tmp_path), "--database-url", url]) == 0
+    database = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["doctor", "--data-dir", str(tmp_path), "--database-url", database]) == 0
     report = capsys.readouterr().out
     for expected in ("versions:", "torch ", "bitsandbytes backend ", "avx512_bf16 ", "--quantize auto (here: ",
                      f"data dir {tmp_path}", "no models pulled yet", "schema NOT at the newest migration",
                      "--auth auto"):
         assert expected in report, expected
-    main(["db", "upgrade", "--database-url", url])
-    main(["keys", "create", "--tenant", "acme", "--database-url", url])
+    main(["db", "upgrade", "--database-url", database])
+    main(["keys", "create", "--tenant", "acme", "--database-url", database])
     capsys.readouterr()
-    assert main(["doctor", "--data-dir", str(tmp_path), "--database-url", url]) == 0
+    assert main(["doctor", "--data-dir", str(tmp_path), "--database-url", database]) == 0
     assert "keys: 1 active, 0 revoked" in capsys.readouterr().out
     main(["doctor", "--database-url", "postgresql+psycopg://someone:hunter2@127.0.0.1:5432/test"])
     report = capsys.readouterr().out
