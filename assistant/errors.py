@@ -38,6 +38,9 @@ message_too_large                    a frame exceeds the configured size limit
 image_*                              an image was refused (see assistant.images)
 too_many_images / too_many_image_tokens  image budgets per message or conversation
 server_overloaded                    the engine's queue is full; retry later
+server_shutting_down                 the server is draining (SIGTERM): no new responses; a response
+                                     cut by the drain ends ``incomplete`` (``server_shutdown``).
+                                     Retry on a new connection once the server is back
 context_length_exceeded              the latest message (with the instructions) does not fit the
                                      model's context, even with all older turns left out
 invalid_prompt                       the model cannot take the conversation (its chat template
@@ -156,6 +159,13 @@ class BudgetExceeded(InvalidRequest):
     """A configured bound was hit (images or image tokens per message/conversation)."""
 
     code = "too_many_images"
+
+
+class ServerShuttingDown(AssistantError):
+    """The server is draining before it exits (see :mod:`assistant.drain`); retryable once it is back."""
+
+    code = "server_shutting_down"
+    type = "server_error"
 
 
 class InternalError(AssistantError):

@@ -18,9 +18,15 @@ its other implementation is built on websockets' deprecated legacy API).
 
 The server only moves frames: parsing, state and storage live in
 :mod:`assistant.session`; it never sees a tensor. Close codes: 1000 normal,
-1001 when the server shuts down, 1008 for an unknown conversation, 1009 for a
+1012 when the server shuts down (after the drain), 1008 for an unknown conversation, 1009 for a
 frame over twice ``max_message_bytes`` (frames over the limit itself get a
 ``message_too_large`` error event), 1013 when the connection limit is reached.
+
+Shutting down (SIGTERM/SIGINT, or :meth:`Server.close`) drains (:mod:`assistant.drain`): the
+listening sockets close, so new connections are refused; open ones stay, but start no new
+response; running responses get ``drain_timeout`` seconds to finish, the rest end
+``incomplete`` (``server_shutdown``); then every Realtime socket closes with 1012 (service
+restart, which the SDKs reconnect after). A second signal stops the waiting.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from assistant import http_api
+from assistant.drain import Drain
 from assistant.errors import ConversationNotFound, MessageTooLarge
 from assistant.events import Dialect, EventWriter
 from assistant.session import ImageBudget, Session, Settings
@@ -72,6 +79,7 @@ class App:
     image_budget: ImageBudget
     max_message_bytes: int
     max_connections: int
+    drain: Drain  # the running responses, and whether new ones may start
     ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
     renders_tools: bool = False  # the model's chat template describes tools itself (ChatModel.renders_tools)
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
@@ -81,7 +89,7 @@ class App:
         return len(self.sockets)
 
     async def close_connections(self, code: int, reason: str) -> None:
-        """Close every open Realtime connection (1001 when the server shuts down)."""
+        """Close every open Realtime connection (1012 when the server shuts down)."""
         await asyncio.gather(*(_close(websocket, code, reason) for websocket in list(self.sockets)))
 
 
@@ -159,7 +167,7 @@ async def _serve_connection(app: App, websocket: WebSocket) -> None:
         conversation_id = await asyncio.to_thread(app.store.create_conversation)
     session = Session(store=app.store, engine=app.engine, conversation_id=conversation_id,
                       model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
-                      writer=writer, send=send, renders_tools=app.renders_tools)
+                      writer=writer, send=send, drain=app.drain, renders_tools=app.renders_tools)
     log.info("connection %s: conversation %s (%s)", session.id, conversation_id, writer.dialect.value)
     await session.start()
     try:
@@ -268,8 +276,8 @@ class _H11Protocol(H11Protocol):
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, started and stopped by its owner (signals are :func:`serve_forever`'s), that closes
-    Realtime connections with 1001 (going away) when it shuts down: uvicorn itself would send 1012."""
+    """uvicorn's server, started and stopped by its owner (signals are :func:`serve_forever`'s), that drains
+    before it shuts down: uvicorn itself would close Realtime connections (1012) with their responses running."""
 
     def __init__(self, app: App, host: str, port: int) -> None:
         config = uvicorn.Config(
@@ -306,6 +314,9 @@ class Server(uvicorn.Server):
             await asyncio.sleep(0.01)
 
     def close(self) -> None:
+        """Begin the drain and shut down; called again while draining, stop waiting for the running responses."""
+        if self.should_exit:
+            self.app.drain.hurry()
         self.should_exit = True
 
     async def wait_closed(self) -> None:
@@ -314,8 +325,9 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
-            server.close()  # no new connections while the open ones are told to go away
-        await self.app.close_connections(1001, "server shutting down")
+            server.close()  # new connections are refused while the running responses finish
+        await self.app.drain.run()
+        await self.app.close_connections(1012, "server shutting down")
         await super().shutdown(sockets)
 
 
@@ -355,7 +367,8 @@ async def start_server(app: App, host: str, port: int) -> Server:
 
 
 async def serve_forever(app: App, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM, then close connections with 1001 and return."""
+    """Serve until SIGINT/SIGTERM, drain (a second signal stops the waiting), close connections with 1012 and
+    return."""
     server = await start_server(app, host, port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
