@@ -41,10 +41,6 @@ class Drain:
         self._num_cut = 0
         self._hurried = asyncio.Event()
 
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
-
     def admit(self) -> None:
         """Raise ``server_shutting_down`` once the drain has begun."""
         if self.is_draining:
