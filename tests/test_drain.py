@@ -156,6 +156,11 @@ async def serve(model_dir: Path, data_dir: Path, *flags: str) -> AsyncIterator[S
             await process.wait()
 
 
+def http_client(served: Served) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key="sk-unused", base_url=f"http://127.0.0.1:{served.port}/v1", max_retries=0,
+                              timeout=TIMEOUT)
+
+
 async def recv(ws: ClientConnection) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
 
@@ -209,10 +214,13 @@ def stored_items(database: Path, conversation_id: str) -> list[tuple[str, str]]:
 async def test_sigterm_lets_a_running_response_finish_then_closes_with_1012(endless_model_dir: Path,
                                                                            tmp_path: Path) -> None:
     """(a) A long drain timeout: the running response ends by itself; meanwhile an open connection's new
-    response.create is refused (retryable, coded) and a new connection is refused; then 1012, exit 0."""
+    response.create is refused (retryable, coded), as is a chat completion on a kept-alive HTTP connection, and a
+    new connection is refused; then 1012, exit 0."""
     async with serve(endless_model_dir, tmp_path, "--drain-timeout", "120") as served:
         ws, conversation_id = await open_session(served)
         idle, _ = await open_session(served)
+        client = http_client(served)
+        assert [model.id async for model in client.models.list()]  # the connection the SDK keeps alive
         num_tokens = 3000  # seconds of decoding: still running when SIGTERM arrives, done long before 120 s
         started = await start_response(ws, num_tokens)
         response_id = started[0]["response"]["id"]
@@ -223,6 +231,9 @@ async def test_sigterm_lets_a_running_response_finish_then_closes_with_1012(endl
         error = (await recv_until(idle, "error"))[-1]["error"]
         assert error["code"] == "server_shutting_down" and error["event_id"] == "late"
         assert error["type"] == "server_error"
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
+        assert info.value.status_code == 503 and info.value.code == "server_shutting_down"
         with pytest.raises(OSError):  # the listening socket is closed: refused, not queued
             await connect(served.realtime_url, open_timeout=5)
 
@@ -244,8 +255,7 @@ async def test_sigterm_cuts_what_outlasts_the_drain_timeout(endless_model_dir: P
         ws, conversation_id = await open_session(served)
         started = await start_response(ws, "inf")
         response_id = started[0]["response"]["id"]
-        client = openai.AsyncOpenAI(api_key="sk-unused", base_url=f"http://127.0.0.1:{served.port}/v1",
-                                    max_retries=0, timeout=TIMEOUT)
+        client = http_client(served)
         stream = await client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Tell me a story"}], stream=True, store=True)
         chunks = stream.__aiter__()
@@ -278,13 +288,14 @@ async def test_sigterm_cuts_what_outlasts_the_drain_timeout(endless_model_dir: P
     assert statuses == [("incomplete", "server_shutdown")]  # the chat completion, stored with store: true
 
 
-async def test_a_second_sigterm_cuts_at_once(endless_model_dir: Path, tmp_path: Path) -> None:
+async def test_a_second_signal_cuts_at_once(endless_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM, then SIGINT (Ctrl-C) while the drain waits: no waiting out the 600 s."""
     async with serve(endless_model_dir, tmp_path, "--drain-timeout", "600") as served:
         ws, _ = await open_session(served)
         await start_response(ws, "inf")
         served.process.send_signal(signal.SIGTERM)
         await served.wait_for_line("draining:")
-        served.process.send_signal(signal.SIGTERM)
+        served.process.send_signal(signal.SIGINT)
         done = (await recv_until(ws, "response.done"))[-1]["response"]
         assert done["status_details"]["reason"] == "server_shutdown"
         assert await close_code(ws) == 1012
