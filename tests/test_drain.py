@@ -205,6 +205,11 @@ def stored_response(database: Path, response_id: str) -> tuple[str, str | None, 
     return row
 
 
+def num_stored_in_progress(database: Path) -> int:
+    with sqlite3.connect(database) as db:
+        return db.execute("SELECT count(*) FROM responses WHERE status = 'in_progress'").fetchone()[0]
+
+
 def stored_items(database: Path, conversation_id: str) -> list[tuple[str, str]]:
     with sqlite3.connect(database) as db:
         return db.execute("SELECT role, status FROM items WHERE conversation_id = ? ORDER BY position",
@@ -248,9 +253,9 @@ async def test_sigterm_lets_a_running_response_finish_then_closes_with_1012(endl
 
 
 async def test_sigterm_cuts_what_outlasts_the_drain_timeout(endless_model_dir: Path, tmp_path: Path) -> None:
-    """(b) A short drain timeout: a Realtime response and a streamed chat completion still running when it ends
-    are cut: incomplete/server_shutdown on the wire and in the database, the stream ends in a coded error the
-    SDK raises; then 1012, exit 0."""
+    """(b) A short drain timeout: a Realtime response and two chat completions, streamed and whole, still running
+    when it ends are cut: incomplete/server_shutdown on the wire and in the database; the stream ends in a coded
+    error the SDK raises, the whole one is a 503 with the same code; then 1012, exit 0."""
     async with serve(endless_model_dir, tmp_path, "--drain-timeout", "1", "--max-output-tokens", "0") as served:
         ws, conversation_id = await open_session(served)
         started = await start_response(ws, "inf")
@@ -263,12 +268,19 @@ async def test_sigterm_cuts_what_outlasts_the_drain_timeout(endless_model_dir: P
         streamed: list[str] = []
         while not streamed:
             streamed += [choice.delta.content or "" for choice in (await anext(chunks)).choices]
+        whole = asyncio.create_task(client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Tell me a story"}], store=True))
+        while num_stored_in_progress(served.database) < 3:  # the whole one has started too
+            await asyncio.sleep(0.05)
 
         served.process.send_signal(signal.SIGTERM)
         with pytest.raises(openai.APIError) as info:
             async for chunk in chunks:
                 assert chunk.choices[0].finish_reason is None, "the stream was cut: no finish_reason"
         assert info.value.code == "server_shutting_down"
+        with pytest.raises(openai.InternalServerError) as info:
+            await whole
+        assert info.value.status_code == 503 and info.value.code == "server_shutting_down"
 
         done = (await recv_until(ws, "response.done"))[-1]["response"]
         assert done["status"] == "incomplete"
@@ -277,7 +289,7 @@ async def test_sigterm_cuts_what_outlasts_the_drain_timeout(endless_model_dir: P
         text = done["output"][0]["content"][0]["text"]
         assert await close_code(ws) == 1012
         assert await served.exit_code() == 0
-    assert "drained: 0 responses finished, 2 cut" in "\n".join(served.lines)
+    assert "drained: 0 responses finished, 3 cut" in "\n".join(served.lines)
     status, reason, num_tokens = stored_response(served.database, response_id)
     assert (status, reason, num_tokens) == ("incomplete", "server_shutdown", done["usage"]["output_tokens"])
     assert stored_items(served.database, conversation_id) == [("user", "completed"), ("assistant", "incomplete")]
@@ -285,7 +297,7 @@ async def test_sigterm_cuts_what_outlasts_the_drain_timeout(endless_model_dir: P
         assert db.execute("SELECT text FROM content_parts JOIN items ON items.pk = content_parts.item_pk "
                           "WHERE items.item_id = ?", (done["output"][0]["id"],)).fetchone() == (text,)
         statuses = db.execute("SELECT status, reason FROM responses WHERE id != ?", (response_id,)).fetchall()
-    assert statuses == [("incomplete", "server_shutdown")]  # the chat completion, stored with store: true
+    assert statuses == [("incomplete", "server_shutdown")] * 2  # the chat completions, stored with store: true
 
 
 async def test_a_second_signal_cuts_at_once(endless_model_dir: Path, tmp_path: Path) -> None:
