@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from assistant.access import requires_keys
 from assistant.config import Config, origins_of
+from assistant.drain import Drain
 from assistant.engine.sampling import SamplingParams
 from assistant.images import ImageLimits
 from assistant.keys import Keys
@@ -74,6 +75,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         image_budget=image_budget(config, model.num_image_tokens if model.accepts_images else None),
         max_message_bytes=config.max_message_bytes,
         max_connections=config.max_connections,
+        drain=Drain(config.drain_timeout),
         ssl_context=ssl_context,
         renders_tools=model.renders_tools,
         tenant_of=keys.tenant_of if keys_required else None,

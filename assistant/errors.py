@@ -44,6 +44,9 @@ rate_limit_exceeded                  the tenant already runs ``--max-responses-p
 image_*                              an image was refused (see assistant.images)
 too_many_images / too_many_image_tokens  image budgets per message or conversation
 server_overloaded                    the engine's queue is full; retry later
+server_shutting_down                 the server is draining (SIGTERM): no new responses; a response
+                                     cut by the drain ends ``incomplete`` (``server_shutdown``).
+                                     Retry on a new connection once the server is back
 context_length_exceeded              the latest message (with the instructions) does not fit the
                                      model's context, even with all older turns left out
 invalid_prompt                       the model cannot take the conversation (its chat template
@@ -181,6 +184,13 @@ class RateLimitExceeded(AssistantError):
 
     code = "rate_limit_exceeded"
     type = "requests"
+
+
+class ServerShuttingDown(AssistantError):
+    """The server is draining before it exits (see :mod:`assistant.drain`); retryable once it is back."""
+
+    code = "server_shutting_down"
+    type = "server_error"
 
 
 class InternalError(AssistantError):

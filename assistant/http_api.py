@@ -12,6 +12,12 @@ Errors use OpenAI's HTTP error shape, ``{"error": {"message", "type", "param",
 "code"}}``, with the codes of :mod:`assistant.errors` and the status of
 :data:`HTTP_STATUS`. An error after the stream started is sent as one
 ``data: {"error": ...}`` event (the ``openai`` SDKs raise it), then ``[DONE]``.
+
+While the server drains (:mod:`assistant.drain`) a new completion is refused with 503
+``server_shutting_down`` (the SDKs retry it). A completion the drain cuts is stored
+``incomplete`` (``server_shutdown``); its client gets the same ``server_shutting_down``
+error: a 503 when it was not streamed, else as the stream's error event: the text it
+already has is all there will be, and a retry goes to the server that comes back.
 """
 
 from __future__ import annotations
@@ -35,12 +41,12 @@ from assistant.chat_completions import (ChatCompletionRequest, CompletionIds, ch
                                         parse_request, tool_calls_json, usage_chunk_json)
 from assistant.engine.request import ChatMessage, Finished, GenerationRequest, InlineImages, TextChunk, TokenDelta
 from assistant.errors import (MODEL_ERROR, AssistantError, InternalError, InvalidValue, MessageTooLarge,
-                              engine_error)
+                              ServerShuttingDown, engine_error)
 from assistant.events import new_id
 from assistant.intake import conversation_budget, validate_item
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage
 from assistant.prompts import StoreImages, build_messages
-from assistant.response_run import log_outcome, status_of, usage_of
+from assistant.response_run import CancelReason, log_outcome, status_of, usage_of
 from assistant.tool_calls import ArgumentsDelta, CallDone, CallStarted, OutputEvent, TextDelta, ToolCallParser
 
 if TYPE_CHECKING:
@@ -56,6 +62,7 @@ HTTP_STATUS = {
     "image_not_found": 404,
     "server_overloaded": 503,
     "rate_limit_exceeded": 429,
+    "server_shutting_down": 503,
 }
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 RunEvent = OutputEvent | Finished  # what a run hands the response: the parsed answer, then the outcome
@@ -120,6 +127,7 @@ async def chat_completions(request: Request) -> Response:
         return error_response(exc)
     run: _Run | None = None
     try:
+        app.drain.admit()
         body = await _read_body(request, app.max_message_bytes)
         parsed = await asyncio.to_thread(parse_request, body)  # megabytes of base64 images: not on the loop
         prepared = await asyncio.to_thread(_prepare, app, parsed, tenant)
@@ -136,8 +144,8 @@ async def chat_completions(request: Request) -> Response:
     first = await run.next_event(request)
     if first is None:  # the client left before the first token
         return Response(status_code=499)
-    if isinstance(first, Finished) and first.reason == "error":
-        return error_response(_error_of(first))
+    if isinstance(first, Finished) and (error := run.error_of(first)) is not None:
+        return error_response(error)
     if parsed.stream:
         return StreamingResponse(_stream(run, ids, parsed, first), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
@@ -153,8 +161,8 @@ async def chat_completions(request: Request) -> Response:
         event = await run.next_event(request)
     if event is None:  # the client left
         return Response(status_code=499)
-    if event.reason == "error":
-        return error_response(_error_of(event))
+    if (error := run.error_of(event)) is not None:
+        return error_response(error)
     message: dict[str, Any] = {"content": "".join(text) if not calls else None}
     if calls:
         message["tool_calls"] = tool_calls_json([done.call for done in calls])
@@ -261,8 +269,7 @@ async def _stream(run: _Run, ids: CompletionIds, parsed: ChatCompletionRequest,
                 yield _sse(chunk_json(ids, delta, include_usage=include_usage))
             event = await run.next_event()
         assert event is not None
-        if event.reason == "error":
-            error = _error_of(event)
+        if (error := run.error_of(event)) is not None:
             yield _sse(error_body(error.message, error.type, error.code, error.param))
         else:
             yield _sse(chunk_json(ids, {}, _finish_reason(event, made_calls), include_usage=include_usage))
@@ -309,10 +316,12 @@ class _Run:
         self._events: asyncio.Queue[RunEvent] = asyncio.Queue()
         self._parser = ToolCallParser() if prepared.may_call_tools else None
         self._finished = False
+        self._cancel_reason: CancelReason = "client_cancelled"
         task = asyncio.create_task(self._run())
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         task.add_done_callback(lambda _: on_end())
+        app.drain.track(task, self.cut)
 
     async def next_event(self, request: Request | None = None) -> RunEvent | None:
         """The next piece of the answer, or the Finished that ends it; with ``request``, None when the client
@@ -332,6 +341,17 @@ class _Run:
     def abort(self) -> None:
         if not self._finished:
             self.app.engine.abort(self.request_id)
+
+    def cut(self) -> None:
+        """The server's drain ends the run early: it is stored ``incomplete`` (``server_shutdown``)."""
+        self._cancel_reason = "server_shutdown"
+        self.abort()
+
+    def error_of(self, finished: Finished) -> AssistantError | None:
+        """What the client is told instead of a finish_reason: why generation failed, or that the drain cut it."""
+        if finished.reason == "cancelled" and self._cancel_reason == "server_shutdown":
+            return ServerShuttingDown("The server shut down before the answer was complete; retry once it is back.")
+        return _error_of(finished) if finished.reason == "error" else None
 
     async def _run(self) -> None:
         started = time.monotonic()
@@ -376,7 +396,8 @@ class _Run:
             self._events.put_nowait(event)
 
     def _record(self, finished: Finished, started: float, first_token_at: float | None) -> ResponseRecord:
-        status, details = status_of(finished)  # as a Realtime response of the same outcome is stored
+        # As a Realtime response of the same outcome is stored.
+        status, details = status_of(finished, self._cancel_reason)
         return ResponseRecord(self.request_id, self.prepared.conversation_id or "", status,
                               details.get("reason") if details else None, (), usage_of(finished),
                               None if first_token_at is None else (first_token_at - started) * 1000.0,

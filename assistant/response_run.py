@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from assistant.engine.request import Finished, GenerationRequest, TokenDelta
 from assistant.errors import MODEL_ERROR, AssistantError, engine_error
@@ -41,6 +41,8 @@ from assistant.tool_calls import ArgumentsDelta, CallDone, CallStarted, OutputEv
 
 log = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+# Why a response was cancelled: its client asked (or left), or the server's drain cut it short.
+CancelReason = Literal["client_cancelled", "server_shutdown"]
 
 
 @dataclass
@@ -90,13 +92,14 @@ class ResponseRun:
         self._outputs: list[_Output] = []
         self._message: _Output | None = None
         self._calls: dict[int, _Output] = {}  # by the parser's call index
-        # Set by a cancel or a disconnect that may come before the engine knows the request.
-        self._is_cancel_requested = False
+        # Set by a cancel, a disconnect or the drain, any of which may come before the engine knows the request.
+        self._cancel_reason: CancelReason | None = None
         self._started = time.monotonic()
         self._first_token_at: float | None = None
 
-    def cancel(self) -> None:
-        self._is_cancel_requested = True
+    def cancel(self, reason: CancelReason = "client_cancelled") -> None:
+        """End the response early; the first reason given is the one it ends with."""
+        self._cancel_reason = self._cancel_reason or reason
         self.engine.abort(self.id)
 
     async def run(self, request: GenerationRequest) -> None:
@@ -108,7 +111,7 @@ class ResponseRun:
                 await self._send("rate_limits.updated", rate_limits=self.rate_limits)
             if self._parser is None:
                 await self._open_message()
-            if self._is_cancel_requested:  # cancelled before the engine saw the request
+            if self._cancel_reason is not None:  # cancelled before the engine saw the request
                 finished = Finished(reason="cancelled")
             else:
                 async for engine_event in self.engine.generate(request):
@@ -215,7 +218,7 @@ class ResponseRun:
 
     async def _finish(self, finished: Finished) -> None:
         """Close what is open, store the outcome, then tell the client (who may have left)."""
-        status, details = status_of(finished)
+        status, details = status_of(finished, self._cancel_reason or "client_cancelled")
         if not self._outputs:  # neither text nor a call: an empty message, as a plain answer that ends at once
             try:
                 await self._open_message()
@@ -274,13 +277,17 @@ def usage_of(finished: Finished) -> Usage:
                  cached_image_tokens=finished.num_cached_image_tokens)
 
 
-def status_of(finished: Finished) -> tuple[str, dict[str, Any] | None]:
-    """Map an engine finish reason to a Realtime response status and status_details."""
+def status_of(finished: Finished,
+              cancel_reason: CancelReason = "client_cancelled") -> tuple[str, dict[str, Any] | None]:
+    """Map an engine finish reason to a Realtime response status and status_details; a cancelled request is
+    ``cancelled`` when its client cancelled it, ``incomplete`` when the server's drain cut it."""
     match finished.reason:
         case "stop":
             return "completed", {"type": "completed", "reason": None}
         case "length":
             return "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        case "cancelled" if cancel_reason == "server_shutdown":
+            return "incomplete", {"type": "incomplete", "reason": "server_shutdown"}
         case "cancelled":
             return "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
     public = engine_error(finished.code, finished.error)

@@ -25,10 +25,16 @@ its other implementation is built on websockets' deprecated legacy API).
 
 The server only moves frames: parsing, state and storage live in
 :mod:`assistant.session`; it never sees a tensor. Close codes: 1000 normal,
-1001 when the server shuts down, 1008 for an unknown conversation, 1009 for a
+1012 when the server shuts down (after the drain), 1008 for an unknown conversation, 1009 for a
 frame over twice ``max_message_bytes`` (frames over the limit itself get a
 ``message_too_large`` error event), 1013 when the connection limit (total, or the
 tenant's) is reached.
+
+Shutting down (SIGTERM/SIGINT, or :meth:`Server.close`) drains (:mod:`assistant.drain`): the
+listening sockets close, so new connections are refused; open ones stay, but start no new
+response; running responses get ``drain_timeout`` seconds to finish, the rest end
+``incomplete`` (``server_shutdown``); then every Realtime socket closes with 1012 (service
+restart, which the SDKs reconnect after). A second signal stops the waiting.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from assistant import conversations_api, http_api
 from assistant.access import Access, tenant_of
+from assistant.drain import Drain
 from assistant.errors import ConversationNotFound, MessageTooLarge
 from assistant.events import Dialect, EventWriter
 from assistant.limits import TenantLimits
@@ -87,6 +94,7 @@ class App:
     image_budget: ImageBudget
     max_message_bytes: int
     max_connections: int
+    drain: Drain  # the running responses, and whether new ones may start
     ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
     renders_tools: bool = False  # the model's chat template describes tools itself (ChatModel.renders_tools)
     # Access (assistant.access): a key's tenant (None: unknown or revoked); None when no keys are required.
@@ -101,7 +109,7 @@ class App:
         return len(self.sockets)
 
     async def close_connections(self, code: int, reason: str) -> None:
-        """Close every open Realtime connection (1001 when the server shuts down)."""
+        """Close every open Realtime connection (1012 when the server shuts down)."""
         await asyncio.gather(*(_close(websocket, code, reason) for websocket in list(self.sockets)))
 
 
@@ -214,7 +222,7 @@ async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None
         conversation_id = new_conversation_id()  # stored with the first item or response, not before
     session = Session(store=app.store, engine=app.engine, conversation_id=conversation_id,
                       model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
-                      writer=writer, send=send, renders_tools=app.renders_tools, tenant=tenant,
+                      writer=writer, send=send, drain=app.drain, renders_tools=app.renders_tools, tenant=tenant,
                       is_conversation_stored=is_stored, limits=app.limits)
     log.info("connection %s: conversation %s, tenant %s (%s)", session.id, conversation_id, tenant,
              writer.dialect.value)
@@ -325,8 +333,8 @@ class _H11Protocol(H11Protocol):
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, started and stopped by its owner (signals are :func:`serve_forever`'s), that closes
-    Realtime connections with 1001 (going away) when it shuts down: uvicorn itself would send 1012."""
+    """uvicorn's server, started and stopped by its owner (signals are :func:`serve_forever`'s), that drains
+    before it shuts down: uvicorn itself would close Realtime connections (1012) with their responses running."""
 
     def __init__(self, app: App, host: str, port: int) -> None:
         config = uvicorn.Config(
@@ -363,6 +371,9 @@ class Server(uvicorn.Server):
             await asyncio.sleep(0.01)
 
     def close(self) -> None:
+        """Begin the drain and shut down; called again while draining, stop waiting for the running responses."""
+        if self.should_exit:
+            self.app.drain.hurry()
         self.should_exit = True
 
     async def wait_closed(self) -> None:
@@ -371,8 +382,9 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
-            server.close()  # no new connections while the open ones are told to go away
-        await self.app.close_connections(1001, "server shutting down")
+            server.close()  # new connections are refused while the running responses finish
+        await self.app.drain.run()
+        await self.app.close_connections(1012, "server shutting down")
         await super().shutdown(sockets)
 
 
@@ -412,7 +424,8 @@ async def start_server(app: App, host: str, port: int) -> Server:
 
 
 async def serve_forever(app: App, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM, then close connections with 1001 and return."""
+    """Serve until SIGINT/SIGTERM, drain (a second signal stops the waiting), close connections with 1012 and
+    return."""
     server = await start_server(app, host, port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

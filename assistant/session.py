@@ -8,7 +8,7 @@ the event stream that ends in one ``Finished``.
 Invariants:
 - every client event is answered, and every failure becomes one ``error``
   event; the connection stays open and nothing stored is lost;
-- at most one response runs per connection;
+- at most one response runs per connection; none starts once the server drains (:mod:`assistant.drain`);
 - ``image.match`` (extension) stores nothing and is answered in order: the
   connection's next event is handled once its ``image.match.result`` (or error)
   is sent. It runs beside a response, not against the one-response rule; the
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from assistant import images as image_codec
+from assistant.drain import Drain
 from assistant.engine.request import Finished, GenerationRequest, ImageChunk, InlineImages, ScoreRequest
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import (AssistantError, BudgetExceeded, ImageRejected, InternalError, InvalidValue,
@@ -102,6 +103,7 @@ class Session:
         image_budget: ImageBudget,
         writer: EventWriter,
         send: Send,
+        drain: Drain,  # refuses new responses once the server drains; counts this connection's response
         renders_tools: bool = False,  # the model's chat template describes tools itself (ChatModel.renders_tools)
         tenant: str = DEFAULT_TENANT,
         is_conversation_stored: bool = True,  # False: stored with the first item or response, not before
@@ -111,6 +113,7 @@ class Session:
         self.tenant = tenant
         self._is_conversation_stored = is_conversation_stored
         self.limits = limits
+        self.drain = drain
         self.renders_tools = renders_tools
         self.engine = engine
         self.conversation_id = conversation_id
@@ -177,6 +180,7 @@ class Session:
                 urls = await asyncio.to_thread(self._image_urls, item)
                 await self.send("conversation.item.retrieved", item=self.writer.item(item, urls.__getitem__))
             case ResponseCreate(refused=refused):
+                self.drain.admit()
                 self._check_no_response_running()
                 await self._send_refused(refused, event.event_id)
                 self._start_response(event)
@@ -286,6 +290,7 @@ class Session:
         if self.limits is not None:
             limits, tenant = self.limits, self.tenant
             self._response_task.add_done_callback(lambda _: limits.release_response(tenant))
+        self.drain.track(self._response_task, lambda: run.cancel("server_shutdown"))
 
     def _cancel_response(self, response_id: str | None) -> None:
         running = self._response_task is not None and not self._response_task.done()

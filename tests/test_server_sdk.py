@@ -114,13 +114,13 @@ async def test_sdk_reconnects_into_the_same_conversation_after_a_restart(tiny_mo
         await conn.conversation.item.create(item={"id": "item_before", "type": "message", "role": "user",
                                                   "content": [{"type": "input_text", "text": "before the drop"}]})
         await collect(conn, "conversation.item.done")
-    # The server went away (close 1001); a new one comes up on the same port and database.
+    # The server went away (close 1012, service restart); a new one comes up on the same port and database.
     async with running_server(tiny_model, data_dir, port=port):
         events = conn.__aiter__()  # the SDK reconnects while iterating
         resumed = await asyncio.wait_for(anext(events), TIMEOUT)
         assert resumed.type == "session.created"
         assert resumed.session.conversation_id == conversation["id"]  # type: ignore[union-attr]
-        assert reconnects and reconnects[0] == 1001
+        assert reconnects and reconnects[0] == 1012
         await conn.conversation.item.retrieve(item_id="item_before")
         item = (await collect(conn, "conversation.item.retrieved"))[-1].item
         assert item.content[0].text == "before the drop"
