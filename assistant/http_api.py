@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -33,7 +34,7 @@ from assistant.chat_completions import (ChatCompletionRequest, CompletionIds, ch
                                         parse_request, tool_calls_json, usage_chunk_json)
 from assistant.engine.request import ChatMessage, Finished, GenerationRequest, InlineImages, TextChunk, TokenDelta
 from assistant.errors import (MODEL_ERROR, AssistantError, InternalError, InvalidValue, MessageTooLarge,
-                              engine_error)
+                              StorageUnavailable, engine_error)
 from assistant.events import new_id
 from assistant.intake import conversation_budget, validate_item
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage
@@ -51,6 +52,7 @@ HTTP_STATUS = {
     "message_too_large": 413,
     "conversation_not_found": 404,
     "server_overloaded": 503,
+    "storage_unavailable": 503,
 }
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 RunEvent = OutputEvent | Finished  # what a run hands the response: the parsed answer, then the outcome
@@ -325,9 +327,11 @@ class _Run:
         calls: list[CallDone] = []
         finished = Finished(reason="error", error="engine stream ended without a terminal event")
         conversation_id = self.prepared.conversation_id
+        is_started = False  # the response row exists
         try:
             if conversation_id is not None:
                 await asyncio.to_thread(self.app.store.start_response, self.request_id, conversation_id)
+                is_started = True
             request = replace(self.prepared.generation, request_id=self.request_id)
             async for event in self.app.engine.generate(request):
                 if isinstance(event, TokenDelta):
@@ -346,9 +350,9 @@ class _Run:
             finished = Finished(reason="error", error="internal error")
         finally:
             self._finished = True
-            if conversation_id is not None:
-                await asyncio.shield(self._store(conversation_id, "".join(text), calls, finished, started,
-                                                 first_token_at))
+            if conversation_id is not None and is_started:
+                finished = await asyncio.shield(self._store(conversation_id, "".join(text), calls, finished, started,
+                                                            first_token_at))
             self._events.put_nowait(finished)
 
     def _put(self, events: list[OutputEvent], text: list[str], calls: list[CallDone]) -> None:
@@ -360,27 +364,43 @@ class _Run:
             self._events.put_nowait(event)
 
     async def _store(self, conversation_id: str, text: str, calls: list[CallDone], finished: Finished,
-                     started: float, first_token_at: float | None) -> None:
-        status, details = status_of(finished)  # as a Realtime response of the same outcome is stored
-        reason = details.get("reason") if details else None
-        item_status = "completed" if status == "completed" else "incomplete"
-        items = [Item(new_id("item"), "assistant", type="function_call", status=item_status,
-                      call_id=done.call.call_id, name=done.call.name, arguments=done.call.arguments)
-                 for done in calls]
-        if not calls and (text or status == "completed"):
-            items.append(Item(new_id("item"), "assistant", (ContentPart("output_text", text=text),),
-                              status=item_status))
-        now = time.monotonic()
-        record = ResponseRecord(self.request_id, conversation_id, status, reason, tuple(item.id for item in items),
-                                usage_of(finished),
-                                None if first_token_at is None else (first_token_at - started) * 1000.0,
-                                (now - started) * 1000.0)
+                     started: float, first_token_at: float | None) -> Finished:
+        """Store the answer and outcome; returns the outcome the client is told. When storage fails, that is a
+        failure (storage_unavailable), and the writes that say so wait in the app's pending writes."""
+        def outcome(finished: Finished) -> tuple[list[Item], ResponseRecord]:
+            status, details = status_of(finished)  # as a Realtime response of the same outcome is stored
+            item_status = "completed" if status == "completed" else "incomplete"
+            items = [Item(ids[i], "assistant", type="function_call", status=item_status, call_id=done.call.call_id,
+                          name=done.call.name, arguments=done.call.arguments) for i, done in enumerate(calls)]
+            if not calls and (text or status == "completed"):
+                items.append(Item(ids[0], "assistant", (ContentPart("output_text", text=text),), status=item_status))
+            reason = details.get("reason") if details else None
+            record = ResponseRecord(self.request_id, conversation_id, status, reason, tuple(item.id for item in items),
+                                    usage_of(finished),
+                                    None if first_token_at is None else (first_token_at - started) * 1000.0,
+                                    (time.monotonic() - started) * 1000.0)
+            return items, record
+
+        store = self.app.store
+        ids = [new_id("item") for _ in calls or [None]]
+        items, record = outcome(finished)
+        num_added = 0
         try:
             for item in items:
-                await asyncio.to_thread(self.app.store.add_item, conversation_id, item)
-            await asyncio.to_thread(self.app.store.finish_response, record)
+                await asyncio.to_thread(store.add_item, conversation_id, item, response_id=self.request_id)
+                num_added += 1
+            await asyncio.to_thread(store.finish_response, record)
+        except StorageUnavailable as exc:
+            finished = replace(finished, reason="error", code=exc.code, error=exc.message)
+            items, record = outcome(finished)
+            for index, item in enumerate(items):
+                write = (partial(store.update_item, conversation_id, item) if index < num_added else
+                         partial(store.add_item, conversation_id, item, response_id=self.request_id))
+                self.app.pending.add(f"item {item.id}", write)
+            self.app.pending.add(f"response {self.request_id}", partial(store.finish_response, record))
         except Exception:
             log.exception("chat completion %s: could not store the result", self.request_id)
+        return finished
 
 
 async def _disconnected(request: Request) -> None:

@@ -20,7 +20,8 @@ The server only moves frames: parsing, state and storage live in
 :mod:`assistant.session`; it never sees a tensor. Close codes: 1000 normal,
 1001 when the server shuts down, 1008 for an unknown conversation, 1009 for a
 frame over twice ``max_message_bytes`` (frames over the limit itself get a
-``message_too_large`` error event), 1013 when the connection limit is reached.
+``message_too_large`` error event), 1013 when the connection limit is reached or
+the conversation store is unavailable (after a ``storage_unavailable`` error event).
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from assistant import http_api
-from assistant.errors import ConversationNotFound, MessageTooLarge
+from assistant.errors import ConversationNotFound, MessageTooLarge, StorageUnavailable
 from assistant.events import Dialect, EventWriter
+from assistant.pending_writes import PendingWrites
 from assistant.session import ImageBudget, Session, Settings
 from assistant.store import Store
+from assistant.upkeep import run_upkeep
 
 log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
@@ -74,6 +77,7 @@ class App:
     max_connections: int
     ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
     renders_tools: bool = False  # the model's chat template describes tools itself (ChatModel.renders_tools)
+    pending: PendingWrites = field(default_factory=PendingWrites)  # final writes waiting for storage to return
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
 
     @property
@@ -148,16 +152,21 @@ async def _serve_connection(app: App, websocket: WebSocket) -> None:
         with contextlib.suppress(WebSocketDisconnect):
             await websocket.send_text(json.dumps(event, ensure_ascii=False))
 
-    if conversation_id:
-        if not await asyncio.to_thread(app.store.conversation_exists, conversation_id):
-            error = ConversationNotFound(f"No conversation '{conversation_id}' is stored here.",
-                                         param="conversation")
-            await send(writer.error(error))
-            await _close(websocket, 1008, "conversation not found")
-            return
-    else:
-        conversation_id = await asyncio.to_thread(app.store.create_conversation)
-    session = Session(store=app.store, engine=app.engine, conversation_id=conversation_id,
+    try:
+        if conversation_id:
+            if not await asyncio.to_thread(app.store.conversation_exists, conversation_id):
+                error = ConversationNotFound(f"No conversation '{conversation_id}' is stored here.",
+                                             param="conversation")
+                await send(writer.error(error))
+                await _close(websocket, 1008, "conversation not found")
+                return
+        else:
+            conversation_id = await asyncio.to_thread(app.store.create_conversation)
+    except StorageUnavailable as exc:
+        await send(writer.error(exc))
+        await _close(websocket, 1013, "storage unavailable, try again later")
+        return
+    session = Session(store=app.store, pending=app.pending, engine=app.engine, conversation_id=conversation_id,
                       model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
                       writer=writer, send=send, renders_tools=app.renders_tools)
     log.info("connection %s: conversation %s (%s)", session.id, conversation_id, writer.dialect.value)
@@ -287,6 +296,7 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self.app = app
         self._task: asyncio.Task[None] | None = None
+        self._upkeep: asyncio.Task[None] | None = None
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -304,6 +314,7 @@ class Server(uvicorn.Server):
                 self._task.result()  # raises why it could not start (e.g. the port is taken)
                 raise RuntimeError("the server stopped while starting")
             await asyncio.sleep(0.01)
+        self._upkeep = asyncio.create_task(run_upkeep(self.app.store))  # heartbeat and recovery while serving
 
     def close(self) -> None:
         self.should_exit = True
@@ -313,6 +324,8 @@ class Server(uvicorn.Server):
             await self._task
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
         for server in self.servers:
             server.close()  # no new connections while the open ones are told to go away
         await self.app.close_connections(1001, "server shutting down")

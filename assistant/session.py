@@ -41,6 +41,7 @@ from assistant.prompts import StoreImages, build_messages
 from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ImageMatch, ItemCreate, ItemDelete,
                                 ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, SettingChanges,
                                 parse_client_event)
+from assistant.pending_writes import PendingWrites
 from assistant.response_run import ResponseRun, Send
 from assistant.store import Store
 from assistant.tools import (FunctionTool, ToolChoice, build_grammar, calls_allowed, parse_tool_choice, template_tools,
@@ -91,6 +92,7 @@ class Session:
         self,
         *,
         store: Store,
+        pending: PendingWrites,  # where a response's final writes wait when storage fails
         engine: Any,  # AsyncEngine: generate(request) -> AsyncIterator[EngineEvent], score(request), abort(request_id)
         conversation_id: str,
         model_name: str,
@@ -101,6 +103,7 @@ class Session:
         renders_tools: bool = False,  # the model's chat template describes tools itself (ChatModel.renders_tools)
     ) -> None:
         self.store = store
+        self.pending = pending
         self.renders_tools = renders_tools
         self.engine = engine
         self.conversation_id = conversation_id
@@ -248,10 +251,10 @@ class Session:
     def _start_response(self, event: ResponseCreate) -> None:
         self._check_no_response_running()
         settings = self.settings.apply(event.changes, "response.")  # a coded error here starts nothing
-        run = ResponseRun(new_id("resp"), store=self.store, engine=self.engine, writer=self.writer, send=self._send,
-                          conversation_id=self.conversation_id, in_conversation=event.use_conversation,
-                          calls_tools=settings.calls_tools, metadata=event.metadata,
-                          max_output_tokens=settings.sampling.max_output_tokens)
+        run = ResponseRun(new_id("resp"), store=self.store, pending=self.pending, engine=self.engine,
+                          writer=self.writer, send=self._send, conversation_id=self.conversation_id,
+                          in_conversation=event.use_conversation, calls_tools=settings.calls_tools,
+                          metadata=event.metadata, max_output_tokens=settings.sampling.max_output_tokens)
         self._response = run
         self._response_task = asyncio.create_task(self._respond(run, event, settings))
 
