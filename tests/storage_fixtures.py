@@ -16,25 +16,41 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from assistant.errors import StorageUnavailable
+from assistant.items import ContentPart, Item
 from assistant.store import Store
 
 
 @contextlib.contextmanager
-def full_disk(store: Store) -> Iterator[None]:
+def full_disk(store: Store, *, filled: bool = False) -> Iterator[None]:
     """While inside, no write of the store's SQLite file may grow it by a page: every pooled connection, old and
-    new, gets the limit (the pool is emptied, and each new connection sets it as it connects)."""
+    new, gets the limit (the pool is emptied, and each new connection sets it as it connects). ``filled``: the
+    room left in the last pages is used up first, as other data would, so that even a row that grows a little
+    (a streaming item's text) no longer fits."""
 
     def limit(dbapi_connection: Any, _record: Any) -> None:
         num_pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
         dbapi_connection.execute(f"PRAGMA max_page_count = {num_pages}")
 
+    filler = store.create_conversation() if filled else None
     event.listen(store.engine, "connect", limit)
     store.engine.dispose()
     try:
+        if filler is not None:
+            _use_up_room(store, filler)
         yield
     finally:
         event.remove(store.engine, "connect", limit)
         store.engine.dispose()  # connections made under the limit keep it: replace them
+
+
+def _use_up_room(store: Store, conversation_id: str) -> None:
+    for index in range(100_000):
+        try:
+            store.add_item(conversation_id, Item(f"filler{index}", "user", (ContentPart("input_text", text="x" * 64),)))
+        except StorageUnavailable:
+            return
+    raise AssertionError("the disk never filled up")
 
 
 def postgres_bin() -> Path | None:

@@ -1,8 +1,8 @@
 """Crash recovery with real processes: ``python -m assistant serve`` killed with SIGKILL while it streams, then
 started again on the same data directory.
 
-The model is a tiny random Llama wide enough to stream for several seconds on a CPU, whose end-of-turn token
-never wins (``never_ends``), so a greedy response runs until the context is full.
+The model (conftest's ``streaming_model_dir``) is a tiny random Llama wide enough to stream for several seconds
+on a CPU that never ends by itself.
 """
 
 from __future__ import annotations
@@ -26,18 +26,11 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.engine_fixtures import save_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 STREAM_BEFORE_KILL_S = 2.5
 MAX_LOST_S = 1.0  # the issue's bound on what a kill -9 may lose; the flusher saves every 0.5 s
 TIMEOUT_S = 120
-
-
-@pytest.fixture(scope="module")
-def streaming_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_chat_model(tmp_path_factory.mktemp("streaming-llama"), max_position_embeddings=4096,
-                                hidden_size=256, never_ends=True)
 
 
 class ServerProcess:
