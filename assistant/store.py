@@ -9,7 +9,8 @@ Engine. Methods take and return the frozen dataclasses of
 
 Contract:
 - each method is one transaction: it commits completely or not at all (an
-  item, its content parts and its new images are stored together);
+  item, its content parts and its new images are stored together); only
+  :meth:`Store.recover_abandoned` takes one per response it finishes;
 - an unknown id raises a coded :mod:`assistant.errors` error naming the
   offending ``param``; storage that cannot be written or reached (a full
   disk, an I/O error, a database that is down or dropped the connection)

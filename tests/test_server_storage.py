@@ -104,6 +104,10 @@ async def test_postgresql_restarted_under_the_server(streaming_model: ChatModel,
             cluster.stop()
             await send(ws, {**user_item("while down"), "event_id": "down"})
             assert_storage_unavailable((await recv_until(ws, "error"))[-1]["error"])
+            await send(ws, {"type": "response.create", "event_id": "r"})  # it cannot read the conversation
+            refused = await recv(ws)
+            assert refused["type"] == "error" and refused["error"]["event_id"] == "r"
+            assert_storage_unavailable(refused["error"])
             cluster.start()
             await send(ws, user_item("after"))  # the pool pings, reconnects: no restart
             await recv_until(ws, "conversation.item.done")
