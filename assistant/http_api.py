@@ -370,10 +370,11 @@ class _Run:
         def outcome(finished: Finished) -> tuple[list[Item], ResponseRecord]:
             status, details = status_of(finished)  # as a Realtime response of the same outcome is stored
             item_status = "completed" if status == "completed" else "incomplete"
-            items = [Item(ids[i], "assistant", type="function_call", status=item_status, call_id=done.call.call_id,
-                          name=done.call.name, arguments=done.call.arguments) for i, done in enumerate(calls)]
-            if not calls and (text or status == "completed"):
-                items.append(Item(ids[0], "assistant", (ContentPart("output_text", text=text),), status=item_status))
+            items = [Item(item_id, "assistant", type="function_call", status=item_status, call_id=done.call.call_id,
+                          name=done.call.name, arguments=done.call.arguments) for item_id, done in zip(call_ids, calls)]
+            if has_message:
+                items.append(Item(message_id, "assistant", (ContentPart("output_text", text=text),),
+                                  status=item_status))
             reason = details.get("reason") if details else None
             record = ResponseRecord(self.request_id, conversation_id, status, reason, tuple(item.id for item in items),
                                     usage_of(finished),
@@ -382,7 +383,8 @@ class _Run:
             return items, record
 
         store = self.app.store
-        ids = [new_id("item") for _ in calls or [None]]
+        call_ids, message_id = [new_id("item") for _ in calls], new_id("item")  # the same in either outcome
+        has_message = not calls and bool(text or finished.reason == "stop")
         items, record = outcome(finished)
         num_added = 0
         try:

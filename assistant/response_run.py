@@ -221,12 +221,13 @@ class ResponseRun:
         """The item as it ended, stored (a store failure other than storage's is logged: the response goes
         on); False when storage failed: the response stops, and its end stores the item."""
         async with self._store_lock:
+            ended = _snapshot(output, status)
             try:
-                await self._store_item(_snapshot(output, status))
+                await self._store_item(ended)
             except StorageUnavailable as exc:
                 self._stop_for_storage(exc)
                 return False
-            output.item, output.is_done = _snapshot(output, status), True
+            output.item, output.is_done = ended, True
             return True
 
     async def _store_item(self, item: Item) -> None:

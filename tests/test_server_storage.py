@@ -5,13 +5,17 @@ the server recovers by itself."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
+from sqlalchemy import select
 from websockets.asyncio.client import ClientConnection
 
 from assistant.engine.model import ChatModel
 from assistant.store import Store
+from assistant.store_models import ResponseRow
 from tests.conftest import RunningServer, running_server
 from tests.storage_fixtures import full_disk, private_cluster
 from tests.test_http_api import post
@@ -119,6 +123,28 @@ async def test_postgresql_restarted_under_the_server(streaming_model: ChatModel,
             cluster.start()
             assert server.app.pending.wait_until_empty(30)
             assert_told_and_stored_agree(store, session["conversation_id"], response, text)
-            assert [item.text for item in store.list_items(session["conversation_id"])][:4] == [
-                "before", "after", text]
+            assert [item.text for item in store.list_items(session["conversation_id"])] == ["before", "after", text]
             await ws.close()
+
+            # Chat Completions with store: true, the database gone before the answer is stored.
+            body = {"messages": [{"role": "user", "content": "hi"}], "store": True, "stream": True,
+                    "max_tokens": 600}
+            async with httpx.AsyncClient(timeout=60) as http:
+                async with http.stream("POST", server.http_base + "/chat/completions", json=body) as reply:
+                    conversation_id = reply.headers["X-Conversation-Id"]
+                    chunks = []
+                    async for line in reply.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunks.append(json.loads(line.removeprefix("data: ")))
+                            if len(chunks) == 2:
+                                cluster.stop()
+            assert_storage_unavailable(chunks[-1]["error"])
+            streamed = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks[:-1])
+            cluster.start()
+            assert server.app.pending.wait_until_empty(30)
+            [question, answer] = store.list_items(conversation_id)
+            assert (answer.status, answer.text) == ("incomplete", streamed) and streamed
+            with store.engine.connect() as connection:
+                statuses = connection.execute(select(ResponseRow.status).where(
+                    ResponseRow.conversation_id == conversation_id)).scalars().all()
+            assert statuses == ["failed"]
