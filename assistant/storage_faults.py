@@ -3,11 +3,14 @@
 :func:`storage_faults` wraps every :class:`~assistant.store.Store` transaction and
 turns a fault into :class:`~assistant.errors.StorageUnavailable` (retryable, code
 ``storage_unavailable``); everything else (a constraint, a bad query: bugs)
-propagates unchanged. Faults are: a connection SQLAlchemy invalidated (the
-database went away mid-call), any psycopg ``OperationalError`` (refused or lost
-connections, shutdowns, cancelled statements), and SQLite's full disk, I/O
-errors, unopenable or read-only files and a lock not granted within the busy
-timeout.
+propagates unchanged. Faults are:
+
+- a connection SQLAlchemy invalidated (the database went away mid-call);
+- any psycopg ``OperationalError`` (refused or lost connections, shutdowns,
+  cancelled statements);
+- SQLite's full disk, I/O errors, unopenable or read-only files, and a lock not
+  granted within the busy timeout;
+- no pooled connection coming free in time (each held by a call that hangs).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 from collections.abc import Iterator
 
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from assistant.errors import StorageUnavailable
 
@@ -29,6 +33,9 @@ SQLITE_FAULTS = ("database or disk is full", "disk i/o error", "unable to open d
 def storage_faults() -> Iterator[None]:
     try:
         yield
+    except PoolTimeout as exc:
+        log.warning("storage unavailable: %s", exc)
+        raise StorageUnavailable() from exc
     except DBAPIError as exc:
         if not is_storage_fault(exc):
             raise

@@ -58,6 +58,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 ROOT = "root"  # previous_item_id that means "insert first"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 _READ_ONLY = "assistant_read_only"  # execution option: SQLite may BEGIN DEFERRED
+PG_CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout
 CRASH_REASON = "server_crash"  # the reason of a response finished for an owner that died
 
 
@@ -310,7 +311,9 @@ class Store:
 
 def _create_engine(url: URL) -> Engine:
     if url.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True)
+        # A database host that drops packets would hold a worker thread for minutes of TCP retries per connect.
+        timeout = {} if "connect_timeout" in url.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(url, pool_pre_ping=True, connect_args=timeout)
     if url.get_backend_name() != "sqlite":
         raise ValueError(f"Unsupported database {url.get_backend_name()!r}: use sqlite or postgresql.")
     if url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
