@@ -40,7 +40,8 @@ from assistant.store_models import DEFAULT_TENANT
 log = logging.getLogger(__name__)
 KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no key
-HTTP_STATUS = {"missing_api_key": 401, "invalid_api_key": 401, "origin_not_allowed": 403}
+HTTP_STATUS = {"missing_api_key": 401, "invalid_api_key": 401, "origin_not_allowed": 403,
+               "storage_unavailable": 503}  # the key could not be looked up
 
 
 class Access:

@@ -24,6 +24,7 @@ from assistant.prompts import load_system_prompt
 from assistant.server import App, tls_context
 from assistant.session import ImageBudget, Settings
 from assistant.store import Store
+from assistant.upkeep import recover_at_start
 
 if TYPE_CHECKING:
     from assistant.engine.model import ChatModel
@@ -44,6 +45,9 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         store.close()
         raise RuntimeError("the database schema is not at the newest migration; run "
                            "`assistant db upgrade --database-url URL` first")
+    recovered = recover_at_start(store)  # before serving: what a killed server left in progress
+    if recovered:
+        progress(f"finished {recovered} responses a stopped server left in progress (incomplete, server_crash)")
     progress(f"database {url.render_as_string(hide_password=True)} is ready")
     given = model
 
@@ -91,6 +95,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
 
 def close_app(app: App) -> None:
     app.engine.shutdown()
+    app.pending.close()  # the final writes storage refused get a last chance
     app.store.close()
 
 

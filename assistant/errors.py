@@ -54,6 +54,9 @@ invalid_prompt                       the model cannot take the conversation (its
 image_not_found                      an image the response needs was deleted (with its item)
                                      while the response waited for the model
 generation_failed                    generation failed inside the model (the server log says why)
+storage_unavailable                  the database cannot be written or reached (a full disk, a database
+                                     that is down); retryable: nothing half-done was kept, and a
+                                     response cut short by it is stored as the client was told
 internal_error                       our fault; details are in the server log only
 ==================================== ==================================================
 """
@@ -203,6 +206,18 @@ class InternalError(AssistantError):
         super().__init__(message)
 
 
+class StorageUnavailable(AssistantError):
+    """The store cannot be written or reached (disk full, I/O error, database down). Retryable: the request was
+    not applied (each store call is one transaction) and the server recovers by itself when storage returns."""
+
+    code = "storage_unavailable"
+    type = "server_error"
+
+    def __init__(self, message: str = "The conversation store is unavailable (full disk or unreachable "
+                 "database); nothing was half-written. Retry later.") -> None:
+        super().__init__(message)
+
+
 # The codes a failed engine request carries (``Finished.code``) and the error type a client sees each with.
 # The engine's own failure, MODEL_ERROR, is shown as "generation_failed" with a generic message.
 MODEL_ERROR = "generation_failed"
@@ -213,6 +228,7 @@ ENGINE_ERROR_TYPES = {
     "invalid_prompt": "invalid_request_error",
     "image_not_found": "invalid_request_error",
     "server_overloaded": "server_error",
+    StorageUnavailable.code: "server_error",  # a response stopped because its output could not be stored
     MODEL_ERROR: "server_error",
 }
 

@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -41,7 +42,7 @@ from assistant.chat_completions import (ChatCompletionRequest, CompletionIds, ch
                                         parse_request, tool_calls_json, usage_chunk_json)
 from assistant.engine.request import ChatMessage, Finished, GenerationRequest, InlineImages, TextChunk, TokenDelta
 from assistant.errors import (MODEL_ERROR, AssistantError, InternalError, InvalidValue, MessageTooLarge,
-                              ServerShuttingDown, engine_error)
+                              ServerShuttingDown, StorageUnavailable, engine_error)
 from assistant.events import new_id
 from assistant.intake import conversation_budget, validate_item
 from assistant.items import ContentPart, Item, ResponseRecord, StoredImage
@@ -63,6 +64,7 @@ HTTP_STATUS = {
     "server_overloaded": 503,
     "rate_limit_exceeded": 429,
     "server_shutting_down": 503,
+    "storage_unavailable": 503,
 }
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 RunEvent = OutputEvent | Finished  # what a run hands the response: the parsed answer, then the outcome
@@ -360,9 +362,11 @@ class _Run:
         calls: list[CallDone] = []
         finished = Finished(reason="error", error="engine stream ended without a terminal event")
         conversation_id = self.prepared.conversation_id
+        is_started = False  # the response row exists
         try:
             if conversation_id is not None:
                 await asyncio.to_thread(self.app.store.start_response, self.request_id, conversation_id)
+                is_started = True
             request = replace(self.prepared.generation, request_id=self.request_id)
             async for event in self.app.engine.generate(request):
                 if isinstance(event, TokenDelta):
@@ -381,10 +385,10 @@ class _Run:
             finished = Finished(reason="error", error="internal error")
         finally:
             self._finished = True
-            record = self._record(finished, started, first_token_at)
-            if conversation_id is not None:
-                await asyncio.shield(self._store(conversation_id, "".join(text), calls, record))
-            log_outcome(record, "chat completion", conversation_id)
+            if conversation_id is not None and is_started:
+                finished = await asyncio.shield(self._store(conversation_id, "".join(text), calls, finished, started,
+                                                            first_token_at))
+            log_outcome(self._record(finished, started, first_token_at), "chat completion", conversation_id)
             self._events.put_nowait(finished)
 
     def _put(self, events: list[OutputEvent], text: list[str], calls: list[CallDone]) -> None:
@@ -403,21 +407,41 @@ class _Run:
                               None if first_token_at is None else (first_token_at - started) * 1000.0,
                               (time.monotonic() - started) * 1000.0)
 
-    async def _store(self, conversation_id: str, text: str, calls: list[CallDone], record: ResponseRecord) -> None:
-        item_status = "completed" if record.status == "completed" else "incomplete"
-        items = [Item(new_id("item"), "assistant", type="function_call", status=item_status,
-                      call_id=done.call.call_id, name=done.call.name, arguments=done.call.arguments)
-                 for done in calls]
-        if not calls and (text or record.status == "completed"):
-            items.append(Item(new_id("item"), "assistant", (ContentPart("output_text", text=text),),
-                              status=item_status))
-        record = replace(record, output_item_ids=tuple(item.id for item in items))
+    async def _store(self, conversation_id: str, text: str, calls: list[CallDone], finished: Finished,
+                     started: float, first_token_at: float | None) -> Finished:
+        """Store the answer and outcome; returns the outcome the client is told. When storage fails, that is a
+        failure (storage_unavailable), and the writes that say so wait in the app's pending writes."""
+        def outcome(finished: Finished) -> tuple[list[Item], ResponseRecord]:
+            record = self._record(finished, started, first_token_at)
+            item_status = "completed" if record.status == "completed" else "incomplete"
+            items = [Item(item_id, "assistant", type="function_call", status=item_status, call_id=done.call.call_id,
+                          name=done.call.name, arguments=done.call.arguments) for item_id, done in zip(call_ids, calls)]
+            if has_message:
+                items.append(Item(message_id, "assistant", (ContentPart("output_text", text=text),),
+                                  status=item_status))
+            return items, replace(record, output_item_ids=tuple(item.id for item in items))
+
+        store = self.app.store
+        call_ids, message_id = [new_id("item") for _ in calls], new_id("item")  # the same in either outcome
+        has_message = not calls and bool(text or finished.reason == "stop")
+        items, record = outcome(finished)
+        num_added = 0
         try:
             for item in items:
-                await asyncio.to_thread(self.app.store.add_item, conversation_id, item)
-            await asyncio.to_thread(self.app.store.finish_response, record)
+                await asyncio.to_thread(store.add_item, conversation_id, item, response_id=self.request_id)
+                num_added += 1
+            await asyncio.to_thread(store.finish_response, record)
+        except StorageUnavailable as exc:
+            finished = replace(finished, reason="error", code=exc.code, error=exc.message)
+            items, record = outcome(finished)
+            for index, item in enumerate(items):
+                write = (partial(store.update_item, conversation_id, item) if index < num_added else
+                         partial(store.add_item, conversation_id, item, response_id=self.request_id))
+                self.app.pending.add(f"item {item.id}", write)
+            self.app.pending.add(f"response {self.request_id}", partial(store.finish_response, record))
         except Exception:
             log.exception("chat completion %s: could not store the result", self.request_id)
+        return finished
 
 
 async def _disconnected(request: Request) -> None:

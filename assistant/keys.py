@@ -22,6 +22,7 @@ from datetime import datetime
 from sqlalchemy import Engine, exists, or_, select, update
 from sqlalchemy.orm import sessionmaker
 
+from assistant.storage_faults import storage_faults
 from assistant.store import READ_ONLY
 from assistant.store_models import MAX_ID_LENGTH, ApiKeyRow, utcnow
 
@@ -93,10 +94,11 @@ class Keys:
             return _info_of(row)
 
     def tenant_of(self, key: str) -> str | None:
-        """The tenant of a valid (known, not revoked) key; None otherwise."""
+        """The tenant of a valid (known, not revoked) key; None otherwise. Raises StorageUnavailable when the
+        database cannot answer."""
         if not key.startswith(KEY_PREFIX) or len(key) > 128:
             return None  # not one of ours: no query
-        with self._read.begin() as session:
+        with storage_faults(), self._read.begin() as session:
             return session.scalar(select(ApiKeyRow.tenant).where(
                 ApiKeyRow.secret_sha256 == key_sha256(key), ApiKeyRow.revoked_at.is_(None)))
 

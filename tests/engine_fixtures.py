@@ -63,9 +63,12 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_tiny_chat_model(directory: Path, *, seed: int = 0, max_position_embeddings: int = 256,
-                         hidden_size: int = 64) -> Path:
+                         hidden_size: int = 64, never_ends: bool = False) -> Path:
     """A random 2-layer Llama (4 heads, 2 KV heads, MLP twice ``hidden_size``) + byte-level tokenizer, saved as a
-    local model dir. At the default width every Linear but lm_head is a multiple of 32 wide, as nf4 on CPU needs."""
+    local model dir. At the default width every Linear but lm_head is a multiple of 32 wide, as nf4 on CPU needs.
+    ``never_ends``: the logits of the end-of-turn token and of the NUL byte are always 0, below the best of 300
+    random ones, so greedy decoding runs until the output cap or the context is full, with text any database can
+    store (PostgreSQL's text holds no NUL)."""
     tokenizer = byte_level_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -78,6 +81,9 @@ def save_tiny_chat_model(directory: Path, *, seed: int = 0, max_position_embeddi
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0.0, 0.2)
+        if never_ends:
+            nul = tokenizer.convert_tokens_to_ids("\u0100")  # byte 0 as the byte-level alphabet spells it
+            model.lm_head.weight[[tokenizer.eos_token_id, nul]] = 0.0
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
