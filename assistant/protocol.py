@@ -225,11 +225,14 @@ def _is_unicode(text: str) -> bool:
 
 
 def check_unicode(value: Any, param: str) -> None:
-    """Refuse strings that are not valid Unicode text (JSON admits lone surrogates such as "\\ud800"):
-    they can be neither stored nor sent back."""
+    """Refuse strings that are not valid Unicode text (JSON admits lone surrogates such as "\\ud800"), or that
+    hold NUL: they can be neither stored nor sent back."""
     if isinstance(value, str):
         if not _is_unicode(value):
             raise InvalidValue(f"'{param or 'the event'}' holds a lone UTF-16 surrogate; send valid Unicode text.",
+                               param=param or None)
+        if "\x00" in value:  # PostgreSQL's text cannot hold it; no chat text needs it
+            raise InvalidValue(f"'{param or 'the event'}' holds a NUL character (U+0000); send text without it.",
                                param=param or None)
     elif isinstance(value, dict):
         for key, item in value.items():

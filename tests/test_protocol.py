@@ -244,6 +244,8 @@ def test_rejection_echoes_client_event_id() -> None:
      "response.metadata.k"),
     ('{"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "input_text", '
      '"text": "x\\ud800"}]}}', "invalid_value", "item.content[0].text"),
+    ('{"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "input_text", '
+     '"text": "a\\u0000b"}]}}', "invalid_value", "item.content[0].text"),  # PostgreSQL cannot store NUL
     ("[" * 100_000, "invalid_json", None),
     ('{"type": "conversation.item.create", "item": {"id": "root", "role": "user", "content": '
      '[{"type": "input_text", "text": "a"}]}}', "invalid_value", "item.id"),

@@ -433,6 +433,9 @@ class Engine:
         if not is_stopped and (is_eos or is_complete or is_length):
             text += seq.stop_checker.flush()  # held text that never became a stop string
         if text:
+            # A model may emit U+0000 (random test models often do); no answer means it, and PostgreSQL's text
+            # cannot store it: the client and the store both get U+FFFD instead.
+            text = text.replace("\x00", "\ufffd")
             self._deliver(seq, TokenDelta(text=text, num_tokens=seq.num_unreported_tokens))
             seq.num_unreported_tokens = 0
         if is_stopped or is_eos or is_complete:
