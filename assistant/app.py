@@ -1,8 +1,9 @@
 """Wire the parts together from a Config: store, model, engine thread, server App.
 
 This is the one place that knows every part; each part's constructor takes only
-what it uses. Model loading is slow and blocking, so it happens here, before the
-event loop starts.
+what it uses. Model loading is slow and blocking: ``assistant serve`` opens the App
+first (probes answer, everything else is 503 ``model_loading``), then loads the
+engine on a thread of its own.
 """
 
 from __future__ import annotations
@@ -31,12 +32,20 @@ if TYPE_CHECKING:
 
 
 def build_app(config: Config, progress: Callable[[str], None] = print, model: ChatModel | None = None) -> App:
-    """Open (and for SQLite, upgrade) the store, load the model (unless given), start the engine thread."""
-    ssl_context = tls_context(config.tls_certfile, config.tls_keyfile) if config.tls_certfile else None
-    from assistant.engine.async_engine import AsyncEngine
-    from assistant.engine.engine import Engine
-    from assistant.engine.loader import load_model
+    """The App, ready to serve: :func:`open_app`, then :func:`load_engine` (the model unless given)."""
+    app = open_app(config, progress)
+    try:
+        load_engine(app, config, progress, model)
+    except BaseException:
+        close_app(app)
+        raise
+    return app
 
+
+def open_app(config: Config, progress: Callable[[str], None] = print) -> App:
+    """Everything but the model: open (and for SQLite, upgrade) the store, finish what a killed server left in
+    progress, decide on keys. The App answers probes while :func:`load_engine` runs; the rest waits for it."""
+    ssl_context = tls_context(config.tls_certfile, config.tls_keyfile) if config.tls_certfile else None
     store = Store(config.database_url)
     url = make_url(config.database_url)
     if url.get_backend_name() == "sqlite":
@@ -49,18 +58,6 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
     if recovered:
         progress(f"finished {recovered} responses a stopped server left in progress (incomplete, server_crash)")
     progress(f"database {url.render_as_string(hide_password=True)} is ready")
-    given = model
-
-    def load() -> ChatModel:
-        return given if given is not None else load_model(config, progress=progress)
-
-    # Loaded on the engine's own thread: decoding there runs twice as fast as after loading on this one.
-    metrics = Metrics()
-    engine = Engine.start_loaded(load, max_num_running=config.max_running_requests,
-                                 max_num_waiting=config.max_waiting_requests, kv_cache_bytes=config.kv_cache_bytes,
-                                 prefill_chunk_tokens=config.prefill_chunk_tokens, max_kv_bytes=config.max_kv_bytes,
-                                 on_image_encode=metrics.image_encode.observe)
-    model = engine.model
     keys = Keys(store.engine)
     has_keys = keys.any_active()
     keys_required = requires_keys(config.auth, config.host, has_keys)
@@ -71,30 +68,50 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         progress("API keys are required but none exists yet: create one with `assistant keys create --tenant NAME`")
     else:
         progress("API keys are required")
-    app = App(
+    return App(
         store=store,
-        engine=MeteredEngine(AsyncEngine(engine), metrics),
         model_name=config.model,
         defaults=default_settings(config),
-        image_budget=image_budget(config, model.num_image_tokens if model.accepts_images else None),
         max_message_bytes=config.max_message_bytes,
         max_connections=config.max_connections,
         drain=Drain(config.drain_timeout),
         ssl_context=ssl_context,
-        renders_tools=model.renders_tools,
         tenant_of=keys.tenant_of if keys_required else None,
         allowed_origins=origins_of(config.allowed_origins),
         limits=TenantLimits(config.max_connections_per_tenant, config.max_responses_per_tenant),
-        metrics=metrics,
     )
+
+
+def load_engine(app: App, config: Config, progress: Callable[[str], None] = print,
+                model: ChatModel | None = None) -> None:
+    """Load the model (unless given) and start the engine thread; the App is ready once this returns. Blocking."""
+    from assistant.engine.async_engine import AsyncEngine
+    from assistant.engine.engine import Engine
+    from assistant.engine.loader import load_model
+
+    given = model
+
+    def load() -> ChatModel:
+        return given if given is not None else load_model(config, progress=progress)
+
+    # Loaded on the engine's own thread: decoding there runs twice as fast as after loading on this one.
+    metrics = app.metrics
+    engine = Engine.start_loaded(load, max_num_running=config.max_running_requests,
+                                 max_num_waiting=config.max_waiting_requests, kv_cache_bytes=config.kv_cache_bytes,
+                                 prefill_chunk_tokens=config.prefill_chunk_tokens, max_kv_bytes=config.max_kv_bytes,
+                                 on_image_encode=metrics.image_encode.observe)
+    loaded = engine.model
+    app.image_budget = image_budget(config, loaded.num_image_tokens if loaded.accepts_images else None)
+    app.renders_tools = loaded.renders_tools
     scheduler = engine.scheduler  # sizes read when scraped (len() of the engine thread's queues)
     metrics.watch(connections=lambda: app.num_connections, queue_depth=lambda: scheduler.num_waiting,
                   batch_size=lambda: scheduler.num_running)
-    return app
+    app.engine = MeteredEngine(AsyncEngine(engine), metrics)  # last: from here on the App is ready
 
 
 def close_app(app: App) -> None:
-    app.engine.shutdown()
+    if app.engine is not None:
+        app.engine.shutdown()
     app.pending.close()  # the final writes storage refused get a last chance
     app.store.close()
 

@@ -322,12 +322,13 @@ def _models_pull(config: Config) -> int:
 
 
 def _serve(config: Config) -> int:
-    from assistant.app import build_app, close_app
+    from assistant.app import close_app, load_engine, open_app
     from assistant.server import serve_forever
 
-    app = build_app(config, progress=_progress)
+    app = open_app(config, progress=_progress)
     try:
-        asyncio.run(serve_forever(app, config.host, config.port))
+        # The port opens first: /healthz and /readyz (503 while loading) answer during the load.
+        asyncio.run(serve_forever(app, config.host, config.port, lambda: load_engine(app, config, _progress)))
     except OSError as exc:  # the port is taken, or the address is not this machine's
         print(f"assistant: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

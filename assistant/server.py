@@ -47,6 +47,7 @@ import logging
 import signal
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from assistant import conversations_api, http_api
@@ -70,6 +72,7 @@ from assistant.access import Access, tenant_of
 from assistant.drain import Drain
 from assistant.errors import ConversationNotFound, MessageTooLarge, StorageUnavailable
 from assistant.events import Dialect, EventWriter
+from assistant.images import ImageLimits
 from assistant.limits import TenantLimits
 from assistant.metrics import Metrics
 from assistant.pending_writes import PendingWrites
@@ -81,6 +84,7 @@ log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 MAX_MODEL_NAME_CHARS = 128
+LOADING_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # served while the model loads
 READY_TIMEOUT_S = 2.0  # a database slower than this to answer SELECT 1 is not ready
 REQUEST_HEAD_TIMEOUT_S = 10.0  # as long as the websockets server gave a client to finish its handshake
 NOT_FOUND = f"Not found. The Realtime endpoint is {REALTIME_PATH}; the HTTP API is under /v1.\n"
@@ -88,16 +92,18 @@ NOT_FOUND = f"Not found. The Realtime endpoint is {REALTIME_PATH}; the HTTP API 
 
 @dataclass
 class App:
-    """Everything a connection or request needs, built once by :func:`assistant.app.build_app` (or a test)."""
+    """Everything a connection or request needs, built by :func:`assistant.app.open_app`; the engine and what
+    depends on the model are set by :func:`assistant.app.load_engine`, and until then only probes are served."""
 
     store: Store
-    engine: Any  # AsyncEngine
     model_name: str
     defaults: Settings
-    image_budget: ImageBudget
     max_message_bytes: int
     max_connections: int
     drain: Drain  # the running responses, and whether new ones may start
+    engine: Any = None  # MeteredEngine(AsyncEngine): None while the model loads
+    # Set with the engine: until a model says otherwise, one that takes no images.
+    image_budget: ImageBudget = field(default_factory=lambda: ImageBudget(ImageLimits(), 0, 0, 0, None))
     ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
     renders_tools: bool = False  # the model's chat template describes tools itself (ChatModel.renders_tools)
     # Access (assistant.access): a key's tenant (None: unknown or revoked); None when no keys are required.
@@ -111,6 +117,11 @@ class App:
     @property
     def num_connections(self) -> int:
         return len(self.sockets)
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the model is loaded and the engine set (before that, only probes are served)."""
+        return self.engine is not None
 
     async def close_connections(self, code: int, reason: str) -> None:
         """Close every open Realtime connection (1012 when the server shuts down)."""
@@ -128,7 +139,8 @@ def asgi_app(app: App) -> Starlette:
         *http_api.routes(),
         *conversations_api.routes(),
     ]
-    middleware = [Middleware(Access, tenant_of=app.tenant_of, allowed_origins=app.allowed_origins)]
+    middleware = [Middleware(Access, tenant_of=app.tenant_of, allowed_origins=app.allowed_origins),
+                  Middleware(_WhileLoading, app=app)]
     if app.allowed_origins:  # other sites' pages may call the HTTP API: answer their browsers' CORS checks
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=["*"] if "*" in app.allowed_origins else sorted(app.allowed_origins),
@@ -146,7 +158,10 @@ async def _healthz(request: Request) -> Response:
 async def _readyz(request: Request) -> Response:
     """Ready to serve: the engine thread runs (the model is loaded) and the database answers."""
     app: App = request.app.state.app
-    problems = [] if app.engine.is_running else ["the engine is not running"]
+    if not app.is_loaded:
+        problems = ["loading the model"]
+    else:
+        problems = [] if app.engine.is_running else ["the engine is not running"]
     try:
         await asyncio.wait_for(asyncio.to_thread(app.store.ping), READY_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001  any failure means not ready; the reason is logged, not sent
@@ -155,6 +170,27 @@ async def _readyz(request: Request) -> Response:
     if problems:
         return PlainTextResponse("not ready: " + "; ".join(problems) + "\n", status_code=503)
     return PlainTextResponse("ready\n")
+
+
+class _WhileLoading:
+    """Until the model is loaded, everything but the probes and metrics is 503 ``model_loading`` (retryable),
+    on the HTTP API and at the WebSocket handshake alike."""
+
+    def __init__(self, asgi: ASGIApp, app: App) -> None:
+        self.asgi = asgi
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app.is_loaded or scope["type"] not in ("http", "websocket") or scope["path"] in LOADING_PATHS:
+            await self.asgi(scope, receive, send)
+            return
+        body = http_api.error_body("The model is still loading; retry in a few seconds.", "server_error",
+                                   "model_loading")
+        response = JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        if scope["type"] == "websocket":
+            await WebSocket(scope, receive, send).send_denial_response(response)
+        else:
+            await response(scope, receive, send)
 
 
 async def _metrics(request: Request) -> Response:
@@ -437,14 +473,49 @@ async def start_server(app: App, host: str, port: int) -> Server:
     return server
 
 
-async def serve_forever(app: App, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM, drain (a second signal stops the waiting), close connections with 1012 and
-    return."""
+async def serve_forever(app: App, host: str, port: int, load: Callable[[], None] | None = None) -> None:
+    """Listen, then ``load`` the model (probes answer meanwhile, the rest is 503 ``model_loading``), then serve
+    until SIGINT/SIGTERM, drain (a second signal stops the waiting), close connections with 1012 and return.
+    What ``load`` raises is raised here, once the server has stopped."""
     server = await start_server(app, host, port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.close)
-    scheme = "https" if app.ssl_context else "http"
-    print(f"assistant: listening on {url_of(app, host, port)} and {scheme}://{host}:{port}/v1", flush=True)
-    await server.wait_closed()
-    log.info("shut down")
+    try:
+        if load is not None and not await _loaded(load, server):
+            await server.wait_closed()  # stopped while loading
+            return
+        scheme = "https" if app.ssl_context else "http"
+        print(f"assistant: listening on {url_of(app, host, port)} and {scheme}://{host}:{port}/v1", flush=True)
+        await server.wait_closed()
+        log.info("shut down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _loaded(load: Callable[[], None], server: Server) -> bool:
+    """Run ``load`` on a daemon thread (not the loop's executor, which asyncio.run would wait for on a signal);
+    False when the server was told to stop first. A failure stops the server and is raised."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            load()
+        except BaseException as exc:  # noqa: BLE001  handed to the loop, which raises it
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+        else:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    threading.Thread(target=run, name="assistant-load", daemon=True).start()
+    stopped = asyncio.shield(server.wait_closed())  # cancelling our wait must not cancel the server
+    await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if done.done() and done.exception() is not None:
+        server.close()
+        await stopped
+        done.result()  # raises what loading raised
+    if not done.done():
+        return False
+    stopped.cancel()
+    return True

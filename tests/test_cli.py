@@ -99,7 +99,8 @@ async def test_serve_starts_with_a_few_readable_lines_and_refuses_a_taken_port(t
 
 @pytest.mark.real_model
 async def test_the_default_model_starts_as_quietly(tmp_path: Path) -> None:
-    """The quantized vision default (peft and the adapter loading too): four lines."""
+    """The quantized vision default (peft and the adapter loading too): four lines (database, keys, model, URL);
+    the port is open from the second on, /readyz saying 503 until the last."""
     from assistant.models import default_data_dir
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -110,11 +111,11 @@ async def test_the_default_model_starts_as_quietly(tmp_path: Path) -> None:
                "--database-url", f"sqlite:///{tmp_path / 'assistant.db'}"]
     lines = await startup_lines(command, env)
     assert len(lines) == 4 and all(line.startswith("assistant: ") for line in lines), lines
-    assert lines[2].startswith("assistant: no API key required: only this machine can connect (127.0.0.1)")
+    assert lines[1].startswith("assistant: no API key required: only this machine can connect (127.0.0.1)")
     from assistant.engine.quantize import cpu_packs_nf4
 
     quantized = "nf4" if cpu_packs_nf4() else "int8-cpu"  # --quantize auto
-    assert f"(bfloat16, {quantized})" in lines[1] and "smollm2-135m-vision" in lines[1]
+    assert f"(bfloat16, {quantized})" in lines[2] and "smollm2-135m-vision" in lines[2]
 
 
 async def startup_lines(command: list[str], env: dict[str, str]) -> list[str]:

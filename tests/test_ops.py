@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import socket
+import threading
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from assistant.app import close_app, load_engine, open_app
+from assistant.config import load_config
+from assistant.server import serve_forever
 
 from assistant.engine.model import ChatModel
 from tests.conftest import RunningServer, running_server
@@ -91,3 +102,49 @@ async def test_metrics_count_what_users_feel(vision_model: ChatModel, data_dir: 
     assert after[("assistant_image_tokens_total", (("cached", "false"),))] == image_tokens
     assert after[("assistant_image_tokens_total", (("cached", "true"),))] == image_tokens
     assert ("assistant_queue_depth", ()) in after and ("assistant_running_batch_size", ()) in after
+
+
+async def test_probes_answer_while_the_model_loads_and_the_rest_waits(tiny_model: ChatModel, data_dir: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = load_config({"data_dir": str(data_dir), "port": str(port)}, env={})
+    app = open_app(config, progress=lambda _: None)
+    may_load = threading.Event()
+
+    def load() -> None:
+        assert may_load.wait(60)
+        load_engine(app, config, lambda _: None, tiny_model)
+
+    serving = asyncio.create_task(serve_forever(app, "127.0.0.1", port, load))
+    server = RunningServer(app, port)
+    try:
+        for _ in range(100):
+            try:
+                if (await get(server, "/healthz")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+        response = await get(server, "/readyz")
+        assert (response.status_code, response.text) == (503, "not ready: loading the model\n")
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            completion = await http.post(server.http_base + "/chat/completions", json={"model": "m", "messages": []})
+        assert completion.status_code == 503 and completion.json()["error"]["code"] == "model_loading"
+        assert completion.headers["retry-after"] == "5"
+        with pytest.raises(InvalidStatus) as caught:
+            await connect(server.realtime_url)
+        assert caught.value.response.status_code == 503
+        may_load.set()
+        for _ in range(200):
+            if (await get(server, "/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        ws, _ = await open_session(server)
+        await send(ws, user_item("Hello"))
+        await recv_until(ws, "conversation.item.done")
+        await ws.close()
+    finally:
+        may_load.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # serve_forever's own way to stop
+        await asyncio.wait_for(serving, 30)
+        close_app(app)
