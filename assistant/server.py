@@ -6,6 +6,8 @@
   as a subprotocol; the server then selects ``realtime``. Plain HTTP there gets 426.
 - ``/v1/chat/completions``, ``/v1/models``: the OpenAI-compatible HTTP API
   (:mod:`assistant.http_api`), sharing the engine and its batching with the socket.
+- ``GET /`` is the chat page (``assistant/web``: plain HTML, CSS and JavaScript, no build step), its files under
+  ``/web/``; it speaks the same Realtime protocol, open to all since it holds no data.
 - ``GET /healthz`` answers 200 ``ok``; anything else is 404.
 - Before any route: :mod:`assistant.access` refuses pages from other origins (403) and, when keys are
   required, a missing, unknown or revoked key (401), and names the caller's tenant. A connection sees
@@ -40,6 +42,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -51,8 +54,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from assistant import http_api
@@ -68,6 +72,16 @@ REALTIME_PATH = "/v1/realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 MAX_MODEL_NAME_CHARS = 128
 REQUEST_HEAD_TIMEOUT_S = 10.0  # as long as the websockets server gave a client to finish its handshake
+WEB_DIR = Path(__file__).parent / "web"
+# The page loads only its own files and talks only to its own server ('self' covers ws:/wss: to the same host);
+# it may not be framed (clickjacking) and never renders HTML from the wire.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 NOT_FOUND = f"Not found. The Realtime endpoint is {REALTIME_PATH}; the HTTP API is under /v1.\n"
 
 
@@ -100,11 +114,13 @@ class App:
 
 
 def asgi_app(app: App) -> Starlette:
-    """The ASGI application: the Realtime socket, the HTTP API, health, and 404 for the rest."""
+    """The ASGI application: the Realtime socket, the HTTP API, the chat page, health, and 404 for the rest."""
     routes = [
         WebSocketRoute(REALTIME_PATH, _realtime),
         Route(REALTIME_PATH, _upgrade_required),
         Route("/healthz", _healthz),
+        Route("/", _page),
+        Mount("/web", StaticFiles(directory=WEB_DIR), name="web"),
         *http_api.routes(),
     ]
     middleware = [Middleware(Access, tenant_of=app.tenant_of, allowed_origins=app.allowed_origins)]
@@ -120,6 +136,10 @@ def asgi_app(app: App) -> Starlette:
 
 async def _healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
+
+
+async def _page(request: Request) -> Response:
+    return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
 
 
 async def _upgrade_required(request: Request) -> Response:
