@@ -99,12 +99,13 @@ async def attach(page: Any, path: Path) -> None:
     await (await chooser.value).set_files(str(path))
 
 
-async def wait_until_answered(page: Any) -> None:
-    await page.wait_for_function("""() => {
+async def wait_until_answered(page: Any, num_answers: int = 1) -> None:
+    """Until the page shows ``num_answers`` answers and is ready for the next message."""
+    await page.wait_for_function("""(n) => {
         const answers = document.querySelectorAll('.message.assistant');
-        return answers.length && !answers[answers.length - 1].hasAttribute('aria-busy')
+        return answers.length === n && !answers[n - 1].hasAttribute('aria-busy')
             && !document.getElementById('send').disabled;
-    }""")
+    }""", arg=num_answers)
 
 
 async def ask(page: Any, text: str) -> None:
@@ -222,7 +223,7 @@ async def test_page_restores_history_after_reload(vision_server: RunningServer, 
 
     # The reopened socket continues the same conversation.
     await ask(page, "And the colours?")
-    await wait_until_answered(page)
+    await wait_until_answered(page, 2)
     assert len(vision_server.app.store.list_items(conversation_id)) == 4
 
     # A new conversation, then back to the first from the list.

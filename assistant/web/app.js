@@ -13,7 +13,7 @@ const state = {
   conversationId: null, // the socket's conversation; in the hash once it is stored (its first message)
   isStored: false,
   awaitingItem: null, // the user message sent but not yet stored: response.create waits for it
-  isResponding: false,
+  isResponding: false, // from response.create until response.done
   answer: null, // the assistant message being streamed into
   attachments: [], // {name, url} data URLs for the next message
   retries: 0,
@@ -61,11 +61,14 @@ function addMessage(role, content) {
   li.append(who);
   let imageNumber = 0;
   for (const part of content) {
-    if (part.type === "input_image" && part.image_url) {
+    if (part.type !== "input_image") continue;
+    if (part.image_url) {
       const img = document.createElement("img");
       img.src = part.image_url;
       img.alt = `Image ${++imageNumber}`;
       li.append(img);
+    } else {
+      addNote(li, `Image ${++imageNumber}`);
     }
   }
   const text = document.createElement("p");
@@ -215,10 +218,10 @@ function handleEvent(event) {
         state.awaitingItem = null;
         rememberConversation();
         send({ type: "response.create" });
+        state.isResponding = true;
       }
       break;
     case "response.created":
-      state.isResponding = true;
       state.answer = addMessage("assistant", []);
       state.answer.setAttribute("aria-busy", "true");
       setStatus("Answering…");
@@ -262,6 +265,7 @@ function onError(error) {
     state.awaitingItem = null;
     return;
   }
+  if (state.isResponding && !state.answer) state.isResponding = false; // response.create was refused
   addNote(null, error.message, "error");
 }
 
