@@ -191,6 +191,9 @@ async def test_page_streams_an_answer_about_an_image_and_stops_the_next(
     await expect(second.locator(".note")).to_have_text("Stopped.")
     await expect(page.get_by_role("button", name="Stop")).to_be_disabled()
     await screenshot(page, "3-stopped")
+    await page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+    await screenshot(page, "5-phone")
     items = store.list_items(conversation_id)
     assert [item.role for item in items] == ["user", "assistant", "user", "assistant"]
     assert items[1].text == first_answer

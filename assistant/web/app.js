@@ -138,7 +138,9 @@ function conversationEntry(conversation) {
   const link = document.createElement("a");
   link.href = `#${conversation.id}`;
   link.dataset.id = conversation.id;
-  const when = conversation.created_at ? new Date(conversation.created_at * 1000).toLocaleString() : "";
+  const when = conversation.created_at
+    ? new Date(conversation.created_at * 1000).toLocaleString([], { dateStyle: "medium", timeStyle: "short" })
+    : "";
   link.textContent = conversation.metadata?.title || when || conversation.id;
   link.title = conversation.id;
   li.append(link);
