@@ -10,6 +10,7 @@ locally and fail under ``CI=true``. Screenshots of each step go to ``screenshots
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -147,6 +148,22 @@ async def test_page_streams_an_answer_about_an_image_and_stops_the_next(
     await expect(page.locator("#status")).to_have_text("Ready.")
     await attach(page, png_file(tmp_path))
     await expect(page.locator("#attachments img")).to_have_count(1)  # the preview
+    # A pasted and a dropped image are previewed too; one of them is removed again.
+    await page.evaluate("""(png) => {
+        const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
+        const files = (name) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: 'image/png'}));
+            return transfer;
+        };
+        document.getElementById('prompt').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: files('pasted.png'), bubbles: true, cancelable: true}));
+        document.querySelector('main').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: files('dropped.png'), bubbles: true, cancelable: true}));
+    }""", base64.b64encode(png_file(tmp_path, 4).read_bytes()).decode())
+    await expect(page.locator("#attachments img")).to_have_count(3)
+    await page.get_by_role("button", name="Remove dropped.png").click()
+    await expect(page.locator("#attachments img")).to_have_count(2)
 
     prompt = page.get_by_label("Message", exact=True)
     await prompt.fill("What is in")
@@ -165,7 +182,7 @@ async def test_page_streams_an_answer_about_an_image_and_stops_the_next(
     }""")
     await prompt.press("Enter")
     user = page.locator(".message.user").first
-    await expect(user.locator("img")).to_have_count(1)
+    await expect(user.locator("img")).to_have_count(2)
     await expect(user.locator(".text")).to_have_text("What is in\nthis picture?")
     assert await page.locator("#attachments img").count() == 0
     # Text is on screen while the answer is still running (Stop enabled).
@@ -196,13 +213,17 @@ async def test_page_streams_an_answer_about_an_image_and_stops_the_next(
     await screenshot(page, "5-phone")
     items = store.list_items(conversation_id)
     assert [item.role for item in items] == ["user", "assistant", "user", "assistant"]
-    assert items[1].text == first_answer
+    assert items[1].text == first_answer and len(items[0].image_hashes) == 2
     assert items[3].status == "incomplete" and len(items[3].text) < len(first_answer)
 
 
 async def test_page_restores_history_after_reload(vision_server: RunningServer, page: Any, tmp_path: Path) -> None:
     """Needs GET /v1/conversations and GET /v1/conversations/{id}/items."""
     from playwright.async_api import expect
+
+    async with httpx.AsyncClient() as http:
+        listing = await http.get(f"http://127.0.0.1:{vision_server.port}/v1/conversations")
+    assert listing.status_code == 200, "the page reads the list and the history from GET /v1/conversations[/{id}/items]"
 
     await page.goto(f"http://127.0.0.1:{vision_server.port}/")
     await expect(page.locator("#status")).to_have_text("Ready.")

@@ -212,7 +212,8 @@ function send(event) {
 function handleEvent(event) {
   switch (event.type) {
     case "session.created":
-      if (!state.conversationId) state.conversationId = event.session.conversation_id;
+      // A conversation not stored yet is the server's new one (also after a reconnect); a stored one continues.
+      if (!state.isStored) state.conversationId = event.session.conversation_id;
       setStatus("Ready.");
       break;
     case "conversation.item.added":
