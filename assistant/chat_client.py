@@ -188,7 +188,8 @@ def chat(url: str, key: str | None, conversation_id: str | None, image_paths: li
     pending = [part for part in attached if part is not None]
     if len(pending) < len(attached):
         return 2
-    if sys.stdin.isatty():
+    is_terminal = sys.stdin.isatty()
+    if is_terminal:
         import readline  # noqa: F401  (line editing and history for input())
     try:
         target = realtime_url(url, conversation_id)
@@ -214,9 +215,10 @@ def chat(url: str, key: str | None, conversation_id: str | None, image_paths: li
         note(f"assistant: connected to {target.split('?')[0]}, conversation {conversation_id}. {HELP}")
         while True:
             try:
-                line = input("> ")
+                line = input("> " if is_terminal else "")  # piped questions: stdout holds only the answers
             except (EOFError, KeyboardInterrupt):
-                print(file=stdout, flush=True)
+                if is_terminal:  # the shell's prompt on a line of its own
+                    print(file=stdout, flush=True)
                 return 0
             command = parse_line(line)
             if command is None:
@@ -238,6 +240,9 @@ def chat(url: str, key: str | None, conversation_id: str | None, image_paths: li
     except ConnectionClosed as exc:
         note(f"assistant: the connection closed ({exc.rcvd.code if exc.rcvd else 'no close frame'}"
              f"{': ' + exc.rcvd.reason if exc.rcvd and exc.rcvd.reason else ''})")
+        return 1
+    except TimeoutError:
+        note("assistant: the server did not start the session within 30 s")
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while a cancelled answer winds down
         print(file=stdout, flush=True)

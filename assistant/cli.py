@@ -155,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "chat":  # a client: the server's Config plays no part
         from assistant.chat_client import chat
 
-        return chat(args.url, args.key, args.conversation, args.image)
+        try:
+            return chat(args.url, args.key, args.conversation, args.image)
+        except KeyboardInterrupt:  # while connecting
+            return 130
     if args.command == "data":
         return _data(args)
     if args.command == "train":

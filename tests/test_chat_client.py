@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from assistant.chat_client import Attach, Help, Quit, Say, Turn, image_part, parse_line, realtime_url, user_message
+from assistant.chat_client import (CONTROL_CHARS, Attach, Help, Quit, Say, Turn, image_part, parse_line, realtime_url,
+                                   user_message)
 from assistant.engine.model import ChatModel
 from tests.conftest import RunningServer, running_server
 from tests.vision_fixtures import load_tiny_llava_chat, make_image
@@ -265,3 +266,17 @@ async def test_chat_names_a_refused_key_and_an_unknown_conversation(tiny_model: 
         await terminal.expect(r"No conversation 'conv_nope' is stored here")
         assert await terminal.exit_status() == 1
         assert "continue it with" not in terminal.text
+
+
+async def test_piped_questions_give_only_answers_on_stdout(tiny_model: ChatModel, data_dir: Path) -> None:
+    async with running_server(tiny_model, data_dir, temperature=0, max_output_tokens=8) as server:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "assistant", "chat", "--url", f"http://127.0.0.1:{server.port}",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        stdout, stderr = await asyncio.wait_for(process.communicate(b"Hello\nHow are you?\n"), TIMEOUT_S)
+        assert process.returncode == 0
+        conversation_id = re.search(rb"--conversation (conv_\w+)", stderr).group(1).decode()
+        answers = [item.text for item in server.app.store.list_items(conversation_id) if item.role == "assistant"]
+        printed = "".join(CONTROL_CHARS.sub("\ufffd", answer) + "\n" for answer in answers)
+        assert len(answers) == 2 and stdout.decode() == printed
