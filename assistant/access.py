@@ -2,8 +2,9 @@
 
 Order of the checks, before any route runs (so a refused client costs one key lookup at most):
 
-1. ``/healthz`` and ``/readyz`` are open to all (load balancers and probes carry no key); ``/metrics``
-   needs a key like the API when keys are required.
+1. ``/healthz`` and ``/readyz`` (load balancers and probes carry no key) and the chat page, ``/`` and its
+   static files under ``/web/`` (they hold no data: the page asks for a key and sends it itself), are open
+   to all; ``/metrics`` needs a key like the API when keys are required.
 2. **Origin.** A request or WebSocket handshake that carries an ``Origin`` header comes from a
    browser page. It passes when that origin is the server's own (same host and port as the
    ``Host`` header) or is listed in ``--allowed-origins`` (``*`` for any); otherwise it is refused
@@ -39,7 +40,8 @@ from assistant.store_models import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no key
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})  # probes carry no key; the page holds no data
+OPEN_PATH_PREFIX = "/web/"  # the page's files (assistant/web); StaticFiles refuses paths that leave its folder
 HTTP_STATUS = {"missing_api_key": 401, "invalid_api_key": 401, "origin_not_allowed": 403,
                "storage_unavailable": 503}  # the key could not be looked up
 
@@ -55,7 +57,7 @@ class Access:
         self.allowed_origins = allowed_origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -99,6 +101,10 @@ class Access:
         if tenant is None:
             raise Unauthorized("Incorrect API key provided: it is unknown or revoked.")
         return tenant
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PATH_PREFIX)
 
 
 def requires_keys(auth: str, host: str, has_keys: bool) -> bool:

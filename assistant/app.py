@@ -20,7 +20,7 @@ from assistant.engine.sampling import SamplingParams
 from assistant.images import ImageLimits
 from assistant.keys import Keys
 from assistant.limits import TenantLimits
-from assistant.metrics import MeteredEngine, Metrics
+from assistant.metrics import MeteredEngine
 from assistant.prompts import load_system_prompt
 from assistant.server import App, tls_context
 from assistant.session import ImageBudget, Settings

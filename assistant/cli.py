@@ -1,5 +1,5 @@
-"""Command line: ``assistant serve``, ``assistant db upgrade``, ``assistant keys``, ``assistant models pull``,
-``assistant data``, ``assistant train``, ``assistant match``.
+"""Command line: ``assistant serve``, ``assistant chat``, ``assistant db upgrade``, ``assistant keys``,
+``assistant models pull``, ``assistant data``, ``assistant train``, ``assistant match``.
 
 The Config is built here, once, from flags > environment > TOML file > defaults,
 and passed explicitly to what needs it. Every Config field is a ``serve`` flag
@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Run the WebSocket server.",
                                 description="Run the Realtime WebSocket server at ws://HOST:PORT/v1/realtime.")
     _add_config_flags(serve)
+    _add_chat_flags(commands.add_parser(
+        "chat", help="Chat with a running server from the terminal.",
+        description="Chat with a running server over its Realtime socket: answers stream as they arrive, "
+        "'/image PATH' attaches an image to the next message, Ctrl-C stops an answer, Ctrl-D quits and prints "
+        "the conversation id to continue with --conversation."))
     db = commands.add_parser("db", help="Database maintenance.")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="Apply all migrations to the database (any SQLAlchemy URL).")
@@ -86,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score each TEXT as the model's answer to --prompt about IMAGE, with the image minus without "
         "it (natural-log likelihoods), and print the texts best first."))
     return parser
+
+
+def _add_chat_flags(parser: argparse.ArgumentParser) -> None:
+    from assistant.chat_client import DEFAULT_URL
+
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"The server: http(s)://HOST:PORT, its /v1 base URL or "
+                        f"its ws(s)://HOST:PORT/v1/realtime URL (default {DEFAULT_URL}).")
+    parser.add_argument("--key", default=os.environ.get("ASSISTANT_API_KEY"),
+                        help="API key, when the server requires keys [env ASSISTANT_API_KEY].")
+    parser.add_argument("--conversation", metavar="ID", help="Continue this stored conversation.")
+    parser.add_argument("--image", type=Path, action="append", default=[], metavar="PATH",
+                        help="Attach an image to the first message; repeat for more.")
 
 
 def _add_match_flags(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +157,13 @@ def _add_train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "chat":  # a client: the server's Config plays no part
+        from assistant.chat_client import chat
+
+        try:
+            return chat(args.url, args.key, args.conversation, args.image)
+        except KeyboardInterrupt:  # while connecting
+            return 130
     if args.command == "data":
         return _data(args)
     if args.command == "train":

@@ -6,6 +6,8 @@
   as a subprotocol; the server then selects ``realtime``. Plain HTTP there gets 426.
 - ``/v1/chat/completions``, ``/v1/models``: the OpenAI-compatible HTTP API
   (:mod:`assistant.http_api`), sharing the engine and its batching with the socket.
+- ``GET /`` is the chat page (``assistant/web``: plain HTML, CSS and JavaScript, no build step), its files under
+  ``/web/``; it speaks the same Realtime protocol, open to all since it holds no data.
 - ``GET /healthz`` answers 200 ``ok`` (alive); ``GET /readyz`` 200 when the engine runs and the database
   answers, 503 saying which is not; ``GET /metrics`` is Prometheus text (:mod:`assistant.metrics`); anything
   else is 404.
@@ -50,6 +52,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -62,8 +65,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -84,9 +88,19 @@ log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 MAX_MODEL_NAME_CHARS = 128
-LOADING_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # served while the model loads
+LOADING_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/"})  # served while the model loads (and /web/)
 READY_TIMEOUT_S = 2.0  # a database slower than this to answer SELECT 1 is not ready
 REQUEST_HEAD_TIMEOUT_S = 10.0  # as long as the websockets server gave a client to finish its handshake
+WEB_DIR = Path(__file__).parent / "web"
+# The page loads only its own files and talks only to its own server ('self' covers ws:/wss: to the same host);
+# it may not be framed (clickjacking) and never renders HTML from the wire.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 NOT_FOUND = f"Not found. The Realtime endpoint is {REALTIME_PATH}; the HTTP API is under /v1.\n"
 
 
@@ -129,11 +143,13 @@ class App:
 
 
 def asgi_app(app: App) -> Starlette:
-    """The ASGI application: the Realtime socket, the HTTP API, health, and 404 for the rest."""
+    """The ASGI application: the Realtime socket, the HTTP API, the chat page, health, and 404 for the rest."""
     routes = [
         WebSocketRoute(REALTIME_PATH, _realtime),
         Route(REALTIME_PATH, _upgrade_required),
         Route("/healthz", _healthz),
+        Route("/", _page),
+        Mount("/web", StaticFiles(directory=WEB_DIR), name="web"),
         Route("/readyz", _readyz),
         Route("/metrics", _metrics),
         *http_api.routes(),
@@ -153,6 +169,10 @@ def asgi_app(app: App) -> Starlette:
 
 async def _healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
+
+
+async def _page(request: Request) -> Response:
+    return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
 
 
 async def _readyz(request: Request) -> Response:
@@ -181,7 +201,9 @@ class _WhileLoading:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.app.is_loaded or scope["type"] not in ("http", "websocket") or scope["path"] in LOADING_PATHS:
+        path = scope.get("path", "")
+        if self.app.is_loaded or scope["type"] not in ("http", "websocket") or path in LOADING_PATHS or \
+                path.startswith("/web/"):
             await self.asgi(scope, receive, send)
             return
         body = http_api.error_body("The model is still loading; retry in a few seconds.", "server_error",
@@ -320,8 +342,9 @@ class _OneLineBadRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith(_UVICORN_CHATTER):
-            return False  # serve_forever prints the URL itself; start and stop are ours to say
+        if message.startswith(_UVICORN_CHATTER) or '"WebSocket ' in message:
+            # serve_forever prints the URL itself; start and stop, connections and refusals are ours to say
+            return False
         if message.startswith(("Invalid HTTP request received", "Unsupported upgrade request")):
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info, record.exc_text = None, None
@@ -329,7 +352,11 @@ class _OneLineBadRequests(logging.Filter):
 
 
 _UVICORN_CHATTER = ("Started server process", "Finished server process", "Waiting for application",
-                    "Application startup", "Application shutdown", "Uvicorn running on", "Shutting down")
+                    "Application startup", "Application shutdown", "Uvicorn running on", "Shutting down",
+                    # uvicorn 0.54's sans-I/O WebSocket logs this after every denial response (a refused key or
+                    # origin, 503 while loading), which it does send; our refusals log their own line.
+                    "ASGI callable returned without completing handshake",
+                    "connection open", "connection closed", "connection rejected")
 _bad_request_filter = _OneLineBadRequests()
 
 
@@ -501,12 +528,12 @@ async def _loaded(load: Callable[[], None], server: Server) -> bool:
     done: asyncio.Future[None] = loop.create_future()
 
     def run() -> None:
+        error: BaseException | None = None
         try:
             load()
         except BaseException as exc:  # noqa: BLE001  handed to the loop, which raises it
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
-        else:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            error = exc
+        loop.call_soon_threadsafe(_settle, done, error)
 
     threading.Thread(target=run, name="assistant-load", daemon=True).start()
     stopped = asyncio.shield(server.wait_closed())  # cancelling our wait must not cancel the server
@@ -519,3 +546,12 @@ async def _loaded(load: Callable[[], None], server: Server) -> bool:
         return False
     stopped.cancel()
     return True
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

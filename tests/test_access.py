@@ -257,3 +257,12 @@ async def test_connections_and_responses_are_bounded_per_tenant(tiny_model: Chat
         assert (await recv_until(second, "response.done"))[-1]["response"]["status"] in ("completed", "incomplete")
         for ws in (first, second, other):
             await ws.close()
+
+
+async def test_a_refused_handshake_logs_one_line_not_an_error(keyed: RunningServer,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    await refused(keyed)
+    await asyncio.sleep(0.1)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith(("uvicorn", "assistant"))]
+    assert [level for level, _ in lines] == ["INFO"], lines

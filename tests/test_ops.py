@@ -148,3 +148,22 @@ async def test_probes_answer_while_the_model_loads_and_the_rest_waits(tiny_model
         os.kill(os.getpid(), signal.SIGTERM)  # serve_forever's own way to stop
         await asyncio.wait_for(serving, 30)
         close_app(app)
+
+
+async def test_a_model_that_fails_to_load_stops_the_server_with_its_error(data_dir: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = load_config({"data_dir": str(data_dir), "port": str(port)}, env={})
+    app = open_app(config, progress=lambda _: None)
+
+    def load() -> None:
+        raise RuntimeError("cannot load the model: no such directory")
+
+    try:
+        with pytest.raises(RuntimeError, match="no such directory"):
+            await asyncio.wait_for(serve_forever(app, "127.0.0.1", port, load), 30)
+        with pytest.raises(httpx.TransportError):  # the port is closed again
+            await get(RunningServer(app, port), "/healthz")
+    finally:
+        close_app(app)

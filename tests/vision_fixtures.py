@@ -102,19 +102,19 @@ def save_tiny_llava(path: Path, tower: str, select: str = "default", *, seed: in
     return Path(path)
 
 
-def load_tiny_llava_chat(tmp: Path) -> ChatModel:
+def load_tiny_llava_chat(tmp: Path, max_position_embeddings: int = 512) -> ChatModel:
     """:func:`save_tiny_llava_chat` (CLIP tower) in ``tmp``, loaded as ``assistant serve`` loads a model:
     unquantized (what these tests are about), float32, on CPU."""
     from assistant.config import Config
     from assistant.engine.loader import load_model
 
-    path = save_tiny_llava_chat(tmp, "clip")
+    path = save_tiny_llava_chat(tmp, "clip", max_position_embeddings=max_position_embeddings)
     config = Config(model=str(path), data_dir=path / "data", dtype="float32", device="cpu", quantize="none")
     return load_model(config, progress=lambda _: None)
 
 
 def save_tiny_llava_chat(path: Path, tower: str, select: str = "default", *, template: str = "chatml",
-                         template_in: str = "tokenizer", seed: int = 0) -> Path:
+                         template_in: str = "tokenizer", seed: int = 0, max_position_embeddings: int = 512) -> Path:
     """A random LLaVA ready to serve: the tiny tower + Llama, a byte-level tokenizer with ``<image>``, a chat template.
 
     ``template``: "chatml" (string content, as tests.engine_fixtures) or "llava" (:data:`LLAVA_LIST_TEMPLATE`);
@@ -131,7 +131,7 @@ def save_tiny_llava_chat(path: Path, tower: str, select: str = "default", *, tem
     tokenizer.chat_template = chat_template if template_in == "tokenizer" else None
     text_config = tiny_llama_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                    max_position_embeddings=512)
+                                    max_position_embeddings=max_position_embeddings)
     grid_tokens = GRID**2 + int(tower == "clip") - int(select == "default")
     config = LlavaConfig(vision_config=tiny_vision_config(tower), text_config=text_config,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
