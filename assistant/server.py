@@ -6,11 +6,8 @@
   as a subprotocol; the server then selects ``realtime``. Plain HTTP there gets 426.
 - ``/v1/chat/completions``, ``/v1/models``: the OpenAI-compatible HTTP API
   (:mod:`assistant.http_api`), sharing the engine and its batching with the socket.
-- ``GET /`` is the chat page (``assistant/web``: plain HTML, CSS and JavaScript, no build step), its files under
-  ``/web/``; it speaks the same Realtime protocol, open to all since it holds no data.
-- ``GET /healthz`` answers 200 ``ok`` (alive); ``GET /readyz`` 200 when the engine runs and the database
-  answers, 503 saying which is not; ``GET /metrics`` is Prometheus text (:mod:`assistant.metrics`); anything
-  else is 404.
+- ``/healthz``, ``/readyz``, ``/metrics`` and the chat page at ``/``: :mod:`assistant.ops`; anything else is
+  404. While the model loads, only those answer (the rest is 503 ``model_loading``).
 - Before any route: :mod:`assistant.access` refuses pages from other origins (403) and, when keys are
   required, a missing, unknown or revoked key (401), and names the caller's tenant. A connection sees
   only its tenant's conversations, and is counted against its tenant's bounds (:mod:`assistant.limits`).
@@ -52,30 +49,25 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import h11
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from assistant import conversations_api, http_api
+from assistant import conversations_api, http_api, ops
 from assistant.access import Access, tenant_of
 from assistant.drain import Drain
 from assistant.errors import ConversationNotFound, MessageTooLarge, StorageUnavailable
 from assistant.events import Dialect, EventWriter
+from assistant.http11 import QuickHeadH11Protocol, bad_request_filter
 from assistant.images import ImageLimits
 from assistant.limits import TenantLimits
 from assistant.metrics import Metrics
@@ -88,19 +80,6 @@ log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 MAX_MODEL_NAME_CHARS = 128
-LOADING_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/"})  # served while the model loads (and /web/)
-READY_TIMEOUT_S = 2.0  # a database slower than this to answer SELECT 1 is not ready
-REQUEST_HEAD_TIMEOUT_S = 10.0  # as long as the websockets server gave a client to finish its handshake
-WEB_DIR = Path(__file__).parent / "web"
-# The page loads only its own files and talks only to its own server ('self' covers ws:/wss: to the same host);
-# it may not be framed (clickjacking) and never renders HTML from the wire.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
 NOT_FOUND = f"Not found. The Realtime endpoint is {REALTIME_PATH}; the HTTP API is under /v1.\n"
 
 
@@ -147,16 +126,12 @@ def asgi_app(app: App) -> Starlette:
     routes = [
         WebSocketRoute(REALTIME_PATH, _realtime),
         Route(REALTIME_PATH, _upgrade_required),
-        Route("/healthz", _healthz),
-        Route("/", _page),
-        Mount("/web", StaticFiles(directory=WEB_DIR), name="web"),
-        Route("/readyz", _readyz),
-        Route("/metrics", _metrics),
+        *ops.routes(),
         *http_api.routes(),
         *conversations_api.routes(),
     ]
     middleware = [Middleware(Access, tenant_of=app.tenant_of, allowed_origins=app.allowed_origins),
-                  Middleware(_WhileLoading, app=app)]
+                  Middleware(ops.WhileLoading, app=app)]
     if app.allowed_origins:  # other sites' pages may call the HTTP API: answer their browsers' CORS checks
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=["*"] if "*" in app.allowed_origins else sorted(app.allowed_origins),
@@ -165,59 +140,6 @@ def asgi_app(app: App) -> Starlette:
     starlette = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})
     starlette.state.app = app
     return starlette
-
-
-async def _healthz(request: Request) -> Response:
-    return PlainTextResponse("ok\n")
-
-
-async def _page(request: Request) -> Response:
-    return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
-
-
-async def _readyz(request: Request) -> Response:
-    """Ready to serve: the engine thread runs (the model is loaded) and the database answers."""
-    app: App = request.app.state.app
-    if not app.is_loaded:
-        problems = ["loading the model"]
-    else:
-        problems = [] if app.engine.is_running else ["the engine is not running"]
-    try:
-        await asyncio.wait_for(asyncio.to_thread(app.store.ping), READY_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001  any failure means not ready; the reason is logged, not sent
-        log.info("readyz: the database did not answer: %s", type(exc).__name__)
-        problems.append("the database does not answer")
-    if problems:
-        return PlainTextResponse("not ready: " + "; ".join(problems) + "\n", status_code=503)
-    return PlainTextResponse("ready\n")
-
-
-class _WhileLoading:
-    """Until the model is loaded, everything but the probes and metrics is 503 ``model_loading`` (retryable),
-    on the HTTP API and at the WebSocket handshake alike."""
-
-    def __init__(self, asgi: ASGIApp, app: App) -> None:
-        self.asgi = asgi
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if self.app.is_loaded or scope["type"] not in ("http", "websocket") or path in LOADING_PATHS or \
-                path.startswith("/web/"):
-            await self.asgi(scope, receive, send)
-            return
-        body = http_api.error_body("The model is still loading; retry in a few seconds.", "server_error",
-                                   "model_loading")
-        response = JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-        if scope["type"] == "websocket":
-            await WebSocket(scope, receive, send).send_denial_response(response)
-        else:
-            await response(scope, receive, send)
-
-
-async def _metrics(request: Request) -> Response:
-    app: App = request.app.state.app
-    return Response(app.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _upgrade_required(request: Request) -> Response:
@@ -336,75 +258,6 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     return context
 
 
-class _OneLineBadRequests(logging.Filter):
-    """A client that is not speaking HTTP (garbage, a port scan, TLS to a plain port) is the client's
-    problem: one INFO line, not a warning."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith(_UVICORN_CHATTER) or '"WebSocket ' in message:
-            # serve_forever prints the URL itself; start and stop, connections and refusals are ours to say
-            return False
-        if message.startswith(("Invalid HTTP request received", "Unsupported upgrade request")):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_UVICORN_CHATTER = ("Started server process", "Finished server process", "Waiting for application",
-                    "Application startup", "Application shutdown", "Uvicorn running on", "Shutting down",
-                    # uvicorn 0.54's sans-I/O WebSocket logs this after every denial response (a refused key or
-                    # origin, 503 while loading), which it does send; our refusals log their own line.
-                    "ASGI callable returned without completing handshake",
-                    "connection open", "connection closed", "connection rejected")
-_bad_request_filter = _OneLineBadRequests()
-
-
-class _H11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with two changes for hostile or broken clients: a connection whose first
-    request head is not complete within :data:`REQUEST_HEAD_TIMEOUT_S` is closed (uvicorn waits forever, so
-    a client that sends half a request would hold a connection), and the answer to a request that is not
-    HTTP names the server like every other answer (uvicorn's own sends no Server header there)."""
-
-    _head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._head_timer = asyncio.get_running_loop().call_later(REQUEST_HEAD_TIMEOUT_S, self._head_too_slow)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.cycle is not None:
-            self._stop_head_timer()
-
-    def handle_websocket_upgrade(self, event: h11.Request) -> None:
-        self._stop_head_timer()  # the WebSocket protocol takes the connection over
-        super().handle_websocket_upgrade(event)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        super().connection_lost(exc)
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
-        if self.cycle is None and not self.transport.is_closing():
-            log.info("closed a connection whose request head did not arrive within %.0f s", REQUEST_HEAD_TIMEOUT_S)
-            self.transport.close()
-
-    def send_400_response(self, msg: str) -> None:
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
-                   (b"server", b"assistant")]
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
-                      h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
-            self.transport.write(self.conn.send(event))
-        self.transport.close()
-
-
 class Server(uvicorn.Server):
     """uvicorn's server, started and stopped by its owner (signals are :func:`serve_forever`'s), that drains
     before it shuts down: uvicorn itself would close Realtime connections (1012) with their responses running."""
@@ -412,7 +265,7 @@ class Server(uvicorn.Server):
     def __init__(self, app: App, host: str, port: int) -> None:
         config = uvicorn.Config(
             asgi_app(app), host=host, port=port,
-            http=_H11Protocol, ws="websockets-sansio", lifespan="off",
+            http=QuickHeadH11Protocol, ws="websockets-sansio", lifespan="off",
             log_config=None, access_log=False,
             server_header=False, date_header=False, headers=[("server", "assistant")],  # no versions to match
             # Frames up to twice the limit are read and answered with a coded error;
@@ -493,8 +346,8 @@ def url_of(app: App, host: str, port: int) -> str:
 async def start_server(app: App, host: str, port: int) -> Server:
     """Start listening (port 0 picks a free port: see ``server.sockets``)."""
     uvicorn_log = logging.getLogger("uvicorn.error")
-    if _bad_request_filter not in uvicorn_log.filters:
-        uvicorn_log.addFilter(_bad_request_filter)
+    if bad_request_filter not in uvicorn_log.filters:
+        uvicorn_log.addFilter(bad_request_filter)
     server = Server(app, host, port)
     await server.start()
     return server
