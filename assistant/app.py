@@ -48,12 +48,11 @@ def open_app(config: Config, progress: Callable[[str], None] = print) -> App:
     ssl_context = tls_context(config.tls_certfile, config.tls_keyfile) if config.tls_certfile else None
     store = Store(config.database_url)
     url = make_url(config.database_url)
-    if url.get_backend_name() == "sqlite":
-        store.upgrade()  # the embedded database follows the code; others via `assistant db upgrade`
-    elif not store.is_up_to_date():
+    try:
+        store.upgrade()  # the schema follows the code; replicas starting together migrate once (store.upgrade)
+    except BaseException:
         store.close()
-        raise RuntimeError("the database schema is not at the newest migration; run "
-                           "`assistant db upgrade --database-url URL` first")
+        raise
     recovered = recover_at_start(store)  # before serving: what a killed server left in progress
     if recovered:
         progress(f"finished {recovered} responses a stopped server left in progress (incomplete, server_crash)")

@@ -59,6 +59,7 @@ ROOT = "root"  # previous_item_id that means "insert first"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 READ_ONLY = "assistant_read_only"  # execution option of reads: SQLite may BEGIN DEFERRED, taking no write lock
 PG_CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout
+MIGRATION_LOCK_KEY = 0x61737369  # pg_advisory_xact_lock key of schema upgrades ("assi")
 CRASH_REASON = "server_crash"  # the reason of a response finished for an owner that died
 
 
@@ -84,7 +85,9 @@ class Store:
             yield session
 
     def upgrade(self) -> None:
-        """Bring the schema to the newest migration (a no-op when it is already there)."""
+        """Bring the schema to the newest migration (a no-op when it is already there). Safe to call from several
+        processes at once: on PostgreSQL they take turns on an advisory lock (the first migrates, the others
+        then find the schema current); SQLite's write lock does the same."""
         config = _alembic_config()
         with self.engine.connect() as connection:
             # SQLite batch migrations drop and recreate tables; with foreign keys on, dropping a
@@ -94,6 +97,8 @@ class Store:
                 _set_sqlite_foreign_keys(connection, False)
             try:
                 with connection.begin():
+                    if connection.dialect.name == "postgresql":  # released when this transaction ends
+                        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
                     config.attributes["connection"] = connection
                     command.upgrade(config, "head")
                     if is_sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():

@@ -58,15 +58,16 @@ def test_configuration_error_exits_with_2(tmp_path: Path, capsys: pytest.Capture
     assert "port expects int" in capsys.readouterr().err
 
 
-def test_serve_refuses_a_database_that_was_never_upgraded(tmp_path: Path, url: str) -> None:  # noqa: F811
-    if url.startswith("sqlite"):
-        pytest.skip("SQLite is upgraded by serve itself")
-    from assistant.app import build_app
+def test_serve_upgrades_any_database_before_loading_the_model(tmp_path: Path, url: str) -> None:  # noqa: F811
+    from assistant.app import close_app, open_app
     from assistant.config import load_config
 
     config = load_config({"database_url": url, "data_dir": str(tmp_path), "model": str(tmp_path / "unused")}, env={})
-    with pytest.raises(RuntimeError, match="assistant db upgrade"):
-        build_app(config, progress=lambda _: None)
+    app = open_app(config, progress=lambda _: None)
+    try:
+        assert app.store.is_up_to_date()
+    finally:
+        close_app(app)
 
 
 def serve_command(model_dir: Path, data_dir: Path, *flags: str) -> list[str]:

@@ -392,3 +392,26 @@ def test_conversations_and_items_page_per_tenant(store: Store) -> None:
     assert store.list_items(ids[0]) == [] and not store.conversation_exists(ids[0], "acme")
     with pytest.raises(ConversationNotFound):
         store.get_conversation(ids[0], "acme")
+
+
+def test_replicas_starting_together_migrate_once(url: str) -> None:
+    """Several processes upgrading one empty database at once (replicas started together): on PostgreSQL each
+    would create the same tables but for the advisory lock; all succeed and the schema is current."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [Store(url) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+
+    def upgrade(store: Store) -> None:
+        barrier.wait()
+        store.upgrade()
+
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            list(pool.map(upgrade, stores, timeout=120))  # re-raises any failure; without the lock they deadlock
+        assert all(store.is_up_to_date() for store in stores)
+        conversation = stores[0].create_conversation()
+        assert stores[3].conversation_exists(conversation, "default")
+    finally:
+        for store in stores:
+            store.close()
