@@ -160,12 +160,21 @@ class LiveConversation:
 
     async def attach(self, owner: object, send: Send, last_event_id: str) -> int:
         """Send ``owner``'s connection every event after ``last_event_id``, then the live ones; returns how many
-        were replayed. Raises :class:`ReplayUnavailable` (attaching nothing) when that event is not held."""
+        were replayed. When that event is not held, raises :class:`ReplayUnavailable`, and the connection follows
+        the response from now on if it still runs."""
+        try:
+            return await self._replay(owner, send, last_event_id)
+        except ReplayUnavailable:
+            if self.is_running:
+                self.follow(owner, send)
+            raise
+
+    async def _replay(self, owner: object, send: Send, last_event_id: str) -> int:
         seq = self.buffer.position_after(last_event_id)
         self._owner, self._subscriber = owner, None  # the connection attached before gets no more events
         num_replayed = 0
         while seq < self.buffer.end:
-            events = self.buffer.since(seq)  # may raise if the buffer moved past what we have sent
+            events = self.buffer.since(seq)  # raises if the buffer moved past what was sent
             seq = self.buffer.end
             for event in events:
                 if not self.is_attached(owner):  # another connection took over while this one replayed

@@ -150,19 +150,16 @@ class Session:
             self._replay = asyncio.create_task(self._resume(last_event_id))
 
     async def _resume(self, last_event_id: str) -> None:
-        live = self.live.get(self.conversation_id) if self._is_conversation_stored else None
+        live = self._live = self.live.get(self.conversation_id) if self._is_conversation_stored else None
         try:
             if live is None:
                 raise ReplayUnavailable(f"No response of this conversation ran recently: nothing to replay after "
                                         f"'{last_event_id[:100]}'.", param="last_event_id")
-            self._live = live
             num_replayed = await live.attach(self, self._deliver, last_event_id)
             log.info("connection %s resumed conversation %s: %d events replayed", self.id, self.conversation_id,
                      num_replayed)
-        except ReplayUnavailable as exc:
+        except ReplayUnavailable as exc:  # the response's events from now on follow, if it still runs
             await self._send(self.writer.error(exc))
-            if live is not None and live.is_running:  # the rest of the response still comes
-                live.follow(self, self._deliver)
 
     async def close(self) -> None:
         """The client is gone: its response runs on (or is cancelled, with ``cancel_on_disconnect``)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from assistant.engine.model import ChatModel
 from tests.conftest import RunningServer, running_server
