@@ -138,7 +138,11 @@ class LiveConversation:
         assert not self.is_running, "one response at a time per conversation"
         self.response_id, self.task, self.cancel = response_id, task, cancel
         self._touch()
-        task.add_done_callback(lambda _: self._touch())
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self.cancel = None  # it holds the response's whole output, which the buffer's bounds do not count
+        self._touch()
 
     async def publish(self, event: dict[str, Any]) -> None:
         """Send one of the response's events: into the buffer, then to the attached connection."""
