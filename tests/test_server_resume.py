@@ -272,3 +272,24 @@ async def test_many_abandoned_responses_stay_within_the_replay_bounds(streaming_
         assert live.get("conv_any") is None and len(live) == 0 and live.num_bytes == 0
         print(f"\n{num_responses} abandoned responses: replay buffers peaked at {peak} bytes (bound {total})")
 
+
+
+async def test_a_function_call_is_replayed_too(streaming: RunningServer) -> None:
+    from tests.test_server_tools import NOTE
+
+    ws, session = await open_session(streaming)
+    await send(ws, user_item("Take a long note."))
+    await recv_until(ws, "conversation.item.done")
+    await send(ws, {"type": "response.create", "response": {"tools": [NOTE], "tool_choice": "required",
+                                                            "max_output_tokens": 300}})
+    seen = await recv_until(ws, "response.function_call_arguments.delta")
+    await ws.close()
+    ws, _ = await open_session(streaming, f"?conversation={session['conversation_id']}"
+                                          f"&last_event_id={seen[-1]['event_id']}")
+    replayed = await recv_until(ws, "response.done")
+    arguments = "".join(e["delta"] for e in seen + replayed if e["type"] == "response.function_call_arguments.delta")
+    [done] = [e for e in replayed if e["type"] == "response.function_call_arguments.done"]
+    assert done["arguments"] == arguments and done["call_id"] == seen[-1]["call_id"]
+    item = streaming.app.store.get_item(session["conversation_id"], done["item_id"])
+    assert item.type == "function_call" and item.arguments == arguments
+    await ws.close()
