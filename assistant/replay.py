@@ -120,6 +120,7 @@ class LiveConversation:
         self._registry = registry
         self._owner: object | None = None  # who is attached (a Session), None when nobody is
         self._subscriber: Send | None = None
+        self._greeting: tuple[str, int] | None = None  # the last resumed connection's session.created, and its place
         self.last_active = registry.clock()
 
     @property
@@ -162,19 +163,22 @@ class LiveConversation:
         self._owner, self._subscriber = owner, send
         self._touch()
 
-    async def attach(self, owner: object, send: Send, last_event_id: str) -> int:
+    async def attach(self, owner: object, send: Send, last_event_id: str, greeting_id: str | None = None) -> int:
         """Send ``owner``'s connection every event after ``last_event_id``, then the live ones; returns how many
         were replayed. When that event is not held, raises :class:`ReplayUnavailable`, and the connection follows
-        the response from now on if it still runs."""
+        the response from now on if it still runs. ``greeting_id`` (the new connection's ``session.created``)
+        stands for the same place, should the client drop again before anything was replayed."""
         try:
-            return await self._replay(owner, send, last_event_id)
+            return await self._replay(owner, send, last_event_id, greeting_id)
         except ReplayUnavailable:
             if self.is_running:
                 self.follow(owner, send)
             raise
 
-    async def _replay(self, owner: object, send: Send, last_event_id: str) -> int:
-        seq = self.buffer.position_after(last_event_id)
+    async def _replay(self, owner: object, send: Send, last_event_id: str, greeting_id: str | None) -> int:
+        greeting = self._greeting
+        seq = greeting[1] if greeting and greeting[0] == last_event_id else self.buffer.position_after(last_event_id)
+        self._greeting = None if greeting_id is None else (greeting_id, seq)
         self._owner, self._subscriber = owner, None  # the connection attached before gets no more events
         num_replayed = 0
         while seq < self.buffer.end:

@@ -155,7 +155,7 @@ class Session:
             if live is None:
                 raise ReplayUnavailable(f"No response of this conversation ran recently: nothing to replay after "
                                         f"'{last_event_id[:100]}'.", param="last_event_id")
-            num_replayed = await live.attach(self, self._deliver, last_event_id)
+            num_replayed = await live.attach(self, self._deliver, last_event_id, greeting_id=self._last_event_id)
             log.info("connection %s resumed conversation %s: %d events replayed", self.id, self.conversation_id,
                      num_replayed)
         except ReplayUnavailable as exc:  # the response's events from now on follow, if it still runs

@@ -146,3 +146,17 @@ async def test_the_total_bound_drops_idle_conversations_first_then_trims() -> No
 
 async def _ignore(e: dict[str, Any]) -> None:
     pass
+
+
+async def test_a_client_that_drops_again_before_the_replay_resumes_from_its_greeting() -> None:
+    live = LiveConversations(limits()).open("conv_1")
+    for n in range(5):
+        await live.publish(event(n))
+    await live.attach("first", _ignore, "event_1", greeting_id="event_hello")  # its replay was lost in transit
+    received: list[str] = []
+
+    async def collect(e: dict[str, Any]) -> None:
+        received.append(e["event_id"])
+
+    await live.attach("second", collect, "event_hello")  # the only event it saw: the first session.created
+    assert received == ["event_2", "event_3", "event_4"]
