@@ -22,6 +22,7 @@ from assistant.keys import Keys
 from assistant.limits import TenantLimits
 from assistant.metrics import MeteredEngine
 from assistant.prompts import load_system_prompt
+from assistant.replay import LiveConversations, ReplayLimits
 from assistant.server import App, tls_context
 from assistant.session import ImageBudget, Settings
 from assistant.store import Store
@@ -78,6 +79,8 @@ def open_app(config: Config, progress: Callable[[str], None] = print) -> App:
         tenant_of=keys.tenant_of if keys_required else None,
         allowed_origins=origins_of(config.allowed_origins),
         limits=TenantLimits(config.max_connections_per_tenant, config.max_responses_per_tenant),
+        live=LiveConversations(ReplayLimits(max_events=config.replay_max_events, max_bytes=config.replay_max_bytes,
+                                            max_total_bytes=config.replay_total_bytes, grace_s=config.resume_grace)),
     )
 
 

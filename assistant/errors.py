@@ -29,6 +29,9 @@ conversation_not_found               ``?conversation=ID`` names no stored conver
 conversation_already_has_active_response  ``response.create`` while one is running
 response_not_found                   ``response.cancel`` names another response than the running one
 response_cancel_not_active           ``response.cancel`` while no response runs
+replay_unavailable                   ``?last_event_id=EVT``: the events after EVT are no longer held (or never
+                                     were); the live events follow, and ``response.done`` (or
+                                     ``conversation.item.retrieve``) has the whole output
 audio_not_supported                  an audio event, or audio fields (formats, voice, turn
                                      detection, audio output): the rest of the event is applied
 unsupported_schema                   a tool's ``parameters`` or a ``response_format`` schema that
@@ -140,6 +143,10 @@ class ResponseNotFound(NotFound):
 
 class ResponseCancelNotActive(NotFound):
     code = "response_cancel_not_active"
+
+
+class ReplayUnavailable(NotFound):
+    code = "replay_unavailable"
 
 
 class AudioNotSupported(InvalidRequest):

@@ -73,6 +73,7 @@ class SessionView:
     sampling: SamplingParams  # max_output_tokens None = "inf"
     tools: tuple[FunctionTool, ...] = ()
     tool_choice: ToolChoice = field(default_factory=lambda: ToolChoice("auto"))
+    cancel_on_disconnect: bool = False  # extension: a dropped connection cancels its response
 
 
 class EventWriter:
@@ -115,6 +116,7 @@ class EventWriter:
             "frequency_penalty": sampling.frequency_penalty,
             "presence_penalty": sampling.presence_penalty,
             "repetition_penalty": sampling.repetition_penalty,
+            "cancel_on_disconnect": view.cancel_on_disconnect,
         }
         if self.dialect is Dialect.BETA:
             return {**common, "modalities": ["text"], "max_response_output_tokens": max_tokens}

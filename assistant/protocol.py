@@ -114,6 +114,7 @@ class SessionUpdate:
     event_id: str | None
     changes: SettingChanges
     refused: tuple[AssistantError, ...] = ()  # fields not applied; the rest of the event is
+    cancel_on_disconnect: bool | None = None  # extension; None leaves it
 
 
 @dataclass(frozen=True)
@@ -407,7 +408,8 @@ def _session_update(data: dict[str, Any], event_id: str | None) -> SessionUpdate
     if kind not in (None, "realtime"):
         raise InvalidValue("'session.type' must be \"realtime\".", param="session.type")
     return SessionUpdate(event_id, _parse_changes(session, "session.", beta_max_key="max_response_output_tokens"),
-                         _refusals(session, "session."))
+                         _refusals(session, "session."),
+                         get_field(session, "cancel_on_disconnect", bool, "session.", required=False))
 
 
 def _item_create(data: dict[str, Any], event_id: str | None) -> ItemCreate:

@@ -3,7 +3,9 @@ and server events out.
 
 The session validates ``response.create``, prepares the :class:`GenerationRequest` and starts the response
 record; a :class:`ResponseRun` does the rest. Like the session it never touches a socket (it gets an async
-``send``) nor a tensor (it reads the engine's event stream, which ends in one ``Finished``).
+``send``: its conversation's :meth:`~assistant.replay.LiveConversation.publish`, which keeps the events for
+replay and passes them to the connection attached, if any) nor a tensor (it reads the engine's event stream,
+which ends in one ``Finished``). It does not know its connection, so a dropped one does not stop it.
 
 Output items, in ``output_index`` order as they appear:
 

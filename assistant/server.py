@@ -12,7 +12,9 @@
   required, a missing, unknown or revoked key (401), and names the caller's tenant. A connection sees
   only its tenant's conversations, and is counted against its tenant's bounds (:mod:`assistant.limits`).
 - A connection without ``?conversation=`` gets a fresh conversation id; the conversation is stored with
-  its first item or response, so a connection that writes nothing leaves nothing behind.
+  its first item or response, so a connection that writes nothing leaves nothing behind. A response outlives
+  its connection (:mod:`assistant.replay`); ``?conversation=ID&last_event_id=EVT`` (extension) replays the
+  events after EVT, then follows the response live.
 - With a TLS context (``--tls-certfile`` / ``--tls-keyfile``) the same routes are
   served as ``wss://`` and ``https://``; the Node ``openai`` SDK only speaks ``wss://``.
 - A request that is not HTTP at all is one log line; the ``Server`` header names no versions.
@@ -72,6 +74,7 @@ from assistant.images import ImageLimits
 from assistant.limits import TenantLimits
 from assistant.metrics import Metrics
 from assistant.pending_writes import PendingWrites
+from assistant.replay import LiveConversations, ReplayLimits
 from assistant.session import ImageBudget, Session, Settings
 from assistant.store import Store, new_conversation_id
 from assistant.upkeep import run_upkeep
@@ -106,6 +109,9 @@ class App:
     metrics: Metrics = field(default_factory=Metrics)
     pending: PendingWrites = field(default_factory=PendingWrites)  # final writes waiting for storage to return
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
+    # The responses running (or just ended) by conversation, with the events a reconnecting client missed.
+    live: LiveConversations = field(default_factory=lambda: LiveConversations(
+        ReplayLimits(max_events=4096, max_bytes=1 << 20, max_total_bytes=64 << 20, grace_s=30.0)))
 
     @property
     def num_connections(self) -> int:
@@ -187,6 +193,7 @@ async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None
     conversation_id = websocket.query_params.get("conversation", "")
     # The SDKs send ?model=NAME; echoing it keeps clients that check session.model happy.
     model_name = websocket.query_params.get("model", "")[:MAX_MODEL_NAME_CHARS] or app.model_name
+    last_event_id = websocket.query_params.get("last_event_id") or None  # extension: resume a response
 
     async def send(event: dict[str, Any]) -> None:
         if websocket.application_state != WebSocketState.CONNECTED:
@@ -212,12 +219,12 @@ async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None
         conversation_id = new_conversation_id()  # stored with the first item or response, not before
     session = Session(store=app.store, pending=app.pending, engine=app.engine, conversation_id=conversation_id,
                       model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
-                      writer=writer, send=send, drain=app.drain, renders_tools=app.renders_tools, tenant=tenant,
-                      is_conversation_stored=is_stored, limits=app.limits)
+                      writer=writer, send=send, drain=app.drain, live=app.live, renders_tools=app.renders_tools,
+                      tenant=tenant, is_conversation_stored=is_stored, limits=app.limits)
     log.info("connection %s: conversation %s, tenant %s (%s)", session.id, conversation_id, tenant,
              writer.dialect.value)
-    await session.start()
     try:
+        await session.start(last_event_id if is_stored else None)
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":

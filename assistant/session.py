@@ -8,7 +8,11 @@ the event stream that ends in one ``Finished``.
 Invariants:
 - every client event is answered, and every failure becomes one ``error``
   event; the connection stays open and nothing stored is lost;
-- at most one response runs per connection; none starts once the server drains (:mod:`assistant.drain`);
+- at most one response runs per conversation; none starts once the server drains (:mod:`assistant.drain`);
+- a response belongs to its conversation (:mod:`assistant.replay`), not to this connection: its events go to
+  whichever connection is attached to it, and when this one closes the response runs on to its end (unless
+  ``cancel_on_disconnect``, an extension, is set); a connection opened with ``last_event_id`` is first sent
+  the events it missed;
 - ``image.match`` (extension) stores nothing and is answered in order: the
   connection's next event is handled once its ``image.match.result`` (or error)
   is sent. It runs beside a response, not against the one-response rule; the
@@ -36,7 +40,8 @@ from assistant.drain import Drain
 from assistant.engine.request import Finished, GenerationRequest, ImageChunk, InlineImages, ScoreRequest
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import (AssistantError, BudgetExceeded, ImageRejected, InternalError, InvalidValue,
-                              ItemNotFound, ResponseCancelNotActive, ResponseInProgress, ResponseNotFound, engine_error)
+                              ItemNotFound, ReplayUnavailable, ResponseCancelNotActive, ResponseInProgress,
+                              ResponseNotFound, engine_error)
 from assistant.events import EventWriter, SessionView, match_result_json, new_id
 from assistant.intake import ImageBudget, conversation_budget, validate_item
 from assistant.items import ContentPart, Item, StoredImage
@@ -46,6 +51,7 @@ from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, Image
                                 ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, SettingChanges,
                                 parse_client_event)
 from assistant.pending_writes import PendingWrites
+from assistant.replay import LiveConversation, LiveConversations
 from assistant.response_run import ResponseRun, Send
 from assistant.store import Store
 from assistant.store_models import DEFAULT_TENANT
@@ -106,6 +112,7 @@ class Session:
         writer: EventWriter,
         send: Send,
         drain: Drain,  # refuses new responses once the server drains; counts this connection's response
+        live: LiveConversations,  # the responses running (or just ended) by conversation, with their replay
         renders_tools: bool = False,  # the model's chat template describes tools itself (ChatModel.renders_tools)
         tenant: str = DEFAULT_TENANT,
         is_conversation_stored: bool = True,  # False: stored with the first item or response, not before
@@ -124,23 +131,57 @@ class Session:
         self.settings = settings
         self.image_budget = image_budget
         self.writer = writer
-        self._send = send
+        self.live = live
+        self._socket_send = send
         self.id = new_id("sess")
-        self._response: ResponseRun | None = None
-        self._response_task: asyncio.Task[None] | None = None
+        self.cancel_on_disconnect = False  # extension (session.update): a dropped connection cancels its response
+        self._live: LiveConversation | None = None  # the conversation's live state this connection attached to
+        self._last_event_id: str | None = None  # of the last event sent on this connection
+        self._replay: asyncio.Task[None] | None = None  # sending a reconnecting client what it missed
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, last_event_id: str | None = None) -> None:
+        """Say ``session.created``; with ``last_event_id`` (a reconnecting client's), then send every event of
+        the conversation's response after it, and attach to the live ones (a coded error when it is not held).
+        The replay runs beside the client's events, so a ``response.cancel`` need not wait for it to catch up."""
         await self.send("session.created", session=self.writer.session(self._session_view()))
+        if last_event_id is not None:
+            self._replay = asyncio.create_task(self._resume(last_event_id))
+
+    async def _resume(self, last_event_id: str) -> None:
+        live = self._live = self.live.get(self.conversation_id) if self._is_conversation_stored else None
+        try:
+            if live is None:
+                raise ReplayUnavailable(f"No response of this conversation ran recently: nothing to replay after "
+                                        f"'{last_event_id[:100]}'.", param="last_event_id")
+            num_replayed = await live.attach(self, self._deliver, last_event_id, greeting_id=self._last_event_id)
+            log.info("connection %s resumed conversation %s: %d events replayed", self.id, self.conversation_id,
+                     num_replayed)
+        except ReplayUnavailable as exc:  # the response's events from now on follow, if it still runs
+            await self._send(self.writer.error(exc))
 
     async def close(self) -> None:
-        """The client is gone: stop generating, and let the response record itself."""
-        task = self._response_task
-        if task is not None and not task.done():
-            assert self._response is not None
-            self._response.cancel()
-            await asyncio.wait([task])
+        """The client is gone: its response runs on (or is cancelled, with ``cancel_on_disconnect``)."""
+        if self._replay is not None and not self._replay.done():
+            self._replay.cancel()
+            await asyncio.wait([self._replay])
+        live = self._live
+        if live is not None and live.detach(self) and live.is_running and self.cancel_on_disconnect:
+            assert live.cancel is not None
+            live.cancel()
+
+    async def _deliver(self, event: dict[str, Any]) -> None:
+        """Every event this connection gets goes through here."""
+        self._last_event_id = event["event_id"]
+        await self._socket_send(event)
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        """An event of the session's own (not a response's): noted in the replay, so a client may resume after it."""
+        live = self._live
+        if live is not None and live.is_attached(self):
+            live.mark(event["event_id"])
+        await self._deliver(event)
 
     async def send(self, type_: str, **fields: Any) -> None:
         event = self.writer.event(type_, **fields)
@@ -167,8 +208,10 @@ class Session:
 
     async def _dispatch(self, event: ClientEvent) -> None:
         match event:
-            case SessionUpdate(changes=changes, refused=refused):
+            case SessionUpdate(changes=changes, refused=refused, cancel_on_disconnect=cancel_on_disconnect):
                 self.settings = self.settings.apply(changes, "session.")
+                if cancel_on_disconnect is not None:
+                    self.cancel_on_disconnect = cancel_on_disconnect
                 await self._send_refused(refused, event.event_id)
                 await self.send("session.updated", session=self.writer.session(self._session_view()))
             case ItemCreate(item=item_input, previous_item_id=previous):
@@ -183,6 +226,8 @@ class Session:
                 urls = await asyncio.to_thread(self._image_urls, item)
                 await self.send("conversation.item.retrieved", item=self.writer.item(item, urls.__getitem__))
             case ResponseCreate(refused=refused):
+                if self._replay is not None:  # a new response's events must not overtake the replayed ones
+                    await asyncio.wait([self._replay])
                 self.drain.admit()
                 self._check_no_response_running()
                 await self._send_refused(refused, event.event_id)
@@ -203,7 +248,7 @@ class Session:
     def _session_view(self) -> SessionView:
         settings = self.settings
         return SessionView(self.id, self.model_name, self.conversation_id, settings.instructions, settings.sampling,
-                           settings.tools, settings.tool_choice)
+                           settings.tools, settings.tool_choice, self.cancel_on_disconnect)
 
     # ------------------------------------------------------------ items
 
@@ -271,10 +316,15 @@ class Session:
     # ------------------------------------------------------------ responses
 
     def _check_no_response_running(self) -> None:
-        if self._response_task is not None and not self._response_task.done():
-            assert self._response is not None
-            raise ResponseInProgress(f"Response {self._response.id} is still in progress; wait for response.done "
+        live = self.live.get(self.conversation_id)
+        if live is None or not live.is_running:
+            return
+        if live.is_attached(self):
+            raise ResponseInProgress(f"Response {live.response_id} is still in progress; wait for response.done "
                                      "or send response.cancel.")
+        raise ResponseInProgress(f"Response {live.response_id} is still in progress in this conversation, for a "
+                                 "connection that dropped or another one; reconnect with ?last_event_id= to follow "
+                                 "it, or wait for it to end.")
 
     def _start_response(self, event: ResponseCreate) -> None:
         self._check_no_response_running()
@@ -284,28 +334,32 @@ class Session:
             remaining = self.limits.acquire_response(self.tenant)
             rate_limits = [{"name": "requests", "limit": self.limits.max_responses_per_tenant,
                             "remaining": remaining, "reset_seconds": 0.0}]
+        live = self.live.open(self.conversation_id)
         run = ResponseRun(new_id("resp"), store=self.store, pending=self.pending, engine=self.engine,
-                          writer=self.writer, send=self._send, conversation_id=self.conversation_id,
+                          writer=self.writer, send=live.publish, conversation_id=self.conversation_id,
                           in_conversation=event.use_conversation, calls_tools=settings.calls_tools,
                           metadata=event.metadata, max_output_tokens=settings.sampling.max_output_tokens,
                           rate_limits=rate_limits)
-        self._response = run
-        self._response_task = asyncio.create_task(self._respond(run, event, settings))
+        # The response outlives this connection: counted (per tenant, by the drain) until its task ends.
+        task = asyncio.create_task(self._respond(run, event, settings, live.publish))
+        live.start(run.id, task, run.cancel)
+        live.attach_now(self, self._deliver, self._last_event_id)
+        self._live = live
         if self.limits is not None:
             limits, tenant = self.limits, self.tenant
-            self._response_task.add_done_callback(lambda _: limits.release_response(tenant))
-        self.drain.track(self._response_task, lambda: run.cancel("server_shutdown"))
+            task.add_done_callback(lambda _: limits.release_response(tenant))
+        self.drain.track(task, lambda: run.cancel("server_shutdown"))
 
     def _cancel_response(self, response_id: str | None) -> None:
-        running = self._response_task is not None and not self._response_task.done()
-        if not running:
+        live = self._live
+        if live is None or not live.is_attached(self) or not live.is_running:
             raise ResponseCancelNotActive("There is no response in progress to cancel.")
-        assert self._response is not None
-        if response_id is not None and response_id != self._response.id:
+        if response_id is not None and response_id != live.response_id:
             raise ResponseNotFound(f"The response in progress is not '{response_id}'.", param="response_id")
-        self._response.cancel()
+        assert live.cancel is not None
+        live.cancel()
 
-    async def _respond(self, run: ResponseRun, event: ResponseCreate, settings: Settings) -> None:
+    async def _respond(self, run: ResponseRun, event: ResponseCreate, settings: Settings, publish: Send) -> None:
         try:
             await self._store_conversation()  # the response row names it, also when out of band
             request = await asyncio.to_thread(self._prepare_request, run.id, event, settings)
@@ -315,7 +369,7 @@ class Session:
                 log.exception("response %s could not start", run.id)
                 exc = InternalError()
             exc.event_id = event.event_id
-            await self._send(self.writer.error(exc))
+            await publish(self.writer.error(exc))  # to whichever connection follows the response by now
             return
         await run.run(request)
 

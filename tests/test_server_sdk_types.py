@@ -44,7 +44,7 @@ from tests.vision_fixtures import make_image
 # any item's content part). A path matches when it equals one of these or ends in ".<one>".
 COMMON_EXTENSIONS = frozenset({
     "session.conversation_id", "session.seed", "session.stop", "session.top_p", "session.frequency_penalty",
-    "session.presence_penalty", "session.repetition_penalty",
+    "session.presence_penalty", "session.repetition_penalty", "session.cancel_on_disconnect",
     # What OpenAI's own server sends but the SDK's session types do not declare:
     "session.id", "session.object",
     # A failed response says why in words (declared in openai 3.57's types, not yet in 2.45's):

@@ -202,6 +202,8 @@ async def test_a_cancelled_call_is_stored_incomplete(server: RunningServer) -> N
 
 async def test_a_call_cut_by_a_disconnect_is_stored_incomplete(server: RunningServer) -> None:
     ws, session = await open_session(server)
+    await send(ws, {"type": "session.update", "session": {"type": "realtime", "cancel_on_disconnect": True}})
+    await recv_until(ws, "session.updated")
     await start_a_long_call(ws)
     response_id = (await recv(ws))["response"]["id"]
     call_id = (await recv(ws))["item"]["id"]

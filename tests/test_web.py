@@ -280,3 +280,32 @@ async def test_page_asks_for_a_key_and_uses_it(tiny_model: ChatModel, data_dir: 
         assert server.app.store.conversation_exists(conversation_id, "acme")
         assert not server.app.store.conversation_exists(conversation_id, "default")
         assert await page.evaluate("localStorage.getItem('assistant.key')") == key
+
+
+async def test_page_resumes_an_answer_after_the_connection_drops(streaming_model: ChatModel, data_dir: Path,
+                                                                 page: Any) -> None:
+    """A proxy between page and server cuts the socket mid-answer: the page reconnects, the server replays what it
+    missed, and the answer shown is the answer stored, whole."""
+    from playwright.async_api import expect
+
+    from tests.test_server_resume import CuttingProxy
+
+    async with running_server(streaming_model, data_dir, temperature=0, max_output_tokens=1000) as server:
+        proxy = CuttingProxy(server.port)
+        await proxy.start()
+        try:
+            await page.goto(f"http://127.0.0.1:{proxy.port}/")
+            await expect(page.locator("#status")).to_have_text("Ready.")
+            await ask(page, "Tell me a long story.")
+            await page.wait_for_function(
+                "() => (document.querySelector('.message.assistant .text')?.textContent.length ?? 0) > 20")
+            proxy.cut()
+            await expect(page.locator("#status")).to_contain_text("Disconnected")
+            await screenshot(page, "5-resuming")
+            await wait_until_answered(page)
+        finally:
+            await proxy.close()
+        answer = await page.locator(".message.assistant .text").text_content()
+        [item] = [item for item in server.app.store.list_items(conversation_id_of(page)) if item.role == "assistant"]
+        assert answer == item.text and len(answer) > 100
+        await expect(page.locator(".message.assistant .error")).to_have_count(0)  # no "Interrupted"

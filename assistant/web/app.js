@@ -17,6 +17,8 @@ const state = {
   answer: null, // the assistant message being streamed into
   attachments: [], // {name, url} data URLs for the next message
   retries: 0,
+  lastEventId: null, // of the last server event: where a dropped connection's answer resumes
+  resumeFrom: null, // set while reconnecting in the middle of an answer (sent as ?last_event_id=)
   olderAfter: null, // the conversation list's next page
 };
 
@@ -47,7 +49,7 @@ function setStatus(text) {
 function updateControls() {
   const isOpen = state.socket?.readyState === WebSocket.OPEN;
   $("send").disabled = !isOpen || state.isResponding || state.awaitingItem !== null;
-  $("stop").disabled = !state.isResponding;
+  $("stop").disabled = !isOpen || !state.isResponding;
 }
 
 // ---------------------------------------------------------------- the transcript
@@ -160,6 +162,7 @@ function connect() {
   const url = new URL("/v1/realtime", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   if (state.isStored) url.searchParams.set("conversation", state.conversationId);
+  if (state.isStored && state.resumeFrom) url.searchParams.set("last_event_id", state.resumeFrom);
   // Browsers cannot set headers on a WebSocket: the key travels as a subprotocol, the server answers "realtime".
   const protocols = ["realtime"];
   if (apiKey()) protocols.push(`openai-insecure-api-key.${apiKey()}`);
@@ -185,7 +188,9 @@ function disconnect() {
 }
 
 async function onClosed(event, wasOpen) {
-  endResponse();
+  // An answer that was streaming runs on at the server: the next connection picks it up after the last event seen.
+  if (state.isResponding && state.isStored && event.code !== 1008) state.resumeFrom ??= state.lastEventId;
+  else endResponse();
   state.awaitingItem = null;
   updateControls();
   if (event.code === 1008) return; // policy: the conversation is unknown; the error event said so
@@ -193,6 +198,7 @@ async function onClosed(event, wasOpen) {
     // A refused handshake shows the page nothing but a closed socket: ask the HTTP API why.
     const response = await fetch("/v1/models", { headers: authHeaders() }).catch(() => null);
     if (response?.status === 401) {
+      endResponse();
       setStatus(apiKey() ? "The server refused this API key." : "This server needs an API key.");
       $("key-box").open = true;
       return;
@@ -210,8 +216,10 @@ function send(event) {
 }
 
 function handleEvent(event) {
+  state.lastEventId = event.event_id;
   switch (event.type) {
     case "session.created":
+      state.resumeFrom = null; // the server replays what was missed, if anything, right after this
       // A conversation not stored yet is the server's new one (also after a reconnect); a stored one continues.
       if (!state.isStored) state.conversationId = event.session.conversation_id;
       setStatus("Ready.");
@@ -258,6 +266,11 @@ function endResponse(response) {
 }
 
 function onError(error) {
+  if (error.code === "replay_unavailable") { // the answer's end cannot be replayed: the stored history has it
+    endResponse();
+    addNote(null, "Part of the answer was missed while disconnected; open the conversation again to see it whole.");
+    return;
+  }
   if (error.code === "conversation_not_found") {
     addNote(null, "This conversation is not stored here (or belongs to another key).", "error");
     startConversation(null);
@@ -287,6 +300,7 @@ async function startConversation(conversationId) {
   state.conversationId = conversationId;
   state.isStored = Boolean(conversationId);
   state.awaitingItem = null;
+  state.resumeFrom = null;
   if (!conversationId && location.hash) history.replaceState(null, "", location.pathname + location.search);
   markCurrentConversation();
   updateControls();
