@@ -21,6 +21,7 @@ from assistant.images import ImageLimits
 from assistant.keys import Keys
 from assistant.limits import TenantLimits
 from assistant.metrics import MeteredEngine
+from assistant.peers import Peers
 from assistant.prompts import load_system_prompt
 from assistant.replay import LiveConversations, ReplayLimits
 from assistant.server import App, tls_context
@@ -68,6 +69,10 @@ def open_app(config: Config, progress: Callable[[str], None] = print) -> App:
         progress("API keys are required but none exists yet: create one with `assistant keys create --tenant NAME`")
     else:
         progress("API keys are required")
+    live = LiveConversations(ReplayLimits(max_events=config.replay_max_events, max_bytes=config.replay_max_bytes,
+                                          max_total_bytes=config.replay_total_bytes, grace_s=config.resume_grace))
+    # Replicas share PostgreSQL: they reach each other's running responses through it (assistant.peers).
+    peers = Peers(config.database_url, store.owner, live) if url.get_backend_name() == "postgresql" else None
     return App(
         store=store,
         model_name=config.model,
@@ -79,8 +84,8 @@ def open_app(config: Config, progress: Callable[[str], None] = print) -> App:
         tenant_of=keys.tenant_of if keys_required else None,
         allowed_origins=origins_of(config.allowed_origins),
         limits=TenantLimits(config.max_connections_per_tenant, config.max_responses_per_tenant),
-        live=LiveConversations(ReplayLimits(max_events=config.replay_max_events, max_bytes=config.replay_max_bytes,
-                                            max_total_bytes=config.replay_total_bytes, grace_s=config.resume_grace)),
+        peers=peers,
+        live=live,
     )
 
 

@@ -73,6 +73,7 @@ from assistant.http11 import QuickHeadH11Protocol, bad_request_filter
 from assistant.images import ImageLimits
 from assistant.limits import TenantLimits
 from assistant.metrics import Metrics
+from assistant.peers import Peers
 from assistant.pending_writes import PendingWrites
 from assistant.replay import LiveConversations, ReplayLimits
 from assistant.session import ImageBudget, Session, Settings
@@ -110,6 +111,7 @@ class App:
     pending: PendingWrites = field(default_factory=PendingWrites)  # final writes waiting for storage to return
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
     # The responses running (or just ended) by conversation, with the events a reconnecting client missed.
+    peers: Peers | None = None  # the other replicas sharing the PostgreSQL database (none with SQLite)
     live: LiveConversations = field(default_factory=lambda: LiveConversations(
         ReplayLimits(max_events=4096, max_bytes=1 << 20, max_total_bytes=64 << 20, grace_s=30.0)))
 
@@ -219,8 +221,9 @@ async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None
         conversation_id = new_conversation_id()  # stored with the first item or response, not before
     session = Session(store=app.store, pending=app.pending, engine=app.engine, conversation_id=conversation_id,
                       model_name=model_name, settings=app.defaults, image_budget=app.image_budget,
-                      writer=writer, send=send, drain=app.drain, live=app.live, renders_tools=app.renders_tools,
-                      tenant=tenant, is_conversation_stored=is_stored, limits=app.limits)
+                      writer=writer, send=send, drain=app.drain, live=app.live, peers=app.peers,
+                      renders_tools=app.renders_tools, tenant=tenant, is_conversation_stored=is_stored,
+                      limits=app.limits)
     log.info("connection %s: conversation %s, tenant %s (%s)", session.id, conversation_id, tenant,
              writer.dialect.value)
     try:
@@ -304,6 +307,8 @@ class Server(uvicorn.Server):
                 raise RuntimeError("the server stopped while starting")
             await asyncio.sleep(0.01)
         self._upkeep = asyncio.create_task(run_upkeep(self.app.store))  # heartbeat and recovery while serving
+        if self.app.peers is not None:
+            await self.app.peers.start()
 
     def close(self) -> None:
         """Begin the drain and shut down; called again while draining, stop waiting for the running responses."""
@@ -321,6 +326,8 @@ class Server(uvicorn.Server):
         await self.app.drain.run()
         if self._upkeep is not None:  # heartbeats went on while the drain waited: nobody took these responses
             self._upkeep.cancel()
+        if self.app.peers is not None:
+            await self.app.peers.stop()
         await self.app.close_connections(1012, "server shutting down")
         await super().shutdown(sockets)
 

@@ -30,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from assistant.protocol import (AudioBufferClear, ClientEvent, ImageInput, Image
                                 ItemInput, ItemRetrieve, ResponseCancel, ResponseCreate, SessionUpdate, SettingChanges,
                                 parse_client_event)
 from assistant.pending_writes import PendingWrites
+from assistant.peers import Peers
 from assistant.replay import LiveConversation, LiveConversations
 from assistant.response_run import ResponseRun, Send
 from assistant.store import Store
@@ -113,6 +115,7 @@ class Session:
         send: Send,
         drain: Drain,  # refuses new responses once the server drains; counts this connection's response
         live: LiveConversations,  # the responses running (or just ended) by conversation, with their replay
+        peers: Peers | None = None,  # the other replicas (PostgreSQL only): their responses, followed or cancelled
         renders_tools: bool = False,  # the model's chat template describes tools itself (ChatModel.renders_tools)
         tenant: str = DEFAULT_TENANT,
         is_conversation_stored: bool = True,  # False: stored with the first item or response, not before
@@ -138,6 +141,8 @@ class Session:
         self._live: LiveConversation | None = None  # the conversation's live state this connection attached to
         self._last_event_id: str | None = None  # of the last event sent on this connection
         self._replay: asyncio.Task[None] | None = None  # sending a reconnecting client what it missed
+        self.peers = peers
+        self._following: str | None = None  # the token of a response followed on another replica (peers)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -152,6 +157,12 @@ class Session:
     async def _resume(self, last_event_id: str) -> None:
         live = self._live = self.live.get(self.conversation_id) if self._is_conversation_stored else None
         try:
+            if live is None and await self._running_elsewhere() is not None:
+                assert self.peers is not None
+                self._following = await self.peers.follow(self.conversation_id, last_event_id, self._deliver,
+                                                          self._send_error)
+                log.info("connection %s follows conversation %s on another replica", self.id, self.conversation_id)
+                return
             if live is None:
                 raise ReplayUnavailable(f"No response of this conversation ran recently: nothing to replay after "
                                         f"'{last_event_id[:100]}'.", param="last_event_id")
@@ -166,6 +177,11 @@ class Session:
         if self._replay is not None and not self._replay.done():
             self._replay.cancel()
             await asyncio.wait([self._replay])
+        if self._following is not None and self.peers is not None:
+            with contextlib.suppress(Exception):  # the database may be gone too; the relay then ends by itself
+                await self.peers.unfollow(self._following)
+                if self.cancel_on_disconnect:
+                    await self.peers.cancel(self.conversation_id)
         live = self._live
         if live is not None and live.detach(self) and live.is_running and self.cancel_on_disconnect:
             assert live.cancel is not None
@@ -230,10 +246,12 @@ class Session:
                     await asyncio.wait([self._replay])
                 self.drain.admit()
                 self._check_no_response_running()
+                await self._check_none_running_elsewhere()
                 await self._send_refused(refused, event.event_id)
                 self._start_response(event)
             case ResponseCancel(response_id=response_id):
-                self._cancel_response(response_id)
+                if not await self._cancel_elsewhere(response_id):
+                    self._cancel_response(response_id)
             case AudioBufferClear():
                 await self.send("input_audio_buffer.cleared")
             case ImageMatch():
@@ -349,6 +367,33 @@ class Session:
             limits, tenant = self.limits, self.tenant
             task.add_done_callback(lambda _: limits.release_response(tenant))
         self.drain.track(task, lambda: run.cancel("server_shutdown"))
+
+    async def _running_elsewhere(self) -> str | None:
+        """The response of this conversation another replica runs (None without peers, or when none does)."""
+        if self.peers is None or not self._is_conversation_stored:
+            return None
+        return await asyncio.to_thread(self.store.running_elsewhere, self.conversation_id)
+
+    async def _check_none_running_elsewhere(self) -> None:
+        response_id = await self._running_elsewhere()
+        if response_id is not None:
+            raise ResponseInProgress(f"Response {response_id} is still in progress in this conversation on another "
+                                     "replica; reconnect with ?last_event_id= to follow it, or wait for it to end.")
+
+    async def _cancel_elsewhere(self, response_id: str | None) -> bool:
+        """Ask the replica that runs this conversation's response to cancel it; False when none does."""
+        live = self._live
+        if live is not None and live.is_running:
+            return False  # it runs here
+        running = await self._running_elsewhere()
+        if running is None or (response_id is not None and response_id != running):
+            return False
+        assert self.peers is not None
+        await self.peers.cancel(self.conversation_id)
+        return True
+
+    async def _send_error(self, error: AssistantError) -> None:
+        await self._send(self.writer.error(error))
 
     def _cancel_response(self, response_id: str | None) -> None:
         live = self._live

@@ -334,6 +334,13 @@ class Store:
 
     # ------------------------------------------------------------ liveness and recovery
 
+    def running_elsewhere(self, conversation_id: str) -> str | None:
+        """The id of a response of this conversation that another server (replica) is running, if any."""
+        with self._reading() as session:
+            return session.scalar(select(ResponseRow.id).where(
+                ResponseRow.conversation_id == conversation_id, ResponseRow.status == "in_progress",
+                or_(ResponseRow.owner.is_(None), ResponseRow.owner != self.owner)).limit(1))
+
     def heartbeat(self) -> int:
         """Say this process still runs its in-progress responses; returns how many it runs."""
         with self._writing() as session:
