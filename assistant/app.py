@@ -58,6 +58,7 @@ def build_app(config: Config, progress: Callable[[str], None] = print, model: Ch
         image_budget=image_budget(config, model.num_image_tokens if model.accepts_images else None),
         max_message_bytes=config.max_message_bytes,
         max_connections=config.max_connections,
+        send_timeout_s=config.send_timeout,
         ssl_context=ssl_context,
         renders_tools=model.renders_tools,
     )

@@ -34,7 +34,11 @@ audio_not_supported                  an audio event, or audio fields (formats, v
 unsupported_schema                   a tool's ``parameters`` or a ``response_format`` schema that
                                      constrained decoding cannot compile (an unsupported keyword,
                                      a regex pattern it cannot take); nothing is generated
-message_too_large                    a frame exceeds the configured size limit
+message_too_large                    a message exceeds ``max_message_bytes``: HTTP 413; on a WebSocket it is
+                                     refused from its frame header, and the connection closes with 1009 and
+                                     the reason ``message_too_large: ...`` (no error event)
+send_timeout                         only as a close reason (1008): the client left what the server sent
+                                     unread for ``send_timeout`` seconds (:mod:`assistant.websocket_protocol`)
 image_*                              an image was refused (see assistant.images)
 too_many_images / too_many_image_tokens  image budgets per message or conversation
 server_overloaded                    the engine's queue is full; retry later
@@ -167,6 +171,10 @@ class InternalError(AssistantError):
     def __init__(self, message: str = "The server hit an internal error; the conversation is intact.") -> None:
         super().__init__(message)
 
+
+# The close reason's code when a WebSocket client reads nothing for ``send_timeout`` seconds (no error event:
+# the client is not reading).
+SEND_TIMEOUT = "send_timeout"
 
 # The codes a failed engine request carries (``Finished.code``) and the error type a client sees each with.
 # The engine's own failure, MODEL_ERROR, is shown as "generation_failed" with a generic message.

@@ -18,15 +18,18 @@ its other implementation is built on websockets' deprecated legacy API).
 
 The server only moves frames: parsing, state and storage live in
 :mod:`assistant.session`; it never sees a tensor. Close codes: 1000 normal,
-1001 when the server shuts down, 1008 for an unknown conversation, 1009 for a
-frame over twice ``max_message_bytes`` (frames over the limit itself get a
-``message_too_large`` error event), 1013 when the connection limit is reached.
+1001 when the server shuts down, 1008 for an unknown conversation or a client
+that read nothing for ``send_timeout_s`` (reason ``send_timeout: ...``), 1009
+for a message over ``max_message_bytes``, refused at its header before it is
+buffered (reason ``message_too_large: ...``), 1013 when the connection limit is
+reached. :mod:`assistant.websocket_protocol` enforces the two bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -48,10 +51,11 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from assistant import http_api
-from assistant.errors import ConversationNotFound, MessageTooLarge
+from assistant.errors import ConversationNotFound
 from assistant.events import Dialect, EventWriter
 from assistant.session import ImageBudget, Session, Settings
 from assistant.store import Store
+from assistant.websocket_protocol import BoundedWebSocketProtocol
 
 log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
@@ -72,6 +76,7 @@ class App:
     image_budget: ImageBudget
     max_message_bytes: int
     max_connections: int
+    send_timeout_s: float = 30.0  # a client that reads nothing for this long is dropped
     ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
     renders_tools: bool = False  # the model's chat template describes tools itself (ChatModel.renders_tools)
     sockets: set[WebSocket] = field(default_factory=set)  # the open Realtime connections
@@ -170,12 +175,7 @@ async def _serve_connection(app: App, websocket: WebSocket) -> None:
             frame = message.get("text")
             if frame is None:
                 frame = message.get("bytes") or b""
-            num_bytes = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
-            if num_bytes > app.max_message_bytes:
-                await send(writer.error(MessageTooLarge(f"The message has {num_bytes} bytes; the limit is "
-                                                        f"{app.max_message_bytes}.")))
-                continue
-            await session.handle(frame)
+            await session.handle(frame)  # at most max_message_bytes: larger ones closed the connection
     finally:
         await session.close()
         log.info("connection %s closed", session.id)
@@ -274,12 +274,11 @@ class Server(uvicorn.Server):
     def __init__(self, app: App, host: str, port: int) -> None:
         config = uvicorn.Config(
             asgi_app(app), host=host, port=port,
-            http=_H11Protocol, ws="websockets-sansio", lifespan="off",
+            http=_H11Protocol, ws=functools.partial(BoundedWebSocketProtocol, send_timeout_s=app.send_timeout_s),
+            lifespan="off",
             log_config=None, access_log=False,
             server_header=False, date_header=False, headers=[("server", "assistant")],  # no versions to match
-            # Frames up to twice the limit are read and answered with a coded error;
-            # beyond that the connection closes with 1009 without buffering them.
-            ws_max_size=2 * app.max_message_bytes,
+            ws_max_size=app.max_message_bytes,  # checked on each frame's header: 1009 before buffering it
             timeout_graceful_shutdown=10,
         )
         config.load()
