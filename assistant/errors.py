@@ -9,6 +9,9 @@ One hierarchy, rooted at :class:`AssistantError`. Each error carries:
   (``item.content[1].image_url``);
 - ``message``: what was expected, in words a client developer can act on.
 
+A message quotes at most :data:`MAX_QUOTED_CHARS` characters of any one client value (:func:`quote`), and a
+``param`` path is at most :data:`MAX_PARAM_CHARS` long, so an error never echoes a large part of a client's input.
+
 The session turns any ``AssistantError`` into one ``error`` event and keeps the
 connection open. Anything else raised while handling an event is a bug: the
 client sees only :class:`InternalError`'s generic message, never a traceback.
@@ -55,6 +58,14 @@ internal_error                       our fault; details are in the server log on
 
 from __future__ import annotations
 
+MAX_QUOTED_CHARS = 64
+MAX_PARAM_CHARS = 256
+
+
+def quote(text: str) -> str:
+    """Client input as an error message or ``param`` quotes it: its first :data:`MAX_QUOTED_CHARS` characters."""
+    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
+
 
 class AssistantError(Exception):
     """Base of every error that reaches a client as an ``error`` event."""
@@ -65,7 +76,8 @@ class AssistantError(Exception):
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
+        # A path of client-chosen keys; each is quoted, but a deep one is long.
+        self.param = param if param is None or len(param) <= MAX_PARAM_CHARS else param[:MAX_PARAM_CHARS] + "..."
         # The client's event_id, filled in by whoever knows it (protocol or session).
         self.event_id: str | None = None
         if code is not None:
