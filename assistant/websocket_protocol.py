@@ -60,8 +60,10 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         await super().send(message)  # raises ClientDisconnected once the transport is gone
 
     def keepalive_timeout(self) -> None:
+        is_failing = not (self.close_sent or self.transport.is_closing())  # else uvicorn lets it be
         super().keepalive_timeout()
-        self.transport.abort()  # its close() waits for a buffer that a peer that is gone will never drain
+        if is_failing:
+            self.transport.abort()  # its close() waits for a buffer that a peer that is gone will never drain
 
     def _drop_slow_reader(self) -> None:
         if self.disconnected:
