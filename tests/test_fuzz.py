@@ -252,6 +252,7 @@ def _send_batch(url: str, batch: list[tuple[str | bytes, Any]], fragmented: bool
         with ThreadPoolExecutor(1) as reader:
             answers = reader.submit(errors_until_sentinel)
             expected: Counter[tuple[str | None, str]] = Counter()
+            ids: Counter[str | None] = Counter()  # frames per event_id: drawn ids may repeat
             sent: list[str] = []
             for frame, value in batch:
                 if fragmented and len(frame) > 8:
@@ -261,6 +262,7 @@ def _send_batch(url: str, batch: list[tuple[str | bytes, Any]], fragmented: bool
                 refused = _expected_error(frame)
                 if refused is not None:
                     expected[refused] += 1
+                ids[refused[0] if refused else parse_client_event(frame).event_id] += 1
                 sent += _client_strings(value) + _client_strings(frame if isinstance(frame, str) else "")
             ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": "none", "event_id": SENTINEL}))
             errors = answers.result(TIMEOUT_S)
@@ -269,9 +271,9 @@ def _send_batch(url: str, batch: list[tuple[str | bytes, Any]], fragmented: bool
         _check_error(error, sent)
         answered[(error["event_id"], error["code"])] += 1
     for (event_id, code), count in expected.items():
-        # A refused frame is answered once, with its code; errors of events that did parse come on top.
+        # A refused frame is answered once, with its code; errors of events that did parse may come on top.
         assert answered[(event_id, code)] >= count, (event_id, code, answered)
-        if event_id is not None:
+        if event_id is not None and ids[event_id] == count:
             assert answered[(event_id, code)] == count, (event_id, code, answered)
     return len(batch)
 
@@ -321,8 +323,10 @@ async def test_fuzzed_events_get_coded_errors_and_spare_other_clients(tiny_model
                 stop.set()
 
         beside = asyncio.create_task(_well_behaved(server, stop))
-        await asyncio.to_thread(run)
-        turns = await asyncio.wait_for(beside, TIMEOUT_S)
+        try:
+            await asyncio.to_thread(run)
+        finally:  # also when the fuzzing failed: the other client ends its turn, not the server under it
+            turns = await asyncio.wait_for(beside, TIMEOUT_S)
         assert counted["frames"] >= NUM_BATCHES * FRAMES_PER_BATCH[0], counted
         assert turns >= 2
         # Still serving: a fresh connection completes a response.
