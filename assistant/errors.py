@@ -48,7 +48,8 @@ server_overloaded                    the engine's queue is full; retry later
 context_length_exceeded              the latest message (with the instructions) does not fit the
                                      model's context, even with all older turns left out
 invalid_prompt                       the model cannot take the conversation (its chat template
-                                     refused it, or it holds images and the model takes none)
+                                     refused it, it holds images and the model takes none, or it is
+                                     empty: conversation "none", no input, no instructions)
 image_not_found                      an image the response needs was deleted (with its item)
                                      while the response waited for the model
 generation_failed                    generation failed inside the model (the server log says why)
