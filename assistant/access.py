@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from assistant.config import is_loopback
-from assistant.errors import AssistantError, OriginNotAllowed, Unauthorized
+from assistant.errors import AssistantError, OriginNotAllowed, Unauthorized, quote
 from assistant.store_models import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Access:
         try:
             origin = headers.get("origin")
             if origin is not None and not self.is_origin_allowed(origin, headers.get("host", "")):
-                raise OriginNotAllowed(f"Pages from {origin[:100]!r} may not use this server; its operator can "
+                raise OriginNotAllowed(f"Pages from '{quote(origin)}' may not use this server; its operator can "
                                        "allow them with --allowed-origins.")
             tenant = DEFAULT_TENANT
             if self.tenant_of is not None and not (scope["type"] == "http" and scope["method"] == "OPTIONS"):

@@ -79,6 +79,7 @@ def open_app(config: Config, progress: Callable[[str], None] = print) -> App:
         defaults=default_settings(config),
         max_message_bytes=config.max_message_bytes,
         max_connections=config.max_connections,
+        send_timeout_s=config.send_timeout,
         drain=Drain(config.drain_timeout),
         ssl_context=ssl_context,
         tenant_of=keys.tenant_of if keys_required else None,

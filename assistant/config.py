@@ -54,6 +54,9 @@ class Config:
                              "(default: SQLite file assistant.db in the data dir; e.g. postgresql+psycopg://user@host/db).")
     max_message_bytes: int = _opt(16 * 1024 * 1024, "Largest WebSocket message accepted from a client, in bytes.")
     max_connections: int = _opt(256, "Concurrent WebSocket connections; more are refused with close code 1013.")
+    send_timeout: float = _opt(30.0, "Seconds a WebSocket client may leave unread what the server sent it (64 KiB "
+                               "and more) before it is disconnected (close code 1008, reason send_timeout) and its "
+                               "response finished as if it had left.")
     log_level: str = _opt("info", "Log level.", choices=LOG_LEVELS)
     log_format: str = _opt("text", "Log lines as text, or as one JSON object each (time, level, logger, message) "
                            "for log collectors.", choices=LOG_FORMATS)
@@ -139,6 +142,8 @@ class Config:
         if self.auth == "off" and not is_loopback(self.host):
             raise ConfigError(f"auth off is refused on {self.host!r}, which is not a loopback address: anyone who "
                               "can reach the port could use the server; create a key with `assistant keys create`")
+        if not self.send_timeout > 0:
+            raise ConfigError(f"send_timeout must be > 0 seconds; got {self.send_timeout}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535; got {self.port}")
         for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):

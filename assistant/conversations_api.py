@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from assistant import images as image_codec
 from assistant.access import tenant_of
-from assistant.errors import AssistantError, InvalidValue, NotFound
+from assistant.errors import AssistantError, InvalidValue, NotFound, quote
 from assistant.http_api import error_response
 from assistant.items import ContentPart, ConversationInfo, Item
 
@@ -110,10 +110,10 @@ async def get_image(request: Request, app: App, tenant: str) -> Response:
         app.store.get_conversation(conversation_id, tenant)
         # Only an image this conversation refers to: the bytes are stored once for all tenants.
         if sha256 not in {part.image_sha256 for part in app.store.image_parts(conversation_id)}:
-            raise NotFound(f"No image {sha256[:64]!r} in this conversation.", param="sha256", code="image_not_found")
+            raise NotFound(f"No image '{quote(sha256)}' in this conversation.", param="sha256", code="image_not_found")
         image = app.store.get_image(sha256)
         if image is None:
-            raise NotFound(f"No image {sha256[:64]!r}.", param="sha256", code="image_not_found")
+            raise NotFound(f"No image '{quote(sha256)}'.", param="sha256", code="image_not_found")
         return Response(image.data, media_type=image.mime_type, headers={"Cache-Control": "private, max-age=86400"})
 
     return await asyncio.to_thread(read)

@@ -9,6 +9,9 @@ One hierarchy, rooted at :class:`AssistantError`. Each error carries:
   (``item.content[1].image_url``);
 - ``message``: what was expected, in words a client developer can act on.
 
+A message quotes at most :data:`MAX_QUOTED_CHARS` characters of any one client value (:func:`quote`), and a
+``param`` path is at most :data:`MAX_PARAM_CHARS` long, so an error never echoes a large part of a client's input.
+
 The session turns any ``AssistantError`` into one ``error`` event and keeps the
 connection open. Anything else raised while handling an event is a bug: the
 client sees only :class:`InternalError`'s generic message, never a traceback.
@@ -37,7 +40,11 @@ audio_not_supported                  an audio event, or audio fields (formats, v
 unsupported_schema                   a tool's ``parameters`` or a ``response_format`` schema that
                                      constrained decoding cannot compile (an unsupported keyword,
                                      a regex pattern it cannot take); nothing is generated
-message_too_large                    a frame exceeds the configured size limit
+message_too_large                    a message exceeds ``max_message_bytes``: HTTP 413; on a WebSocket it is
+                                     refused from its frame header, and the connection closes with 1009 and
+                                     the reason ``message_too_large: ...`` (no error event)
+send_timeout                         only as a close reason (1008): the client left what the server sent
+                                     unread for ``send_timeout`` seconds (:mod:`assistant.websocket_protocol`)
 missing_api_key                      keys are required and none was sent (HTTP 401)
 invalid_api_key                      the key is unknown or revoked (HTTP 401)
 origin_not_allowed                   a browser page from another origin (not in ``--allowed-origins``)
@@ -53,7 +60,8 @@ server_shutting_down                 the server is draining (SIGTERM): no new re
 context_length_exceeded              the latest message (with the instructions) does not fit the
                                      model's context, even with all older turns left out
 invalid_prompt                       the model cannot take the conversation (its chat template
-                                     refused it, or it holds images and the model takes none)
+                                     refused it, it holds images and the model takes none, or it is
+                                     empty: conversation "none", no input, no instructions)
 image_not_found                      an image the response needs was deleted (with its item)
                                      while the response waited for the model
 generation_failed                    generation failed inside the model (the server log says why)
@@ -66,6 +74,14 @@ internal_error                       our fault; details are in the server log on
 
 from __future__ import annotations
 
+MAX_QUOTED_CHARS = 64
+MAX_PARAM_CHARS = 256
+
+
+def quote(text: str) -> str:
+    """Client input as an error message or ``param`` quotes it: its first :data:`MAX_QUOTED_CHARS` characters."""
+    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
+
 
 class AssistantError(Exception):
     """Base of every error that reaches a client as an ``error`` event."""
@@ -76,7 +92,8 @@ class AssistantError(Exception):
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
+        # A path of client-chosen keys; each is quoted, but a deep one is long.
+        self.param = param if param is None or len(param) <= MAX_PARAM_CHARS else param[:MAX_PARAM_CHARS] + "..."
         # The client's event_id, filled in by whoever knows it (protocol or session).
         self.event_id: str | None = None
         if code is not None:
@@ -224,6 +241,9 @@ class StorageUnavailable(AssistantError):
                  "database); nothing was half-written. Retry later.") -> None:
         super().__init__(message)
 
+# The close reason's code when a WebSocket client reads nothing for ``send_timeout`` seconds (no error event:
+# the client is not reading).
+SEND_TIMEOUT = "send_timeout"
 
 # The codes a failed engine request carries (``Finished.code``) and the error type a client sees each with.
 # The engine's own failure, MODEL_ERROR, is shown as "generation_failed" with a generic message.

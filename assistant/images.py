@@ -61,7 +61,7 @@ from io import BytesIO
 
 from PIL import Image, ImageOps
 
-from assistant.errors import BudgetExceeded, ImageRejected
+from assistant.errors import BudgetExceeded, ImageRejected, quote
 from assistant.items import StoredImage
 
 # Formats whose bytes are stored as sent; MPO is how Pillow names a multi-picture
@@ -112,8 +112,8 @@ def parse_image_url(url: object, limits: ImageLimits, *, param: str) -> tuple[st
                             param=param, code="image_invalid_url")
     mime = head["mime"].strip().lower()
     if not mime.startswith("image/") or mime == "image/svg+xml":
-        raise ImageRejected(f"The data URL declares {mime or 'no media type'!r}; expected a raster image, one of "
-                            f"{_format_list(limits)}.", param=param, code="image_unsupported_format")
+        raise ImageRejected(f"The data URL declares {quote(mime) or 'no media type'!r}; expected a raster image, "
+                            f"one of {_format_list(limits)}.", param=param, code="image_unsupported_format")
     # Refuse by length first, so an oversized payload is never copied nor decoded.
     num_chars = len(url) - comma - 1
     num_bytes = num_chars * 3 // 4 - (2 if url.endswith("==") else 1 if url.endswith("=") else 0)

@@ -27,6 +27,9 @@ optional ``prompt``), whose image URL is checked by the session like an item's.
 
 Numbers: a JSON integer of more than 64 digits reads as infinity, so it fails
 its field's range check with a coded error instead of costing CPU or overflowing.
+Nesting: an event nested deeper than :data:`MAX_JSON_DEPTH` is refused before any
+field is read (the readers and the schema compiler recurse). Errors quote at most
+64 characters of any client value (:func:`assistant.errors.quote`).
 
 Serialization of server events lives in :mod:`assistant.events`.
 """
@@ -41,7 +44,7 @@ from typing import Any, Literal
 
 from assistant.engine.sampling import SAMPLING_FIELDS, check_sampling_value
 from assistant.errors import (AssistantError, AudioNotSupported, InvalidJSON, InvalidType, InvalidValue,
-                              MissingParameter, UnknownEventType)
+                              MissingParameter, UnknownEventType, quote)
 from assistant.items import DETAILS, ROLES, ItemType
 from assistant.tool_calls import NAME_PATTERN
 from assistant.tools import FunctionTool, parse_tools
@@ -53,6 +56,8 @@ MAX_TEXT_CHARS = 200_000
 MAX_METADATA_ENTRIES = 16
 MAX_METADATA_CHARS = 512
 MAX_INTEGER_DIGITS = 64
+# Objects and arrays inside one another; a tool's schema nests two levels per level of its own.
+MAX_JSON_DEPTH = 64
 # image.match: texts scored per event, and the length of each text and of the prompt.
 MAX_MATCH_TEXTS = 16
 MAX_MATCH_TEXT_CHARS = 1_000
@@ -199,7 +204,7 @@ def parse_client_event(frame: str | bytes) -> ClientEvent:
             if kind in AUDIO_EVENTS:
                 raise AudioNotSupported(f"'{kind}' needs audio; this server takes text and images only.",
                                         param="type")
-            raise UnknownEventType(f"Unknown event type '{kind}'. Supported: {', '.join(sorted(_PARSERS))}.",
+            raise UnknownEventType(f"Unknown event type '{quote(kind)}'. Supported: {', '.join(sorted(_PARSERS))}.",
                                    param="type")
         return parser(data, event_id)
     except AssistantError as exc:
@@ -225,9 +230,9 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def check_unicode(value: Any, param: str) -> None:
-    """Refuse strings that are not valid Unicode text (JSON admits lone surrogates such as "\\ud800"), or that
-    hold NUL: they can be neither stored nor sent back."""
+def check_unicode(value: Any, param: str, depth: int = 0) -> None:
+    """Refuse strings that are not valid Unicode text (JSON admits lone surrogates such as "\\ud800") or that
+    hold NUL: they can be neither stored nor sent back; and values nested deeper than MAX_JSON_DEPTH."""
     if isinstance(value, str):
         if not _is_unicode(value):
             raise InvalidValue(f"'{param or 'the event'}' holds a lone UTF-16 surrogate; send valid Unicode text.",
@@ -235,13 +240,16 @@ def check_unicode(value: Any, param: str) -> None:
         if "\x00" in value:  # PostgreSQL's text cannot hold it; no chat text needs it
             raise InvalidValue(f"'{param or 'the event'}' holds a NUL character (U+0000); send text without it.",
                                param=param or None)
-    elif isinstance(value, dict):
+        return
+    if isinstance(value, (dict, list)) and depth >= MAX_JSON_DEPTH:
+        raise InvalidValue(f"'{param}' is nested more than {MAX_JSON_DEPTH} levels deep.", param=param)
+    if isinstance(value, dict):
         for key, item in value.items():
-            check_unicode(key, param)
-            check_unicode(item, f"{param}.{key}" if param else key)
+            check_unicode(key, param, depth)
+            check_unicode(item, f"{param}.{quote(key)}" if param else quote(key), depth + 1)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            check_unicode(item, f"{param}[{index}]")
+            check_unicode(item, f"{param}[{index}]", depth + 1)
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
                dict: "an object", list: "an array"}

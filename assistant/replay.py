@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from assistant.errors import ReplayUnavailable
+from assistant.errors import ReplayUnavailable, quote
 
 ENTRY_OVERHEAD_BYTES = 100  # what an event costs in memory besides its JSON text (tuple, deque slot, id)
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -84,7 +84,7 @@ class ReplayBuffer:
         for seq, held_id, _ in reversed(self._events):
             if held_id == event_id:
                 return seq + 1
-        raise ReplayUnavailable(f"The events after '{event_id[:100]}' are no longer held (or never were); "
+        raise ReplayUnavailable(f"The events after '{quote(event_id)}' are no longer held (or never were); "
                                 "response.done, or conversation.item.retrieve, has the whole output.",
                                 param="last_event_id")
 

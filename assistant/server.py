@@ -26,11 +26,12 @@ its other implementation is built on websockets' deprecated legacy API).
 
 The server only moves frames: parsing, state and storage live in
 :mod:`assistant.session`; it never sees a tensor. Close codes: 1000 normal,
-1012 when the server shuts down (after the drain), 1008 for an unknown conversation, 1009 for a
-frame over twice ``max_message_bytes`` (frames over the limit itself get a
-``message_too_large`` error event), 1013 when the connection limit (total, or the
-tenant's) is reached or the conversation store is unavailable (after a
-``storage_unavailable`` error event).
+1012 when the server shuts down (after the drain), 1008 for an unknown conversation or a client
+that read nothing for ``send_timeout_s`` (reason ``send_timeout: ...``), 1009 for a message over
+``max_message_bytes``, refused at its header before it is buffered (reason ``message_too_large: ...``),
+1013 when the connection limit (total, or the tenant's) is reached or the conversation store is
+unavailable (after a ``storage_unavailable`` error event). :mod:`assistant.websocket_protocol` enforces
+the two bounds.
 
 Shutting down (SIGTERM/SIGINT, or :meth:`Server.close`) drains (:mod:`assistant.drain`): the
 listening sockets close, so new connections are refused; open ones stay, but start no new
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -67,7 +69,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from assistant import conversations_api, http_api, ops
 from assistant.access import Access, tenant_of
 from assistant.drain import Drain
-from assistant.errors import ConversationNotFound, MessageTooLarge, StorageUnavailable
+from assistant.errors import ConversationNotFound, StorageUnavailable, quote
 from assistant.events import Dialect, EventWriter
 from assistant.http11 import QuickHeadH11Protocol, bad_request_filter
 from assistant.images import ImageLimits
@@ -79,6 +81,7 @@ from assistant.replay import LiveConversations, ReplayLimits
 from assistant.session import ImageBudget, Session, Settings
 from assistant.store import Store, new_conversation_id
 from assistant.upkeep import run_upkeep
+from assistant.websocket_protocol import BoundedWebSocketProtocol
 
 log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
@@ -101,6 +104,7 @@ class App:
     engine: Any = None  # MeteredEngine(AsyncEngine): None while the model loads
     # Set with the engine: until a model says otherwise, one that takes no images.
     image_budget: ImageBudget = field(default_factory=lambda: ImageBudget(ImageLimits(), 0, 0, 0, None))
+    send_timeout_s: float = 30.0  # a client that reads nothing for this long is dropped
     ssl_context: ssl.SSLContext | None = None  # wss:// and https:// when set
     renders_tools: bool = False  # the model's chat template describes tools itself (ChatModel.renders_tools)
     # Access (assistant.access): a key's tenant (None: unknown or revoked); None when no keys are required.
@@ -212,7 +216,7 @@ async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None
             await _close(websocket, 1013, "storage unavailable, try again later")
             return
         if not exists:
-            error = ConversationNotFound(f"No conversation '{conversation_id[:100]}' is stored here.",
+            error = ConversationNotFound(f"No conversation '{quote(conversation_id)}' is stored here.",
                                          param="conversation")
             await send(writer.error(error))
             await _close(websocket, 1008, "conversation not found")
@@ -235,12 +239,7 @@ async def _serve_connection(app: App, websocket: WebSocket, tenant: str) -> None
             frame = message.get("text")
             if frame is None:
                 frame = message.get("bytes") or b""
-            num_bytes = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
-            if num_bytes > app.max_message_bytes:
-                await send(writer.error(MessageTooLarge(f"The message has {num_bytes} bytes; the limit is "
-                                                        f"{app.max_message_bytes}.")))
-                continue
-            await session.handle(frame)
+            await session.handle(frame)  # at most max_message_bytes: larger ones closed the connection
     finally:
         await session.close()
         log.info("connection %s closed", session.id)
@@ -275,12 +274,12 @@ class Server(uvicorn.Server):
     def __init__(self, app: App, host: str, port: int) -> None:
         config = uvicorn.Config(
             asgi_app(app), host=host, port=port,
-            http=QuickHeadH11Protocol, ws="websockets-sansio", lifespan="off",
+            http=QuickHeadH11Protocol,
+            ws=functools.partial(BoundedWebSocketProtocol, send_timeout_s=app.send_timeout_s),
+            lifespan="off",
             log_config=None, access_log=False,
             server_header=False, date_header=False, headers=[("server", "assistant")],  # no versions to match
-            # Frames up to twice the limit are read and answered with a coded error;
-            # beyond that the connection closes with 1009 without buffering them.
-            ws_max_size=2 * app.max_message_bytes,
+            ws_max_size=app.max_message_bytes,  # checked on each frame's header: 1009 before buffering it
             timeout_graceful_shutdown=10,
         )
         config.load()

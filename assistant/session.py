@@ -42,7 +42,7 @@ from assistant.engine.request import Finished, GenerationRequest, ImageChunk, In
 from assistant.engine.sampling import SamplingParams
 from assistant.errors import (AssistantError, BudgetExceeded, ImageRejected, InternalError, InvalidValue,
                               ItemNotFound, ReplayUnavailable, ResponseCancelNotActive, ResponseInProgress,
-                              ResponseNotFound, engine_error)
+                              ResponseNotFound, engine_error, quote)
 from assistant.events import EventWriter, SessionView, match_result_json, new_id
 from assistant.intake import ImageBudget, conversation_budget, validate_item
 from assistant.items import ContentPart, Item, StoredImage
@@ -124,6 +124,7 @@ class Session:
         self.store = store
         self.tenant = tenant
         self._is_conversation_stored = is_conversation_stored
+        self._storing_conversation = asyncio.Lock()
         self.limits = limits
         self.drain = drain
         self.pending = pending
@@ -165,7 +166,7 @@ class Session:
                 return
             if live is None:
                 raise ReplayUnavailable(f"No response of this conversation ran recently: nothing to replay after "
-                                        f"'{last_event_id[:100]}'.", param="last_event_id")
+                                        f"'{quote(last_event_id)}'.", param="last_event_id")
             num_replayed = await live.attach(self, self._deliver, last_event_id, greeting_id=self._last_event_id)
             log.info("connection %s resumed conversation %s: %d events replayed", self.id, self.conversation_id,
                      num_replayed)
@@ -271,15 +272,17 @@ class Session:
     # ------------------------------------------------------------ items
 
     async def _store_conversation(self) -> None:
-        """Store the conversation before its first write: a connection that writes nothing leaves no row."""
-        if not self._is_conversation_stored:
-            await asyncio.to_thread(self.store.create_conversation, tenant=self.tenant,
-                                    conversation_id=self.conversation_id)
-            self._is_conversation_stored = True
+        """Store the conversation before its first write: a connection that writes nothing leaves no row. A
+        response's task and the next client event may both get here first: one stores it."""
+        async with self._storing_conversation:
+            if not self._is_conversation_stored:
+                await asyncio.to_thread(self.store.create_conversation, tenant=self.tenant,
+                                        conversation_id=self.conversation_id)
+                self._is_conversation_stored = True
 
     def _check_conversation_has(self, item_id: str) -> None:
         if not self._is_conversation_stored:  # nothing was written yet: no item can be named
-            raise ItemNotFound(f"No item {item_id[:100]!r} in this conversation.", param="item_id")
+            raise ItemNotFound(f"No item '{quote(item_id)}' in this conversation.", param="item_id")
 
     async def _create_item(self, item_input: ItemInput, previous_item_id: str | None) -> None:
         item, new_images = await asyncio.to_thread(self._validate_item, item_input, "item")

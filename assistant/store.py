@@ -48,7 +48,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine, delete, event, ma
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from assistant.errors import ConversationNotFound, ItemAlreadyExists, ItemNotFound, ResponseNotFound
+from assistant.errors import ConversationNotFound, ItemAlreadyExists, ItemNotFound, ResponseNotFound, quote
 from assistant.items import ContentPart, ConversationInfo, Item, ResponseRecord, StoredImage, Usage
 from assistant.owners import is_gone, process_owner
 from assistant.storage_faults import storage_faults
@@ -489,7 +489,7 @@ def _rowcount(result: Any) -> int:
 
 
 def _conversation_not_found(conversation_id: str, param: str = "conversation_id") -> ConversationNotFound:
-    return ConversationNotFound(f"No conversation {conversation_id[:100]!r}.", param=param)
+    return ConversationNotFound(f"No conversation '{quote(conversation_id)}'.", param=param)
 
 
 def _conversation_of(row: ConversationRow) -> ConversationInfo:

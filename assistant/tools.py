@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any, Literal
 
-from assistant.errors import InvalidType, InvalidValue, MissingParameter, UnsupportedSchema
+from assistant.errors import InvalidType, InvalidValue, MissingParameter, UnsupportedSchema, quote
 from assistant.prompts import PROMPTS_DIR
 from assistant.tool_calls import CLOSE, HEADER_END, HEADER_START, NAME_PATTERN, SEPARATOR, TAG
 
@@ -132,7 +132,8 @@ def parse_tool_choice(value: Any, tools: Sequence[FunctionTool], *, param: str =
     value, param = _unwrap(value, "function", param)  # Chat Completions nests it; Realtime's is flat
     name = _required_string(value, "name", param)
     if name not in {tool.name for tool in tools}:
-        raise InvalidValue(f"'{param}.name' names '{name}', which is not among the tools", param=f"{param}.name")
+        raise InvalidValue(f"'{param}.name' names '{quote(name)}', which is not among the tools",
+                           param=f"{param}.name")
     return ToolChoice("function", name)
 
 
@@ -170,7 +171,8 @@ def check_schema(schema: Mapping[str, Any], *, param: str) -> None:
                            param=param)
     error = _schema_error(text)
     if error:
-        raise UnsupportedSchema(f"'{param}' cannot be used for constrained decoding: {error}", param=param)
+        # llguidance's words may quote the schema (a pattern, a name): at most a bounded part of it.
+        raise UnsupportedSchema(f"'{param}' cannot be used for constrained decoding: {error[:256]}", param=param)
 
 
 @functools.lru_cache(maxsize=512)
@@ -196,7 +198,8 @@ def _object_schema(schema: Any, param: str) -> dict[str, Any]:
         raise InvalidType(f"'{param}' must be a JSON schema object", param=param)
     kind = schema.get("type", "object")
     if kind != "object":
-        raise InvalidValue(f"'{param}' must describe an object (type 'object'), not {json.dumps(kind)}", param=param)
+        raise InvalidValue(f"'{param}' must describe an object (type 'object'), not {quote(json.dumps(kind))}",
+                           param=param)
     return {**schema, "type": "object"}
 
 
@@ -216,10 +219,10 @@ def _check_strict(schema: Any, param: str) -> None:
         missing = sorted(set(properties or {}) - set(schema.get("required") or []))
         if missing:
             raise InvalidValue(f"strict schemas list every property as required; '{param}' leaves out "
-                               f"{', '.join(missing)}", param=f"{param}.required")
+                               f"{quote(', '.join(missing))}", param=f"{param}.required")
     for key in ("properties", "$defs", "definitions"):
         for name, sub in (schema.get(key) or {}).items():
-            _check_strict(sub, f"{param}.{key}.{name}")
+            _check_strict(sub, f"{param}.{key}.{quote(name)}")
     for key in ("items", "anyOf"):
         if key in schema:
             _check_strict(schema[key], f"{param}.{key}")

@@ -154,20 +154,25 @@ async def test_a_conversation_goes_on_through_nginx_across_a_replica_restart(
         await _drain_output(other)
         assert served_by(conversation, other)
 
-    # The whole conversation, both turns, through nginx's REST path (routed by the id in the path) to a new
-    # replica of the same database.
-    async with serve(tiny_model_dir, tmp_path / "c", *flags, port=first_port):
-        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
-            items = (await http.get(f"http://127.0.0.1:{front}/v1/conversations/{conversation}/items",
-                                    params={"order": "asc"})).json()["data"]
-        assert [(item["role"], item["content"][0].get("text")) for item in items][::2] == [
-            ("user", "Hello"), ("user", "Still there?")]
-        # Server-sent events pass through unbuffered.
-        client = openai.AsyncOpenAI(api_key="unused", base_url=f"http://127.0.0.1:{front}/v1", max_retries=0)
-        stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
-                                                      max_tokens=3, stream=True)
-        chunks = [chunk async for chunk in stream]
-        assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        # The replica is back (a fresh process, its caches empty): the whole conversation, both turns, through
+        # nginx's REST path (routed by the id in the path), whichever replica nginx picks.
+        async with serve(tiny_model_dir, tmp_path / "c", *flags, port=sticky.port):
+            await _check_through(front, conversation)
+
+
+async def _check_through(front: int, conversation: str) -> None:
+    """The conversation's items through nginx's REST route, and a streamed chat completion through it."""
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        items = (await http.get(f"http://127.0.0.1:{front}/v1/conversations/{conversation}/items",
+                                params={"order": "asc"})).json()["data"]
+    assert [(item["role"], item["content"][0].get("text")) for item in items][::2] == [
+        ("user", "Hello"), ("user", "Still there?")]
+    # Server-sent events pass through unbuffered.
+    client = openai.AsyncOpenAI(api_key="unused", base_url=f"http://127.0.0.1:{front}/v1", max_retries=0)
+    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=3, stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 async def _drain_output(replica: Served) -> None:

@@ -265,6 +265,12 @@ def test_image_without_vision_is_an_error_event(engine: Engine) -> None:
     assert done.reason == "error" and done.code == "invalid_prompt" and "does not accept images" in (done.error or "")
 
 
+def test_nothing_to_answer_is_an_error_event(engine: Engine) -> None:
+    """conversation "none" with no input and no instructions: the chat template's bare ValueError was a crash."""
+    done = finished_of(run(engine, request(messages=()))["r1"])
+    assert done.reason == "error" and done.code == "invalid_prompt" and "nothing to answer" in (done.error or "")
+
+
 def test_abort_mid_generation(engine: Engine) -> None:
     events: list[EngineEvent] = []
     engine.add_request(request(max_output_tokens=100), events.append)

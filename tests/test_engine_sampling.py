@@ -43,6 +43,14 @@ def test_low_temperature_sharpens() -> None:
     assert counts[1] > 990
 
 
+def test_a_tiny_temperature_is_all_but_greedy_not_nan() -> None:
+    """1e-300 is in range (0..2); dividing the logits by it overflows to inf, whose softmax was nan."""
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0, float("-inf")])
+    for top_p in (1.0, 0.9):
+        params = SamplingParams(temperature=1e-300, top_p=top_p)
+        assert {sample(logits, params, make_generator(seed)) for seed in range(10)} == {1}
+
+
 def test_top_p_keeps_only_the_nucleus() -> None:
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
     generator = make_generator(0)

@@ -305,18 +305,28 @@ async def test_browser_subprotocol_is_selected(server: RunningServer) -> None:
     await ws.close()
 
 
-async def test_message_too_large(tiny_model: Any, data_dir: Path) -> None:
+@pytest.mark.parametrize("compression", ["deflate", None])
+async def test_message_too_large_closes_with_the_code_and_limit(tiny_model: Any, data_dir: Path,
+                                                                 compression: str | None) -> None:
+    """A message over the limit is refused from its header (inflated size when compressed, the running total when
+    fragmented): close 1009 with the code and the limit in the reason. One at the limit is taken."""
     async with running_server(tiny_model, data_dir, max_message_bytes=1000) as small:
-        ws, _ = await open_session(small)
-        await send(ws, user_item("x" * 1200, event_id="big"))
-        error = await recv(ws)
-        assert error["error"]["code"] == "message_too_large"
-        # Fewer than 1000 characters, more than 1000 bytes of UTF-8.
-        await ws.send(json.dumps(user_item("é" * 500), ensure_ascii=False))
-        assert (await recv(ws))["error"]["code"] == "message_too_large"
-        await send(ws, user_item("small"))
-        assert (await recv(ws))["type"] == "conversation.item.added"
-        await ws.close()
+        at_limit = json.dumps(user_item(""))
+        at_limit = json.dumps(user_item("x" * (1000 - len(at_limit))))
+        assert len(at_limit.encode()) == 1000
+        over_limit = [json.dumps(user_item("x" * 1200)),
+                      json.dumps(user_item("é" * 500), ensure_ascii=False),  # < 1000 characters, > 1000 bytes
+                      [json.dumps(user_item("y" * 1100))[i:i + 100] for i in range(0, 1300, 100)]]  # fragments
+        for message in over_limit:
+            ws, _ = await open_session(small, compression=compression)
+            await ws.send(at_limit)
+            assert (await recv(ws))["type"] == "conversation.item.added"
+            await recv(ws)  # conversation.item.done
+            await ws.send(message)
+            with pytest.raises(ConnectionClosed):
+                await recv(ws)
+            assert ws.close_code == 1009
+            assert ws.close_reason == "message_too_large: messages are limited to 1000 bytes"
 
 
 async def test_connection_limit(tiny_model: Any, data_dir: Path) -> None:

@@ -357,6 +357,8 @@ class ChatModel:
             conversation.append({"role": message.role,
                                  "content": [{"type": "text", "text": content}] if self.content_format == "list"
                                  else content})
+        if not conversation:  # conversation "none", no input and no instructions: templates raise a bare ValueError
+            raise PromptError("there is nothing to answer: no instructions and no messages")
         try:
             rendered = self.tokenizer.apply_chat_template(conversation, tools=list(tools) or None, tokenize=False,
                                                           add_generation_prompt=add_generation_prompt)

@@ -157,7 +157,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_penalties(logits, params, prompt_token_ids, output_token_ids, exempt_token_ids)
     if params.is_greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)  # (vocab,)
+    logits = logits.float().cpu()  # (vocab,)
+    # A tiny temperature (1e-300 is in range) must not make nan: the logits are shifted so the largest is 0, and
+    # the temperature kept at float32's smallest normal, so the others go to -inf rather than 0 / 0.
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # (vocab,)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)  # (vocab,), (vocab,)
         # Keep the smallest head whose mass reaches top_p: a token stays if the mass before it is < top_p.
