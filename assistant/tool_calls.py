@@ -19,6 +19,11 @@ cut short (finish reason "length": its arguments are then incomplete JSON). Text
 that turns out not to be in the format (no grammar held the model to it) comes
 out as text. :func:`parse_output` is the same parser over a finished answer.
 
+An engine that recognises calls itself (a remote engine: its upstream's
+``tool_calls`` deltas) hands them over typed, as
+:class:`~assistant.engine.request.ToolCallDelta`; :meth:`ToolCallParser.push_call`
+turns those into the same events, so both kinds of engine give one stream.
+
 Pure: no torch, no sockets; the HTTP and Realtime layers map the events onto
 their own wire events.
 """
@@ -33,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from assistant.engine.request import ChatMessage, TextChunk
+from assistant.engine.request import ChatMessage, TextChunk, ToolCallDelta
 
 TAG = "<tool_call>"
 OPEN = TAG + "\n"
@@ -102,12 +107,30 @@ class ToolCallParser:
         self._held = ""  # text not turned into events yet
         self._calls: list[ToolCall] = []
         self._arguments = ""  # the current call's, so far
+        self._typed_index: int | None = None  # the engine's index of the typed call now open (push_call)
 
     def push(self, text: str) -> list[OutputEvent]:
         self._held += text
         events: list[OutputEvent] = []
         while self._held and self._step(events):
             pass
+        return events
+
+    def push_call(self, delta: ToolCallDelta) -> list[OutputEvent]:
+        """A piece of a call the engine recognised itself: text held so far comes out first, a new ``index``
+        ends the call before it and starts the next (with a new id), then the arguments follow."""
+        events = self.finish() if self._typed_index is None else []  # held text, or a text call cut short
+        if delta.index != self._typed_index:
+            if self._typed_index is not None:
+                events.append(self._done())
+            self._typed_index = delta.index
+            call_id = self._new_id()
+            self._calls.append(ToolCall(call_id, delta.name or "", ""))
+            events.append(CallStarted(len(self._calls) - 1, call_id, delta.name or ""))
+            self._state = _State.ARGUMENTS  # finish() closes it, cut short or not
+        if delta.arguments:
+            events.append(ArgumentsDelta(len(self._calls) - 1, delta.arguments))
+            self._arguments += delta.arguments
         return events
 
     def finish(self) -> list[OutputEvent]:

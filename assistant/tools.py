@@ -297,6 +297,11 @@ def template_tools(tools: Sequence[FunctionTool], choice: ToolChoice) -> tuple[d
                  for tool in tools if choice.mode != "function" or tool.name == choice.name)
 
 
+def template_tool_choice(choice: ToolChoice) -> Literal["auto", "required"]:
+    """``GenerationRequest.tool_choice`` beside :func:`template_tools` (which already keeps only a named tool)."""
+    return "required" if choice.mode in ("required", "function") else "auto"
+
+
 def build_grammar(tools: Sequence[FunctionTool], choice: ToolChoice, *, parallel_tool_calls: bool = True,
                   response_format: ResponseFormat | None = None) -> str | None:
     """The grammar every answer must match (see the module docstring), or None when any text will do."""
