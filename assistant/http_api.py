@@ -228,7 +228,8 @@ def _prepare(app: App, parsed: ChatCompletionRequest, tenant: str) -> _Prepared:
                                        response_format=response_format)
     generation = GenerationRequest("", _with_system_text(build_messages(instructions, items), tools_prompt),
                                    sampling, image_source=InlineImages(inline), grammar=grammar,
-                                   tools=template_tools, tool_choice=tool_specs.template_tool_choice(choice))
+                                   tools=template_tools, tool_choice=tool_specs.template_tool_choice(choice),
+                                   response_format=response_format.to_openai() if response_format else None)
     conversation_id = None
     if parsed.store:
         conversation_id = app.store.create_conversation(metadata=parsed.metadata, tenant=tenant)

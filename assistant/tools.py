@@ -74,6 +74,11 @@ class ResponseFormat:
     name: str | None = None
     strict: bool = False
 
+    def to_openai(self) -> dict[str, Any]:
+        """As Chat Completions' ``response_format`` (for a remote engine, which holds the answer to it itself)."""
+        return {"type": "json_schema", "json_schema": {"name": self.name or "response", "schema": dict(self.schema),
+                                                       "strict": self.strict}}
+
 
 # ------------------------------------------------------------------ validation
 

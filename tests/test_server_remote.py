@@ -127,8 +127,13 @@ async def test_http_api_streams_text_and_tool_calls(data_dir: Path) -> None:
     upstream = FakeUpstream([text_answer("Hi", "!"), call_answer("get_weather", '{"city": "Rome"}')])
     async with remote_server(upstream, data_dir) as server:
         client = client_for(server)
-        completion = await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}])
+        schema = {"type": "object", "properties": {"greeting": {"type": "string"}}}
+        completion = await client.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "Hi"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "hello", "schema": schema}})
         assert completion.choices[0].message.content == "Hi!" and completion.choices[0].finish_reason == "stop"
+        assert upstream.bodies[0]["response_format"] == {
+            "type": "json_schema", "json_schema": {"name": "hello", "schema": schema, "strict": False}}
         stream = await client.chat.completions.create(
             model="x", messages=[{"role": "user", "content": "Weather in Rome?"}], stream=True,
             stream_options={"include_usage": True},

@@ -17,8 +17,9 @@ Invariants:
   ``timeout`` seconds) or cut off, the request ends in a ``Finished`` with a code of
   :mod:`assistant.errors` (``upstream_unavailable``, ``server_overloaded``, ``context_length_exceeded``,
   ``invalid_prompt``); the upstream's own words go to the log, a 4xx's message also to the client;
-- ``grammar`` is not sent (no common API takes one): the upstream holds calls to the tools' schemas
-  itself, or not. The local engine's image cache and KV reuse do not apply; ``score`` is refused.
+- ``grammar`` is not sent (no common API takes one): the upstream holds calls to the tools' schemas,
+  and answers to a ``response_format``, itself (vLLM, SGLang, llama.cpp and Ollama do; each needs its own
+  tool-call parser switched on). The local engine's image cache and KV reuse do not apply; ``score`` is refused.
 
 :class:`ChunkReader` (pure: lines of server-sent events in, engine events out) and :func:`chat_body`
 (a request as the upstream's JSON body) are tested without sockets.
@@ -125,6 +126,8 @@ def chat_body(request: GenerationRequest, model: str, image_urls: Mapping[str, s
     if request.tools:
         body["tools"] = [dict(tool) for tool in request.tools]
         body["tool_choice"] = request.tool_choice
+    if request.response_format is not None:
+        body["response_format"] = dict(request.response_format)
     return body
 
 

@@ -79,6 +79,9 @@ class GenerationRequest:
     # With tools: "required" when the answer must call one of them (a remote engine passes it upstream as
     # OpenAI's tool_choice; the local engine has the grammar for that).
     tool_choice: Literal["auto", "required"] = "auto"
+    # Chat Completions' response_format (json_schema) when the answer must be JSON of a schema: a remote engine
+    # passes it upstream; the local engine has the grammar for that.
+    response_format: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
