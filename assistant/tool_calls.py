@@ -110,6 +110,8 @@ class ToolCallParser:
         self._typed_index: int | None = None  # the engine's index of the typed call now open (push_call)
 
     def push(self, text: str) -> list[OutputEvent]:
+        if self._typed_index is not None:  # text after the engine's own calls is not theirs: a message
+            return [TextDelta(text)] if text.strip() else []
         self._held += text
         events: list[OutputEvent] = []
         while self._held and self._step(events):

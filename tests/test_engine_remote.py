@@ -160,9 +160,10 @@ def test_typed_calls_become_the_same_events_as_parsed_ones() -> None:
     parser = ToolCallParser(new_id=lambda: next(ids))
     events = parser.push("Let me check.") + parser.push_call(ToolCallDelta(0, "get_weather", '{"city": '))
     events += parser.push_call(ToolCallDelta(0, None, '"Paris"}')) + parser.push_call(ToolCallDelta(1, "now", "{}"))
-    events += parser.finish()
+    events += parser.push("\n") + parser.push("Done.") + parser.finish()
     assert [type(e) for e in events] == [TextDelta, CallStarted, ArgumentsDelta, ArgumentsDelta, CallDone,
-                                         CallStarted, ArgumentsDelta, CallDone]
+                                         CallStarted, ArgumentsDelta, TextDelta, CallDone]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Let me check.", "Done."]
     done = [e.call for e in events if isinstance(e, CallDone)]
     assert [(c.call_id, c.name, c.arguments) for c in done] == [("call_a", "get_weather", '{"city": "Paris"}'),
                                                                ("call_b", "now", "{}")]

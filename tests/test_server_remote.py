@@ -203,3 +203,29 @@ async def test_upstream_failures_are_coded_and_retryable(data_dir: Path, stream:
         done = (await recv_until(ws, "response.done"))[-1]["response"]
         assert done["status"] == "failed" and done["status_details"]["error"]["code"] == "upstream_unavailable"
         await ws.close()
+
+
+async def wait_disconnects(upstream: FakeUpstream, expected: int) -> None:
+    for _ in range(100):
+        if upstream.num_disconnects >= expected:
+            break
+        await asyncio.sleep(0.05)
+    assert upstream.num_disconnects == expected
+
+
+async def test_a_client_that_leaves_ends_the_upstream_request(data_dir: Path) -> None:
+    upstream = FakeUpstream([text_answer(*["word "] * 2000, delay=0.02)])
+    async with remote_server(upstream, data_dir) as server:
+        async with httpx.AsyncClient(timeout=30) as http:
+            async with http.stream("POST", f"{server.http_base}/chat/completions", json={
+                    "model": "x", "stream": True, "messages": [{"role": "user", "content": "Talk."}]}) as response:
+                async for line in response.aiter_lines():
+                    if '"word ' in line:
+                        break
+        await wait_disconnects(upstream, 1)
+        ws, _ = await open_session(server)
+        await send(ws, user_item("Talk."))
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "response.output_text.delta")
+        await ws.close()
+        await wait_disconnects(upstream, 2)
