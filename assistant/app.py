@@ -116,7 +116,8 @@ def load_engine(app: App, config: Config, progress: Callable[[str], None] = prin
 def load_remote_engine(app: App, config: Config, progress: Callable[[str], None] = print) -> None:
     """Generation on the model server at ``engine_url``: images go as data URLs (their budgets count an
     estimate of the tokens each costs), tools as OpenAI ``tools``."""
-    from assistant.engine.remote import IMAGE_TOKENS, RemoteEngine, upstream_model
+    from assistant.engine.remote import RemoteEngine, upstream_model
+    from assistant.engine.remote_wire import IMAGE_TOKENS
 
     model = config.engine_model or upstream_model(config.engine_url, config.engine_key)
     engine = RemoteEngine(config.engine_url, model, api_key=config.engine_key, timeout=config.engine_timeout,

@@ -49,6 +49,7 @@ SEPARATOR = "\n"
 NAME_PATTERN = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 NAME_START_PATTERN = re.compile(r"[a-zA-Z0-9_-]{0,64}")  # what may still become a name
 CALL_ID_CHARS = string.ascii_letters + string.digits
+_TOOL_RESULT = re.compile(r"<tool_response>\n(.*?)\n</tool_response>(?:\n|$)", re.DOTALL)  # tool_result_text's
 
 
 def new_call_id() -> str:
@@ -258,6 +259,19 @@ def render_tool_calls(calls: Sequence[tuple[str, str]]) -> str:
 
 def tool_result_text(output: str) -> str:
     return f"<tool_response>\n{output}\n</tool_response>"
+
+
+def parse_tool_results(text: str) -> list[str] | None:
+    """The outputs in a user turn made only of :func:`tool_results_message`'s blocks; None when it is anything
+    else (a remote engine sends them upstream as ``tool`` messages again)."""
+    outputs, position = [], 0
+    while position < len(text):
+        match = _TOOL_RESULT.match(text, position)
+        if match is None:
+            return None
+        outputs.append(match.group(1))
+        position = match.end()
+    return outputs or None
 
 
 def tool_results_message(outputs: Sequence[str]) -> ChatMessage:
