@@ -114,3 +114,15 @@ async def test_missing_image_and_score_and_overload() -> None:
         with pytest.raises(EngineOverloaded):
             await drain(engine, GenerationRequest("resp_2", request().messages))
         assert (await first)[-1].reason == "stop"
+
+
+async def test_an_abort_before_the_request_starts_still_ends_it() -> None:
+    engine = RemoteEngine(f"http://127.0.0.1:{free_port()}/v1", "m")
+    events = engine.generate(request())
+    first = asyncio.ensure_future(events.__anext__())
+    await asyncio.sleep(0)  # generate has created the request's task, which has not run yet
+    engine.abort("resp_1")
+    assert await asyncio.wait_for(first, 5) == Finished("cancelled")
+    with pytest.raises(StopAsyncIteration):
+        await events.__anext__()
+    assert engine.num_running == 0

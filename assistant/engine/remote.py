@@ -44,17 +44,15 @@ class RemoteEngine:
     """The engine contract (``generate``, ``score``, ``abort``, ``shutdown``, ``is_running``) over HTTP.
 
     ``max_num_requests`` bounds the requests in flight; one more is refused with ``server_overloaded``.
-    ``transport`` replaces the network in tests.
     """
 
     def __init__(self, url: str, model: str, *, api_key: str = "", timeout: float = 60.0,
-                 max_num_requests: int = 72, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 max_num_requests: int = 72) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.timeout = timeout
         self.max_num_requests = max_num_requests
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._transport = transport
         self._running: dict[str, asyncio.Task[None]] = {}
         self._is_stopped = False
 
@@ -75,6 +73,8 @@ class RemoteEngine:
             raise EngineOverloaded(f"The server is busy ({len(self._running)} responses running); retry later.")
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         task = asyncio.create_task(self._stream(request, queue.put_nowait))
+        # Aborted before it started, the task never runs the code that says so: say it for it.
+        task.add_done_callback(lambda _: queue.put_nowait(Finished(reason="cancelled")) if task.cancelled() else None)
         self._running[request.request_id] = task
         try:
             while True:
@@ -92,7 +92,7 @@ class RemoteEngine:
         try:
             content, reader = await asyncio.to_thread(self._prepare, request)
             timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
-            async with httpx.AsyncClient(timeout=timeout, transport=self._transport) as client:
+            async with httpx.AsyncClient(timeout=timeout) as client:
                 async with client.stream("POST", f"{self.url}/chat/completions", content=content,
                                          headers={**self._headers, "Content-Type": "application/json"}) as response:
                     if response.status_code != 200:
