@@ -92,7 +92,11 @@ def open_app(config: Config, progress: Callable[[str], None] = print) -> App:
 
 def load_engine(app: App, config: Config, progress: Callable[[str], None] = print,
                 model: ChatModel | None = None) -> None:
-    """Load the model (unless given) and start the engine thread; the App is ready once this returns. Blocking."""
+    """Load the model (unless given) and start the engine thread; the App is ready once this returns. Blocking.
+    With ``--engine openai`` there is no model here: the remote engine stands in for it."""
+    if config.engine == "openai" and model is None:
+        load_remote_engine(app, config, progress)
+        return
     from assistant.engine.async_engine import AsyncEngine
     from assistant.engine.engine import Engine
     from assistant.engine.loader import load_model
@@ -115,6 +119,24 @@ def load_engine(app: App, config: Config, progress: Callable[[str], None] = prin
     metrics.watch(connections=lambda: app.num_connections, queue_depth=lambda: scheduler.num_waiting,
                   batch_size=lambda: scheduler.num_running)
     app.engine = MeteredEngine(AsyncEngine(engine), metrics)  # last: from here on the App is ready
+
+
+def load_remote_engine(app: App, config: Config, progress: Callable[[str], None] = print) -> None:
+    """Generation on the model server at ``engine_url``: images go as data URLs (their budgets count an
+    estimate of the tokens each costs), tools as OpenAI ``tools``."""
+    from assistant.engine.remote import RemoteEngine, upstream_model
+    from assistant.engine.remote_wire import IMAGE_TOKENS
+
+    model = config.engine_model or upstream_model(config.engine_url, config.engine_key)
+    engine = RemoteEngine(config.engine_url, model, api_key=config.engine_key, timeout=config.engine_timeout,
+                          max_num_requests=config.max_running_requests + config.max_waiting_requests)
+    app.model_name = model
+    app.image_budget = image_budget(config, IMAGE_TOKENS.__getitem__)
+    app.renders_tools = True
+    app.metrics.watch(connections=lambda: app.num_connections, queue_depth=lambda: 0,
+                      batch_size=lambda: engine.num_running)
+    progress(f"generating with {model} at {config.engine_url}")
+    app.engine = MeteredEngine(engine, app.metrics)  # last: from here on the App is ready
 
 
 def close_app(app: App) -> None:

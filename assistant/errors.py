@@ -65,6 +65,10 @@ invalid_prompt                       the model cannot take the conversation (its
 image_not_found                      an image the response needs was deleted (with its item)
                                      while the response waited for the model
 generation_failed                    generation failed inside the model (the server log says why)
+upstream_unavailable                 the remote engine (``--engine openai``) could not be reached, timed
+                                     out, failed or refused the request (HTTP 502); retryable: the
+                                     conversation is intact
+not_supported_by_engine              the engine in use cannot do this (``image.match`` with a remote engine)
 storage_unavailable                  the database cannot be written or reached (a full disk, a database
                                      that is down); retryable: nothing half-done was kept, and a
                                      response cut short by it is stored as the client was told
@@ -249,7 +253,11 @@ SEND_TIMEOUT = "send_timeout"
 # The engine's own failure, MODEL_ERROR, is shown as "generation_failed" with a generic message.
 MODEL_ERROR = "generation_failed"
 UNSUPPORTED_SCHEMA = UnsupportedSchema.code
+UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+NOT_SUPPORTED_BY_ENGINE = "not_supported_by_engine"
 ENGINE_ERROR_TYPES = {
+    UPSTREAM_UNAVAILABLE: "server_error",
+    NOT_SUPPORTED_BY_ENGINE: "invalid_request_error",
     UNSUPPORTED_SCHEMA: "invalid_request_error",
     "context_length_exceeded": "invalid_request_error",
     "invalid_prompt": "invalid_request_error",

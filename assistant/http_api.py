@@ -40,7 +40,8 @@ from assistant import tools as tool_specs
 from assistant.access import tenant_of
 from assistant.chat_completions import (ChatCompletionRequest, CompletionIds, chunk_json, completion_json,
                                         parse_request, tool_calls_json, usage_chunk_json)
-from assistant.engine.request import ChatMessage, Finished, GenerationRequest, InlineImages, TextChunk, TokenDelta
+from assistant.engine.request import (ChatMessage, Finished, GenerationRequest, InlineImages, TextChunk, TokenDelta,
+                                      ToolCallDelta)
 from assistant.errors import (MODEL_ERROR, AssistantError, InternalError, InvalidValue, MessageTooLarge,
                               ServerShuttingDown, StorageUnavailable, engine_error)
 from assistant.events import new_id
@@ -65,6 +66,7 @@ HTTP_STATUS = {
     "rate_limit_exceeded": 429,
     "server_shutting_down": 503,
     "storage_unavailable": 503,
+    "upstream_unavailable": 502,
 }
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 RunEvent = OutputEvent | Finished  # what a run hands the response: the parsed answer, then the outcome
@@ -226,7 +228,8 @@ def _prepare(app: App, parsed: ChatCompletionRequest, tenant: str) -> _Prepared:
                                        response_format=response_format)
     generation = GenerationRequest("", _with_system_text(build_messages(instructions, items), tools_prompt),
                                    sampling, image_source=InlineImages(inline), grammar=grammar,
-                                   tools=template_tools)
+                                   tools=template_tools, tool_choice=tool_specs.template_tool_choice(choice),
+                                   response_format=response_format.to_openai() if response_format else None)
     conversation_id = None
     if parsed.store:
         conversation_id = app.store.create_conversation(metadata=parsed.metadata, tenant=tenant)
@@ -373,6 +376,10 @@ class _Run:
                     first_token_at = first_token_at or time.monotonic()
                     self._put(self._parser.push(event.text) if self._parser else [TextDelta(event.text)], text,
                               calls)
+                elif isinstance(event, ToolCallDelta):
+                    first_token_at = first_token_at or time.monotonic()
+                    if self._parser is not None:  # else no tools were offered: nothing to call
+                        self._put(self._parser.push_call(event), text, calls)
                 else:
                     finished = event
             if self._parser is not None:

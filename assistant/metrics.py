@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from assistant.engine.request import EngineEvent, Finished, GenerationRequest, TokenDelta
+from assistant.engine.request import EngineEvent, Finished, GenerationRequest, TokenDelta, ToolCallDelta
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STATUS_OF_REASON = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled", "error": "failed"}
@@ -84,7 +84,7 @@ class MeteredEngine:
         is_first = True
         async with contextlib.aclosing(self.inner.generate(request)) as events:  # closing early aborts at once
             async for event in events:
-                if isinstance(event, TokenDelta):
+                if isinstance(event, TokenDelta | ToolCallDelta):
                     now = time.perf_counter()
                     if is_first:
                         self.metrics.time_to_first_token.observe(now - started)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
-from assistant.engine.request import Finished, GenerationRequest, TokenDelta
+from assistant.engine.request import Finished, GenerationRequest, TokenDelta, ToolCallDelta
 from assistant.errors import MODEL_ERROR, AssistantError, StorageUnavailable, engine_error
 from assistant.events import EventWriter, new_id
 from assistant.flusher import Flusher
@@ -139,6 +139,12 @@ class ResponseRun:
                             self._first_token_at = time.monotonic()
                         if engine_event.text:
                             await self._on_text(engine_event.text)
+                    elif isinstance(engine_event, ToolCallDelta):
+                        if self._first_token_at is None:
+                            self._first_token_at = time.monotonic()
+                        if self._parser is not None:  # else no tools were offered: nothing to call
+                            for output_event in self._parser.push_call(engine_event):
+                                await self._on_output(output_event)
                     else:
                         finished = engine_event
             if self._parser is not None:

@@ -57,8 +57,8 @@ from assistant.replay import LiveConversation, LiveConversations
 from assistant.response_run import ResponseRun, Send
 from assistant.store import Store
 from assistant.store_models import DEFAULT_TENANT
-from assistant.tools import (FunctionTool, ToolChoice, build_grammar, calls_allowed, parse_tool_choice, template_tools,
-                             tools_prompt)
+from assistant.tools import (FunctionTool, ToolChoice, build_grammar, calls_allowed, parse_tool_choice,
+                             template_tool_choice, template_tools, tools_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +435,7 @@ class Session:
         system_prompt = settings.system_prompt(template_renders_tools=self.renders_tools)
         tools = template_tools(settings.tools, settings.tool_choice) if self.renders_tools else ()
         return GenerationRequest(response_id, build_messages(system_prompt, items), settings.sampling, tools=tools,
+                                 tool_choice=template_tool_choice(settings.tool_choice),
                                  image_source=StoreImages(self.store, inline),
                                  grammar=build_grammar(settings.tools, settings.tool_choice))
 

@@ -19,6 +19,11 @@ cut short (finish reason "length": its arguments are then incomplete JSON). Text
 that turns out not to be in the format (no grammar held the model to it) comes
 out as text. :func:`parse_output` is the same parser over a finished answer.
 
+An engine that recognises calls itself (a remote engine: its upstream's
+``tool_calls`` deltas) hands them over typed, as
+:class:`~assistant.engine.request.ToolCallDelta`; :meth:`ToolCallParser.push_call`
+turns those into the same events, so both kinds of engine give one stream.
+
 Pure: no torch, no sockets; the HTTP and Realtime layers map the events onto
 their own wire events.
 """
@@ -33,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from assistant.engine.request import ChatMessage, TextChunk
+from assistant.engine.request import ChatMessage, TextChunk, ToolCallDelta
 
 TAG = "<tool_call>"
 OPEN = TAG + "\n"
@@ -44,6 +49,7 @@ SEPARATOR = "\n"
 NAME_PATTERN = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 NAME_START_PATTERN = re.compile(r"[a-zA-Z0-9_-]{0,64}")  # what may still become a name
 CALL_ID_CHARS = string.ascii_letters + string.digits
+_TOOL_RESULT = re.compile(r"<tool_response>\n(.*?)\n</tool_response>(?:\n|$)", re.DOTALL)  # tool_result_text's
 
 
 def new_call_id() -> str:
@@ -102,12 +108,32 @@ class ToolCallParser:
         self._held = ""  # text not turned into events yet
         self._calls: list[ToolCall] = []
         self._arguments = ""  # the current call's, so far
+        self._typed_index: int | None = None  # the engine's index of the typed call now open (push_call)
 
     def push(self, text: str) -> list[OutputEvent]:
+        if self._typed_index is not None:  # text after the engine's own calls is not theirs: a message
+            return [TextDelta(text)] if text.strip() else []
         self._held += text
         events: list[OutputEvent] = []
         while self._held and self._step(events):
             pass
+        return events
+
+    def push_call(self, delta: ToolCallDelta) -> list[OutputEvent]:
+        """A piece of a call the engine recognised itself: text held so far comes out first, a new ``index``
+        ends the call before it and starts the next (with a new id), then the arguments follow."""
+        events = self.finish() if self._typed_index is None else []  # held text, or a text call cut short
+        if delta.index != self._typed_index:
+            if self._typed_index is not None:
+                events.append(self._done())
+            self._typed_index = delta.index
+            call_id = self._new_id()
+            self._calls.append(ToolCall(call_id, delta.name or "", ""))
+            events.append(CallStarted(len(self._calls) - 1, call_id, delta.name or ""))
+            self._state = _State.ARGUMENTS  # finish() closes it, cut short or not
+        if delta.arguments:
+            events.append(ArgumentsDelta(len(self._calls) - 1, delta.arguments))
+            self._arguments += delta.arguments
         return events
 
     def finish(self) -> list[OutputEvent]:
@@ -233,6 +259,19 @@ def render_tool_calls(calls: Sequence[tuple[str, str]]) -> str:
 
 def tool_result_text(output: str) -> str:
     return f"<tool_response>\n{output}\n</tool_response>"
+
+
+def parse_tool_results(text: str) -> list[str] | None:
+    """The outputs in a user turn made only of :func:`tool_results_message`'s blocks; None when it is anything
+    else (a remote engine sends them upstream as ``tool`` messages again)."""
+    outputs, position = [], 0
+    while position < len(text):
+        match = _TOOL_RESULT.match(text, position)
+        if match is None:
+            return None
+        outputs.append(match.group(1))
+        position = match.end()
+    return outputs or None
 
 
 def tool_results_message(outputs: Sequence[str]) -> ChatMessage:

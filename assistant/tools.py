@@ -74,6 +74,11 @@ class ResponseFormat:
     name: str | None = None
     strict: bool = False
 
+    def to_openai(self) -> dict[str, Any]:
+        """As Chat Completions' ``response_format`` (for a remote engine, which holds the answer to it itself)."""
+        return {"type": "json_schema", "json_schema": {"name": self.name or "response", "schema": dict(self.schema),
+                                                       "strict": self.strict}}
+
 
 # ------------------------------------------------------------------ validation
 
@@ -298,6 +303,11 @@ def template_tools(tools: Sequence[FunctionTool], choice: ToolChoice) -> tuple[d
     return tuple({"type": "function", "function": {"name": tool.name, "description": tool.description,
                                                    "parameters": dict(tool.parameters)}}
                  for tool in tools if choice.mode != "function" or tool.name == choice.name)
+
+
+def template_tool_choice(choice: ToolChoice) -> Literal["auto", "required"]:
+    """``GenerationRequest.tool_choice`` beside :func:`template_tools` (which already keeps only a named tool)."""
+    return "required" if choice.mode in ("required", "function") else "auto"
 
 
 def build_grammar(tools: Sequence[FunctionTool], choice: ToolChoice, *, parallel_tool_calls: bool = True,

@@ -35,6 +35,10 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     ({"quantize": "fp4"}, {}, "quantize must be one of"),
     ({"temperature": "9"}, {}, "temperature"),
     ({"port": "0"}, {}, "port"),
+    ({"engine": "openai"}, {}, "engine openai needs --engine-url"),
+    ({"engine": "openai", "engine_url": "localhost:8000/v1"}, {}, "http:// or https://"),
+    ({"engine": "vllm"}, {}, "engine must be one of local, openai"),
+    ({"engine": "openai", "engine_url": "http://h/v1", "engine_timeout": "0"}, {}, "engine_timeout"),
 ])
 def test_bad_values_fail_loudly(flags: dict, env: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

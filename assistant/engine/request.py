@@ -2,7 +2,8 @@
 
 The session builds a :class:`GenerationRequest` from stored items (text, and
 images by reference: sha256 and detail, never bytes or tensors) and receives a
-stream of :class:`TokenDelta` events ending in exactly one :class:`Finished`.
+stream of :class:`TokenDelta` events (and, from a remote engine, :class:`ToolCallDelta`) ending in
+exactly one :class:`Finished`.
 An image's bytes are fetched through the request's :data:`ImageSource` (one
 call for all the images a prompt needs) only when the model's embedding cache
 does not hold the image's embeddings yet.
@@ -75,6 +76,12 @@ class GenerationRequest:
     # Function tools in OpenAI's shape for a chat template that renders them itself (ChatModel.renders_tools);
     # otherwise empty, and the tools are described in the system message instead.
     tools: tuple[Mapping[str, Any], ...] = ()
+    # With tools: "required" when the answer must call one of them (a remote engine passes it upstream as
+    # OpenAI's tool_choice; the local engine has the grammar for that).
+    tool_choice: Literal["auto", "required"] = "auto"
+    # Chat Completions' response_format (json_schema) when the answer must be JSON of a schema: a remote engine
+    # passes it upstream; the local engine has the grammar for that.
+    response_format: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,21 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a function call that the engine itself recognised (a remote engine's upstream ``tool_calls``).
+
+    ``index`` numbers the calls of one answer from 0; a call's first delta carries its ``name``, later ones only
+    more ``arguments`` text. The local engine never emits it: its calls are text that
+    :class:`~assistant.tool_calls.ToolCallParser` finds.
+    """
+
+    index: int
+    name: str | None
+    arguments: str
+    num_tokens: int = 1
+
+
+@dataclass(frozen=True)
 class Finished:
     """The one terminal event of a request."""
 
@@ -151,4 +173,4 @@ class Finished:
     scores: tuple[MatchScore, ...] = ()  # a ScoreRequest's result, one per text, when reason == "stop"
 
 
-EngineEvent = TokenDelta | Finished
+EngineEvent = TokenDelta | ToolCallDelta | Finished
