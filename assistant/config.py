@@ -55,9 +55,10 @@ class Config:
                              "(default: SQLite file assistant.db in the data dir; e.g. postgresql+psycopg://user@host/db).")
     max_message_bytes: int = _opt(16 * 1024 * 1024, "Largest WebSocket message accepted from a client, in bytes.")
     max_connections: int = _opt(256, "Concurrent WebSocket connections; more are refused with close code 1013.")
-    send_timeout: float = _opt(30.0, "Seconds a WebSocket client may leave unread what the server sent it (64 KiB "
-                               "and more) before it is disconnected (close code 1008, reason send_timeout) and its "
-                               "response finished as if it had left.")
+    send_timeout: float = _opt(30.0, "Seconds a client may leave unread what the server sent it (64 KiB and more, "
+                               "beyond the kernel's buffers) before it is dropped: a WebSocket with close code 1008 "
+                               "(reason send_timeout), its response finished as if it had left; a streamed chat "
+                               "completion ends and its generation is aborted.")
     log_level: str = _opt("info", "Log level.", choices=LOG_LEVELS)
     log_format: str = _opt("text", "Log lines as text, or as one JSON object each (time, level, logger, message) "
                            "for log collectors.", choices=LOG_FORMATS)

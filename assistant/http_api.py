@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from assistant import tools as tool_specs
 from assistant.access import tenant_of
@@ -151,7 +152,7 @@ async def chat_completions(request: Request) -> Response:
     if isinstance(first, Finished) and (error := run.error_of(first)) is not None:
         return error_response(error)
     if parsed.stream:
-        return StreamingResponse(_stream(run, ids, parsed, first), media_type="text/event-stream",
+        return _BoundedStream(_stream(run, ids, parsed, first), app.send_timeout_s, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           **_conversation_header(prepared)})
     text: list[str] = []
@@ -173,6 +174,33 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(completion_json(ids, message, _finish_reason(event, bool(calls)), usage_of(event),
                                         parsed.metadata if parsed.store else None),
                         headers=_conversation_header(prepared))
+
+
+class _SlowReader(Exception):
+    pass
+
+
+class _BoundedStream(StreamingResponse):
+    """Server-sent events to a client that must keep reading: a chunk that cannot be handed to the socket within
+    ``send_timeout_s`` (the client reads nothing) ends the stream, which aborts the generation behind it, as the
+    WebSocket's send timeout does (:mod:`assistant.websocket_protocol`); what stays buffered is the transport's."""
+
+    def __init__(self, content: AsyncIterator[str], send_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout_s)
+            except TimeoutError:
+                raise _SlowReader from None
+
+        try:
+            await super().__call__(scope, receive, bounded)
+        except _SlowReader:
+            log.info("dropped an HTTP client that read nothing for %.0f s", self.send_timeout_s)
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # the stream's end aborts its run now
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

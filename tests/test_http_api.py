@@ -421,3 +421,35 @@ async def test_a_template_that_lists_tools_gets_them_instead_of_the_generic_prom
     rendered = model.render(request.messages, 4096, tools=request.tools)
     text = model.tokenizer.decode([t for segment in rendered.segments for t in segment])
     assert '"name": "get_weather"' in text and "# Tools" in text
+
+
+async def test_a_stream_whose_client_reads_nothing_ends_after_the_send_timeout() -> None:
+    """Over loopback the kernel's socket buffers hold a whole answer, so the bound is checked on the response
+    itself: a send that cannot complete (a client that reads nothing, buffers full) ends the stream, and closing
+    the stream is what aborts the generation behind it (``_stream``'s finally)."""
+    from assistant.http_api import _BoundedStream
+
+    closed = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[str]:
+        try:
+            for n in range(1000):
+                yield f"data: {n}\n\n"
+        finally:
+            closed.set()
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and len(sent) > 3:
+            await asyncio.Event().wait()  # the transport never drains
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client never disconnects either
+        return {}
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST", "path": "/"}
+    started = time.monotonic()
+    await asyncio.wait_for(_BoundedStream(chunks(), 0.2, media_type="text/event-stream")(scope, receive, send), 10)
+    assert time.monotonic() - started < 5 and closed.is_set() and len(sent) == 4
