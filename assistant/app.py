@@ -84,7 +84,7 @@ def open_app(config: Config, progress: Callable[[str], None] = print) -> App:
         ssl_context=ssl_context,
         tenant_of=keys.tenant_of if keys_required else None,
         allowed_origins=origins_of(config.allowed_origins),
-        limits=TenantLimits(config.max_connections_per_tenant, config.max_responses_per_tenant),
+        limits=tenant_limits(config, keys_required),
         peers=peers,
         live=live,
     )
@@ -144,6 +144,13 @@ def close_app(app: App) -> None:
         app.engine.shutdown()
     app.pending.close()  # the final writes storage refused get a last chance
     app.store.close()
+
+
+def tenant_limits(config: Config, keys_required: bool) -> TenantLimits:
+    """The per-tenant bounds; without keys there is one tenant, which may use the whole server."""
+    if keys_required:
+        return TenantLimits(config.max_connections_per_tenant, config.max_responses_per_tenant)
+    return TenantLimits(config.max_connections, config.max_running_requests + config.max_waiting_requests)
 
 
 def default_settings(config: Config) -> Settings:

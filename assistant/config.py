@@ -72,9 +72,11 @@ class Config:
                                 "pages may use the server besides its own; clients that send no Origin (SDKs, "
                                 "servers) are always allowed.")
     max_connections_per_tenant: int = _opt(64, "Concurrent WebSocket connections per tenant (key); more are "
-                                           "refused with close code 1013.")
+                                           "refused with close code 1013. Without keys there is one tenant, bounded "
+                                           "by --max-connections only.")
     max_responses_per_tenant: int = _opt(16, "Responses (Realtime and HTTP API) one tenant may have running or "
-                                         "queued at once; more are refused with rate_limit_exceeded.")
+                                         "queued at once; more are refused with rate_limit_exceeded. Without keys: "
+                                         "--max-running-requests plus --max-waiting-requests.")
     drain_timeout: float = _opt(25.0, "Seconds SIGTERM/SIGINT gives running responses to finish (new ones are "
                                 "refused) before ending the rest as incomplete (reason server_shutdown); 0 = do "
                                 "not wait. A second signal stops the waiting. The default fits Kubernetes' 30 s "
