@@ -9,6 +9,7 @@ tiny model in place of the default one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -101,11 +102,13 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def running_server(model: ChatModel, data_dir: Path, port: int = 0,
+async def running_server(model: ChatModel | None, data_dir: Path, port: int = 0,
                          **overrides: object) -> AsyncIterator[RunningServer]:
-    """The App exactly as `assistant serve` builds it, around ``model``, on ``port`` (0: an ephemeral one)."""
+    """The App exactly as `assistant serve` builds it, around ``model`` (None: what the config names, e.g. a
+    remote engine), on ``port`` (0: an ephemeral one). Built off the event loop, which may be serving what it
+    connects to."""
     config = load_config({"data_dir": str(data_dir), **{k: str(v) for k, v in overrides.items()}}, env={})
-    app = build_app(config, model=model)
+    app = await asyncio.to_thread(build_app, config, model=model)
     server = await start_server(app, "127.0.0.1", port)
     try:
         yield RunningServer(app, server.sockets[0].getsockname()[1])

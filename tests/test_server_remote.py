@@ -15,10 +15,7 @@ import pytest
 from openai import AsyncOpenAI
 from PIL import Image
 
-from assistant.app import build_app, close_app
-from assistant.config import load_config
-from assistant.server import start_server
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, running_server
 from tests.remote_fixtures import Answer, FakeUpstream, chunk, running_upstream, text_answer
 from tests.test_server import open_session, recv, recv_until, send, user_item
 from tests.test_server_images import data_url
@@ -39,17 +36,9 @@ def call_answer(name: str, *pieces: str) -> Answer:
 async def remote_server(upstream: FakeUpstream, data_dir: Path, **overrides: object) -> AsyncIterator[RunningServer]:
     """The App as `assistant serve --engine openai --engine-url URL` builds it (no --engine-model: the first
     model the upstream lists)."""
-    async with running_upstream(upstream):
-        config = load_config({"data_dir": str(data_dir), "engine": "openai", "engine_url": upstream.url,
-                              **{k: str(v) for k, v in overrides.items()}}, env={})
-        app = await asyncio.to_thread(build_app, config)
-        server = await start_server(app, "127.0.0.1", 0)
-        try:
-            yield RunningServer(app, server.sockets[0].getsockname()[1])
-        finally:
-            server.close()
-            await server.wait_closed()
-            close_app(app)
+    async with running_upstream(upstream), \
+            running_server(None, data_dir, engine="openai", engine_url=upstream.url, **overrides) as server:
+        yield server
 
 
 def client_for(server: RunningServer) -> AsyncOpenAI:
