@@ -147,10 +147,11 @@ def close_app(app: App) -> None:
 
 
 def tenant_limits(config: Config, keys_required: bool) -> TenantLimits:
-    """The per-tenant bounds; without keys there is one tenant, which may use the whole server."""
+    """The per-tenant bounds; without keys there is one tenant, which may use the whole server (the totals bound
+    it: --max-connections, and the engine's queue, which answers server_overloaded)."""
     if keys_required:
         return TenantLimits(config.max_connections_per_tenant, config.max_responses_per_tenant)
-    return TenantLimits(config.max_connections, config.max_running_requests + config.max_waiting_requests)
+    return TenantLimits(config.max_connections, None)
 
 
 def default_settings(config: Config) -> Settings:

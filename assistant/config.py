@@ -75,8 +75,8 @@ class Config:
                                            "refused with close code 1013. Without keys there is one tenant, bounded "
                                            "by --max-connections only.")
     max_responses_per_tenant: int = _opt(16, "Responses (Realtime and HTTP API) one tenant may have running or "
-                                         "queued at once; more are refused with rate_limit_exceeded. Without keys: "
-                                         "--max-running-requests plus --max-waiting-requests.")
+                                         "queued at once; more are refused with rate_limit_exceeded. Without keys, "
+                                         "only the engine's queue bounds them (server_overloaded).")
     drain_timeout: float = _opt(25.0, "Seconds SIGTERM/SIGINT gives running responses to finish (new ones are "
                                 "refused) before ending the rest as incomplete (reason server_shutdown); 0 = do "
                                 "not wait. A second signal stops the waiting. The default fits Kubernetes' 30 s "

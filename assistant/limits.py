@@ -17,7 +17,7 @@ from assistant.errors import RateLimitExceeded
 @dataclass
 class TenantLimits:
     max_connections_per_tenant: int
-    max_responses_per_tenant: int
+    max_responses_per_tenant: int | None  # None: no bound of its own (one tenant: the engine's queue bounds it)
     _connections: Counter[str] = field(default_factory=Counter)
     _responses: Counter[str] = field(default_factory=Counter)
 
@@ -33,13 +33,15 @@ class TenantLimits:
         if self._connections[tenant] <= 0:
             del self._connections[tenant]
 
-    def acquire_response(self, tenant: str) -> int:
-        """Count a new response; returns how many more the tenant may start. Raises a coded error at the bound."""
-        if self._responses[tenant] >= self.max_responses_per_tenant:
-            raise RateLimitExceeded(f"This key already has {self.max_responses_per_tenant} responses running or "
-                                    "queued, the most allowed; retry when one ends.")
+    def acquire_response(self, tenant: str) -> int | None:
+        """Count a new response; returns how many more the tenant may start (None: unbounded). Raises a coded
+        error at the bound."""
+        bound = self.max_responses_per_tenant
+        if bound is not None and self._responses[tenant] >= bound:
+            raise RateLimitExceeded(f"This key already has {bound} responses running or queued, the most allowed; "
+                                    "retry when one ends.")
         self._responses[tenant] += 1
-        return self.max_responses_per_tenant - self._responses[tenant]
+        return None if bound is None else bound - self._responses[tenant]
 
     def release_response(self, tenant: str) -> None:
         self._responses[tenant] -= 1

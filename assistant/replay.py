@@ -142,7 +142,8 @@ class LiveConversation:
         task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
-        self.cancel = None  # it holds the response's whole output, which the buffer's bounds do not count
+        if task is self.task:  # not a response that ended just before the next one started (callbacks come later)
+            self.cancel = None  # it holds the response's whole output, which the buffer's bounds do not count
         self._touch()
 
     async def publish(self, event: dict[str, Any]) -> None:

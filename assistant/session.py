@@ -353,8 +353,9 @@ class Session:
         rate_limits = None
         if self.limits is not None:
             remaining = self.limits.acquire_response(self.tenant)
-            rate_limits = [{"name": "requests", "limit": self.limits.max_responses_per_tenant,
-                            "remaining": remaining, "reset_seconds": 0.0}]
+            if remaining is not None:  # the tenant has a bound of its own (keys are on)
+                rate_limits = [{"name": "requests", "limit": self.limits.max_responses_per_tenant,
+                                "remaining": remaining, "reset_seconds": 0.0}]
         live = self.live.open(self.conversation_id)
         run = ResponseRun(new_id("resp"), store=self.store, pending=self.pending, engine=self.engine,
                           writer=self.writer, send=live.publish, conversation_id=self.conversation_id,

@@ -14,6 +14,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.realtime import RateLimitsUpdatedEvent
 from sqlalchemy import func, select
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -241,6 +242,7 @@ async def test_connections_and_responses_are_bounded_per_tenant(tiny_model: Chat
         limits = await recv(first, rate_limits=True)
         assert created["type"] == "response.created" and limits["type"] == "rate_limits.updated"
         assert limits["rate_limits"] == [{"name": "requests", "limit": 1, "remaining": 0, "reset_seconds": 0.0}]
+        RateLimitsUpdatedEvent.model_validate(limits)  # the SDK's own type of it
         await send(second, {"type": "response.create", "event_id": "r2"})
         error = (await recv_until(second, "error"))[-1]["error"]
         assert (error["code"], error["type"], error["event_id"]) == ("rate_limit_exceeded", "requests", "r2")

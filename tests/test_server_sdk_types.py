@@ -207,12 +207,9 @@ async def test_a_full_turn(client: Client) -> None:
     await client.send({"type": "response.create"})
     events = await client.recv_until("response.done")
     name = client.dialect.name_of
-    # rate_limits.updated: this tenant's concurrent responses (the SDK's own type parses it).
-    expected = ["response.created", "rate_limits.updated", "response.output_item.added",
-                name("conversation.item.added"), "response.content_part.added"]
-    assert [e.type for e in events[:5]] == expected
-    # Without keys the one tenant may use the whole server: --max-running-requests + --max-waiting-requests.
-    assert [(r.name, r.limit, r.remaining) for r in events[1].rate_limits] == [("requests", 72, 71)]
+    expected = ["response.created", "response.output_item.added", name("conversation.item.added"),
+                "response.content_part.added"]
+    assert [e.type for e in events[:4]] == expected
     deltas = [e.delta for e in events if e.type == name("response.output_text.delta")]
     tail = [name("response.output_text.done"), "response.content_part.done", "response.output_item.done",
             *(["conversation.item.done"] if client.dialect is GA else []), "response.done"]
