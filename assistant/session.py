@@ -170,7 +170,7 @@ class Session:
             num_replayed = await live.attach(self, self._deliver, last_event_id, greeting_id=self._last_event_id)
             log.info("connection %s resumed conversation %s: %d events replayed", self.id, self.conversation_id,
                      num_replayed)
-        except ReplayUnavailable as exc:  # the response's events from now on follow, if it still runs
+        except AssistantError as exc:  # replay_unavailable: the events from now on follow, if it still runs
             await self._send(self.writer.error(exc))
 
     async def close(self) -> None:
