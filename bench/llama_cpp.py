@@ -16,22 +16,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import time
 
 from websockets.asyncio.client import connect
 
 from assistant.models import DEFAULT_DECODER, default_data_dir, pull_default_gguf
-from bench.serving import serving
+from bench.serving import free_port, serving
 
 QUESTION = "Write a long story about a lighthouse keeper who finds a message in a bottle."
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def assistant_decode(url: str, tokens: int) -> tuple[float, int]:

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+
+from bench.serving import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Tell me about the sea.", "How do birds fly?", "Describe a busy market.", "Why is the sky blue?"]
@@ -139,9 +140,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _start_server(model: str, tmp: Path) -> tuple[subprocess.Popen[str], str]:
     """``assistant serve`` on a free port and a throw-away store; (the process, its Realtime URL)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     args = [sys.executable, "-m", "assistant", "serve", "--port", str(port), "--log-level", "warning",
             "--database-url", f"sqlite:///{tmp / 'load.db'}", "--max-connections", "1024"]
     if model == "tiny":

@@ -16,7 +16,7 @@ TIMEOUT = 120
 
 
 def free_port() -> int:
-    """A port that was free a moment ago."""
+    """A loopback port that was free a moment ago (nothing listens on it: also a dead upstream)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

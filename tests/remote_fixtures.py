@@ -104,9 +104,3 @@ async def running_upstream(upstream: FakeUpstream) -> AsyncIterator[FakeUpstream
         await asyncio.wait_for(task, 10)
         sock.close()
 
-
-def free_port() -> int:
-    """A loopback port nothing listens on (a dead upstream)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

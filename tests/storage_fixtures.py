@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from sqlalchemy import event
 from assistant.errors import StorageUnavailable
 from assistant.items import ContentPart, Item
 from assistant.store import Store
+from tests.process_fixtures import free_port
 
 
 @contextlib.contextmanager
@@ -91,9 +91,7 @@ class PrivateCluster:
         self.bin_dir = bin_dir
         self.directory = directory
         self.data = directory / "pgdata"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
 

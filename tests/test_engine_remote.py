@@ -14,7 +14,8 @@ from assistant.engine.remote_wire import data_url
 from assistant.engine.request import (ChatMessage, Finished, GenerationRequest, ImageChunk, InlineImages,
                                       ScoreRequest, TextChunk, TokenDelta)
 from assistant.engine.scheduler import EngineOverloaded
-from tests.remote_fixtures import Answer, FakeUpstream, chunk, free_port, running_upstream, text_answer
+from tests.process_fixtures import free_port
+from tests.remote_fixtures import Answer, FakeUpstream, chunk, running_upstream, text_answer
 from tests.test_engine_remote_wire import PNG, request
 
 async def drain(engine: RemoteEngine, req: GenerationRequest) -> list[object]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import threading
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from assistant.server import serve_forever
 
 from assistant.engine.model import ChatModel
 from tests.conftest import RunningServer, running_server
+from tests.process_fixtures import free_port
 from tests.test_server import open_session, recv_until, send, user_item
 from tests.test_server_images import data_url
 from tests.vision_fixtures import load_tiny_llava_chat, make_image
@@ -105,9 +105,7 @@ async def test_metrics_count_what_users_feel(vision_model: ChatModel, data_dir: 
 
 
 async def test_probes_answer_while_the_model_loads_and_the_rest_waits(tiny_model: ChatModel, data_dir: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = load_config({"data_dir": str(data_dir), "port": str(port)}, env={})
     app = open_app(config, progress=lambda _: None)
     may_load = threading.Event()
@@ -151,9 +149,7 @@ async def test_probes_answer_while_the_model_loads_and_the_rest_waits(tiny_model
 
 
 async def test_a_model_that_fails_to_load_stops_the_server_with_its_error(data_dir: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = load_config({"data_dir": str(data_dir), "port": str(port)}, env={})
     app = open_app(config, progress=lambda _: None)
 

@@ -23,7 +23,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from assistant.models import default_data_dir, pull_default_gguf
-from tests.remote_fixtures import free_port
+from tests.process_fixtures import free_port
 
 pytestmark = pytest.mark.llama_cpp
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.process_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STREAM_BEFORE_KILL_S = 2.5
@@ -37,9 +37,7 @@ class ServerProcess:
     """``python -m assistant serve`` of this checkout on a free port; its output is collected as it comes."""
 
     def __init__(self, model_dir: Path, data_dir: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "assistant", "serve", "--model", str(model_dir), "--quantize", "none",
