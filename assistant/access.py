@@ -30,7 +30,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -131,8 +131,14 @@ def _key_of(scope: Scope, headers: Headers) -> str | None:
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: AssistantError) -> None:
     body = {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
-    response = JSONResponse(body, status_code=HTTP_STATUS[error.code],
-                            headers={"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None)
+    await answer_before_routing(scope, receive, send, JSONResponse(
+        body, status_code=HTTP_STATUS[error.code],
+        headers={"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None))
+
+
+async def answer_before_routing(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    """Answer a request with ``response`` from a middleware: as itself over HTTP, as the handshake's refusal on a
+    WebSocket (uvicorn's denial-response extension)."""
     if scope["type"] == "websocket":
         await WebSocket(scope, receive, send).send_denial_response(response)
     else:

@@ -24,15 +24,14 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocket
 
+from assistant.access import answer_before_routing, is_open
 from assistant.http_api import error_body
 
 if TYPE_CHECKING:
     from assistant.server import App
 
 log = logging.getLogger(__name__)
-LOADING_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/"})  # served while the model loads (and /web/)
 READY_TIMEOUT_S = 2.0  # a database slower than this to answer SELECT 1 is not ready
 WEB_DIR = Path(__file__).parent / "web"
 # The page loads only its own files and talks only to its own server ('self' covers ws:/wss: to the same host);
@@ -90,18 +89,17 @@ class WhileLoading:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if self.app.is_loaded or scope["type"] not in ("http", "websocket") or path in LOADING_PATHS or \
-                path.startswith("/web/"):
+        if self.app.is_loaded or scope["type"] not in ("http", "websocket") or is_served_while_loading(scope["path"]):
             await self.asgi(scope, receive, send)
             return
-        body = error_body("The model is still loading; retry in a few seconds.", "server_error",
-                                   "model_loading")
-        response = JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-        if scope["type"] == "websocket":
-            await WebSocket(scope, receive, send).send_denial_response(response)
-        else:
-            await response(scope, receive, send)
+        body = error_body("The model is still loading; retry in a few seconds.", "server_error", "model_loading")
+        await answer_before_routing(scope, receive, send,
+                                    JSONResponse(body, status_code=503, headers={"Retry-After": "5"}))
+
+
+def is_served_while_loading(path: str) -> bool:
+    """The probes, the metrics and the page (what needs no key: :func:`assistant.access.is_open`)."""
+    return is_open(path) or path == "/metrics"
 
 
 async def _metrics(request: Request) -> Response:
