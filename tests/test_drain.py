@@ -1,10 +1,9 @@
 """Graceful drain: the Drain's bookkeeping alone, then real `assistant serve` processes stopped with SIGTERM while
 responses stream to raw `websockets` clients and the `openai` SDK.
 
-The served model is the tiny random Llama with its end-of-sequence row of ``lm_head`` zeroed: its logit is then
-always 0 while some of the other 300-odd random logits are above 0, so a greedy answer never ends by itself and a
-response lasts exactly as long as its ``max_output_tokens`` (or the context, here seconds of decoding) says.
-Production code is unchanged.
+The served model is the tiny random Llama made ``never_ends`` (its end-of-sequence logit always 0, below the best
+of the other 300-odd random ones), so a greedy answer never ends by itself and a response lasts exactly as long
+as its ``max_output_tokens`` (or the context, here seconds of decoding) says. Production code is unchanged.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from typing import Any
 
 import openai
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -87,13 +84,8 @@ async def test_a_response_started_as_the_drain_cuts_is_cut_too() -> None:
 @pytest.fixture(scope="module")
 def endless_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model whose greedy answers never end by themselves (see the module docstring)."""
-    directory = save_tiny_chat_model(tmp_path_factory.mktemp("endless"), max_position_embeddings=CONTEXT_TOKENS)
-    eos = json.loads((directory / "config.json").read_text())["eos_token_id"]
-    weights_path = directory / "model.safetensors"
-    weights = load_file(weights_path)
-    weights["lm_head.weight"][eos] = torch.zeros_like(weights["lm_head.weight"][eos])
-    save_file(weights, weights_path, metadata={"format": "pt"})
-    return directory
+    return save_tiny_chat_model(tmp_path_factory.mktemp("endless"), max_position_embeddings=CONTEXT_TOKENS,
+                                never_ends=True)
 
 
 def http_client(served: Served) -> openai.AsyncOpenAI:
