@@ -171,7 +171,7 @@ class Session:
             log.info("connection %s resumed conversation %s: %d events replayed", self.id, self.conversation_id,
                      num_replayed)
         except AssistantError as exc:  # replay_unavailable: the events from now on follow, if it still runs
-            await self._send(self.writer.error(exc))
+            await self._send_error(exc)
 
     async def close(self) -> None:
         """The client is gone: its response runs on (or is cancelled, with ``cancel_on_disconnect``)."""
@@ -200,6 +200,10 @@ class Session:
             live.mark(event["event_id"])
         await self._deliver(event)
 
+    async def _send_error(self, error: AssistantError) -> None:
+        """One ``error`` event (a session event: noted in the replay like the others)."""
+        await self._send(self.writer.error(error))
+
     async def send(self, type_: str, **fields: Any) -> None:
         event = self.writer.event(type_, **fields)
         if event is not None:
@@ -216,12 +220,12 @@ class Session:
             await self._dispatch(event)
         except AssistantError as exc:
             exc.event_id = exc.event_id or event_id
-            await self._send(self.writer.error(exc))
+            await self._send_error(exc)
         except Exception:
             log.exception("internal error while handling a client event")
             error = InternalError()
             error.event_id = event_id
-            await self._send(self.writer.error(error))
+            await self._send_error(error)
 
     async def _dispatch(self, event: ClientEvent) -> None:
         match event:
@@ -262,7 +266,7 @@ class Session:
         """The parts of an event that were not applied: one coded error each (the rest was applied)."""
         for error in refused:
             error.event_id = event_id
-            await self._send(self.writer.error(error))
+            await self._send_error(error)
 
     def _session_view(self) -> SessionView:
         settings = self.settings
@@ -395,9 +399,6 @@ class Session:
         assert self.peers is not None
         await self.peers.cancel(self.conversation_id)
         return True
-
-    async def _send_error(self, error: AssistantError) -> None:
-        await self._send(self.writer.error(error))
 
     def _cancel_response(self, response_id: str | None) -> None:
         live = self._live
