@@ -28,7 +28,7 @@ from assistant.models import DEFAULT_DECODER, DEFAULT_MODEL, default_data_dir
 
 ENV_PREFIX = "ASSISTANT_"
 DEFAULT_PORT = 8765
-QUANTIZE_CHOICES = ("auto", "nf4", "int8", "int8-cpu", "none")
+QUANTIZE_CHOICES = ("auto", "nf4", "int8", "int8-cpu", "int4-cpu", "none")
 DTYPE_CHOICES = ("bfloat16", "float32", "float16", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_CHOICES = ("auto", "on", "off")
@@ -109,7 +109,8 @@ class Config:
                       f"'{DEFAULT_DECODER}' (the same decoder, text only), a local directory of a Hugging Face "
                       "causal LM or LLaVA checkpoint, a composition file (model.toml), or a hub id.")
     quantize: str = _opt("auto", "Quantize the decoder (vision parts stay unquantized): 'nf4' or 'int8' with "
-                         "bitsandbytes, 'int8-cpu' weight-only int8 on PyTorch's CPU kernel, 'none' unquantized; "
+                         "bitsandbytes, 'int8-cpu' / 'int4-cpu' weight-only int8 / 4-bit on PyTorch's CPU kernels, "
+                         "'none' unquantized; "
                          "'auto' is nf4 on CUDA and on CPUs with AVX512-BF16, int8-cpu on other CPUs (where nf4 "
                          "is several times slower).", choices=QUANTIZE_CHOICES)
     dtype: str = _opt("bfloat16", "Weights dtype of the unquantized parts (and compute dtype when quantized).",

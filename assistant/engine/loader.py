@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from assistant.config import Config
-from assistant.engine import int8_cpu
+from assistant.engine import int4_cpu, int8_cpu
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.composition import load_composition, load_vision_part
 from assistant.engine.model import ChatModel
@@ -123,9 +123,16 @@ def load_chat_model(source: str, *, dtype: str = "bfloat16", device: str = "cpu"
     hf_model = load_decoder(AutoModelForCausalLM, source, dtype=torch_dtype, device=device, quantize=quantize)
     if adapter is not None:  # kept as its own layers: ChatModel switches it on for sequences with images only
         hf_model = attach_adapter(hf_model, adapter, merge=False)
-    if quantize == int8_cpu.KIND:  # after the adapter: its base layers are converted, its own stay in float
-        int8_cpu.quantize_int8_cpu(hf_model, torch_dtype)
+    convert_on_cpu(hf_model, quantize, torch_dtype)  # after the adapter: its base layers are converted, not its own
     return ChatModel(hf_model, tokenizer, vision=vision, image_cache=image_cache)
+
+
+def convert_on_cpu(hf_model: Any, quantize: str, compute_dtype: torch.dtype) -> None:
+    """The quantizers that convert a loaded model in place (int8-cpu, int4-cpu); nothing for the others."""
+    if quantize == int8_cpu.KIND:
+        int8_cpu.quantize_int8_cpu(hf_model, compute_dtype)
+    elif quantize == int4_cpu.KIND:
+        int4_cpu.quantize_int4_cpu(hf_model)
 
 
 def attach_adapter(hf_model: Any, adapter: Path, *, merge: bool) -> Any:
@@ -211,8 +218,7 @@ def load_llava_model(source: str, config: Config, *, device: str, dtype: str) ->
         tokenizer.chat_template = processor_chat_template(source)
     hf_model = load_decoder(LlavaForConditionalGeneration, source, dtype=parse_dtype(dtype), device=device,
                             quantize=config.quantize)
-    if config.quantize == int8_cpu.KIND:
-        int8_cpu.quantize_int8_cpu(hf_model, parse_dtype(dtype))
+    convert_on_cpu(hf_model, config.quantize, parse_dtype(dtype))
     vision = LlavaVision(hf_model, load_image_processor(source))
     return ChatModel(hf_model, tokenizer, vision=vision, image_cache=EmbeddingCache(config.image_cache_bytes))
 

@@ -34,7 +34,7 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
-QUANTIZE_KINDS: tuple[str, ...] = ("nf4", "int8", "int8-cpu", "none")
+QUANTIZE_KINDS: tuple[str, ...] = ("nf4", "int8", "int8-cpu", "int4-cpu", "none")
 LLAVA_SKIP_MODULES: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 CAUSAL_LM_SKIP_MODULES: tuple[str, ...] = ("lm_head",)
 PACKED_CPU_BLOCK_N = 32  # output rows per block of bitsandbytes' packed CPU nf4 kernel
@@ -49,11 +49,12 @@ def skip_modules_for(config: Any) -> list[str]:
 
 def quantization_config(kind: str, *, skip_modules: list[str],
                         compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig | None:
-    """The ``quantization_config`` to pass to ``from_pretrained``; None for "none" and for "int8-cpu" (not
-    bitsandbytes: :mod:`assistant.engine.int8_cpu` converts the loaded model)."""
+    """The ``quantization_config`` to pass to ``from_pretrained``; None for "none", "int8-cpu" and "int4-cpu"
+    (not bitsandbytes: :mod:`assistant.engine.int8_cpu` / :mod:`~assistant.engine.int4_cpu` convert the loaded
+    model)."""
     if kind not in QUANTIZE_KINDS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_KINDS)}, got {kind!r}")
-    if kind in ("none", "int8-cpu"):
+    if kind in ("none", "int8-cpu", "int4-cpu"):
         return None
     from transformers import BitsAndBytesConfig
 
