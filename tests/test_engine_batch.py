@@ -20,9 +20,9 @@ PROMPTS = ["What is the capital of France?", "Hello", "Emoji 🙂 and 🚀 are f
            "The user asks a question."]
 
 
-@pytest.fixture(scope="module", params=["none", "int8-cpu"])
+@pytest.fixture(scope="module", params=["none", "int8-cpu", "int4-cpu"])
 def model(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> ChatModel:
-    """The tiny model in float32, as it is and with --quantize int8-cpu: both must keep these equalities."""
+    """The tiny model in float32, as it is and with --quantize int8-cpu and int4-cpu: all keep these equalities."""
     return load_chat_model(str(save_tiny_chat_model(tmp_path_factory.mktemp("tiny"))), dtype="float32",
                            quantize=request.param)
 

@@ -90,9 +90,9 @@ def test_common_prefix() -> None:
 # ---------------------------------------------------------------- through the engine
 
 
-@pytest.fixture(scope="module", params=["none", "int8-cpu"])
+@pytest.fixture(scope="module", params=["none", "int8-cpu", "int4-cpu"])
 def model(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> ChatModel:
-    """The tiny model in float32, as it is and with --quantize int8-cpu: both must keep these equalities."""
+    """The tiny model in float32, as it is and with --quantize int8-cpu and int4-cpu: all keep these equalities."""
     return load_chat_model(str(save_tiny_chat_model(tmp_path_factory.mktemp("tiny"))), dtype="float32",
                            quantize=request.param)
 

@@ -21,7 +21,9 @@ Contract:
   (as nanoVLM does). Without images that is exactly ``model(input_ids=...)``.
 - A prefill fills a ``DynamicCache`` of its own; the engine then decodes running
   sequences together (:mod:`assistant.engine.batch`, :meth:`ChatModel.decode_batch`);
-  :meth:`ChatModel.decode` feeds one token to one sequence's cache.
+  :meth:`ChatModel.decode` feeds one token to one sequence's cache. Both take the lean
+  step of :mod:`assistant.engine.fast_decode` where it applies (Llama-family decoders,
+  float, int8-cpu or int4-cpu layers), transformers' forward elsewhere.
 - A vision model's LoRA adapter (what ``assistant train finetune`` trains, on
   conversations with images only) is kept as separate layers and switched per
   forward pass (:meth:`ChatModel.forward`): on for a sequence whose prompt holds
@@ -68,6 +70,7 @@ import torch
 from jinja2 import TemplateError
 
 from assistant.engine.cache import EmbeddingCache, encode_cached
+from assistant.engine.fast_decode import FastDecoder
 from assistant.engine.request import ChatMessage, ImageChunk, ImageSource, TextChunk
 from assistant.engine.vision import VisionPart
 from assistant.images import decode_stored
@@ -190,7 +193,7 @@ class ChatModel:
     """A decoder-only chat model and its tokenizer, ready for prefill/decode on one device."""
 
     def __init__(self, hf_model: Any, tokenizer: Any, *, vision: VisionPart | None = None,
-                 image_cache: EmbeddingCache | None = None) -> None:
+                 image_cache: EmbeddingCache | None = None, fast_decode: bool = True) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template; use an instruct/chat model "
                              "(one whose tokenizer_config.json or chat_template.jinja defines it)")
@@ -219,6 +222,8 @@ class ChatModel:
         # those and off for the rest, which the decoder answers exactly as it would without the vision part.
         self._image_adapter_layers = lora_layers(hf_model) if vision is not None else []
         self._is_adapter_on = True  # peft's initial state
+        # The lean decode step where it applies (None elsewhere: transformers' forward decodes then).
+        self.fast_decoder = FastDecoder.for_model(hf_model) if fast_decode else None
 
     @property
     def has_image_adapter(self) -> bool:
@@ -457,11 +462,19 @@ class ChatModel:
                            **{self._cache_kwarg: cache})
         return out.logits[0, -1].float(), cache  # (vocab,)
 
+    def _decodes_fast(self, has_images: bool) -> bool:
+        """Whether the lean step decodes a sequence: it exists here, and the sequence decodes with the image
+        adapter off (the lean step runs the base layers)."""
+        return self.fast_decoder is not None and not (has_images and self._image_adapter_layers)
+
     @torch.inference_mode()
     def decode(self, token_id: int, cache: Any, *, has_images: bool) -> torch.Tensor:
         """Feed one token at the next position of ``cache`` (extended in place); return logits ``(vocab,)``.
         ``has_images``: whether the sequence's prompt holds an image (as given to :meth:`prefill`)."""
         ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)  # (1, 1)
+        if self._decodes_fast(has_images):
+            position = torch.tensor([[cache.get_seq_length()]], dtype=torch.long, device=self.device)  # (1, 1)
+            return self.fast_decoder.step(ids, position, None, cache, reserve=False)[0]  # type: ignore[union-attr]
         out = self.forward(has_images=has_images, input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
         return out.logits[0, -1].float()  # (vocab,)
 
@@ -472,6 +485,9 @@ class ChatModel:
         """One token for each row of a batched cache (:class:`~assistant.engine.batch.DecodeBatch`):
         ``token_ids`` and ``positions`` ``(B, 1)``, ``attention_mask`` ``(B, L + 1)`` (0 on left padding);
         returns logits ``(B, vocab)``."""
+        if self._decodes_fast(has_images):
+            mask = None if bool(attention_mask.all()) else attention_mask
+            return self.fast_decoder.step(token_ids, positions, mask, cache)  # type: ignore[union-attr]
         out = self.forward(has_images=has_images, input_ids=token_ids, position_ids=positions,
                            attention_mask=attention_mask, use_cache=True, **{self._cache_kwarg: cache})
         return out.logits[:, -1].float()  # (B, vocab)

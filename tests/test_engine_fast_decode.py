@@ -1,0 +1,132 @@
+"""The lean decode step computes what transformers' forward computes, on the engine's batches and caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from assistant.engine.batch import DecodeBatch
+from assistant.engine.engine import Engine
+from assistant.engine.fast_decode import FastDecoder
+from assistant.engine.loader import load_chat_model
+from assistant.engine.model import ChatModel
+from assistant.engine.request import EngineEvent, Finished, GenerationRequest, TokenDelta
+from assistant.engine.sampling import SamplingParams
+from tests.engine_fixtures import save_tiny_chat_model, user
+
+PROMPTS = ["What is the capital of France?", "Hello", "Emoji 🙂 and 🚀 are fun! Tell me a long story about them.",
+           "The user asks a question."]
+
+
+@pytest.fixture(scope="module", params=["none", "int8-cpu", "int4-cpu"])
+def model(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> ChatModel:
+    """The tiny model in float32 at a width where q/k/v and gate/up fuse in every kind (heads of 32)."""
+    source = save_tiny_chat_model(tmp_path_factory.mktemp("tiny"), hidden_size=128)
+    return load_chat_model(str(source), dtype="float32", quantize=request.param)
+
+
+def prompt_of(model: ChatModel, text: str) -> object:
+    return model.render((user(text),), model.max_context_tokens)
+
+
+def test_it_applies_to_the_tiny_llama_in_every_cpu_kind(model: ChatModel) -> None:
+    assert model.fast_decoder is not None
+    layer = model.fast_decoder.layers[0]
+    assert layer.qkv.kind is not None and layer.gate_up.kind is not None  # fused into one product each
+
+
+def test_a_batch_step_gives_transformers_logits_for_every_row_padded_or_not(model: ChatModel) -> None:
+    fast = model.fast_decoder
+    batches = []
+    for use_fast in (True, False):
+        model.fast_decoder = fast if use_fast else None
+        batch = DecodeBatch(model, has_images=False)
+        tokens = []
+        for text in PROMPTS:  # different lengths: rows are left-padded
+            logits, cache = model.prefill(prompt_of(model, text))
+            batch.add(object(), cache)
+            tokens.append(int(logits.argmax()))
+        steps = []
+        for _ in range(6):
+            logits = batch.step(tokens)
+            steps.append(logits)
+            tokens = logits.argmax(-1).tolist()
+        batches.append((batch, steps))
+    model.fast_decoder = fast
+    (fast_batch, fast_steps), (slow_batch, slow_steps) = batches
+    for got, expected in zip(fast_steps, slow_steps, strict=True):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    for mine, theirs in zip(fast_batch.cache.layers, slow_batch.cache.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_one_sequence_gives_transformers_logits_and_an_exact_length_cache(model: ChatModel) -> None:
+    prompt = prompt_of(model, PROMPTS[0])
+    logits, fast_cache = model.prefill(prompt)
+    _, slow_cache = model.prefill(prompt)
+    token = int(logits.argmax())
+    fast = model.fast_decoder
+    try:
+        for _ in range(4):
+            got = model.decode(token, fast_cache, has_images=False)
+            model.fast_decoder = None
+            expected = model.decode(token, slow_cache, has_images=False)
+            model.fast_decoder = fast
+            torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+            token = int(expected.argmax())
+    finally:
+        model.fast_decoder = fast
+    keys = fast_cache.layers[0].keys
+    assert keys.is_contiguous() and keys.shape[-2] == fast_cache.get_seq_length()  # no spare room kept
+
+
+def test_a_decoding_batch_appends_in_place_into_room_it_reserved(model: ChatModel) -> None:
+    batch = DecodeBatch(model, has_images=False)
+    logits, cache = model.prefill(prompt_of(model, PROMPTS[1]))
+    batch.add(object(), cache)
+    token = int(logits.argmax())
+    token = int(batch.step([token])[0].argmax())
+    first = batch.cache.layers[0].keys.data_ptr()
+    for _ in range(5):
+        token = int(batch.step([token])[0].argmax())
+    assert batch.cache.layers[0].keys.data_ptr() == first  # the same buffer: no copy of the whole cache per step
+    assert batch.cache.get_seq_length() == batch.lengths[0]
+
+
+def greedy(model: ChatModel, requests: list[tuple[str, int]], *, max_num_running: int) -> dict[str, str]:
+    engine = Engine(model, max_num_running=max_num_running)
+    events: dict[str, list[EngineEvent]] = {}
+    for index, (text, tokens) in enumerate(requests):
+        events[str(index)] = []
+        engine.add_request(GenerationRequest(str(index), (user(text),), SamplingParams(temperature=0.0,
+                                                                                       max_output_tokens=tokens)),
+                           events[str(index)].append)
+    while engine.step():
+        pass
+    assert all(isinstance(e[-1], Finished) for e in events.values())
+    return {i: "".join(e.text for e in evs if isinstance(e, TokenDelta)) for i, evs in events.items()}
+
+
+def test_the_engine_answers_as_with_transformers_forward(model: ChatModel) -> None:
+    requests = list(zip(PROMPTS, [12, 3, 20, 7], strict=True))
+    fast = model.fast_decoder
+    fast_answers = greedy(model, requests, max_num_running=4)
+    model.fast_decoder = None
+    try:
+        slow_answers = greedy(model, requests, max_num_running=4)
+    finally:
+        model.fast_decoder = fast
+    assert fast_answers == slow_answers
+
+
+def test_it_does_not_apply_where_it_would_compute_something_else() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu")
+    assert FastDecoder.for_model(LlamaForCausalLM(config)) is None
+    wrapped = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2))
+    wrapped.model.layers[0].mlp.down_proj = torch.nn.Sequential(wrapped.model.layers[0].mlp.down_proj)
+    assert FastDecoder.for_model(wrapped) is None
