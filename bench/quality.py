@@ -2,7 +2,8 @@
 
     python -m bench.quality [--config "temperature=0.3,top_p=0.9,frequency_penalty=0.3"]...
                             [--system-prompt-file FILE] [--seeds 3] [--max-output-tokens 256]
-                            [--url ws://HOST:PORT/v1/realtime] [--model SPEC] [--jsonl FILE] [--show-bad]
+                            [--url ws://HOST:PORT/v1/realtime] [--model SPEC] [--quantize KIND]
+                            [--jsonl FILE] [--show-bad]
     python -m bench.quality --rescore FILE [--show-bad]     # score a --jsonl file's answers again
 
 Asks every question of :mod:`bench.quality_questions` (capitals, simple science,
@@ -67,6 +68,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from assistant.config import QUANTIZE_CHOICES
 from assistant.engine.sampling import check_sampling_value
 from bench.serving import run_response, serving
 from bench.quality_questions import QUESTIONS, Question
@@ -219,7 +221,8 @@ async def server_url(args: argparse.Namespace) -> AsyncIterator[str]:
     if args.url:
         yield args.url
         return
-    async with serving(f"model   {args.model}", model=args.model) as url:
+    async with serving(f"model   {args.model} (quantize {args.quantize})", model=args.model,
+                       quantize=args.quantize) as url:
         yield url
 
 
@@ -293,6 +296,7 @@ def main() -> None:
     parser.add_argument("--max-output-tokens", type=int, default=256)
     parser.add_argument("--url", help="a running server's Realtime URL instead of an in-process one")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model of the in-process server")
+    parser.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES, help="its --quantize")
     parser.add_argument("--jsonl", help="append every answer to this file as JSON lines")
     parser.add_argument("--rescore", metavar="JSONL", help="score the answers of a --jsonl file again; ask nothing")
     parser.add_argument("--show-bad", action="store_true", help="print every answer that is not good")
