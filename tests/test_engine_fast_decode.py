@@ -130,3 +130,48 @@ def test_it_does_not_apply_where_it_would_compute_something_else() -> None:
                                            num_attention_heads=4, num_key_value_heads=2))
     wrapped.model.layers[0].mlp.down_proj = torch.nn.Sequential(wrapped.model.layers[0].mlp.down_proj)
     assert FastDecoder.for_model(wrapped) is None
+
+
+@pytest.mark.parametrize("kind", ["none", "int8-cpu", "int4-cpu"])
+def test_a_lora_adapter_runs_in_the_lean_step_switched_on_and_off(tmp_path_factory: pytest.TempPathFactory,
+                                                                  kind: str) -> None:
+    """As the image adapter of a vision model: on for sequences with images, off for the others."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DynamicCache
+
+    from assistant.engine.loader import attach_adapter, convert_on_cpu
+    from assistant.engine.model import lora_layers
+
+    directory = tmp_path_factory.mktemp("lora")
+    source = save_tiny_chat_model(directory / "tiny", hidden_size=128)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(load_chat_model(str(source), dtype="float32").hf_model,
+                                LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: an adapter that changes nothing would prove nothing
+                parameter.normal_(0.0, 0.2)
+    peft_model.save_pretrained(directory / "adapter")
+    hf_model = attach_adapter(load_chat_model(str(source), dtype="float32").hf_model, directory / "adapter",
+                              merge=False)
+    convert_on_cpu(hf_model, kind, torch.float32)
+    fast = FastDecoder.for_model(hf_model)
+    assert fast is not None and fast.runs_adapter
+    torch.manual_seed(0)
+    prompt = torch.randint(0, hf_model.config.vocab_size, (2, 9))
+    token = torch.randint(0, hf_model.config.vocab_size, (2, 1))
+    positions = torch.full((2, 1), 9)
+    differences = []
+    for on in (True, False):
+        for layer in lora_layers(hf_model):
+            layer.enable_adapters(on)
+        caches = [DynamicCache(config=hf_model.config) for _ in range(2)]
+        with torch.inference_mode():
+            for cache in caches:
+                hf_model(input_ids=prompt, cache=cache, use_cache=True)
+            expected = hf_model(input_ids=token, position_ids=positions, cache=caches[0],
+                                use_cache=True).logits[:, -1].float()
+        got = fast.step(token, positions, None, caches[1], adapter=on)
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+        differences.append(got)
+    assert not torch.allclose(differences[0], differences[1], atol=1e-2)  # the adapter does change the answer

@@ -22,8 +22,10 @@ It computes what transformers computes (same formulas, same order; tests compare
 the two token for token in float32) and is used only where it applies
 (:func:`FastDecoder.for_model`): a Llama, Mistral (without sliding windows) or Qwen2
 decoder with SiLU MLPs whose linear layers are plain, int8-cpu or int4-cpu
-(bitsandbytes layers keep transformers' path); with a LoRA adapter, only for the
-sequences that decode with it switched off (:meth:`ChatModel.forward`). Engine thread only.
+(bitsandbytes layers keep transformers' path). A plain LoRA adapter on those layers
+(what ``assistant train finetune`` writes) runs too, switched per step as
+:meth:`ChatModel.forward` switches it: one extra pair of small products per fused
+layer. Engine thread only.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ class FusedLinear:
     by side: float weights, int8-cpu rows and scales, or int4-cpu packed blocks are concatenated. Layers that
     cannot be joined (mixed kinds, int4 widths off the packing blocks) are called one by one."""
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
+    def __init__(self, wrapped: Sequence[nn.Module]) -> None:
+        layers = [base_layer(layer) for layer in wrapped]
+        self.adapter = _fused_adapter(wrapped)  # (A, B) of a LoRA adapter on any of them, or None
+        self.adapter_layers = [layer for layer in wrapped if hasattr(layer, "lora_A")] if self.adapter else []
         kinds = {type(layer) for layer in layers}
         self.kind = kinds.pop() if len(kinds) == 1 else None
         if self.kind is Int4Linear and any(layer.out_features % int4_cpu.PACK_BLOCK_ROWS for layer in layers):
@@ -73,7 +78,15 @@ class FusedLinear:
         else:
             self.weight = _share_rows(layers, "weight")  # (sum out, in)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, adapter: bool = False) -> torch.Tensor:
+        out = self._base(x)
+        if adapter and self.adapter is not None:
+            down, up = self.adapter  # (sum r, in), (sum out, sum r) block-diagonal, the scaling folded in
+            delta = F.linear(F.linear(x.to(down.dtype), down), up)
+            out = (out + delta).to(out.dtype)
+        return out
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind is None:
             outputs = [layer(x) for layer in self.layers]
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
@@ -97,11 +110,10 @@ class FastLayer:
         attention, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm.weight
         self.post_norm = layer.post_attention_layernorm.weight
-        self.qkv = FusedLinear([base_layer(attention.q_proj), base_layer(attention.k_proj),
-                                base_layer(attention.v_proj)])
-        self.o = FusedLinear([base_layer(attention.o_proj)])
-        self.gate_up = FusedLinear([base_layer(mlp.gate_proj), base_layer(mlp.up_proj)])
-        self.down = FusedLinear([base_layer(mlp.down_proj)])
+        self.qkv = FusedLinear([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o = FusedLinear([attention.o_proj])
+        self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
+        self.down = FusedLinear([mlp.down_proj])
         self.intermediate = mlp.gate_proj.out_features
 
 
@@ -117,6 +129,10 @@ class FastDecoder:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         self.scale = self.head_dim ** -0.5
         self.layers = [FastLayer(layer) for layer in decoder.layers]
+        adapted = sum(1 for layer in decoder.modules() if hasattr(layer, "lora_A"))
+        taken = sum(len(part.adapter_layers) for layer in self.layers
+                    for part in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self._runs_adapter = adapted == taken
 
     @classmethod
     def for_model(cls, hf_model: Any) -> FastDecoder | None:
@@ -137,15 +153,24 @@ class FastDecoder:
                 return None  # bitsandbytes or other wrapped layers
         return cls(decoder, lm_head, config)
 
+    @property
+    def runs_adapter(self) -> bool:
+        """Whether every LoRA layer of the model was taken in (:func:`_fused_adapter`), so ``step(adapter=True)``
+        computes what the model computes with its adapter switched on."""
+        return self._runs_adapter
+
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None,
-             cache: Any, *, reserve: bool = True) -> torch.Tensor:
+             cache: Any, *, reserve: bool = True, adapter: bool = False) -> torch.Tensor:
         """Feed ``token_ids`` ``(B, 1)`` at ``positions`` ``(B, 1)``; ``attention_mask`` ``(B, L + 1)`` (0 on left
         padding) or None when no row is padded. Extends ``cache`` (a transformers cache whose layers hold
         ``(B, H, L, D)`` keys and values) by one position and returns logits ``(B, vocab)`` float32.
 
         ``reserve``: append into buffers with room to grow (a batch that decodes on); otherwise the
-        cache's tensors are exactly its length (a cache that is about to be kept)."""
+        cache's tensors are exactly its length (a cache that is about to be kept). ``adapter``: with the
+        model's LoRA adapter switched on (only where :attr:`runs_adapter`)."""
+        if adapter and not self._runs_adapter:
+            raise ValueError("this model's adapter is not one the lean step runs")
         batch = token_ids.shape[0]
         x = F.embedding(token_ids, self.embed)  # (B, 1, C)
         cos, sin = self.rotary(x, positions)  # (B, 1, D) each, in x's dtype
@@ -158,15 +183,16 @@ class FastDecoder:
         half = dim // 2
         for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
             h = _rms_norm(x, layer.input_norm, self.eps)
-            qkv = layer.qkv(h).view(batch, 1, heads + 2 * kv_heads, dim).transpose(1, 2)  # (B, Hq + 2 Hkv, 1, D)
+            qkv = layer.qkv(h, adapter).view(batch, 1, heads + 2 * kv_heads, dim).transpose(1, 2)  # (B, Hq + 2 Hkv, 1, D)
             qk = qkv[:, :heads + kv_heads]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # rotate_half, as transformers
             keys, values = _append(cache_layer, qk[:, heads:], qkv[:, heads + kv_heads:], reserve)
             attended = self._attend(qk[:, :heads], keys, values, bias)  # (B, Hkv, Hq / Hkv, D)
-            x = x + layer.o(attended.reshape(batch, 1, heads * dim).to(x.dtype))
+            x = x + layer.o(attended.reshape(batch, 1, heads * dim).to(x.dtype), adapter)
             h = _rms_norm(x, layer.post_norm, self.eps)
-            gate_up = layer.gate_up(h)
-            x = x + layer.down(F.silu(gate_up[..., :layer.intermediate]) * gate_up[..., layer.intermediate:])
+            gate_up = layer.gate_up(h, adapter)
+            activated = F.silu(gate_up[..., :layer.intermediate]) * gate_up[..., layer.intermediate:]
+            x = x + layer.down(activated, adapter)
         x = _rms_norm(x, self.final_norm, self.eps)
         return self.lm_head(x[:, -1]).float()  # (B, vocab)
 
@@ -212,6 +238,42 @@ def _append(cache_layer: Any, key: torch.Tensor, value: torch.Tensor,
     value_buffer[..., length, :] = value[..., 0, :]
     cache_layer.keys, cache_layer.values = key_buffer[..., :length + 1, :], value_buffer[..., :length + 1, :]
     return cache_layer.keys, cache_layer.values
+
+
+def _fused_adapter(layers: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The LoRA adapter on ``layers`` (peft ``LoraLayer`` s wrapping some of them) as one down projection
+    ``(sum r, in)`` and one block-diagonal up projection ``(sum out, sum r)`` with each layer's scaling folded
+    in, so ``up(down(x))`` is every layer's ``lora_B(lora_A(x)) * scaling`` side by side (zero for a layer
+    without one). None when no layer has one, or one has what this does not compute (several active adapters,
+    DoRA or another variant)."""
+    downs, ups, widths, ranks = [], [], [], []
+    for layer in layers:
+        out_features = base_layer(layer).out_features
+        names = list(getattr(layer, "active_adapters", ())) if hasattr(layer, "lora_A") else []
+        names = [name for name in names if name in layer.lora_A]
+        if len(names) > 1 or names and names[0] in getattr(layer, "lora_variant", {}):
+            return None
+        if names:
+            name = names[0]
+            downs.append(layer.lora_A[name].weight)
+            ups.append(layer.lora_B[name].weight * layer.scaling[name])
+        else:
+            downs.append(None)
+            ups.append(None)
+        widths.append(out_features)
+        ranks.append(0 if downs[-1] is None else downs[-1].shape[0])
+    present = [d for d in downs if d is not None]
+    if not present:
+        return None
+    dtype, device = present[0].dtype, present[0].device
+    down = torch.cat(present)  # (sum r, in)
+    up = torch.zeros(sum(widths), sum(ranks), dtype=dtype, device=device)
+    row = column = 0
+    for width, rank, block in zip(widths, ranks, ups, strict=True):
+        if block is not None:
+            up[row:row + width, column:column + rank] = block
+        row, column = row + width, column + rank
+    return down.detach(), up.detach()
 
 
 def _share_rows(layers: Sequence[nn.Module], name: str) -> torch.Tensor:

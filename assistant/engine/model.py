@@ -23,7 +23,8 @@ Contract:
   sequences together (:mod:`assistant.engine.batch`, :meth:`ChatModel.decode_batch`);
   :meth:`ChatModel.decode` feeds one token to one sequence's cache. Both take the lean
   step of :mod:`assistant.engine.fast_decode` where it applies (Llama-family decoders,
-  float, int8-cpu or int4-cpu layers), transformers' forward elsewhere.
+  float, int8-cpu or int4-cpu layers, the image adapter included), transformers'
+  forward elsewhere.
 - A vision model's LoRA adapter (what ``assistant train finetune`` trains, on
   conversations with images only) is kept as separate layers and switched per
   forward pass (:meth:`ChatModel.forward`): on for a sequence whose prompt holds
@@ -463,9 +464,14 @@ class ChatModel:
         return out.logits[0, -1].float(), cache  # (vocab,)
 
     def _decodes_fast(self, has_images: bool) -> bool:
-        """Whether the lean step decodes a sequence: it exists here, and the sequence decodes with the image
-        adapter off (the lean step runs the base layers)."""
-        return self.fast_decoder is not None and not (has_images and self._image_adapter_layers)
+        """Whether the lean step decodes a sequence: it exists here, and runs the image adapter if the sequence
+        needs it on."""
+        if self.fast_decoder is None:
+            return False
+        return not self._adapter_on_for(has_images) or self.fast_decoder.runs_adapter
+
+    def _adapter_on_for(self, has_images: bool) -> bool:
+        return has_images and bool(self._image_adapter_layers)
 
     @torch.inference_mode()
     def decode(self, token_id: int, cache: Any, *, has_images: bool) -> torch.Tensor:
@@ -474,7 +480,8 @@ class ChatModel:
         ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)  # (1, 1)
         if self._decodes_fast(has_images):
             position = torch.tensor([[cache.get_seq_length()]], dtype=torch.long, device=self.device)  # (1, 1)
-            return self.fast_decoder.step(ids, position, None, cache, reserve=False)[0]  # type: ignore[union-attr]
+            return self.fast_decoder.step(ids, position, None, cache, reserve=False,  # type: ignore[union-attr]
+                                          adapter=self._adapter_on_for(has_images))[0]
         out = self.forward(has_images=has_images, input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
         return out.logits[0, -1].float()  # (vocab,)
 
@@ -487,7 +494,8 @@ class ChatModel:
         returns logits ``(B, vocab)``."""
         if self._decodes_fast(has_images):
             mask = None if bool(attention_mask.all()) else attention_mask
-            return self.fast_decoder.step(token_ids, positions, mask, cache)  # type: ignore[union-attr]
+            return self.fast_decoder.step(token_ids, positions, mask, cache,  # type: ignore[union-attr]
+                                          adapter=self._adapter_on_for(has_images))
         out = self.forward(has_images=has_images, input_ids=token_ids, position_ids=positions,
                            attention_mask=attention_mask, use_cache=True, **{self._cache_kwarg: cache})
         return out.logits[:, -1].float()  # (B, vocab)
