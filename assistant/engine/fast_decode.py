@@ -183,7 +183,8 @@ class FastDecoder:
         half = dim // 2
         for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
             h = _rms_norm(x, layer.input_norm, self.eps)
-            qkv = layer.qkv(h, adapter).view(batch, 1, heads + 2 * kv_heads, dim).transpose(1, 2)  # (B, Hq + 2 Hkv, 1, D)
+            qkv = layer.qkv(h, adapter).view(batch, 1, heads + 2 * kv_heads, dim)
+            qkv = qkv.transpose(1, 2)  # (B, Hq + 2 Hkv, 1, D)
             qk = qkv[:, :heads + kv_heads]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # rotate_half, as transformers
             keys, values = _append(cache_layer, qk[:, heads:], qkv[:, heads + kv_heads:], reserve)
