@@ -110,9 +110,8 @@ class Config:
                       "causal LM or LLaVA checkpoint, a composition file (model.toml), or a hub id.")
     quantize: str = _opt("auto", "Quantize the decoder (vision parts stay unquantized): 'nf4' or 'int8' with "
                          "bitsandbytes, 'int8-cpu' / 'int4-cpu' weight-only int8 / 4-bit on PyTorch's CPU kernels, "
-                         "'none' unquantized; "
-                         "'auto' is nf4 on CUDA and on CPUs with AVX512-BF16, int8-cpu on other CPUs (where nf4 "
-                         "is several times slower).", choices=QUANTIZE_CHOICES)
+                         "'none' unquantized; 'auto' is nf4 on CUDA, int4-cpu on CPUs with AVX512-BF16, int8-cpu "
+                         "on other CPUs (the fastest measured on each).", choices=QUANTIZE_CHOICES)
     dtype: str = _opt("bfloat16", "Weights dtype of the unquantized parts (and compute dtype when quantized).",
                       choices=DTYPE_CHOICES)
     device: str = _opt("auto", "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")

@@ -1,6 +1,6 @@
 """Prefill and decode tokens/s of the default model, batch of 1, on this machine. Prints; never asserts.
 
-    python -m bench.decode [--model SPEC] [--dtype bfloat16] [--quantize none|nf4|int8|int8-cpu]
+    python -m bench.decode [--model SPEC] [--dtype bfloat16] [--quantize none|nf4|int8|int8-cpu|int4-cpu]
                            [--new-tokens 64] [--repeats 3]
 
 Three figures, each the best of ``--repeats`` runs after one warm-up (the first
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_DECODER)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quantize", default="none", choices=("none", "nf4", "int8", "int8-cpu"))
+    parser.add_argument("--quantize", default="none", choices=("none", "nf4", "int8", "int8-cpu", "int4-cpu"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

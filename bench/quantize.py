@@ -5,7 +5,9 @@ engine, and whether each keeps greedy output batch-invariant. Prints; never asse
 
 Candidates (``KIND:DTYPE``): bitsandbytes ``nf4`` (bf16 compute, and float32 compute)
 and ``int8``; ``int8-cpu`` (weight-only int8 on PyTorch's CPU kernel, bf16 and float32
-activations); unquantized ``none`` (bf16) for reference. Each loads the default decoder
+activations); ``int4-cpu`` (4-bit groups of 32 on PyTorch's CPU kernel, output head
+included; bf16 products); unquantized ``none`` (bf16) for reference. Every kind but
+bitsandbytes' decodes through the lean step of :mod:`assistant.engine.fast_decode`. Each loads the default decoder
 (SmolLM2-135M-Instruct) and runs, greedy, through :class:`~assistant.engine.engine.Engine`:
 
 - single: one request, tokens/s from its first token to its last;
@@ -34,7 +36,7 @@ from assistant.engine.sampling import SamplingParams
 from assistant.models import DEFAULT_DECODER, default_data_dir, resolve_model
 
 DEFAULT_CANDIDATES = ("none:bfloat16", "nf4:bfloat16", "nf4:float32", "int8:bfloat16", "int8-cpu:bfloat16",
-                      "int8-cpu:float32")
+                      "int8-cpu:float32", "int4-cpu:bfloat16")
 PROMPTS = ("Write a long story about a lighthouse keeper.", "Explain how a bicycle works, step by step.",
            "List ten facts about the Moon.", "Describe a busy market in the morning.",
            "What makes a good teacher? Answer at length.", "Tell me about the history of bread.",

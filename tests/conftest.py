@@ -59,7 +59,7 @@ def real_model() -> ChatModel:
 
 @pytest.fixture(scope="session")
 def default_model() -> ChatModel:
-    """What ``assistant serve`` loads with no flags (the vision model, nf4), weights pulled into the default data
+    """What ``assistant serve`` loads with no flags (the vision model, quantized per `--quantize auto`), weights pulled into the default data
     dir on first use; for ``real_model`` tests."""
     return load_model(load_config({"data_dir": str(default_data_dir())}, env={}), progress=lambda _: None)
 

@@ -115,7 +115,7 @@ async def test_the_default_model_starts_as_quietly(tmp_path: Path) -> None:
     assert lines[1].startswith("assistant: no API key required: only this machine can connect (127.0.0.1)")
     from assistant.engine.quantize import cpu_packs_nf4
 
-    quantized = "nf4" if cpu_packs_nf4() else "int8-cpu"  # --quantize auto
+    quantized = "int4-cpu" if cpu_packs_nf4() else "int8-cpu"  # --quantize auto
     assert f"(bfloat16, {quantized})" in lines[2] and "smollm2-135m-vision" in lines[2]
 
 

@@ -1,5 +1,5 @@
 """The default model exactly as ``assistant serve`` loads it with no flags: SmolLM2-135M-Instruct quantized
-(``--quantize auto``: nf4, or int8-cpu on CPUs without AVX512-BF16), EfficientNet-Lite0 and the committed
+(``--quantize auto``: int4-cpu, or int8-cpu on CPUs without AVX512-BF16), EfficientNet-Lite0 and the committed
 projector, on images it never saw (generated here, from a seed no
 training used)."""
 
@@ -43,15 +43,15 @@ def first_colour(text: str) -> str | None:
 
 
 def test_the_default_is_the_quantized_vision_model(default_model: ChatModel) -> None:
-    """nf4 (bitsandbytes) where its packed CPU kernel runs (AVX512-BF16), int8-cpu on other CPUs."""
-    import bitsandbytes as bnb
-
+    """int4-cpu on CPUs with AVX512-BF16, int8-cpu on other CPUs; decoded by the lean step, adapter included."""
+    from assistant.engine.int4_cpu import Int4Linear
     from assistant.engine.int8_cpu import Int8Linear
     from assistant.engine.quantize import cpu_packs_nf4
 
     assert default_model.vision is not None
-    expected = bnb.nn.Linear4bit if cpu_packs_nf4() else Int8Linear
+    expected = Int4Linear if cpu_packs_nf4() else Int8Linear
     assert any(isinstance(m, expected) for m in default_model.hf_model.modules())
+    assert default_model.fast_decoder is not None and default_model.fast_decoder.runs_adapter
 
 
 @pytest.mark.xfail(strict=True, reason="issue 7 is open: the committed default names a shape's colour right 32 % of "

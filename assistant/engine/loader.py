@@ -27,9 +27,10 @@ that of every unquantized weight (a LLaVA's vision part included) and the comput
 dtype of quantized layers; a composition's encoder and projector run in float32,
 as in training.
 
-``--quantize auto`` (the default) is nf4 on CUDA and on CPUs with AVX512-BF16,
-``int8-cpu`` (:mod:`~assistant.engine.int8_cpu`, weight-only int8 on PyTorch's own
-kernel) on other CPUs, where bitsandbytes' nf4 is several times slower.
+``--quantize auto`` (the default) is nf4 on CUDA, ``int4-cpu``
+(:mod:`~assistant.engine.int4_cpu`, 4-bit weights on PyTorch's own kernel) on CPUs with
+AVX512-BF16, and ``int8-cpu`` (:mod:`~assistant.engine.int8_cpu`) on other CPUs, where
+bitsandbytes' nf4 is several times slower (:func:`pick_quantize`).
 ``--quantize nf4|int8`` quantizes the decoder only, with bitsandbytes: the
 vision tower, the projector and ``lm_head`` are skipped by full module path and
 checked after loading (:func:`load_decoder`); a
@@ -84,12 +85,15 @@ def pick_dtype(dtype: str, device: str) -> str:
 
 
 def pick_quantize(quantize: str, device: str) -> str:
-    """``auto``: bitsandbytes nf4 on CUDA and on CPUs with AVX512-BF16 (its packed kernel), else ``int8-cpu``:
-    elsewhere nf4 emulates bf16 and decodes several times slower (``bench.quantize``)."""
+    """``auto``: bitsandbytes nf4 on CUDA; on a CPU with AVX512-BF16 ``int4-cpu`` (measured there at twice
+    nf4's tokens/s single-stream and at batch 8, with as good answers); on other CPUs ``int8-cpu`` (measured
+    there at 3.5× nf4's, which emulates bf16 on them). ``bench.quantize`` measures the candidates."""
     if quantize != "auto":
         return quantize
-    if device.startswith("cuda") or cpu_packs_nf4():
+    if device.startswith("cuda"):
         return "nf4"
+    if cpu_packs_nf4():
+        return int4_cpu.KIND if int4_cpu.is_supported() else "nf4"
     return int8_cpu.KIND if int8_cpu.is_supported() else "nf4"
 
 
