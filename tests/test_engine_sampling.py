@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from assistant.engine.sampling import SamplingParams, apply_penalties, check_sampling_value, make_generator, sample
+from assistant.engine.sampling import (SamplingParams, apply_penalties, check_sampling_value, draw, make_generator,
+                                       nucleus, sample)
 
 
 def test_greedy_is_argmax_and_ignores_the_generator() -> None:
@@ -57,6 +58,28 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), generator) for _ in range(200)} == {0}
     assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.8), generator) for _ in range(500)} == {0, 1}
     assert {sample(logits, SamplingParams(temperature=1.0, top_p=1.0), generator) for _ in range(500)} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.0])
+@pytest.mark.parametrize("top_p", [0.1, 0.9, 0.999])
+def test_the_nucleus_is_the_one_a_full_sort_gives(temperature: float, top_p: float) -> None:
+    """Found among a few topk candidates (more when they fall short), it must equal sorting the whole vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(49152, generator=generator) * 3 / temperature, dim=-1)
+    head, token_ids = nucleus(probs, top_p)
+    ordered, order = torch.sort(probs, descending=True)
+    kept = int(((torch.cumsum(ordered, dim=-1) - ordered) < top_p).sum())
+    assert int((head > 0).sum()) == kept
+    assert set(token_ids[:kept].tolist()) == set(order[:kept].tolist())
+    assert torch.equal(head[:kept], ordered[:kept])
+
+
+def test_a_draw_follows_the_weights_and_never_picks_a_zero() -> None:
+    weights = torch.tensor([0.0, 2.0, 0.0, 1.0, 1.0, 0.0])  # unnormalized, zeros between and at both ends
+    generator = make_generator(0)
+    counts = Counter(draw(weights, generator) for _ in range(8000))
+    assert set(counts) == {1, 3, 4}
+    assert 0.47 < counts[1] / 8000 < 0.53 and 0.22 < counts[3] / 8000 < 0.28
 
 
 def test_bf16_logits_are_accepted() -> None:
