@@ -59,8 +59,8 @@ def real_model() -> ChatModel:
 
 @pytest.fixture(scope="session")
 def default_model() -> ChatModel:
-    """What ``assistant serve`` loads with no flags (the vision model, quantized per `--quantize auto`), weights pulled into the default data
-    dir on first use; for ``real_model`` tests."""
+    """What ``assistant serve`` loads with no flags (the vision model, quantized as ``--quantize auto`` picks),
+    weights pulled into the default data dir on first use; for ``real_model`` tests."""
     return load_model(load_config({"data_dir": str(default_data_dir())}, env={}), progress=lambda _: None)
 
 
@@ -123,6 +123,13 @@ async def server(tiny_model: ChatModel, data_dir: Path) -> AsyncIterator[Running
     """The tiny model served greedy by default, so every test's answer is the same each run (sampled,
     the random model sometimes ends before its first token); tests of sampling set their own."""
     async with running_server(tiny_model, data_dir, temperature=0) as running:
+        yield running
+
+
+@pytest.fixture
+async def streaming_server(streaming_model: ChatModel, data_dir: Path) -> AsyncIterator[RunningServer]:
+    """The model that never ends by itself, served greedy: its responses run until the context is full."""
+    async with running_server(streaming_model, data_dir, temperature=0) as running:
         yield running
 
 

@@ -67,7 +67,9 @@ async def test_full_disk_refuses_new_items_with_a_code_and_reads_go_on(server: R
     await ws.close()
 
 
-async def test_full_disk_mid_response_fails_it_and_stores_what_the_client_was_told(server: RunningServer) -> None:
+async def test_full_disk_mid_response_fails_it_and_stores_what_the_client_was_told(
+        streaming_server: RunningServer) -> None:
+    server = streaming_server
     store = server.app.store
     ws, session = await open_session(server)
     started = await start_long_response(ws)
