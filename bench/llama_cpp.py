@@ -1,6 +1,6 @@
 """Single-stream decode through the WebSocket protocol, side by side with llama.cpp on the same model, in one run.
 
-    python -m bench.llama_cpp [--tokens 128] [--repeats 3] [--quantize auto int8-cpu ...]
+    python -m bench.llama_cpp [--tokens 128] [--repeats 3] [--quantize auto int8-cpu ...] [--concurrency 1,4,8,16]
 
 The assistant serves the default decoder (SmolLM2-135M-Instruct) text-only, one ``response.create`` at a time
 over its Realtime socket; llama.cpp serves the very file that decoder is converted from (the Q4_1 GGUF of the
@@ -8,6 +8,10 @@ over its Realtime socket; llama.cpp serves the very file that decoder is convert
 HTTP. Both greedy, the same question, both using every core. Decode tok/s is what a client sees: the tokens
 after the first divided by the time from the first to the last. Prints figures (best of ``--repeats``, after a
 warm-up) and the ratio to llama.cpp; never asserts. Run it on a quiet machine.
+
+Aggregate figures (prefill included: all tokens over the wall time): eight different questions to llama.cpp one
+after another and all at once (llama-cpp-python's server answers one request at a time), and 1, 4, 8 and 16
+concurrent conversations to the assistant with the first ``--quantize``.
 """
 
 from __future__ import annotations
@@ -25,14 +29,19 @@ from assistant.models import DEFAULT_DECODER, default_data_dir, pull_default_ggu
 from bench.serving import free_port, serving
 
 QUESTION = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+QUESTIONS = [  # concurrent conversations: different questions asking for long answers
+    QUESTION, "Explain in detail how a bicycle works, part by part.", "Describe a walk through Paris from morning "
+    "to night.", "List twenty animals and say one thing about each.", "Explain photosynthesis to a ten-year-old, "
+    "step by step.", "Write a long letter from a sailor to his family.", "Describe how bread is made, from wheat to "
+    "loaf.", "Tell the history of the printing press in detail."]
 
 
-async def assistant_decode(url: str, tokens: int) -> tuple[float, int]:
+async def assistant_decode(url: str, tokens: int, question: str = QUESTION) -> tuple[float, int]:
     """One response over the Realtime socket: (decode tok/s after the first token, tokens)."""
     async with connect(url, max_size=None) as ws:
         await ws.recv()  # session.created
         await ws.send(json.dumps({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]}}))
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}}))
         await ws.send(json.dumps({"type": "response.create", "response": {
             "max_output_tokens": tokens, "temperature": 0, "frequency_penalty": 0}}))
         first = last = None
@@ -48,12 +57,12 @@ async def assistant_decode(url: str, tokens: int) -> tuple[float, int]:
     return (count - 1) / max(last - first, 1e-9), count
 
 
-async def llama_decode(base_url: str, tokens: int) -> tuple[float, int]:
+async def llama_decode(base_url: str, tokens: int, question: str = QUESTION) -> tuple[float, int]:
     """One streamed chat completion from llama-cpp-python's server: (decode tok/s after the first token, tokens)."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0)
-    stream = await client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+    client = AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0, timeout=600)
+    stream = await client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],
                                                   max_tokens=tokens, temperature=0, stream=True)
     first = last = None
     count = 0
@@ -64,6 +73,18 @@ async def llama_decode(base_url: str, tokens: int) -> tuple[float, int]:
             count += 1  # llama-cpp-python streams one token per chunk
     assert first is not None and last is not None
     return (count - 1) / max(last - first, 1e-9), count
+
+
+async def aggregate(decode: object, count: int, *, together: bool) -> float:
+    """Output tok/s of ``count`` conversations (different questions), all at once or one after another: every
+    token they generated over the wall time from the first request to the last answer (prefill included)."""
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+    started = time.perf_counter()
+    if together:
+        results = await asyncio.gather(*(decode(question) for question in questions))  # type: ignore[operator]
+    else:
+        results = [await decode(question) for question in questions]  # type: ignore[operator]
+    return sum(tokens for _, tokens in results) / (time.perf_counter() - started)
 
 
 async def best(run: object, repeats: int) -> tuple[float, int]:
@@ -104,7 +125,10 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantize", nargs="+", default=["auto", "int8-cpu"])
+    parser.add_argument("--concurrency", default="1,4,8,16",
+                        help="concurrent conversations for the aggregate figures of the first --quantize")
     args = parser.parse_args()
+    levels = [int(n) for n in args.concurrency.split(",") if n]
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -112,15 +136,28 @@ async def main() -> None:
     try:
         await wait_ready(base_url, process)
         llama, llama_tokens = await best(lambda: llama_decode(base_url, args.tokens), args.repeats)
+        serial = await aggregate(lambda q: llama_decode(base_url, args.tokens, q), 8, together=False)
+        at_once = await aggregate(lambda q: llama_decode(base_url, args.tokens, q), 8, together=True)
     finally:
         process.terminate()
         process.wait()
     print(f"llama.cpp (llama-cpp-python server, Q4_1 GGUF, HTTP stream): {llama:.1f} tok/s ({llama_tokens} tokens)")
-    for quantize in args.quantize:
+    print(f"llama.cpp, 8 conversations one after another: {serial:.1f} tok/s aggregate; 8 sent at once to its "
+          f"server: {at_once:.1f} tok/s")
+    for index, quantize in enumerate(args.quantize):
         async with serving(f"assistant --quantize {quantize}", model=DEFAULT_DECODER, quantize=quantize) as url:
             ours, tokens = await best(lambda: assistant_decode(url, args.tokens), args.repeats)
-        print(f"assistant --quantize {quantize} (Realtime WebSocket): {ours:.1f} tok/s ({tokens} tokens), "
-              f"{ours / llama:.2f}x llama.cpp")
+            print(f"assistant --quantize {quantize} (Realtime WebSocket): {ours:.1f} tok/s ({tokens} tokens), "
+                  f"{ours / llama:.2f}x llama.cpp", flush=True)
+            if index:
+                continue
+            single = None
+            for count in levels:
+                total = await aggregate(lambda q: assistant_decode(url, args.tokens, q), count, together=True)
+                single = single or total
+                print(f"assistant --quantize {quantize}, {count:2d} concurrent conversations: {total:6.1f} tok/s "
+                      f"aggregate, {total / single:.2f}x one, {total / serial:.2f}x llama.cpp serial, "
+                      f"{total / at_once:.2f}x llama.cpp sent at once", flush=True)
 
 
 if __name__ == "__main__":
