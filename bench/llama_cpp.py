@@ -10,7 +10,8 @@ after the first divided by the time from the first to the last. Prints figures (
 warm-up) and the ratio to llama.cpp; never asserts. Run it on a quiet machine.
 
 Aggregate figures (prefill included: all tokens over the wall time): eight different questions to llama.cpp one
-after another and all at once (llama-cpp-python's server answers one request at a time), and 1, 4, 8 and 16
+after another and all at once (llama-cpp-python's server answers one request at a time; started with
+``--interrupt_requests False``, as by default a new request cuts the one streaming), and 1, 4, 8 and 16
 concurrent conversations to the assistant with the first ``--quantize``.
 """
 
@@ -100,7 +101,7 @@ def start_llama_cpp(port: int) -> subprocess.Popen[str]:
     gguf = pull_default_gguf(default_data_dir())
     return subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1),
-                             "--model_alias", "smollm2"],
+                             "--model_alias", "smollm2", "--interrupt_requests", "False"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
 
 
