@@ -10,8 +10,9 @@ after the first divided by the time from the first to the last. Prints figures (
 warm-up) and the ratio to llama.cpp; never asserts. Run it on a quiet machine.
 
 Aggregate figures (prefill included: all tokens over the wall time): eight different questions to llama.cpp one
-after another and all at once (llama-cpp-python's server answers one request at a time; started with
-``--interrupt_requests False``, as by default a new request cuts the one streaming), and 1, 4, 8 and 16
+after another, all at once (llama-cpp-python's server answers one request at a time; started with
+``--interrupt_requests False``, as by default a new request cuts the one streaming) and in one ``llama_batch``
+(``bench/llama_cpp_batch.py``, best of two), and 1, 4, 8 and 16
 concurrent conversations to the assistant with the first ``--quantize``.
 """
 
@@ -23,6 +24,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 from websockets.asyncio.client import connect
 
@@ -94,10 +96,27 @@ async def best(run: object, repeats: int) -> tuple[float, int]:
     return max(results)
 
 
-def start_llama_cpp(port: int) -> subprocess.Popen[str]:
+def llama_python() -> Path:
     python = default_data_dir() / "llama-cpp-server" / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"llama-cpp-python's server is not installed ({python}): run bin/setup-llama-cpp first")
+    return python
+
+
+def llama_batched(tokens: int, count: int) -> float:
+    """Output tok/s of llama.cpp decoding ``count`` conversations in one llama_batch (bench/llama_cpp_batch.py),
+    prefill included."""
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+    script = Path(__file__).with_name("llama_cpp_batch.py")
+    result = subprocess.run([str(llama_python()), "-P", str(script), str(pull_default_gguf(default_data_dir())),
+                             str(os.cpu_count() or 1), str(tokens), *questions],
+                            capture_output=True, text=True, check=True)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures["tokens"] / figures["seconds"]
+
+
+def start_llama_cpp(port: int) -> subprocess.Popen[str]:
+    python = llama_python()
     gguf = pull_default_gguf(default_data_dir())
     return subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1),
@@ -143,8 +162,9 @@ async def main() -> None:
         process.terminate()
         process.wait()
     print(f"llama.cpp (llama-cpp-python server, Q4_1 GGUF, HTTP stream): {llama:.1f} tok/s ({llama_tokens} tokens)")
+    batched = max(llama_batched(args.tokens, 8) for _ in range(2))
     print(f"llama.cpp, 8 conversations one after another: {serial:.1f} tok/s aggregate; 8 sent at once to its "
-          f"server: {at_once:.1f} tok/s")
+          f"server: {at_once:.1f} tok/s; 8 in one llama_batch: {batched:.1f} tok/s", flush=True)
     for index, quantize in enumerate(args.quantize):
         async with serving(f"assistant --quantize {quantize}", model=DEFAULT_DECODER, quantize=quantize) as url:
             ours, tokens = await best(lambda: assistant_decode(url, args.tokens), args.repeats)
@@ -158,7 +178,7 @@ async def main() -> None:
                 single = single or total
                 print(f"assistant --quantize {quantize}, {count:2d} concurrent conversations: {total:6.1f} tok/s "
                       f"aggregate, {total / single:.2f}x one, {total / serial:.2f}x llama.cpp serial, "
-                      f"{total / at_once:.2f}x llama.cpp sent at once", flush=True)
+                      f"{total / batched:.2f}x llama.cpp batched", flush=True)
 
 
 if __name__ == "__main__":

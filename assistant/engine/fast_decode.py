@@ -137,7 +137,8 @@ class FastDecoder:
     @classmethod
     def for_model(cls, hf_model: Any) -> FastDecoder | None:
         """A fast decoder for ``hf_model`` (a causal LM, or a LLaVA's language model), or None where it does not
-        apply: another architecture, bitsandbytes layers, or a peft adapter inside."""
+        apply: another architecture, a sliding window, bitsandbytes or otherwise wrapped layers (a peft LoRA
+        layer's base layer counts as the layer; see :attr:`runs_adapter`)."""
         config = hf_model.config.get_text_config()
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES or config.hidden_act != "silu":
             return None
