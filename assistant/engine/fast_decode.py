@@ -25,7 +25,10 @@ decoder with SiLU MLPs whose linear layers are plain, int8-cpu or int4-cpu
 (bitsandbytes layers keep transformers' path). A plain LoRA adapter on those layers
 (what ``assistant train finetune`` writes) runs too, switched per step as
 :meth:`ChatModel.forward` switches it: one extra pair of small products per fused
-layer. Engine thread only.
+layer. It reads the weights as they are when it is built (the adapter's are copied): a
+model that trains is built without it (``ChatModel(fast_decode=False)``). The room reserved
+in cache buffers (a quarter of a batch's length, at least 64 positions) is not counted by
+``--max-kv-bytes``. Engine thread only.
 """
 
 from __future__ import annotations

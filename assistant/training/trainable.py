@@ -142,7 +142,9 @@ def _with_decoder(spec: CompositionSpec, decoder: str, stage: str, vision: Proje
                               target_modules="all-linear", task_type="CAUSAL_LM")
             peft_model = get_peft_model(hf_model, lora)
         hf_model = peft_model.get_base_model()  # the LoRA layers sit inside it; peft_model saves them
-    return TrainableModel(ChatModel(hf_model, tokenizer, vision=vision), vision, peft_model, quantize)
+    # No lean decode step: it takes a snapshot of the adapter's weights, which training changes.
+    return TrainableModel(ChatModel(hf_model, tokenizer, vision=vision, fast_decode=False), vision, peft_model,
+                          quantize)
 
 
 def _keep_nf4_differentiable(hf_model: nn.Module) -> None:
