@@ -1,5 +1,6 @@
 """--quantize int4-cpu: 4-bit weights in groups of 32 on PyTorch's CPU kernel (the engine's equalities run on it
-too, in tests/test_engine_batch.py and tests/test_engine_prefix_cache.py)."""
+too, in tests/test_engine_batch.py and tests/test_engine_prefix_cache.py; its LoRA case in
+tests/test_engine_int8_cpu.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from assistant.config import load_config
 from assistant.engine.int4_cpu import GROUP_SIZE, Int4Linear, is_supported, matmul, quantize_int4_cpu, quantize_weight
-from assistant.engine.loader import attach_adapter, load_chat_model
+from assistant.engine.loader import load_chat_model
 from tests.engine_fixtures import save_tiny_chat_model
 
 
@@ -78,22 +79,6 @@ def test_a_tied_output_head_is_converted_as_a_copy() -> None:
     quantize_int4_cpu(model)
     assert isinstance(model.lm_head, Int4Linear)
     assert torch.equal(model.get_input_embeddings().weight, embeddings)  # lookups stay exact
-
-
-def test_a_lora_adapter_keeps_its_own_layers_in_float(tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    source = save_tiny_chat_model(tmp_path / "tiny")
-    base = load_chat_model(str(source), dtype="float32").hf_model
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    fresh = load_chat_model(str(source), dtype="float32").hf_model
-    with_adapter = attach_adapter(fresh, tmp_path / "adapter", merge=False)
-    quantize_int4_cpu(with_adapter)
-    names = {name: type(module) for name, module in with_adapter.named_modules()}
-    assert names["model.layers.0.self_attn.q_proj.base_layer"] is Int4Linear
-    assert names["model.layers.0.self_attn.q_proj.lora_A.default"] is nn.Linear
-    assert names["model.layers.0.mlp.up_proj"] is Int4Linear
 
 
 def test_a_layer_the_kernel_cannot_take_is_refused_by_name_and_skipped_by_the_converter() -> None:

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from assistant.config import load_config
-from assistant.engine.int8_cpu import Int8Linear, is_supported, quantize_int8_cpu
-from assistant.engine.loader import attach_adapter, load_chat_model
+from assistant.engine.int4_cpu import Int4Linear
+from assistant.engine.int8_cpu import Int8Linear, is_supported
+from assistant.engine.loader import attach_adapter, convert_on_cpu, load_chat_model
 from tests.engine_fixtures import save_tiny_chat_model
 
 
@@ -38,7 +39,9 @@ def test_the_decoder_layers_are_converted_and_nothing_else(tmp_path: Path) -> No
     assert not [name for name, module in modules.items() if type(module) is nn.Linear and name != "lm_head"]
 
 
-def test_a_lora_adapter_keeps_its_own_layers_in_float(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["int8-cpu", "int4-cpu"])
+def test_a_lora_adapter_keeps_its_own_layers_in_float(tmp_path: Path, kind: str) -> None:
+    """Both CPU converters (int4-cpu's too) convert an adapter's base layers and leave its own in float."""
     from peft import LoraConfig, get_peft_model
 
     source = save_tiny_chat_model(tmp_path / "tiny")
@@ -47,11 +50,12 @@ def test_a_lora_adapter_keeps_its_own_layers_in_float(tmp_path: Path) -> None:
     peft_model.save_pretrained(tmp_path / "adapter")
     fresh = load_chat_model(str(source), dtype="float32").hf_model
     with_adapter = attach_adapter(fresh, tmp_path / "adapter", merge=False)
-    quantize_int8_cpu(with_adapter, torch.float32)
+    convert_on_cpu(with_adapter, kind, torch.float32)
+    converted = Int8Linear if kind == "int8-cpu" else Int4Linear
     names = {name: type(module) for name, module in with_adapter.named_modules()}
-    assert names["model.layers.0.self_attn.q_proj.base_layer"] is Int8Linear
+    assert names["model.layers.0.self_attn.q_proj.base_layer"] is converted
     assert names["model.layers.0.self_attn.q_proj.lora_A.default"] is nn.Linear
-    assert names["model.layers.0.mlp.up_proj"] is Int8Linear
+    assert names["model.layers.0.mlp.up_proj"] is converted
 
 
 def test_config_accepts_it() -> None:
