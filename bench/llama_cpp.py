@@ -13,7 +13,8 @@ Aggregate figures (prefill included: all tokens over the wall time): eight diffe
 after another, all at once (llama-cpp-python's server answers one request at a time; started with
 ``--interrupt_requests False``, as by default a new request cuts the one streaming) and in one ``llama_batch``
 (``bench/llama_cpp_batch.py``, best of two), and 1, 4, 8 and 16
-concurrent conversations to the assistant with the first ``--quantize``.
+concurrent conversations to the assistant with the first ``--quantize``; for it also the same single-stream
+decode through the engine in-process (no socket, no server), whose difference is what the protocol costs.
 """
 
 from __future__ import annotations
@@ -96,6 +97,38 @@ async def best(run: object, repeats: int) -> tuple[float, int]:
     return max(results)
 
 
+def engine_decode(quantize: str, tokens: int, repeats: int) -> float:
+    """Decode tok/s of the same question through the engine in-process, as ``assistant_decode`` measures it over
+    the socket (tokens after the first over the time from the first to the last; the server's system prompt):
+    what the protocol and the server cost is the difference. Best of ``repeats`` after a warm-up."""
+    from assistant.config import load_config
+    from assistant.engine.engine import Engine
+    from assistant.engine.loader import load_model
+    from assistant.engine.request import ChatMessage, Finished, GenerationRequest, TextChunk, TokenDelta
+    from assistant.engine.sampling import SamplingParams
+    from assistant.prompts import load_system_prompt
+
+    config = load_config({"data_dir": str(default_data_dir()), "model": DEFAULT_DECODER, "quantize": quantize},
+                         env={})
+    model = load_model(config, progress=lambda _: None)
+    messages = (ChatMessage("system", (TextChunk(load_system_prompt()),)), ChatMessage("user", (TextChunk(QUESTION),)))
+
+    def once() -> float:
+        engine = Engine(model)
+        times: list[float] = []
+        done: list[Finished] = []
+        engine.add_request(GenerationRequest("bench", messages, SamplingParams(temperature=0.0,
+                                                                               max_output_tokens=tokens)),
+                           lambda e: times.append(time.perf_counter()) if isinstance(e, TokenDelta)
+                           else done.append(e) if isinstance(e, Finished) else None)
+        while engine.step():
+            pass
+        return (done[0].num_output_tokens - 1) / max(times[-1] - times[0], 1e-9)
+
+    once()
+    return max(once() for _ in range(repeats))
+
+
 def llama_python() -> Path:
     python = default_data_dir() / "llama-cpp-server" / "bin" / "python"
     if not python.exists():
@@ -172,6 +205,9 @@ async def main() -> None:
                   f"{ours / llama:.2f}x llama.cpp", flush=True)
             if index:
                 continue
+            alone = await asyncio.to_thread(engine_decode, quantize, args.tokens, args.repeats)
+            print(f"assistant --quantize {quantize}, the engine in-process on the same question: {alone:.1f} tok/s; "
+                  f"the server costs {100 * (1 - ours / alone):.1f} %", flush=True)
             single = None
             for count in levels:
                 total = await aggregate(lambda q: assistant_decode(url, args.tokens, q), count, together=True)
