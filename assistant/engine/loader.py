@@ -85,9 +85,10 @@ def pick_dtype(dtype: str, device: str) -> str:
 
 
 def pick_quantize(quantize: str, device: str) -> str:
-    """``auto``: bitsandbytes nf4 on CUDA; on a CPU with AVX512-BF16 ``int4-cpu`` (measured there at twice
-    nf4's tokens/s single-stream and at batch 8, with as good answers); on other CPUs ``int8-cpu`` (measured
-    there at 3.5× nf4's, which emulates bf16 on them). ``bench.quantize`` measures the candidates."""
+    """``auto``: bitsandbytes nf4 on CUDA; on a CPU with AVX512-BF16 ``int4-cpu`` (measured there at 2.4× nf4's
+    tokens/s single-stream and 1.7× at batch 8, and answering bench.quality's questions at least as well); on
+    other CPUs ``int8-cpu`` (measured there at 3.5× nf4's, which emulates bf16 on them; int4-cpu was not
+    measured on one). ``bench.quantize`` measures the candidates."""
     if quantize != "auto":
         return quantize
     if device.startswith("cuda"):
