@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,6 +59,7 @@ from assistant.store_models import DEFAULT_TENANT, ConversationRow, ImageRow, It
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 ROOT = "root"  # previous_item_id that means "insert first"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+WAL_SWITCH_ATTEMPTS = 5  # each waits up to the busy timeout
 READ_ONLY = "assistant_read_only"  # execution option of reads: SQLite may BEGIN DEFERRED, taking no write lock
 PG_CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout
 MIGRATION_LOCK_KEY = 0x61737369  # pg_advisory_xact_lock key of schema upgrades ("assi")
@@ -409,7 +412,16 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode = WAL")
+    for attempt in range(WAL_SWITCH_ATTEMPTS):
+        # Switching a new database to WAL needs it to itself: processes opening a new file together (replicas
+        # started at once, each about to migrate) can be refused "database is locked" while another holds it.
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_SWITCH_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.close()
 
