@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from assistant.engine import int4_cpu
+from assistant.engine import int4_cpu, int8_cpu
 from assistant.engine.int4_cpu import Int4Linear
 from assistant.engine.int8_cpu import Int8Linear
 
@@ -95,13 +95,8 @@ class FusedLinear:
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         if self.kind is nn.Linear:
             return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, x.shape[-1])
-        if self.kind is Int8Linear:
-            if rows.dtype != self.scales.dtype:
-                rows = rows.to(self.scales.dtype)
-            out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scales)
-        else:
-            out = int4_cpu.matmul(rows, self.weight, self.scales)
+        matmul = int8_cpu.matmul if self.kind is Int8Linear else int4_cpu.matmul
+        out = matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
         out = out.reshape(*x.shape[:-1], -1)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)

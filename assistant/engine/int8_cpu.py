@@ -47,14 +47,21 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        out = torch._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scales)
+        out = matmul(x.reshape(-1, self.in_features), self.weight_int8, self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, per-row scales"
+
+
+def matmul(rows: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``(N, in)`` times an int8 weight ``(out, in)`` with per-row ``scales``: ``(N, out)`` in the scales'
+    dtype (the rows are cast to it)."""
+    if rows.dtype != scales.dtype:
+        rows = rows.to(scales.dtype)
+    return torch._weight_int8pack_mm(rows.contiguous(), weight_int8, scales)
 
 
 def quantize_int8_cpu(model: nn.Module, compute_dtype: torch.dtype) -> int:
