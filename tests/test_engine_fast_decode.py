@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from assistant.engine.batch import DecodeBatch
 from assistant.engine.engine import Engine
 from assistant.engine.fast_decode import FastDecoder
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
-from assistant.engine.request import EngineEvent, Finished, GenerationRequest, TokenDelta
-from assistant.engine.sampling import SamplingParams
+from assistant.engine.request import Finished
 from tests.engine_fixtures import save_tiny_chat_model, user
-
-PROMPTS = ["What is the capital of France?", "Hello", "Emoji 🙂 and 🚀 are fun! Tell me a long story about them.",
-           "The user asks a question."]
+from tests import test_engine_batch as batch_tests
+from tests.test_engine_batch import PROMPTS
 
 
 @pytest.fixture(scope="module", params=["none", "int8-cpu", "int4-cpu"])
@@ -94,27 +93,21 @@ def test_a_decoding_batch_appends_in_place_into_room_it_reserved(model: ChatMode
     assert batch.cache.get_seq_length() == batch.lengths[0]
 
 
-def greedy(model: ChatModel, requests: list[tuple[str, int]], *, max_num_running: int) -> dict[str, str]:
-    engine = Engine(model, max_num_running=max_num_running)
-    events: dict[str, list[EngineEvent]] = {}
-    for index, (text, tokens) in enumerate(requests):
-        events[str(index)] = []
-        engine.add_request(GenerationRequest(str(index), (user(text),), SamplingParams(temperature=0.0,
-                                                                                       max_output_tokens=tokens)),
-                           events[str(index)].append)
-    while engine.step():
-        pass
-    assert all(isinstance(e[-1], Finished) for e in events.values())
-    return {i: "".join(e.text for e in evs if isinstance(e, TokenDelta)) for i, evs in events.items()}
+def answers(model: ChatModel) -> dict[str, str]:
+    """Four greedy requests of different lengths through one engine, joining together and leaving apart."""
+    requests = [batch_tests.request(f"r{i}", (user(prompt),), tokens)
+                for i, (prompt, tokens) in enumerate(zip(PROMPTS, [12, 3, 20, 7], strict=True))]
+    events = batch_tests.staggered(Engine(model, max_num_running=4), requests, arrivals=[0, 0, 0, 0])
+    assert all(isinstance(evs[-1], Finished) for evs in events.values())
+    return {request_id: batch_tests.text(evs) for request_id, evs in events.items()}
 
 
 def test_the_engine_answers_as_with_transformers_forward(model: ChatModel) -> None:
-    requests = list(zip(PROMPTS, [12, 3, 20, 7], strict=True))
     fast = model.fast_decoder
-    fast_answers = greedy(model, requests, max_num_running=4)
+    fast_answers = answers(model)
     model.fast_decoder = None
     try:
-        slow_answers = greedy(model, requests, max_num_running=4)
+        slow_answers = answers(model)
     finally:
         model.fast_decoder = fast
     assert fast_answers == slow_answers
