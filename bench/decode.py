@@ -56,8 +56,10 @@ def time_model_decode(model: ChatModel, prompt: Prompt, num_tokens: int) -> floa
     return time.perf_counter() - started
 
 
-def time_engine_decode(model: ChatModel, text: str, num_tokens: int) -> tuple[float, int]:
-    """Seconds from the first token to the last, and how many tokens came in between."""
+def time_engine_decode(model: ChatModel, text: str, num_tokens: int, *,
+                       system: str | None = None) -> tuple[float, int]:
+    """Seconds from the first token to the last, and how many tokens came in between (greedy, ``text`` as the
+    user's message after the ``system`` prompt, if any)."""
     engine = Engine(model)
     events: list[EngineEvent] = []
     first_token_at: list[float] = []
@@ -67,9 +69,10 @@ def time_engine_decode(model: ChatModel, text: str, num_tokens: int) -> tuple[fl
             first_token_at.append(time.perf_counter())
         events.append(event)
 
-    messages = (ChatMessage("user", (TextChunk(text),)),)
-    engine.add_request(GenerationRequest("bench", messages, SamplingParams(temperature=0.0,
-                                                                           max_output_tokens=num_tokens + 1)), sink)
+    messages = [ChatMessage("system", (TextChunk(system),))] if system else []
+    messages.append(ChatMessage("user", (TextChunk(text),)))
+    params = SamplingParams(temperature=0.0, max_output_tokens=num_tokens + 1)
+    engine.add_request(GenerationRequest("bench", tuple(messages), params), sink)
     while engine.step():
         pass
     finished = events[-1]

@@ -101,35 +101,19 @@ async def best(run: object, repeats: int) -> tuple[float, int]:
 
 
 def engine_decode(quantize: str, tokens: int, repeats: int) -> float:
-    """Decode tok/s of the same question through the engine in-process, as ``assistant_decode`` measures it over
-    the socket (tokens after the first over the time from the first to the last; the server's system prompt):
-    what the protocol and the server cost is the difference. Best of ``repeats`` after a warm-up."""
+    """Decode tok/s of the same question through the engine in-process (``bench.decode``'s engine loop, with the
+    server's system prompt), as ``assistant_decode`` measures it over the socket: what the protocol and the
+    server cost is the difference. Best of ``repeats`` after a warm-up."""
     from assistant.config import load_config
-    from assistant.engine.engine import Engine
     from assistant.engine.loader import load_model
-    from assistant.engine.request import ChatMessage, Finished, GenerationRequest, TextChunk, TokenDelta
-    from assistant.engine.sampling import SamplingParams
     from assistant.prompts import load_system_prompt
+    from bench.decode import time_engine_decode
 
     config = load_config({"data_dir": str(default_data_dir()), "model": DEFAULT_DECODER, "quantize": quantize},
                          env={})
     model = load_model(config, progress=lambda _: None)
-    messages = (ChatMessage("system", (TextChunk(load_system_prompt()),)), ChatMessage("user", (TextChunk(QUESTION),)))
-
-    def once() -> float:
-        engine = Engine(model)
-        times: list[float] = []
-        done: list[Finished] = []
-        engine.add_request(GenerationRequest("bench", messages, SamplingParams(temperature=0.0,
-                                                                               max_output_tokens=tokens)),
-                           lambda e: times.append(time.perf_counter()) if isinstance(e, TokenDelta)
-                           else done.append(e) if isinstance(e, Finished) else None)
-        while engine.step():
-            pass
-        return (done[0].num_output_tokens - 1) / max(times[-1] - times[0], 1e-9)
-
-    once()
-    return max(once() for _ in range(repeats))
+    runs = [time_engine_decode(model, QUESTION, tokens - 1, system=load_system_prompt()) for _ in range(repeats + 1)]
+    return max(count / seconds for seconds, count in runs[1:])
 
 
 def in_child(function: Any, *args: Any) -> Any:
