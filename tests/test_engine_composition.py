@@ -45,7 +45,7 @@ def test_defaults_and_hub_ids(tmp_path):
 
     assert spec.decoder == "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a local path: a hub id, untouched
     assert spec.encoder == str(tmp_path / "clip")  # exists next to the file: a local path
-    assert (spec.feature_layer, spec.select) == (-2, "default")
+    assert (spec.feature_layer, spec.select, spec.features) == (-2, "default", "head")
 
 
 def test_absolute_paths_stay_absolute(tmp_path):
@@ -74,6 +74,10 @@ def test_absolute_paths_stay_absolute(tmp_path):
     ('decoder = "d"\nadapter = "nowhere"\n[vision]\nencoder = "e"\nprojector = "projector"\n',
      "adapter: no LoRA adapter"),
     ('decoder = "d"\nvision = "clip"\n', "must be a table"),
+    ('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\nfeatures = "all"\n',
+     "vision.features must be one of head, multiscale"),
+    ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nfeatures = "multiscale"\n',
+     "vision.features is for efficientnet-lite0"),
     ('decoder = "d\n', "cannot read"),
 ])
 def test_mistakes_are_named(tmp_path, text, message):
@@ -97,6 +101,17 @@ def test_a_written_composition_reads_back_as_the_same_spec(tmp_path):
     text = (out / "model.toml").read_text()
     assert 'projector = "projector"' in text and 'adapter = "adapter"' in text
     assert load_composition(out / "model.toml") == spec
+
+
+def test_efficientnet_features_are_written_and_read_back(tmp_path):
+    save_projector(Projector("linear", 4, 8), tmp_path / "projector")
+    spec = CompositionSpec(decoder="/opt/decoder", encoder="efficientnet-lite0", projector=tmp_path / "projector",
+                           features="multiscale")
+
+    write_composition(spec, tmp_path / "model.toml")
+
+    assert 'features = "multiscale"' in (tmp_path / "model.toml").read_text()
+    assert load_composition(tmp_path / "model.toml") == spec
 
 
 def test_a_projector_yet_to_be_trained_may_be_missing_when_asked(tmp_path):

@@ -159,6 +159,31 @@ def test_efficientnet_vision_batch_equals_one_by_one():
     torch.testing.assert_close(batch[1], vision.encode(IMAGES[1:], "high")[0], atol=1e-4, rtol=1e-4)
 
 
+def test_efficientnet_multiscale_features_hold_the_head_earlier_stages_and_where_each_cell_is():
+    torch.manual_seed(0)
+    backbone = EfficientNetLite0()
+    multiscale = EfficientNetVision(backbone, random_projector(1442), "multiscale")
+    head = EfficientNetVision(backbone, random_projector(1280))
+
+    features = multiscale.features(IMAGES)  # (2, 49, 1442)
+    assert features.shape == (2, 49, 1442)
+    torch.testing.assert_close(features[..., :1280], head.features(IMAGES))  # the head's features come first
+    position = features[..., -10:]  # the same for every image: x and y of each cell, then their sines and cosines
+    torch.testing.assert_close(position[0], position[1])
+    assert position[0, 0, :2].tolist() == pytest.approx([-6 / 7, -6 / 7])  # top left cell, row-major like the tokens
+    assert position[0, 6, :2].tolist() == pytest.approx([6 / 7, -6 / 7])  # top right
+    assert position[0, 48, :2].tolist() == pytest.approx([6 / 7, 6 / 7])  # bottom right
+    assert multiscale.encode(IMAGES, "low").shape == (2, 16, TEXT_HIDDEN)
+    assert multiscale.encoder_identity == head.encoder_identity + ":multiscale"  # features cached apart
+
+
+def test_efficientnet_refuses_unknown_features_and_a_projector_of_the_other_width():
+    with pytest.raises(ValueError, match="must be one of head, multiscale"):
+        EfficientNetVision(EfficientNetLite0(), random_projector(1280), "pyramid")
+    with pytest.raises(ValueError, match="multiscale features are 1442 wide"):
+        EfficientNetVision(EfficientNetLite0(), random_projector(1280), "multiscale")
+
+
 def test_unknown_detail_is_refused():
     vision = EfficientNetVision(EfficientNetLite0(), random_projector(1280))
     with pytest.raises(ValueError, match="detail must be one of"):

@@ -12,6 +12,7 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
     projector = "projector"                   # a directory written by save_projector (config.json + model.safetensors)
     feature_layer = -2                        # CLIP/SigLIP only: which hidden_states entry feeds the projector
     select = "default"                        # CLIP/SigLIP only: "default" drops CLIP's CLS token, "full" keeps it
+    features = "head"                         # EfficientNet-Lite0 only: "head" (1280 wide) or "multiscale" (1442)
 
 Required: ``decoder``, ``[vision] encoder``, ``[vision] projector``; the others
 take the defaults shown (no adapter: the decoder as it is). A relative path is resolved against the file's
@@ -52,6 +53,7 @@ class CompositionSpec:
     feature_layer: int = -2
     select: str = "default"
     adapter: Path | None = None  # a peft LoRA adapter directory of the decoder
+    features: str = "head"  # EfficientNet-Lite0 only: efficientnet.FEATURE_SETS
 
 
 def load_composition(path: Path, *, require_projector: bool = True) -> CompositionSpec:
@@ -68,7 +70,7 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
     if not isinstance(vision, dict):
         raise ValueError(f"{path}: 'vision' must be a table ([vision])")
     _check_keys(path, "vision.", vision, required={"encoder", "projector"},
-                allowed={"encoder", "projector", "feature_layer", "select"})
+                allowed={"encoder", "projector", "feature_layer", "select", "features"})
     decoder = _get(path, "decoder", data, str)
     encoder = _get(path, "vision.encoder", vision, str)
     projector = base / Path(_get(path, "vision.projector", vision, str)).expanduser()
@@ -86,9 +88,16 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
         feature_layer=_get(path, "vision.feature_layer", vision, int, -2),
         select=_get(path, "vision.select", vision, str, "default"),
         adapter=adapter,
+        features=_get(path, "vision.features", vision, str, "head"),
     )
     if spec.select not in SELECTS:
         raise ValueError(f"{path}: vision.select must be one of {', '.join(SELECTS)}, got {spec.select!r}")
+    if spec.features not in efficientnet.FEATURE_SETS:
+        raise ValueError(f"{path}: vision.features must be one of {', '.join(efficientnet.FEATURE_SETS)}, "
+                         f"got {spec.features!r}")
+    if spec.features != "head" and spec.encoder != EFFICIENTNET:
+        raise ValueError(f"{path}: vision.features is for {EFFICIENTNET}; a CLIP or SigLIP encoder takes "
+                         f"feature_layer and select")
     if not decoder or not encoder:
         raise ValueError(f"{path}: decoder and vision.encoder must not be empty")
     return spec
@@ -108,6 +117,8 @@ def write_composition(spec: CompositionSpec, path: Path) -> None:
         lines.append(f"adapter = {quoted(spec.adapter)}")
     lines += ["", "[vision]", f"encoder = {json.dumps(spec.encoder)}", f"projector = {quoted(spec.projector)}",
               f"feature_layer = {spec.feature_layer}", f"select = {json.dumps(spec.select)}"]
+    if spec.features != "head":
+        lines.append(f"features = {json.dumps(spec.features)}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -119,7 +130,7 @@ def load_vision_part(spec: CompositionSpec, *, data_dir: Path, device: str | tor
     projector = projector if projector is not None else load_projector(spec.projector)
     if spec.encoder == EFFICIENTNET:
         backbone = efficientnet.load_efficientnet_lite0(efficientnet.pull_efficientnet_weights(data_dir, progress))
-        return EfficientNetVision(backbone.to(device, dtype), projector.to(device, dtype))
+        return EfficientNetVision(backbone.to(device, dtype), projector.to(device, dtype), spec.features)
     return load_hf_vision_tower(spec.encoder, projector, feature_layer=spec.feature_layer,
                                 select=spec.select, device=device, dtype=dtype)  # type: ignore[arg-type]
 
@@ -127,7 +138,7 @@ def load_vision_part(spec: CompositionSpec, *, data_dir: Path, device: str | tor
 def encoder_width(spec: CompositionSpec) -> int:
     """Width of the spec's encoder features: what its projector takes (``in_dim``)."""
     if spec.encoder == EFFICIENTNET:
-        return efficientnet.NUM_FEATURES
+        return efficientnet.FEATURE_SETS[spec.features]
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(spec.encoder)

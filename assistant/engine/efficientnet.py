@@ -47,6 +47,14 @@ WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77
 
 IMAGE_SIZE = 224
 NUM_FEATURES = 1280
+# "multiscale" features (see EfficientNetLite0.forward_multiscale): the head's 1280 channels, the outputs of the
+# blocks that end stage 3 (40 channels, stride 8) and stage 5 (112 channels, stride 16) average-pooled onto the
+# head's grid, and POSITION_FEATURES channels that say where each grid cell is.
+MULTISCALE_BLOCKS = {4: 40, 10: 112}  # block index → its output channels
+POSITION_FREQUENCIES = (1, 2)
+POSITION_FEATURES = 2 + 4 * len(POSITION_FREQUENCIES)  # x, y, then sin and cos of each at each frequency
+FEATURE_SETS = {"head": NUM_FEATURES,
+                "multiscale": NUM_FEATURES + sum(MULTISCALE_BLOCKS.values()) + POSITION_FEATURES}
 MEAN_RGB = (127.0, 127.0, 127.0)  # on 0..255 pixel values
 STD_RGB = (128.0, 128.0, 128.0)
 BN_EPS = 1e-3
@@ -135,10 +143,44 @@ class EfficientNetLite0(nn.Module):
             x = block(x)  # ... → (N, 320, H/32, W/32)
         return F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, H/32, W/32)
 
+    def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalized pixels → (N, FEATURE_SETS["multiscale"], H/32, W/32).
+
+        The head's features are ImageNet's: they tell shapes apart but keep colour poorly (a linear probe
+        on their pooled values named blue and purple shapes wrongly about one time in six; on stage 3's, one
+        time in thirty). Earlier stages keep colour and fine detail, and a convolution's output carries little of
+        where on the image it is, which the decoder needs for "where is it?": so the earlier stages' outputs
+        are average-pooled onto the head's grid and fixed position channels are added.
+        """
+        x = F.relu6(self._bn0(self._conv_stem(x)))  # (N, 32, H/2, W/2)
+        earlier = []
+        for index, block in enumerate(self._blocks):
+            x = block(x)
+            if index in MULTISCALE_BLOCKS:
+                earlier.append(x)  # (N, 40, H/8, W/8), (N, 112, H/16, W/16)
+        head = F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, g, g)
+        n, _, height, width = head.shape
+        pooled = [F.adaptive_avg_pool2d(e, (height, width)) for e in earlier]
+        position = grid_positions(height, width).to(head).expand(n, -1, -1, -1)  # (N, POSITION_FEATURES, g, g)
+        return torch.cat([head, *pooled, position], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) → (N, num_classes) ImageNet logits (dropout is a no-op at inference)."""
         features = self.forward_features(x).mean(dim=(2, 3))  # (N, 1280)
         return self._fc(features)
+
+
+def grid_positions(height: int, width: int) -> torch.Tensor:
+    """(1, POSITION_FEATURES, height, width): each cell's centre x and y in [-1, 1], then sin and cos of
+    π·f·x and π·f·y for each f in POSITION_FREQUENCIES."""
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height * 2 - 1
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width * 2 - 1
+    y, x = torch.meshgrid(ys, xs, indexing="ij")  # (height, width) each
+    channels = [x, y]
+    for frequency in POSITION_FREQUENCIES:
+        channels += [torch.sin(math.pi * frequency * x), torch.cos(math.pi * frequency * x),
+                     torch.sin(math.pi * frequency * y), torch.cos(math.pi * frequency * y)]
+    return torch.stack(channels).unsqueeze(0)
 
 
 def load_efficientnet_lite0(weights_path: Path) -> EfficientNetLite0:

@@ -10,7 +10,8 @@ projector of a :class:`ProjectedVision` trainable). The model renders one image 
 Implementations:
 
 - :class:`EfficientNetVision`: EfficientNet-Lite0 features (1280 × 7 × 7 at
-  224 px, flattened to 49 tokens) → a projector (``mlp2x_gelu`` as LLaVA's);
+  224 px, flattened to 49 tokens; or 1442 wide with earlier stages and position
+  channels, ``features = "multiscale"``) → a projector (``mlp2x_gelu`` as LLaVA's);
 - :class:`HFVisionTower`: a CLIP or SigLIP vision model from ``transformers``
   (``hidden_states[feature_layer]``, CLIP's CLS dropped by ``select="default"``)
   → a projector;
@@ -213,26 +214,38 @@ def load_projector(path: Path) -> Projector:
 # --- EfficientNet-Lite0 ---------------------------------------------------------------------------
 
 class EfficientNetVision(ProjectedVision):
+    """EfficientNet-Lite0 + a projector; ``feature_set`` "head" (its last layer, 1280 wide) or "multiscale"
+    (that plus earlier stages and position channels: :meth:`EfficientNetLite0.forward_multiscale`)."""
+
     image_size = efficientnet.IMAGE_SIZE
 
-    def __init__(self, backbone: efficientnet.EfficientNetLite0, projector: Projector):
-        if projector.in_dim != efficientnet.NUM_FEATURES:
-            raise ValueError(f"the projector takes {projector.in_dim} features, EfficientNet-Lite0 gives "
-                             f"{efficientnet.NUM_FEATURES}")
+    def __init__(self, backbone: efficientnet.EfficientNetLite0, projector: Projector, feature_set: str = "head"):
+        if feature_set not in efficientnet.FEATURE_SETS:
+            raise ValueError(f"EfficientNet-Lite0 features must be one of {', '.join(efficientnet.FEATURE_SETS)}, "
+                             f"got {feature_set!r}")
+        width = efficientnet.FEATURE_SETS[feature_set]
+        if projector.in_dim != width:
+            raise ValueError(f"the projector takes {projector.in_dim} features, EfficientNet-Lite0's {feature_set} "
+                             f"features are {width} wide")
         self.backbone = backbone.eval().requires_grad_(False)
         self.projector = projector.eval().requires_grad_(False)
+        self.feature_set = feature_set
         self.hidden_size = projector.out_dim
         self.grid = self.image_size // 32  # 7
         self.num_high_tokens = self.grid**2  # 49
-        self.encoder_identity = f"efficientnet-lite0:{fingerprint(backbone)}"
+        suffix = "" if feature_set == "head" else f":{feature_set}"  # "head" keeps the identity it always had
+        self.encoder_identity = f"efficientnet-lite0:{fingerprint(backbone)}{suffix}"
         self.identity = f"{self.encoder_identity}+proj:{fingerprint(projector)}"
 
     @torch.no_grad()
     def features(self, images: list[Image.Image]) -> torch.Tensor:
         device, dtype = module_device_dtype(self.backbone)
         pixels = efficientnet.preprocess(images, self.image_size).to(device, dtype)  # (N, 3, 224, 224)
-        features = self.backbone.forward_features(pixels)  # (N, 1280, 7, 7)
-        return features.flatten(2).transpose(1, 2)  # (N, 49, 1280)
+        if self.feature_set == "multiscale":
+            features = self.backbone.forward_multiscale(pixels)  # (N, 1442, 7, 7)
+        else:
+            features = self.backbone.forward_features(pixels)  # (N, 1280, 7, 7)
+        return features.flatten(2).transpose(1, 2)  # (N, 49, in_dim)
 
 
 # --- CLIP / SigLIP towers --------------------------------------------------------------------------

@@ -286,7 +286,7 @@ def _write_model(settings: TrainSettings, spec: CompositionSpec, model: Trainabl
             shutil.copytree(spec.adapter, adapter, dirs_exist_ok=True)
     model_file = out / "model.toml"
     write_composition(CompositionSpec(spec.decoder, spec.encoder, out / "projector", spec.feature_layer,
-                                      spec.select, adapter), model_file)
+                                      spec.select, adapter, spec.features), model_file)
     return model_file
 
 
