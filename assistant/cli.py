@@ -298,10 +298,7 @@ def _keys(args: argparse.Namespace, config: Config) -> int:
 
     store = Store(config.database_url)
     try:
-        if store.url.get_backend_name() == "sqlite":
-            store.upgrade()  # as `serve` does for the embedded database
-        elif not store.is_up_to_date():
-            raise RuntimeError("the database schema is not at the newest migration; run `assistant db upgrade` first")
+        store.upgrade()  # as `serve` does, on any database (concurrent upgrades migrate once: Store.upgrade)
         keys = Keys(store.engine)
         if args.keys_command == "create":
             try:
