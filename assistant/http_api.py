@@ -420,10 +420,12 @@ class _Run:
             finished = Finished(reason="error", error="internal error")
         finally:
             self._finished = True
+            record = None
             if conversation_id is not None and is_started:
-                finished = await asyncio.shield(self._store(conversation_id, "".join(text), calls, finished, started,
-                                                            first_token_at))
-            log_outcome(self._record(finished, started, first_token_at), "chat completion", conversation_id)
+                finished, record = await asyncio.shield(self._store(conversation_id, "".join(text), calls, finished,
+                                                                    started, first_token_at))
+            log_outcome(record or self._record(finished, started, first_token_at), "chat completion",
+                        conversation_id)
             self._events.put_nowait(finished)
 
     def _put(self, events: list[OutputEvent], text: list[str], calls: list[CallDone]) -> None:
@@ -443,9 +445,10 @@ class _Run:
                               (time.monotonic() - started) * 1000.0)
 
     async def _store(self, conversation_id: str, text: str, calls: list[CallDone], finished: Finished,
-                     started: float, first_token_at: float | None) -> Finished:
-        """Store the answer and outcome; returns the outcome the client is told. When storage fails, that is a
-        failure (storage_unavailable), and the writes that say so wait in the app's pending writes."""
+                     started: float, first_token_at: float | None) -> tuple[Finished, ResponseRecord]:
+        """Store the answer and outcome; returns the outcome the client is told and its record. When storage
+        fails, that is a failure (storage_unavailable), and the writes that say so wait in the app's pending
+        writes."""
         def outcome(finished: Finished) -> tuple[list[Item], ResponseRecord]:
             record = self._record(finished, started, first_token_at)
             item_status = "completed" if record.status == "completed" else "incomplete"
@@ -476,7 +479,7 @@ class _Run:
             self.app.pending.add(f"response {self.request_id}", partial(store.finish_response, record))
         except Exception:
             log.exception("chat completion %s: could not store the result", self.request_id)
-        return finished
+        return finished, record
 
 
 async def _disconnected(request: Request) -> None:
