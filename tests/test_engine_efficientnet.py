@@ -127,14 +127,16 @@ def test_preprocess_pads_to_square_without_cropping():
 
 @pytest.mark.real_model
 @pytest.mark.usefixtures("efficientnet_weights_path")
-def test_composition_with_efficientnet_encodes_49_or_16_tokens(tmp_path):
+@pytest.mark.parametrize(("features", "width"), [("head", 1280), ("multiscale", 1442)])
+def test_composition_with_efficientnet_encodes_49_or_16_tokens(tmp_path, features, width):
     torch.manual_seed(0)
-    save_projector(Projector("mlp2x_gelu", 1280, 24), tmp_path / "projector")
+    save_projector(Projector("mlp2x_gelu", width, 24), tmp_path / "projector")
     path = tmp_path / "model.toml"
-    path.write_text('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\n')
+    path.write_text('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\n'
+                    f'features = "{features}"\n')
 
     vision = load_vision_part(load_composition(path), data_dir=default_data_dir(), progress=lambda _: None)
 
-    assert isinstance(vision, EfficientNetVision)
+    assert isinstance(vision, EfficientNetVision) and vision.feature_set == features
     assert vision.encode([crossword(), make_image(3)], "high").shape == (2, 49, 24)
     assert vision.encode([crossword()], "low").shape == (1, 16, 24)
