@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 
 import torch
@@ -138,10 +138,17 @@ class EfficientNetLite0(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalized pixels → (N, 1280, H/32, W/32); (N, 1280, 7, 7) at 224 px."""
+        return self._run(x)[0]
+
+    def _run(self, x: torch.Tensor, keep: Container[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The head's features, and the outputs of the blocks whose index is in ``keep``, in order."""
         x = F.relu6(self._bn0(self._conv_stem(x)))  # (N, 32, H/2, W/2)
-        for block in self._blocks:
+        kept = []
+        for index, block in enumerate(self._blocks):
             x = block(x)  # ... → (N, 320, H/32, W/32)
-        return F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, H/32, W/32)
+            if index in keep:
+                kept.append(x)
+        return F.relu6(self._bn1(self._conv_head(x))), kept  # (N, 1280, H/32, W/32)
 
     def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalized pixels → (N, FEATURE_SETS["multiscale"], H/32, W/32).
@@ -152,13 +159,7 @@ class EfficientNetLite0(nn.Module):
         where on the image it is, which the decoder needs for "where is it?": so the earlier stages' outputs
         are average-pooled onto the head's grid and fixed position channels are added.
         """
-        x = F.relu6(self._bn0(self._conv_stem(x)))  # (N, 32, H/2, W/2)
-        earlier = []
-        for index, block in enumerate(self._blocks):
-            x = block(x)
-            if index in MULTISCALE_BLOCKS:
-                earlier.append(x)  # (N, 40, H/8, W/8), (N, 112, H/16, W/16)
-        head = F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, g, g)
+        head, earlier = self._run(x, MULTISCALE_BLOCKS)  # (N, 1280, g, g); (N, 40, H/8, W/8), (N, 112, H/16, W/16)
         n, _, height, width = head.shape
         pooled = [F.adaptive_avg_pool2d(e, (height, width)) for e in earlier]
         position = grid_positions(height, width).to(head).expand(n, -1, -1, -1)  # (N, POSITION_FEATURES, g, g)
