@@ -78,6 +78,10 @@ def test_absolute_paths_stay_absolute(tmp_path):
      "vision.features must be one of head, multiscale"),
     ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nfeatures = "multiscale"\n',
      "vision.features is for efficientnet-lite0"),
+    ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nsummary_token = true\n',
+     "vision.summary_token is for efficientnet-lite0"),
+    ('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\nsummary_token = 1\n',
+     "vision.summary_token must be true or false"),
     ('decoder = "d\n', "cannot read"),
 ])
 def test_mistakes_are_named(tmp_path, text, message):
@@ -103,14 +107,16 @@ def test_a_written_composition_reads_back_as_the_same_spec(tmp_path):
     assert load_composition(out / "model.toml") == spec
 
 
-def test_efficientnet_features_are_written_and_read_back(tmp_path):
+@pytest.mark.parametrize("summary_token", [False, True])
+def test_efficientnet_features_are_written_and_read_back(tmp_path, summary_token):
     save_projector(Projector("linear", 4, 8), tmp_path / "projector")
     spec = CompositionSpec(decoder="/opt/decoder", encoder="efficientnet-lite0", projector=tmp_path / "projector",
-                           features="multiscale")
+                           features="multiscale", summary_token=summary_token)
 
     write_composition(spec, tmp_path / "model.toml")
 
-    assert 'features = "multiscale"' in (tmp_path / "model.toml").read_text()
+    text = (tmp_path / "model.toml").read_text()
+    assert 'features = "multiscale"' in text and ("summary_token = true" in text) == summary_token
     assert load_composition(tmp_path / "model.toml") == spec
 
 

@@ -127,16 +127,19 @@ def test_preprocess_pads_to_square_without_cropping():
 
 @pytest.mark.real_model
 @pytest.mark.usefixtures("efficientnet_weights_path")
-@pytest.mark.parametrize(("features", "width"), [("head", 1280), ("multiscale", 1442)])
-def test_composition_with_efficientnet_encodes_49_or_16_tokens(tmp_path, features, width):
+@pytest.mark.parametrize(("features", "width", "summary_token"),
+                         [("head", 1280, False), ("multiscale", 1442, False), ("multiscale", 1442, True)])
+def test_composition_with_efficientnet_encodes_49_or_16_tokens_and_a_summary_token(tmp_path, features, width,
+                                                                                    summary_token):
     torch.manual_seed(0)
     save_projector(Projector("mlp2x_gelu", width, 24), tmp_path / "projector")
     path = tmp_path / "model.toml"
     path.write_text('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\n'
-                    f'features = "{features}"\n')
+                    f'features = "{features}"\nsummary_token = {str(summary_token).lower()}\n')
 
     vision = load_vision_part(load_composition(path), data_dir=default_data_dir(), progress=lambda _: None)
 
     assert isinstance(vision, EfficientNetVision) and vision.feature_set == features
-    assert vision.encode([crossword(), make_image(3)], "high").shape == (2, 49, 24)
-    assert vision.encode([crossword()], "low").shape == (1, 16, 24)
+    assert vision.summary_token == summary_token
+    assert vision.encode([crossword(), make_image(3)], "high").shape == (2, summary_token + 49, 24)
+    assert vision.encode([crossword()], "low").shape == (1, summary_token + 16, 24)

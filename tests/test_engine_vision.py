@@ -177,6 +177,23 @@ def test_efficientnet_multiscale_features_hold_the_head_earlier_stages_and_where
     assert multiscale.encoder_identity == head.encoder_identity + ":multiscale"  # features cached apart
 
 
+def test_efficientnet_summary_token_comes_first_holds_each_features_maximum_and_is_never_pooled():
+    torch.manual_seed(0)
+    backbone = EfficientNetLite0()
+    plain = EfficientNetVision(backbone, random_projector(1442), "multiscale")
+    summary = EfficientNetVision(backbone, random_projector(1442), "multiscale", summary_token=True)
+
+    features = summary.features(IMAGES)  # (2, 1 + 49, 1442)
+    assert features.shape == (2, 50, 1442)
+    torch.testing.assert_close(features[:, 1:], plain.features(IMAGES))  # the grid as it was, after it
+    torch.testing.assert_close(features[:, 0], features[:, 1:].amax(dim=1))
+    assert (summary.num_tokens("high"), summary.num_tokens("low")) == (50, 17)
+    high, low = summary.encode(IMAGES, "high"), summary.encode(IMAGES, "low")
+    assert low.shape == (2, 17, TEXT_HIDDEN)
+    torch.testing.assert_close(low[:, 0], high[:, 0])  # the low-detail pooling leaves it alone
+    assert summary.encoder_identity == plain.encoder_identity + ":summary-max"  # features cached apart
+
+
 def test_efficientnet_refuses_unknown_features_and_a_projector_of_the_other_width():
     with pytest.raises(ValueError, match="must be one of head, multiscale"):
         EfficientNetVision(EfficientNetLite0(), random_projector(1280), "pyramid")

@@ -13,6 +13,7 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
     feature_layer = -2                        # CLIP/SigLIP only: which hidden_states entry feeds the projector
     select = "default"                        # CLIP/SigLIP only: "default" drops CLIP's CLS token, "full" keeps it
     features = "head"                         # EfficientNet-Lite0 only: "head" (1280 wide) or "multiscale" (1442)
+    summary_token = false                     # EfficientNet-Lite0 only: one more token first, each feature's max
 
 Required: ``decoder``, ``[vision] encoder``, ``[vision] projector``; the others
 take the defaults shown (no adapter: the decoder as it is). A relative path is resolved against the file's
@@ -42,7 +43,7 @@ from assistant.engine.vision import (EfficientNetVision, ProjectedVision, Projec
 
 EFFICIENTNET = "efficientnet-lite0"
 SELECTS = ("default", "full")
-KIND_NAMES = {str: "a string", int: "an integer"}
+KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class CompositionSpec:
     select: str = "default"
     adapter: Path | None = None  # a peft LoRA adapter directory of the decoder
     features: str = "head"  # EfficientNet-Lite0 only: efficientnet.FEATURE_SETS
+    summary_token: bool = False  # EfficientNet-Lite0 only: EfficientNetVision's summary token
 
 
 def load_composition(path: Path, *, require_projector: bool = True) -> CompositionSpec:
@@ -70,7 +72,7 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
     if not isinstance(vision, dict):
         raise ValueError(f"{path}: 'vision' must be a table ([vision])")
     _check_keys(path, "vision.", vision, required={"encoder", "projector"},
-                allowed={"encoder", "projector", "feature_layer", "select", "features"})
+                allowed={"encoder", "projector", "feature_layer", "select", "features", "summary_token"})
     decoder = _get(path, "decoder", data, str)
     encoder = _get(path, "vision.encoder", vision, str)
     projector = base / Path(_get(path, "vision.projector", vision, str)).expanduser()
@@ -89,15 +91,17 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
         select=_get(path, "vision.select", vision, str, "default"),
         adapter=adapter,
         features=_get(path, "vision.features", vision, str, "head"),
+        summary_token=_get(path, "vision.summary_token", vision, bool, False),
     )
     if spec.select not in SELECTS:
         raise ValueError(f"{path}: vision.select must be one of {', '.join(SELECTS)}, got {spec.select!r}")
     if spec.features not in efficientnet.FEATURE_SETS:
         raise ValueError(f"{path}: vision.features must be one of {', '.join(efficientnet.FEATURE_SETS)}, "
                          f"got {spec.features!r}")
-    if spec.features != "head" and spec.encoder != EFFICIENTNET:
-        raise ValueError(f"{path}: vision.features is for {EFFICIENTNET}; a CLIP or SigLIP encoder takes "
-                         f"feature_layer and select")
+    for key, is_set in (("features", spec.features != "head"), ("summary_token", spec.summary_token)):
+        if is_set and spec.encoder != EFFICIENTNET:
+            raise ValueError(f"{path}: vision.{key} is for {EFFICIENTNET}; a CLIP or SigLIP encoder takes "
+                             f"feature_layer and select")
     if not decoder or not encoder:
         raise ValueError(f"{path}: decoder and vision.encoder must not be empty")
     return spec
@@ -119,6 +123,8 @@ def write_composition(spec: CompositionSpec, path: Path) -> None:
               f"feature_layer = {spec.feature_layer}", f"select = {json.dumps(spec.select)}"]
     if spec.features != "head":
         lines.append(f"features = {json.dumps(spec.features)}")
+    if spec.summary_token:
+        lines.append("summary_token = true")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -130,7 +136,8 @@ def load_vision_part(spec: CompositionSpec, *, data_dir: Path, device: str | tor
     projector = projector if projector is not None else load_projector(spec.projector)
     if spec.encoder == EFFICIENTNET:
         backbone = efficientnet.load_efficientnet_lite0(efficientnet.pull_efficientnet_weights(data_dir, progress))
-        return EfficientNetVision(backbone.to(device, dtype), projector.to(device, dtype), spec.features)
+        return EfficientNetVision(backbone.to(device, dtype), projector.to(device, dtype), spec.features,
+                                  spec.summary_token)
     return load_hf_vision_tower(spec.encoder, projector, feature_layer=spec.feature_layer,
                                 select=spec.select, device=device, dtype=dtype)  # type: ignore[arg-type]
 
@@ -165,6 +172,6 @@ def _check_keys(path: Path, prefix: str, table: dict[str, Any], *, required: set
 def _get(path: Path, name: str, table: dict[str, Any], kind: type, default: Any = None) -> Any:
     value = table.get(name.rsplit(".", 1)[-1], default)
     # bool is an int in Python; a feature layer of `true` is a mistake, not layer 1.
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ValueError(f"{path}: {name} must be {KIND_NAMES[kind]}, got {value!r}")
     return value

