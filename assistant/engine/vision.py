@@ -33,12 +33,11 @@ any CLIP / SigLIP tower           its own ``image_size``      g²            ⌈
 ================================  ==========================  ============  ==========
 
 ``auto`` is ``high``. ``low`` average-pools the projected patch grid to
-⌈g/2⌉ × ⌈g/2⌉ (adaptive, so odd grids work); a kept CLS token
-(``select="full"`` on CLIP) or EfficientNet-Lite0's summary token adds one token to both rows and is never
-pooled. A
-LLaVA checkpoint whose token count is not a square grid (a SigLIP tower with
-``vision_feature_select_strategy="default"`` drops one patch: g² − 1) has
-``low == high``.
+⌈g/2⌉ × ⌈g/2⌉ (adaptive, so odd grids work); a kept CLS token (``select="full"``
+on CLIP) or EfficientNet-Lite0's summary token adds one token to both rows and is
+never pooled. A LLaVA checkpoint whose token count is not a square grid (a SigLIP
+tower with ``vision_feature_select_strategy="default"`` drops one patch: g² − 1)
+has ``low == high``.
 
 The composition format and its loader live in :mod:`assistant.engine.composition`.
 """
