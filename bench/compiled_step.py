@@ -52,12 +52,6 @@ def product(x: torch.Tensor, kind: int, weight: torch.Tensor, scales: torch.Tens
     return out if bias is None else out + bias.to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-
-
 def layer_body(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor],
                qkv: tuple[Any, ...], o: tuple[Any, ...], gate_up: tuple[Any, ...], down: tuple[Any, ...],
                key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int, kind: int,
@@ -66,7 +60,7 @@ def layer_body(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms: tup
     mask, no adapter); writes the new key and value at ``length`` of the buffers."""
     heads, kv_heads, dim, intermediate = shape
     batch, half = x.shape[0], dim // 2
-    h = rms_norm(x, norms[0], eps)
+    h = fast_decode._rms_norm(x, norms[0], eps)
     projected = product(h, kind, *qkv).view(batch, 1, heads + 2 * kv_heads, dim).transpose(1, 2)
     qk = projected[:, :heads + kv_heads]
     qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -76,7 +70,7 @@ def layer_body(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms: tup
     grouped = qk[:, :heads].reshape(batch, kv_heads, -1, dim).float()
     attended = torch.matmul((torch.matmul(grouped, keys.transpose(-1, -2)) * scale).softmax(dim=-1), values)
     x = x + product(attended.reshape(batch, 1, heads * dim).to(x.dtype), kind, *o)
-    h = rms_norm(x, norms[1], eps)
+    h = fast_decode._rms_norm(x, norms[1], eps)
     gu = product(h, kind, *gate_up)
     return x + product(F.silu(gu[..., :intermediate]) * gu[..., intermediate:], kind, *down)
 
