@@ -109,26 +109,12 @@ class CompiledStep:
         for (kind, norms, qkv, o, gate_up, down, intermediate), cache_layer in zip(self.layers, cache.layers,
                                                                                     strict=True):
             length = cache_layer.keys.shape[-2]
-            buffers = _buffers(cache_layer, length)
+            buffers = fast_decode.room_for_one_more(cache_layer)
             x = self.body(x, cos, sin, norms, qkv, o, gate_up, down, buffers[0], buffers[1], length, kind,
                           (d.num_heads, d.num_kv_heads, d.head_dim, intermediate), d.eps, d.scale)
             cache_layer.keys = buffers[0][..., :length + 1, :]
             cache_layer.values = buffers[1][..., :length + 1, :]
         return d.lm_head(fast_decode._rms_norm(x, d.final_norm, d.eps)[:, -1]).float()
-
-
-def _buffers(cache_layer: Any, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's key/value buffers with room for one more position (the lean step's, grown the same way)."""
-    buffers = getattr(cache_layer, "assistant_buffers", None)
-    keys, values = cache_layer.keys, cache_layer.values
-    if (buffers is None or buffers[0].shape[-2] <= length or not fast_decode._is_prefix_view(keys, buffers[0])
-            or not fast_decode._is_prefix_view(values, buffers[1])):
-        capacity = length + max(fast_decode.MIN_GROWTH, length // 4)
-        buffers = tuple(torch.empty((*t.shape[:-2], capacity, t.shape[-1]), dtype=t.dtype) for t in (keys, values))
-        buffers[0][..., :length, :] = keys
-        buffers[1][..., :length, :] = values
-        cache_layer.assistant_buffers = buffers
-    return buffers
 
 
 def decode(model: Any, prompt: Any, step: Any, num_tokens: int) -> tuple[list[int], float]:

@@ -224,6 +224,19 @@ def _append(cache_layer: Any, key: torch.Tensor, value: torch.Tensor,
         cache_layer.keys, cache_layer.values = torch.cat([keys, key], dim=-2), torch.cat([values, value], dim=-2)
         return cache_layer.keys, cache_layer.values
     length = keys.shape[-2]
+    key_buffer, value_buffer = room_for_one_more(cache_layer)
+    key_buffer[..., length, :] = key[..., 0, :]
+    value_buffer[..., length, :] = value[..., 0, :]
+    cache_layer.keys, cache_layer.values = key_buffer[..., :length + 1, :], value_buffer[..., :length + 1, :]
+    return cache_layer.keys, cache_layer.values
+
+
+def room_for_one_more(cache_layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value buffers ``(B, Hkv, capacity, D)`` whose first L positions are the cache layer's keys and
+    values (which are views of them) and which have room for position L: the ones kept on the layer, or new ones
+    (a quarter of L more, at least :data:`MIN_GROWTH`) with the cache copied in."""
+    keys, values = cache_layer.keys, cache_layer.values
+    length = keys.shape[-2]
     buffers = getattr(cache_layer, "assistant_buffers", None)
     if (buffers is None or buffers[0].shape[-2] <= length
             or not _is_prefix_view(keys, buffers[0]) or not _is_prefix_view(values, buffers[1])):
@@ -233,11 +246,7 @@ def _append(cache_layer: Any, key: torch.Tensor, value: torch.Tensor,
         buffers[0][..., :length, :] = keys
         buffers[1][..., :length, :] = values
         cache_layer.assistant_buffers = buffers
-    key_buffer, value_buffer = buffers
-    key_buffer[..., length, :] = key[..., 0, :]
-    value_buffer[..., length, :] = value[..., 0, :]
-    cache_layer.keys, cache_layer.values = key_buffer[..., :length + 1, :], value_buffer[..., :length + 1, :]
-    return cache_layer.keys, cache_layer.values
+    return buffers
 
 
 def _fused_adapter(layers: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor] | None:
