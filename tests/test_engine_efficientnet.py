@@ -125,10 +125,41 @@ def test_preprocess_pads_to_square_without_cropping():
     assert x[0, :, 5, 112].abs().max().item() == 0  # the padding is the mean colour: zero after normalization
 
 
+def solid(rgb: tuple[int, int, int]) -> Image.Image:
+    return Image.new("RGB", (224, 224), rgb)
+
+
+@pytest.mark.parametrize(("rgb", "channel"), [((220, 30, 30), 0), ((245, 130, 20), 1), ((30, 160, 50), 4),
+                                              ((35, 70, 225), 8), ((140, 50, 175), 9), ((15, 15, 15), 12),
+                                              ((250, 250, 250), 16)])
+def test_colour_histograms_put_a_colour_in_the_bins_nearest_its_hue_or_its_brightness(rgb, channel):
+    shares = efficientnet.colour_histograms(preprocess([solid(rgb)]), (7, 7))  # (1, 17, 7, 7)
+    assert shares.shape == (1, efficientnet.COLOUR_FEATURES, 7, 7)
+    cell = shares[0, :, 3, 3] / efficientnet.COLOUR_SCALE  # every cell is the same: shares summing to 1
+    torch.testing.assert_close(shares[0], shares[0, :, :1, :1].expand(-1, 7, 7))
+    assert cell.sum().item() == pytest.approx(1, abs=1e-5)
+    assert cell.argmax().item() == channel and cell[channel] > 0.5
+    neighbours = [channel - 1, channel, (channel + 1) % efficientnet.COLOUR_FEATURES]
+    assert cell[neighbours].sum() == pytest.approx(1, abs=0.02)  # a bin and its neighbours hold it all
+
+
+def test_colour_histograms_split_a_hue_between_two_bins_and_share_a_cell_between_its_colours():
+    between = efficientnet.colour_histograms(preprocess([solid((255, 64, 0))]), (1, 1))[0, :, 0, 0]  # hue 15°
+    assert between[0].item() == pytest.approx(between[1].item(), abs=0.05)  # red and orange, no flip on noise
+    half = Image.new("RGB", (224, 224), (250, 250, 250))
+    ImageDraw.Draw(half).rectangle((0, 0, 111, 223), fill=(35, 70, 225))  # left half blue, right half white
+    cells = efficientnet.colour_histograms(preprocess([half]), (1, 2))[0] / efficientnet.COLOUR_SCALE  # (17, 1, 2)
+    assert cells[8, 0, 0] > 0.5 and cells[16, 0, 1] > 0.9 and cells[8, 0, 1] == 0
+    whole = efficientnet.colour_histograms(preprocess([half]), (1, 1))[0, :, 0, 0] / efficientnet.COLOUR_SCALE
+    assert whole[7:9].sum().item() == pytest.approx(0.5, abs=0.01)  # half the pixels blue (between 210° and 240°)
+    assert whole[15:].sum().item() == pytest.approx(0.5, abs=0.01)  # half white (the brightest bins)
+
+
 @pytest.mark.real_model
 @pytest.mark.usefixtures("efficientnet_weights_path")
 @pytest.mark.parametrize(("features", "width", "summary_token"),
-                         [("head", 1280, False), ("multiscale", 1442, False), ("multiscale", 1442, True)])
+                         [("head", 1280, False), ("multiscale", 1442, False), ("multiscale", 1442, True),
+                          ("multiscale-colour", 1459, True)])
 def test_composition_with_efficientnet_encodes_49_or_16_tokens_and_a_summary_token(tmp_path, features, width,
                                                                                     summary_token):
     torch.manual_seed(0)

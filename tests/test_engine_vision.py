@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from assistant.engine import efficientnet
 from assistant.engine.efficientnet import EfficientNetLite0
 from assistant.engine.vision import (EfficientNetVision, HFVisionTower, LlavaVision, Projector, fingerprint,
                                      load_hf_vision_tower, load_image_processor, load_projector, pool_grid,
-                                     save_projector)
+                                     save_projector, widen_projector)
 from tests.vision_fixtures import (GRID, IMAGE_TOKEN_ID, TEXT_HIDDEN, VISION_HIDDEN, make_image, save_tiny_llava,
                                    save_tiny_tower)
 
@@ -194,8 +195,39 @@ def test_efficientnet_summary_token_comes_first_holds_each_features_maximum_and_
     assert summary.encoder_identity == plain.encoder_identity + ":summary-max"  # features cached apart
 
 
+def test_efficientnet_multiscale_colour_features_are_the_multiscale_ones_then_colour_histograms():
+    torch.manual_seed(0)
+    backbone = EfficientNetLite0()
+    colour = EfficientNetVision(backbone, random_projector(1459), "multiscale-colour", summary_token=True)
+    multiscale = EfficientNetVision(backbone, random_projector(1442), "multiscale", summary_token=True)
+
+    features = colour.features(IMAGES)  # (2, 1 + 49, 1459)
+    assert features.shape == (2, 50, 1459)
+    torch.testing.assert_close(features[..., :1442], multiscale.features(IMAGES))
+    shares = features[:, 1:, 1442:]  # (2, 49, 17): each cell's colour channels
+    torch.testing.assert_close(shares.sum(-1), torch.full((2, 49), efficientnet.COLOUR_SCALE), atol=1e-3, rtol=0)
+    assert colour.encoder_identity == backbone_identity(backbone) + ":multiscale-colour:summary-max"
+
+
+def backbone_identity(backbone: EfficientNetLite0) -> str:
+    return EfficientNetVision(backbone, random_projector(1280)).encoder_identity
+
+
+def test_a_widened_projector_gives_what_the_narrow_one_gave_whatever_the_new_features():
+    narrow = random_projector(1442)
+    wide = widen_projector(narrow, 1459)
+    features = torch.randn(3, 50, 1442)
+    extra = torch.randn(3, 50, 17) * 10
+    assert (wide.kind, wide.in_dim, wide.out_dim) == ("mlp2x_gelu", 1459, TEXT_HIDDEN)
+    torch.testing.assert_close(wide(torch.cat([features, extra], dim=-1)), narrow(features))
+    assert wide[0].weight[:, 1442:].abs().sum() == 0 and not wide.training
+    assert widen_projector(narrow, 1442).state_dict()["0.weight"].equal(narrow[0].weight)
+    with pytest.raises(ValueError, match="cannot narrow a projector from 1442 to 1280"):
+        widen_projector(narrow, 1280)
+
+
 def test_efficientnet_refuses_unknown_features_and_a_projector_of_the_other_width():
-    with pytest.raises(ValueError, match="must be one of head, multiscale"):
+    with pytest.raises(ValueError, match="must be one of head, multiscale, multiscale-colour"):
         EfficientNetVision(EfficientNetLite0(), random_projector(1280), "pyramid")
     with pytest.raises(ValueError, match="multiscale features are 1442 wide"):
         EfficientNetVision(EfficientNetLite0(), random_projector(1280), "multiscale")

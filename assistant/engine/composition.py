@@ -12,7 +12,8 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
     projector = "projector"                   # a directory written by save_projector (config.json + model.safetensors)
     feature_layer = -2                        # CLIP/SigLIP only: which hidden_states entry feeds the projector
     select = "default"                        # CLIP/SigLIP only: "default" drops CLIP's CLS token, "full" keeps it
-    features = "head"                         # EfficientNet-Lite0 only: "head" (1280 wide) or "multiscale" (1442)
+    features = "head"                         # EfficientNet-Lite0 only: "head" (1280 wide), "multiscale" (1442)
+                                              #   or "multiscale-colour" (1459)
     summary_token = false                     # EfficientNet-Lite0 only: one more token first, each feature's max
 
 Required: ``decoder``, ``[vision] encoder``, ``[vision] projector``; the others

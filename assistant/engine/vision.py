@@ -11,7 +11,8 @@ Implementations:
 
 - :class:`EfficientNetVision`: EfficientNet-Lite0 features (1280 × 7 × 7 at
   224 px, flattened to 49 tokens; or 1442 wide with earlier stages and position
-  channels, ``features = "multiscale"``; ``summary_token = true`` puts one more token
+  channels, ``features = "multiscale"``; 1459 with colour histograms too,
+  ``"multiscale-colour"``; ``summary_token = true`` puts one more token
   first, each feature's maximum over the grid) → a projector (``mlp2x_gelu`` as LLaVA's);
 - :class:`HFVisionTower`: a CLIP or SigLIP vision model from ``transformers``
   (``hidden_states[feature_layer]``, CLIP's CLS dropped by ``select="default"``)
@@ -187,6 +188,20 @@ class Projector(nn.Sequential):
         self.kind, self.in_dim, self.out_dim = kind, in_dim, out_dim
 
 
+def widen_projector(module: Projector, in_dim: int) -> Projector:
+    """A copy of ``module`` that takes ``in_dim`` features: the first ``module.in_dim`` as before, the rest at zero
+    weight, so its output is unchanged until training moves them. For a projector trained on a feature set that
+    the new one extends (EfficientNet-Lite0's sets each start with the one before)."""
+    if in_dim < module.in_dim:
+        raise ValueError(f"cannot narrow a projector from {module.in_dim} to {in_dim} features")
+    wider = Projector(module.kind, in_dim, module.out_dim)
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    first = state["0.weight"]  # (out_dim, old in_dim)
+    state["0.weight"] = torch.cat([first, first.new_zeros(first.shape[0], in_dim - module.in_dim)], dim=1)
+    wider.load_state_dict(state, strict=True)
+    return wider.to(first.device, first.dtype).train(module.training).requires_grad_(first.requires_grad)
+
+
 def save_projector(module: Projector, path: Path) -> None:
     """Write ``path/model.safetensors`` and ``path/config.json`` (kind, in_dim, out_dim)."""
     from safetensors.torch import save_file
@@ -216,8 +231,9 @@ def load_projector(path: Path) -> Projector:
 # --- EfficientNet-Lite0 ---------------------------------------------------------------------------
 
 class EfficientNetVision(ProjectedVision):
-    """EfficientNet-Lite0 + a projector; ``feature_set`` "head" (its last layer, 1280 wide) or "multiscale"
-    (that plus earlier stages and position channels: :meth:`EfficientNetLite0.forward_multiscale`).
+    """EfficientNet-Lite0 + a projector; ``feature_set`` "head" (its last layer, 1280 wide), "multiscale"
+    (that plus earlier stages and position channels: :meth:`EfficientNetLite0.forward_multiscale`) or
+    "multiscale-colour" (that plus each cell's colour histogram: :func:`efficientnet.colour_histograms`).
 
     ``summary_token`` puts one token before the 7×7 grid: each feature's maximum over the grid. A small shape
     covers a few cells among many of background, and the decoder has to find its colour among them; the
@@ -252,10 +268,7 @@ class EfficientNetVision(ProjectedVision):
     def features(self, images: list[Image.Image]) -> torch.Tensor:
         device, dtype = module_device_dtype(self.backbone)
         pixels = efficientnet.preprocess(images, self.image_size).to(device, dtype)  # (N, 3, 224, 224)
-        if self.feature_set == "multiscale":
-            features = self.backbone.forward_multiscale(pixels)  # (N, 1442, 7, 7)
-        else:
-            features = self.backbone.forward_features(pixels)  # (N, 1280, 7, 7)
+        features = self.backbone.forward_feature_set(pixels, self.feature_set)  # (N, in_dim, 7, 7)
         grid = features.flatten(2).transpose(1, 2)  # (N, 49, in_dim)
         if not self.summary_token:
             return grid

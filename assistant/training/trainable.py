@@ -12,7 +12,10 @@
 
 A composition whose projector directory does not exist yet gets a fresh
 ``mlp2x_gelu`` projector (from the seed): that is how alignment starts from
-nothing. Trainable parameters are float32 whatever the decoder's dtype.
+nothing. An EfficientNet-Lite0 projector trained on a narrower feature set than the
+composition names (``multiscale`` under ``multiscale-colour``) is widened, the new
+inputs at zero weight (:func:`~assistant.engine.vision.widen_projector`): training
+goes on from what it learnt. Trainable parameters are float32 whatever the decoder's dtype.
 
 The loss (:meth:`TrainableModel.loss_sum`) projects cached encoder features,
 writes them into the image slots with serving's own masked assignment
@@ -32,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from assistant.config import Config
-from assistant.engine.composition import CompositionSpec, encoder_width, load_vision_part
+from assistant.engine.composition import EFFICIENTNET, CompositionSpec, encoder_width, load_vision_part
 from assistant.engine.loader import attach_adapter, load_decoder, load_tokenizer, parse_dtype
 from assistant.engine.model import ChatModel, embed_with_images
-from assistant.engine.vision import ProjectedVision, Projector, load_projector
+from assistant.engine.vision import ProjectedVision, Projector, load_projector, widen_projector
 from assistant.models import resolve_model
 from assistant.training.examples import IGNORE_INDEX, TRAIN_DETAIL, Batch
 from assistant.training.settings import STAGES
@@ -93,6 +96,11 @@ def load_trainable(spec: CompositionSpec, *, stage: str, config: Config, device:
     decoder = resolve_model(spec.decoder, config.data_dir, report)  # the built-in decoder name is pulled
     if spec.projector.is_dir():
         projector = load_projector(spec.projector)
+        width = encoder_width(spec)
+        if projector.in_dim < width and spec.encoder == EFFICIENTNET:
+            report(f"the projector takes {projector.in_dim} features, {spec.features} gives {width}: widening it, "
+                   f"the {width - projector.in_dim} new inputs start at zero weight")
+            projector = widen_projector(projector, width)
     else:
         report(f"no projector at {spec.projector} yet: starting a fresh one")
         projector = Projector("mlp2x_gelu", encoder_width(spec), _decoder_width(decoder))
