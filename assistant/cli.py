@@ -149,6 +149,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
                         help="Report the held-out loss and write a checkpoint every N steps (default 100).")
     if stage == "finetune":
         parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the LoRA adapter (default 8).")
+        parser.add_argument("--projector-lr", type=float, help="Peak learning rate of the projector (default: "
+                            "--lr), as LLaVA's mm_projector_lr: a projector widened to new features learns them "
+                            "faster.")
         parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                             help="nf4: QLoRA on a bitsandbytes 4-bit decoder (falls back, with a warning, to the "
                             "unquantized decoder where nf4 cannot train).")
@@ -259,7 +262,8 @@ def _train(args: argparse.Namespace) -> int:
             stage=args.train_command, model=args.model, data=tuple(args.data), out=args.out, heldout=args.heldout,
             epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
             resume=args.resume, device=args.device, dtype=args.dtype, checkpoint_every=args.checkpoint_every,
-            lora_rank=getattr(args, "lora_rank", 8), quantize=getattr(args, "quantize", "none"))
+            lora_rank=getattr(args, "lora_rank", 8), quantize=getattr(args, "quantize", "none"),
+            projector_lr=getattr(args, "projector_lr", None))
     except (ConfigError, TrainingRefused) as exc:
         print(f"assistant: {exc}", file=sys.stderr)
         return 2

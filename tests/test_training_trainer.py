@@ -227,6 +227,25 @@ def test_nf4_that_cannot_train_here_falls_back_to_the_unquantized_decoder(compos
     assert result.steps == 1 and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_the_projector_learns_at_its_own_rate_when_given_one(composition: Path, data: Path, tmp_path: Path) -> None:
+    """--projector-lr: the projector moves at its rate while the adapter keeps --lr (here next to nothing)."""
+    home = config(tmp_path / "home")
+    train(settings("align", composition, data / "captions.json", tmp_path / "aligned", steps=1), home,
+          report=lambda _: None)
+    for name, projector_lr in (("same", None), ("own", 1e-2)):
+        train(settings("finetune", tmp_path / "aligned", data / "qa.json", tmp_path / name, steps=2, lr=1e-9,
+                       projector_lr=projector_lr), home, report=lambda _: None)
+    same, own = (tensors(tmp_path / name / "projector") for name in ("same", "own"))
+    assert max((own[key] - same[key]).abs().max().item() for key in same) > 1e-3
+    same_adapter, own_adapter = (tensors(tmp_path / name / "adapter") for name in ("same", "own"))
+    assert all(torch.allclose(own_adapter[key], same_adapter[key], atol=1e-6) for key in same_adapter)
+    assert '"projector_lr": 0.01' in (tmp_path / "own" / "train.json").read_text()
+    with pytest.raises(TrainingRefused, match="--projector-lr is for finetune and must be positive"):
+        settings("align", composition, data / "captions.json", tmp_path / "x", projector_lr=1e-2)
+    with pytest.raises(TrainingRefused, match="--projector-lr is for finetune and must be positive"):
+        settings("finetune", composition, data / "qa.json", tmp_path / "x", projector_lr=0.0)
+
+
 @pytest.mark.real_model
 @pytest.mark.usefixtures("efficientnet_weights_path")
 def test_efficientnet_lite0_aligns_with_a_decoder(data: Path, tmp_path: Path) -> None:
@@ -248,3 +267,36 @@ def test_efficientnet_lite0_aligns_with_a_decoder(data: Path, tmp_path: Path) ->
                               dtype="float32", quantize="none"), progress=lambda _: None)
     _, finished = generate(Engine(model), look_at_image())
     assert finished.num_image_tokens == 49
+
+
+@pytest.mark.real_model
+@pytest.mark.usefixtures("efficientnet_weights_path")
+def test_a_projector_of_narrower_efficientnet_features_is_widened_and_trains_on(data: Path, tmp_path: Path) -> None:
+    """A "multiscale" projector under a "multiscale-colour" composition: widened (the new inputs at zero
+    weight, what it learnt kept), then fine-tuned; the output serves with the wider features."""
+    from transformers import AutoConfig
+
+    from assistant.engine.vision import Projector, load_projector, save_projector
+
+    save_tiny_chat_model(tmp_path / "decoder", max_position_embeddings=1024)
+    torch.manual_seed(0)
+    narrow = Projector("mlp2x_gelu", 1442, AutoConfig.from_pretrained(tmp_path / "decoder").hidden_size)
+    save_projector(narrow, tmp_path / "projector")
+    (tmp_path / "model.toml").write_text('decoder = "decoder"\n[vision]\nencoder = "efficientnet-lite0"\n'
+                                         'projector = "projector"\nfeatures = "multiscale-colour"\n'
+                                         'summary_token = true\n')
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").symlink_to(default_data_dir() / "models")
+    lines: list[str] = []
+
+    train(settings("finetune", tmp_path / "model.toml", data / "qa.json", tmp_path / "out", steps=2,
+                   checkpoint_every=2, lr=3e-3), config(tmp_path / "home"), report=lines.append)
+
+    assert any("the projector takes 1442 features, multiscale-colour gives 1459: widening it, the 17 new inputs "
+               "start at zero weight" in line for line in lines)
+    wide = load_projector(tmp_path / "out" / "projector")
+    assert wide.in_dim == 1459 and wide[0].weight[:, 1442:].abs().sum() > 0  # the new inputs trained
+    model = load_model(Config(model=str(tmp_path / "out" / "model.toml"), data_dir=tmp_path / "home", device="cpu",
+                              dtype="float32", quantize="none"), progress=lambda _: None)
+    _, finished = generate(Engine(model), look_at_image())
+    assert finished.num_image_tokens == 50

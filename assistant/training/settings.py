@@ -31,6 +31,7 @@ class TrainSettings:
     steps: int | None = None  # overrides epochs
     batch_size: int = 8
     lr: float | None = None  # default: DEFAULT_LR[stage]
+    projector_lr: float | None = None  # finetune: the projector's peak rate (default: lr), as LLaVA's mm_projector_lr
     seed: int = 0
     resume: bool = False
     device: str = "auto"
@@ -52,6 +53,8 @@ class TrainSettings:
             raise TrainingRefused(f"--steps must be at least 1, got {self.steps}")
         if self.lr is not None and not self.lr > 0:
             raise TrainingRefused(f"--lr must be positive, got {self.lr}")
+        if self.projector_lr is not None and not (self.projector_lr > 0 and self.stage == "finetune"):
+            raise TrainingRefused(f"--projector-lr is for finetune and must be positive, got {self.projector_lr}")
         if self.quantize not in QUANTIZE_CHOICES or (self.quantize != "none" and self.stage != "finetune"):
             raise TrainingRefused(f"--quantize is nf4 or none, and only for finetune; got {self.quantize!r}")
         if self.dtype not in DTYPE_CHOICES:
@@ -61,13 +64,18 @@ class TrainSettings:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
 
+    @property
+    def projector_learning_rate(self) -> float:
+        return self.projector_lr if self.projector_lr is not None else self.learning_rate
+
     def run_identity(self, dtype: str) -> dict[str, object]:
         """What makes a run this run: the settings --resume must find unchanged (device and
         checkpoint_every may change; ``dtype`` is the one resolved from "auto")."""
         return {"stage": self.stage, "model": str(self.model_file.resolve()),
                 "data": [str(Path(p).resolve()) for p in self.data],
                 "heldout": str(Path(self.heldout).resolve()) if self.heldout else None, "epochs": self.epochs,
-                "steps": self.steps, "batch_size": self.batch_size, "lr": self.learning_rate, "seed": self.seed,
+                "steps": self.steps, "batch_size": self.batch_size, "lr": self.learning_rate,
+                **({"projector_lr": self.projector_lr} if self.projector_lr is not None else {}), "seed": self.seed,
                 "lora_rank": self.lora_rank, "quantize": self.quantize, "dtype": dtype}
 
     @property

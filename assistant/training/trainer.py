@@ -79,7 +79,14 @@ class TrainingLoop:
         self.model, self.cache, self.sequences, self.heldout = model, cache, sequences, heldout
         self.settings = settings
         self.parameters = model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=settings.learning_rate,
+        # One group per peak rate: the projector's (--projector-lr) when it differs, then the rest.
+        projector = [p for name, p in self.parameters.items() if name.startswith("projector.")]
+        rest = [p for name, p in self.parameters.items() if not name.startswith("projector.")]
+        if settings.projector_learning_rate == settings.learning_rate or not rest:
+            groups, self.peak_rates = [list(self.parameters.values())], [settings.learning_rate]
+        else:
+            groups, self.peak_rates = [projector, rest], [settings.projector_learning_rate, settings.learning_rate]
+        self.optimizer = torch.optim.AdamW([{"params": group} for group in groups], lr=settings.learning_rate,
                                            weight_decay=0.0)
         self.steps_per_epoch = math.ceil(len(sequences) / settings.batch_size)
         self.total_steps = settings.steps if settings.steps is not None else settings.epochs * self.steps_per_epoch
@@ -100,8 +107,8 @@ class TrainingLoop:
         batch = collate([self.sequences[i] for i in self.batch_indices(self.step)], self.pad_id)
         features = self.cache.load(batch.image_sha256s)  # (B, T_high, in_dim)
         self.model.train(True)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, self.total_steps, self.settings.learning_rate)
+        for group, peak in zip(self.optimizer.param_groups, self.peak_rates, strict=True):
+            group["lr"] = learning_rate(self.step, self.total_steps, peak)
         summed, count = self.model.loss_sum(batch, features)
         loss = summed / count
         loss.backward()
