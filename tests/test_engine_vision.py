@@ -7,9 +7,9 @@ import torch
 
 from assistant.engine import efficientnet
 from assistant.engine.efficientnet import EfficientNetLite0
-from assistant.engine.vision import (EfficientNetVision, HFVisionTower, LlavaVision, Projector, fingerprint,
-                                     load_hf_vision_tower, load_image_processor, load_projector, pool_grid,
-                                     save_projector, widen_projector)
+from assistant.engine.vision import (EfficientNetVision, HFVisionTower, LlavaVision, Projector, add_word_shortcut,
+                                     fingerprint, load_hf_vision_tower, load_image_processor, load_projector,
+                                     pool_grid, save_projector, widen_projector)
 from tests.vision_fixtures import (GRID, IMAGE_TOKEN_ID, TEXT_HIDDEN, VISION_HIDDEN, make_image, save_tiny_llava,
                                    save_tiny_tower)
 
@@ -224,6 +224,29 @@ def test_a_widened_projector_gives_what_the_narrow_one_gave_whatever_the_new_fea
     assert widen_projector(narrow, 1442).state_dict()["0.weight"].equal(narrow[0].weight)
     with pytest.raises(ValueError, match="cannot narrow a projector from 1442 to 1280"):
         widen_projector(narrow, 1280)
+
+
+def test_a_word_shortcut_adds_each_last_features_word_embedding_beside_the_unchanged_mlp(tmp_path):
+    narrow = random_projector(20)
+    words = torch.randn(3, TEXT_HIDDEN)
+    projector = add_word_shortcut(narrow, words, scale=5.0)
+    features = torch.randn(2, 7, 20)
+    features[..., 17:] = 0
+    torch.testing.assert_close(projector(features), narrow(features))  # no colour: what the MLP gives
+    features[0, 0, 18] = 5.0  # feature 1 of 3 at the scale: its word, added
+    torch.testing.assert_close(projector(features)[0, 0], narrow(features)[0, 0] + words[1])
+    assert (projector.shortcut_dim, projector.in_dim, sorted(projector.state_dict())) == (
+        3, 20, ["0.bias", "0.weight", "2.bias", "2.weight", "shortcut.weight"])
+    save_projector(projector, tmp_path / "projector")
+    loaded = load_projector(tmp_path / "projector")
+    torch.testing.assert_close(loaded(features), projector(features))
+    assert fingerprint(loaded) == fingerprint(projector) != fingerprint(narrow)
+    with pytest.raises(ValueError, match="has a shortcut already"):
+        add_word_shortcut(projector, words, scale=5.0)
+    with pytest.raises(ValueError, match="cannot widen a projector with a shortcut"):
+        widen_projector(projector, 24)
+    with pytest.raises(ValueError, match=r"do not fit a projector from 20 to"):
+        add_word_shortcut(narrow, torch.randn(3, TEXT_HIDDEN + 1), scale=5.0)
 
 
 def test_efficientnet_refuses_unknown_features_and_a_projector_of_the_other_width():

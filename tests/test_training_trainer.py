@@ -294,8 +294,17 @@ def test_a_projector_of_narrower_efficientnet_features_is_widened_and_trains_on(
 
     assert any("the projector takes 1442 features, multiscale-colour gives 1459: widening it, the 17 new inputs "
                "start at zero weight" in line for line in lines)
+    assert any("adding a shortcut from the 17 colour channels to the projector's output, the hues' starting at the "
+               "decoder's embeddings of red, orange, yellow, green, cyan, blue, purple, pink (length" in line
+               for line in lines)
     wide = load_projector(tmp_path / "out" / "projector")
     assert wide.in_dim == 1459 and wide[0].weight[:, 1442:].abs().sum() > 0  # the new inputs trained
+    assert wide.shortcut_dim == 17
+    trained = load_file(tmp_path / "out" / "projector" / "model.safetensors")["shortcut.weight"]
+    # Resuming the finished run rebuilds the shortcut before restoring the checkpoint into it: the same weights.
+    train(settings("finetune", tmp_path / "model.toml", data / "qa.json", tmp_path / "out", steps=2,
+                   checkpoint_every=2, lr=3e-3, resume=True), config(tmp_path / "home"), report=lines.append)
+    assert load_file(tmp_path / "out" / "projector" / "model.safetensors")["shortcut.weight"].equal(trained)
     model = load_model(Config(model=str(tmp_path / "out" / "model.toml"), data_dir=tmp_path / "home", device="cpu",
                               dtype="float32", quantize="none"), progress=lambda _: None)
     _, finished = generate(Engine(model), look_at_image())

@@ -57,6 +57,9 @@ POSITION_FEATURES = 2 + 4 * len(POSITION_FREQUENCIES)  # x, y, then sin and cos 
 HUE_BINS = 12  # 30° each, centred on red (0°), orange (30°), yellow (60°)...
 VALUE_BINS = 5  # black to white, for pixels with little saturation
 COLOUR_FEATURES = HUE_BINS + VALUE_BINS
+# The word for each hue channel (a projector's word shortcut starts at their embeddings: vision.add_word_shortcut;
+# the brightness channels' weights start at zero there).
+HUE_WORDS = ("red", "orange", "yellow", "green", "green", "green", "cyan", "blue", "blue", "purple", "purple", "pink")
 COLOUR_SCALE = 5.0  # a cell's colour channels sum to this: about the spread of stage 3's outputs (std ~5)
 # Each set starts with the one before it, so a projector trained on one can be widened to the next (training
 # starts the new inputs at zero weight: assistant.engine.vision.widen_projector).

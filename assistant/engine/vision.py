@@ -176,16 +176,57 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 # --- projector ------------------------------------------------------------------------------------
 
 class Projector(nn.Sequential):
-    """Encoder features → decoder embeddings; parameter names follow LLaVA's ``mm_projector`` (0.*, 2.*)."""
+    """Encoder features → decoder embeddings; parameter names follow LLaVA's ``mm_projector`` (0.*, 2.*).
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int):
+    ``shortcut_dim`` > 0 adds a linear map (``shortcut.weight``, no bias) from the last ``shortcut_dim`` features
+    straight to the output, beside the MLP: for a few features whose meaning the decoder already has words for,
+    so that their weights can start at those words' embeddings (:func:`add_word_shortcut`).
+    """
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, shortcut_dim: int = 0):
         if kind not in PROJECTOR_KINDS:
             raise ValueError(f"projector kind must be one of {', '.join(PROJECTOR_KINDS)}, got {kind!r}")
+        if not 0 <= shortcut_dim <= in_dim:
+            raise ValueError(f"a projector's shortcut reads 0 to in_dim ({in_dim}) features, got {shortcut_dim}")
         layers = [nn.Linear(in_dim, out_dim)]
         if kind == "mlp2x_gelu":
             layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
         super().__init__(*layers)
         self.kind, self.in_dim, self.out_dim = kind, in_dim, out_dim
+        self.shortcut_dim = shortcut_dim
+        if shortcut_dim:
+            self.add_module("shortcut", nn.Linear(shortcut_dim, out_dim, bias=False))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = features
+        for index in range(len(self) - (1 if self.shortcut_dim else 0)):
+            out = self[index](out)
+        if self.shortcut_dim:
+            out = out + self.shortcut(features[..., -self.shortcut_dim:])
+        return out
+
+
+def add_word_shortcut(module: Projector, word_embeddings: torch.Tensor, scale: float) -> Projector:
+    """A copy of ``module`` with a shortcut from its last ``len(word_embeddings)`` features to the output, its
+    weights starting at ``word_embeddings / scale`` (one row per feature: the decoder's embedding of the word
+    that names it), so a feature at ``scale`` adds its word's embedding to the image token. The MLP is unchanged.
+
+    For features that a frozen decoder cannot easily learn to read through the MLP: with EfficientNet-Lite0's
+    colour histograms behind the MLP alone, the default model named the colour of shapes it was trained on 47
+    times in 60 (forced choice among 8 colour words), although a linear probe on the same features gets 98 in 100.
+    """
+    if module.shortcut_dim:
+        raise ValueError("the projector has a shortcut already")
+    count = word_embeddings.shape[0]
+    if word_embeddings.shape[1] != module.out_dim or not 0 < count <= module.in_dim:
+        raise ValueError(f"word embeddings of shape {tuple(word_embeddings.shape)} do not fit a projector from "
+                         f"{module.in_dim} to {module.out_dim}")
+    first = next(module.parameters())
+    wider = Projector(module.kind, module.in_dim, module.out_dim, shortcut_dim=count)
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    state["shortcut.weight"] = (word_embeddings.detach().to(first.device, first.dtype) / scale).T.contiguous()
+    wider.load_state_dict(state, strict=True)
+    return wider.to(first.device, first.dtype).train(module.training).requires_grad_(first.requires_grad)
 
 
 def widen_projector(module: Projector, in_dim: int) -> Projector:
@@ -194,6 +235,8 @@ def widen_projector(module: Projector, in_dim: int) -> Projector:
     the new one extends (EfficientNet-Lite0's sets each start with the one before)."""
     if in_dim < module.in_dim:
         raise ValueError(f"cannot narrow a projector from {module.in_dim} to {in_dim} features")
+    if module.shortcut_dim:
+        raise ValueError("cannot widen a projector with a shortcut: it reads the last features, which would move")
     wider = Projector(module.kind, in_dim, module.out_dim)
     state = {key: value.clone() for key, value in module.state_dict().items()}
     first = state["0.weight"]  # (out_dim, old in_dim)
@@ -203,13 +246,15 @@ def widen_projector(module: Projector, in_dim: int) -> Projector:
 
 
 def save_projector(module: Projector, path: Path) -> None:
-    """Write ``path/model.safetensors`` and ``path/config.json`` (kind, in_dim, out_dim)."""
+    """Write ``path/model.safetensors`` and ``path/config.json`` (kind, in_dim, out_dim, shortcut_dim if any)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path / "model.safetensors")
     config = {"kind": module.kind, "in_dim": module.in_dim, "out_dim": module.out_dim}
+    if module.shortcut_dim:
+        config["shortcut_dim"] = module.shortcut_dim
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -220,7 +265,8 @@ def load_projector(path: Path) -> Projector:
     path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())
-        module = Projector(config["kind"], int(config["in_dim"]), int(config["out_dim"]))
+        module = Projector(config["kind"], int(config["in_dim"]), int(config["out_dim"]),
+                           shortcut_dim=int(config.get("shortcut_dim", 0)))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a projector directory (config.json with kind, in_dim, out_dim): "
                          f"{exc}") from exc

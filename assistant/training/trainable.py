@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from assistant.config import Config
+from assistant.engine import efficientnet
 from assistant.engine.composition import EFFICIENTNET, CompositionSpec, encoder_width, load_vision_part
 from assistant.engine.loader import attach_adapter, load_decoder, load_tokenizer, parse_dtype
 from assistant.engine.model import ChatModel, embed_with_images
-from assistant.engine.vision import ProjectedVision, Projector, load_projector, widen_projector
+from assistant.engine.vision import ProjectedVision, Projector, add_word_shortcut, load_projector, widen_projector
 from assistant.models import resolve_model
 from assistant.training.examples import IGNORE_INDEX, TRAIN_DETAIL, Batch
 from assistant.training.settings import STAGES
@@ -120,6 +121,41 @@ def load_trainable(spec: CompositionSpec, *, stage: str, config: Config, device:
             torch.manual_seed(seed)
     return _with_decoder(spec, decoder, stage, vision, tokenizer, device=device, dtype=dtype, quantize="none",
                          lora_rank=lora_rank, report=report)
+
+
+def needs_colour_words(spec: CompositionSpec, trainable: TrainableModel) -> bool:
+    """Whether :func:`add_colour_words` has something to do: colour histograms read by a projector without a
+    shortcut (a fresh one, one widened to them, or one trained before shortcuts existed)."""
+    return (spec.encoder == EFFICIENTNET and spec.features == "multiscale-colour"
+            and not trainable.projector.shortcut_dim)
+
+
+def add_colour_words(trainable: TrainableModel, features: torch.Tensor, report: Callable[[str], None]) -> None:
+    """Give the projector a word shortcut from EfficientNet-Lite0's colour histograms (the last features): each hue
+    channel's weights start in the direction of the decoder's embedding of its colour's name
+    (efficientnet.HUE_WORDS; a word of several tokens, their mean), so a cell all of one hue adds that word; the
+    brightness channels' weights start at zero. Backgrounds and scans are mostly grey: with "black", "grey" and
+    "white" on their channels too, every cell of every image got a word, and after 240 steps the default model
+    read handwritten digits worse (79 % against 88.5 %) and places far worse (39 % against 65 %).
+
+    The length: the median norm of the projector's output tokens on ``features`` (some training images'). The
+    decoder normalizes each token before reading it, so a word at the length of a text embedding (~3) would be
+    lost in image tokens that are a hundred times longer; at their length, a cell all of one colour gets its word
+    about as strongly as everything else the projector gives it.
+    """
+    chat = trainable.chat
+    embeddings = chat.hf_model.get_input_embeddings().weight.detach().float()
+    hues = torch.stack([embeddings[chat.tokenizer.encode(word, add_special_tokens=False)].mean(dim=0)
+                        for word in efficientnet.HUE_WORDS])
+    projector = trainable.projector
+    with torch.no_grad():
+        length = float(projector(features.to(next(projector.parameters()))).norm(dim=-1).median())
+    report(f"adding a shortcut from the {efficientnet.COLOUR_FEATURES} colour channels to the projector's output, "
+           f"the hues' starting at the decoder's embeddings of {', '.join(dict.fromkeys(efficientnet.HUE_WORDS))} "
+           f"(length {length:.0f})")
+    words = torch.cat([hues / hues.norm(dim=-1, keepdim=True) * length,
+                       hues.new_zeros(efficientnet.VALUE_BINS, hues.shape[1])])
+    trainable.vision.projector = add_word_shortcut(projector, words, efficientnet.COLOUR_SCALE).requires_grad_(True)
 
 
 def _with_decoder(spec: CompositionSpec, decoder: str, stage: str, vision: ProjectedVision, tokenizer: Any, *,

@@ -50,7 +50,7 @@ from assistant.training.examples import (TrainingSequence, build_sequences, coll
                                          split_heldout)
 from assistant.training.features import FeatureCache
 from assistant.training.settings import TrainingRefused, TrainSettings
-from assistant.training.trainable import TrainableModel, load_trainable
+from assistant.training.trainable import TrainableModel, add_colour_words, load_trainable, needs_colour_words
 
 Report = Callable[[str], None]
 
@@ -162,6 +162,8 @@ def train(settings: TrainSettings, config: Config, report: Report = print) -> Tr
     if not sequences:
         raise TrainingRefused("no usable training entry in " + ", ".join(str(p) for p in settings.data))
     run["data_digest"] = _digest(sequences) + _digest(heldout)
+    if needs_colour_words(spec, model):
+        add_colour_words(model, cache.load([s.image_sha256 for s in sequences[:16]]), report)
     if latest is not None:
         check_same_run(latest, {"data_digest": run["data_digest"]})
 
