@@ -54,8 +54,6 @@ def test_the_default_is_the_quantized_vision_model(default_model: ChatModel) -> 
     assert default_model.fast_decoder is not None and default_model.fast_decoder.runs_adapter
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 is open: the committed default names a colour right 66 % of the "
-                                        "time (bench.vision_eval; red 5 of 13); it misnames this red circle")
 async def test_it_names_the_colour_of_a_red_circle_through_the_openai_sdk(default_model: ChatModel,
                                                                            data_dir: Path) -> None:
     image_url = "data:image/png;base64," + base64.b64encode(png(red_circle())).decode()
