@@ -211,9 +211,9 @@ def add_word_shortcut(module: Projector, word_embeddings: torch.Tensor, scale: f
     weights starting at ``word_embeddings / scale`` (one row per feature: the decoder's embedding of the word
     that names it), so a feature at ``scale`` adds its word's embedding to the image token. The MLP is unchanged.
 
-    For features that a frozen decoder cannot easily learn to read through the MLP: with EfficientNet-Lite0's
-    colour histograms behind the MLP alone, the default model named the colour of shapes it was trained on 47
-    times in 60 (forced choice among 8 colour words), although a linear probe on the same features gets 98 in 100.
+    For features that the decoder is slow to learn to read through the MLP: with EfficientNet-Lite0's colour
+    histograms behind the MLP alone, the default model named the colour of shapes it was trained on 47 times in
+    60 (forced choice among 8 colour words), although a linear probe on the same features gets 98 in 100.
     """
     if module.shortcut_dim:
         raise ValueError("the projector has a shortcut already")
