@@ -222,11 +222,9 @@ def add_word_shortcut(module: Projector, word_embeddings: torch.Tensor, scale: f
         raise ValueError(f"word embeddings of shape {tuple(word_embeddings.shape)} do not fit a projector from "
                          f"{module.in_dim} to {module.out_dim}")
     first = next(module.parameters())
-    wider = Projector(module.kind, module.in_dim, module.out_dim, shortcut_dim=count)
     state = {key: value.clone() for key, value in module.state_dict().items()}
     state["shortcut.weight"] = (word_embeddings.detach().to(first.device, first.dtype) / scale).T.contiguous()
-    wider.load_state_dict(state, strict=True)
-    return wider.to(first.device, first.dtype).train(module.training).requires_grad_(first.requires_grad)
+    return _rebuilt(module, Projector(module.kind, module.in_dim, module.out_dim, shortcut_dim=count), state)
 
 
 def widen_projector(module: Projector, in_dim: int) -> Projector:
@@ -237,12 +235,17 @@ def widen_projector(module: Projector, in_dim: int) -> Projector:
         raise ValueError(f"cannot narrow a projector from {module.in_dim} to {in_dim} features")
     if module.shortcut_dim:
         raise ValueError("cannot widen a projector with a shortcut: it reads the last features, which would move")
-    wider = Projector(module.kind, in_dim, module.out_dim)
     state = {key: value.clone() for key, value in module.state_dict().items()}
     first = state["0.weight"]  # (out_dim, old in_dim)
     state["0.weight"] = torch.cat([first, first.new_zeros(first.shape[0], in_dim - module.in_dim)], dim=1)
-    wider.load_state_dict(state, strict=True)
-    return wider.to(first.device, first.dtype).train(module.training).requires_grad_(first.requires_grad)
+    return _rebuilt(module, Projector(module.kind, in_dim, module.out_dim), state)
+
+
+def _rebuilt(module: Projector, new: Projector, state: dict[str, torch.Tensor]) -> Projector:
+    """``new`` holding ``state``, on ``module``'s device and dtype, in its mode, trainable if it was."""
+    first = next(module.parameters())
+    new.load_state_dict(state, strict=True)
+    return new.to(first.device, first.dtype).train(module.training).requires_grad_(first.requires_grad)
 
 
 def save_projector(module: Projector, path: Path) -> None:
