@@ -107,7 +107,7 @@ def _add_chat_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_match_flags(parser: argparse.ArgumentParser) -> None:
-    from assistant.engine.request import DEFAULT_MATCH_PROMPT
+    from assistant.engine.request import DEFAULT_MATCH_PROMPT, SCORINGS
 
     parser.add_argument("image", type=Path, metavar="IMAGE", help="Image file (PNG, JPEG, WebP or GIF).")
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="Candidate texts (captions) to score.")
@@ -115,6 +115,9 @@ def _add_match_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"The question the texts answer (default {DEFAULT_MATCH_PROMPT!r}).")
     parser.add_argument("--detail", default="auto", choices=("low", "high", "auto"),
                         help="The image's detail, as in an input_image part (default auto).")
+    parser.add_argument("--scoring", default="likelihood", choices=SCORINGS,
+                        help="What ranks the texts: their mean log-likelihood per token with the image "
+                        "(likelihood, the default) or what the image added to it (gain).")
     parser.add_argument("--json", action="store_true", help="Print the scores and ranking as JSON, as "
                         "image.match.result carries them.")
     _add_config_flags(parser, ["data_dir", "model", "quantize", "dtype", "device", "system_prompt_file",
@@ -395,20 +398,22 @@ def _match(args: argparse.Namespace, config: Config) -> int:
         return 2
     try:
         scores = score_answers(model, image, args.texts, args.prompt,
-                               load_system_prompt(config.system_prompt_file or None), source=source)
+                               load_system_prompt(config.system_prompt_file or None), source=source,
+                               scoring=args.scoring)
     except PromptError as exc:
         print(f"assistant: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"prompt": args.prompt, **match_result_json(scores)}, ensure_ascii=False, indent=2))
+        print(json.dumps({"prompt": args.prompt, **match_result_json(args.scoring, scores)}, ensure_ascii=False,
+                         indent=2))
         return 0
-    # Log-likelihoods (natural log) of each text as the answer, summed and per token, with and without the image.
-    print(f"{'rank':>4} {'score':>9} {'loglik':>10} {'no_image':>10} {'tokens':>6} {'per_token':>9} "
-          f"{'no_image':>9}  text")
+    # The score (mean log-likelihood per token with the image), then the summed log-likelihoods (natural log) of each
+    # text as the answer with and without the image, and what the image added.
+    print(f"{'rank':>4} {'score':>9} {'loglik':>10} {'no_image':>10} {'gain':>9} {'tokens':>6}  text")
     for rank, index in enumerate(ranking(scores), start=1):
         s = scores[index]
-        print(f"{rank:>4} {s.score:>+9.3f} {s.log_likelihood:>10.3f} {s.log_likelihood_without_image:>10.3f} "
-              f"{s.num_tokens:>6} {s.mean_log_likelihood:>9.3f} {s.mean_log_likelihood_without_image:>9.3f}  {s.text}")
+        print(f"{rank:>4} {s.score:>9.3f} {s.log_likelihood:>10.3f} {s.log_likelihood_without_image:>10.3f} "
+              f"{s.image_gain:>+9.3f} {s.num_tokens:>6}  {s.text}")
     return 0
 
 

@@ -24,9 +24,10 @@ Images in items: ``conversation.item.retrieved`` carries the full ``data:`` URL;
 ``image_sha256`` so a 10 MB image is not echoed back on every create.
 
 ``image.match.result`` (extension, answering ``image.match``; no SDK type knows it):
-``client_event_id`` (the client's ``event_id`` or null), ``scores`` (one per text, in the
-texts' order: ``index``, ``text``, ``score``, ``log_likelihood``,
-``log_likelihood_without_image``, ``num_tokens``) and ``ranking`` (indices, best first).
+``client_event_id`` (the client's ``event_id`` or null), ``scoring`` (what ``score`` is:
+"likelihood" or "gain"), ``scores`` (one per text, in the texts' order: ``index``,
+``text``, ``score``, ``log_likelihood``, ``log_likelihood_without_image``, ``num_tokens``)
+and ``ranking`` (indices, best first).
 """
 
 from __future__ import annotations
@@ -204,9 +205,10 @@ def usage_json(usage: Usage) -> dict[str, Any]:
     }
 
 
-def match_result_json(scores: Sequence[MatchScore]) -> dict[str, Any]:
-    """The ``scores`` and ``ranking`` fields of ``image.match.result``."""
+def match_result_json(scoring: str, scores: Sequence[MatchScore]) -> dict[str, Any]:
+    """The ``scoring``, ``scores`` and ``ranking`` fields of ``image.match.result``."""
     return {
+        "scoring": scoring,
         "scores": [{"index": s.index, "text": s.text, "score": s.score, "log_likelihood": s.log_likelihood,
                     "log_likelihood_without_image": s.log_likelihood_without_image, "num_tokens": s.num_tokens}
                    for s in scores],

@@ -318,11 +318,13 @@ class Session:
                                 param="image", code="image_input_not_supported")
         image, source = await asyncio.to_thread(self._validate_match_image, event.image)
         request = ScoreRequest(new_id("match"), image, event.texts, instructions=self.settings.instructions,
-                               image_source=source, **({} if event.prompt is None else {"prompt": event.prompt}))
+                               image_source=source, scoring=event.scoring,
+                               **({} if event.prompt is None else {"prompt": event.prompt}))
         finished = await self.engine.score(request)
         if finished.reason != "stop":
             raise _error_of(finished)
-        await self.send("image.match.result", client_event_id=event.event_id, **match_result_json(finished.scores))
+        await self.send("image.match.result", client_event_id=event.event_id, **match_result_json(event.scoring,
+                                                                                                finished.scores))
 
     def _validate_match_image(self, image: ImageInput) -> tuple[ImageChunk, InlineImages]:
         """Worker thread: the checks an item's image gets, and its per-message token budget."""

@@ -172,7 +172,7 @@ def table_rows(out: str) -> list[tuple[int, float, str]]:
     """(rank, score, text) of each row under the header."""
     rows = []
     for line in out.splitlines()[1:]:
-        rank, score, *_, rest = line.split(maxsplit=7)
+        rank, score, *_, rest = line.split(maxsplit=6)
         rows.append((int(rank), float(score), rest))
     return rows
 
@@ -194,6 +194,13 @@ def test_match_prints_the_texts_best_first_and_as_json(llava_dir: Path, tmp_path
     assert result["prompt"] == "Describe this image."
     assert [texts[i] for i in result["ranking"]] == [text for _, _, text in rows]
     assert [round(result["scores"][i]["score"], 3) for i in result["ranking"]] == [score for _, score, _ in rows]
+    assert result["scoring"] == "likelihood"
+    assert main([*match_command(tmp_path / "picture.png", llava_dir, tmp_path / "data", *texts), "--json",
+                 "--scoring", "gain"]) == 0
+    gains = json.loads(capsys.readouterr().out)
+    assert gains["scoring"] == "gain"
+    for s in gains["scores"]:
+        assert s["score"] == pytest.approx(s["log_likelihood"] - s["log_likelihood_without_image"])
 
 
 def test_match_ranks_what_the_model_sees_first(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -46,7 +46,8 @@ def generation_log_likelihood(model: ChatModel, messages: list[ChatMessage], ans
 
 
 @pytest.mark.parametrize("instructions", ["", "You describe images."])
-def test_score_is_the_log_likelihood_with_the_image_minus_without(llava: ChatModel, instructions: str) -> None:
+def test_score_is_the_mean_log_likelihood_with_the_image_and_the_gain_is_minus_without(llava: ChatModel,
+                                                                                       instructions: str) -> None:
     scores = score_answers(llava, PICTURE, TEXTS, "Describe this image.", instructions, source=SOURCE)
     system = [ChatMessage("system", (TextChunk(instructions),))] if instructions else []
     for index, (text, score) in enumerate(zip(TEXTS, scores, strict=True)):
@@ -57,10 +58,10 @@ def test_score_is_the_log_likelihood_with_the_image_minus_without(llava: ChatMod
         assert (score.index, score.text) == (index, text)
         assert score.log_likelihood == pytest.approx(with_image, abs=1e-3)
         assert score.log_likelihood_without_image == pytest.approx(without, abs=1e-3)
-        assert score.score == score.log_likelihood - score.log_likelihood_without_image
+        assert score.image_gain == score.log_likelihood - score.log_likelihood_without_image
         assert score.num_tokens == len(llava.tokenizer.encode(text, add_special_tokens=False))
-        assert score.mean_log_likelihood == pytest.approx(score.log_likelihood / score.num_tokens)
-    assert len({round(s.score, 3) for s in scores}) == len(TEXTS)  # the image changes each text differently
+        assert score.score == score.mean_log_likelihood == pytest.approx(score.log_likelihood / score.num_tokens)
+    assert len({round(s.image_gain, 3) for s in scores}) == len(TEXTS)  # the image changes each text differently
 
 
 def test_batched_scores_equal_one_by_one(llava: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,21 +88,32 @@ def test_ranking_is_score_order_and_ties_keep_the_texts_order() -> None:
     def scored(index: int, with_image: float, without: float) -> MatchScore:
         return MatchScore(index, f"t{index}", with_image, without, 2)
 
-    scores = [scored(0, -5.0, -6.0), scored(1, -9.0, -7.0), scored(2, -1.0, -4.0), scored(3, -3.0, -4.0)]
-    assert ranking(scores) == [2, 0, 3, 1]  # +3, +1, +1 (index 0 first), -2
+    scores = [scored(0, -5.0, -6.0), scored(1, -9.0, -1.0), scored(2, -1.0, -4.0), scored(3, -5.0, -9.0)]
+    assert ranking(scores) == [2, 0, 3, 1]  # -0.5, -2.5, -2.5 (index 0 first), -4.5: the gain does not rank
 
 
 @pytest.mark.parametrize("colour, caption", list(CAPTIONS.items()))
-def test_the_true_caption_ranks_first_when_the_image_matters(seeing: ChatModel, colour: tuple[int, int, int],
-                                                             caption: str) -> None:
-    ranked = match(seeing, solid_png(colour), [*CAPTIONS.values(), "a dog", "Hello world"])
+def test_by_gain_the_true_caption_ranks_first_when_the_image_matters(seeing: ChatModel,
+                                                                     colour: tuple[int, int, int],
+                                                                     caption: str) -> None:
+    """The bag-of-words model's image moves a caption's log-likelihood by a few nats, less than its texts'
+    likelihoods on their own differ: what the gain is for."""
+    ranked = match(seeing, solid_png(colour), [*CAPTIONS.values(), "a dog", "Hello world"], scoring="gain")
     assert ranked[0].text == caption
-    assert ranked[0].score > 1.0  # the image made it clearly likelier
+    assert ranked[0].score == ranked[0].image_gain > 1.0  # the image made it clearly likelier
     assert all(s.score < ranked[0].score - 1.0 for s in ranked[1:])
+    by_likelihood = match(seeing, solid_png(colour), [*CAPTIONS.values(), "a dog", "Hello world"])
+    assert by_likelihood[0].score == by_likelihood[0].mean_log_likelihood
+    assert {s.text: s.image_gain for s in by_likelihood} == pytest.approx({s.text: s.image_gain for s in ranked})
+
+
+def test_an_unknown_scoring_is_refused(seeing: ChatModel) -> None:
+    with pytest.raises(ValueError, match="scoring must be one of likelihood, gain"):
+        match(seeing, solid_png((255, 0, 0)), ["a red square"], scoring="pmi")
 
 
 def test_an_image_the_model_sees_nothing_in_barely_moves_the_scores(seeing: ChatModel) -> None:
-    assert all(abs(s.score) < 0.5 for s in match(seeing, solid_png((9, 9, 9)), list(CAPTIONS.values())))
+    assert all(abs(s.image_gain) < 0.5 for s in match(seeing, solid_png((9, 9, 9)), list(CAPTIONS.values())))
 
 
 def test_the_image_is_encoded_once_and_then_served_from_the_cache(seeing: ChatModel,

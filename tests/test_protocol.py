@@ -289,7 +289,9 @@ def test_image_match_is_parsed_with_its_defaults() -> None:
     event = parse({"type": "image.match", "image": {**IMAGE, "detail": "low"}, "texts": ["x" * 1000] * 16,
                    "prompt": "What is shown?"})
     assert isinstance(event, ImageMatch) and event.image.detail == "low" and event.prompt == "What is shown?"
-    assert len(event.texts) == 16
+    assert len(event.texts) == 16 and event.scoring == "likelihood"
+    event = parse({"type": "image.match", "image": IMAGE, "texts": ["a"], "scoring": "gain"})
+    assert isinstance(event, ImageMatch) and event.scoring == "gain"
 
 
 @pytest.mark.parametrize("fields, code, param", [
@@ -306,6 +308,9 @@ def test_image_match_is_parsed_with_its_defaults() -> None:
     ({"image": IMAGE, "texts": ["x" * 1001]}, "invalid_value", "texts[0]"),
     ({"image": IMAGE, "texts": ["a"], "prompt": ""}, "invalid_value", "prompt"),
     ({"image": IMAGE, "texts": ["a"], "prompt": 7}, "invalid_type", "prompt"),
+    ({"image": IMAGE, "texts": ["a"], "scoring": "pmi"}, "invalid_value", "scoring"),
+    ({"image": IMAGE, "texts": ["a"], "scoring": ""}, "invalid_value", "scoring"),
+    ({"image": IMAGE, "texts": ["a"], "scoring": 1}, "invalid_type", "scoring"),
 ])
 def test_image_match_rejections_are_coded_with_param(fields: dict, code: str, param: str) -> None:
     error = rejection({"type": "image.match", "event_id": "m2", **fields})

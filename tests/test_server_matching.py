@@ -45,13 +45,13 @@ async def test_image_match_ranks_the_true_caption_first_and_stores_nothing(seein
     await send(ws, match_event(event_id="m1"))
     result = await recv(ws)
     assert result["type"] == "image.match.result" and result["client_event_id"] == "m1"
-    assert result["event_id"].startswith("event_")
+    assert result["event_id"].startswith("event_") and result["scoring"] == "likelihood"
     scores = result["scores"]
     assert [(s["index"], s["text"]) for s in scores] == list(enumerate(TEXTS))
     assert TEXTS[result["ranking"][0]] == "a red square"
     assert [scores[i]["score"] for i in result["ranking"]] == sorted((s["score"] for s in scores), reverse=True)
     for s in scores:
-        assert s["score"] == pytest.approx(s["log_likelihood"] - s["log_likelihood_without_image"])
+        assert s["score"] == pytest.approx(s["log_likelihood"] / s["num_tokens"])
         assert s["num_tokens"] > 0
     # The session's instructions are the system message: the server agrees with the Python API.
     expected = {s.index: s.score for s in match(seeing, solid_png((255, 0, 0)), TEXTS,
@@ -63,14 +63,18 @@ async def test_image_match_ranks_the_true_caption_first_and_stores_nothing(seein
     await ws.close()
 
 
-async def test_image_match_takes_a_prompt_and_the_session_instructions(seeing_server: RunningServer,
-                                                                       seeing: ChatModel) -> None:
+async def test_image_match_takes_a_prompt_a_scoring_and_the_session_instructions(seeing_server: RunningServer,
+                                                                                   seeing: ChatModel) -> None:
     ws, _ = await open_session(seeing_server)
     await send(ws, {"type": "session.update", "session": {"instructions": ""}})
     await recv_until(ws, "session.updated")
-    await send(ws, match_event(prompt="What colour is it?"))
-    scores = (await recv(ws))["scores"]
-    expected = match(seeing, solid_png((255, 0, 0)), TEXTS, "What colour is it?", instructions="")
+    await send(ws, match_event(prompt="What colour is it?", scoring="gain"))
+    result = await recv(ws)
+    scores = result["scores"]
+    assert result["scoring"] == "gain"
+    for s in scores:
+        assert s["score"] == pytest.approx(s["log_likelihood"] - s["log_likelihood_without_image"])
+    expected = match(seeing, solid_png((255, 0, 0)), TEXTS, "What colour is it?", instructions="", scoring="gain")
     assert [s["score"] for s in scores] == pytest.approx([e.score for e in sorted(expected, key=lambda e: e.index)],
                                                          abs=1e-4)
     await ws.close()

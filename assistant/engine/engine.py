@@ -383,7 +383,7 @@ class Engine:
         request = seq.request
         assert isinstance(request, ScoreRequest)
         scores = score_answers(self.model, request.image, request.texts, request.prompt, request.instructions,
-                               source=request.image_source)
+                               source=request.image_source, scoring=request.scoring)
         self._finish(seq, "stop", scores=scores)
 
     def _decode(self, group: DecodeBatch) -> None:

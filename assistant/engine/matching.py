@@ -1,11 +1,12 @@
 """Image–text matching: how much an image makes each text a likelier answer.
 
 For one image and several texts, each text is scored as the assistant's answer to a
-fixed question (``prompt``, "Describe this image." by default) twice: with the image
-ahead of the question, as a conversation puts it, and without it. The score is the
-difference of the two log-likelihoods, the image's contribution; it cancels how
-likely the sentence is on its own (short, common sentences are likely whatever the
-image). Higher is a better match.
+fixed question (``prompt``, "Describe this image." by default) with the image ahead of
+the question, as a conversation puts it, and without the image. By default (``scoring``
+"likelihood") the score is the mean log-likelihood per token with the image; "gain" makes
+it what the image added (the difference of the two), which cancels how likely a text is
+on its own but, with the default model, favoured long captions of other images
+(:class:`MatchScore` has the figures). Higher is a better match.
 
 Contract:
 - rendering is the serving code's (:meth:`~assistant.engine.model.ChatModel.render_pieces`):
@@ -35,14 +36,14 @@ import torch
 
 from assistant.engine.model import (IMAGE_PLACEHOLDER_ID, ChatModel, ImageSlot, PromptError, PromptTooLong,
                                     embed_with_images)
-from assistant.engine.request import (DEFAULT_MATCH_PROMPT, ChatMessage, ImageChunk, ImageSource, InlineImages,
-                                      MatchScore, TextChunk, ranking)
+from assistant.engine.request import (DEFAULT_MATCH_PROMPT, SCORINGS, ChatMessage, ImageChunk, ImageSource,
+                                      InlineImages, MatchScore, TextChunk, ranking)
 from assistant.images import ImageLimits, load_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-__all__ = ["DEFAULT_MATCH_PROMPT", "MAX_BATCH_TEXTS", "MatchScore", "image_chunk", "match", "ranking",
+__all__ = ["DEFAULT_MATCH_PROMPT", "MAX_BATCH_TEXTS", "SCORINGS", "MatchScore", "image_chunk", "match", "ranking",
            "score_answers"]
 
 MAX_BATCH_TEXTS = 16
@@ -131,19 +132,22 @@ def answer_log_likelihoods(model: ChatModel, sequences: Sequence[AnswerSequence]
 
 
 def score_answers(model: ChatModel, image: ImageChunk, texts: Sequence[str], prompt: str = DEFAULT_MATCH_PROMPT,
-                  instructions: str = "", *, source: ImageSource) -> tuple[MatchScore, ...]:
+                  instructions: str = "", *, source: ImageSource,
+                  scoring: str = "likelihood") -> tuple[MatchScore, ...]:
     """One :class:`MatchScore` per text, in the texts' order (model work: the engine thread's, in a server).
 
     ``source`` has the image's bytes, fetched only when the embedding cache misses.
 
     Raises :class:`~assistant.engine.model.PromptError` for a model without a vision
-    part or an empty text or prompt, :class:`~assistant.engine.model.PromptTooLong`
+    part, an empty text or prompt or an unknown scoring, :class:`~assistant.engine.model.PromptTooLong`
     when a conversation exceeds the model's context.
     """
     if not model.accepts_images:
         raise PromptError("this model does not accept images")
     if not prompt or not all(texts):
         raise PromptError("the prompt and every text must be non-empty")
+    if scoring not in SCORINGS:
+        raise PromptError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     image_embeds, _ = model.encode_images([image], source)  # (num_image_tokens, C), from the cache when it has them
     scores: list[MatchScore] = []
     for start in range(0, len(texts), MAX_BATCH_TEXTS):
@@ -156,7 +160,7 @@ def score_answers(model: ChatModel, image: ImageChunk, texts: Sequence[str], pro
             num_tokens = with_image[offset].answer_end - with_image[offset].answer_start
             assert num_tokens == without_image[offset].answer_end - without_image[offset].answer_start
             scores.append(MatchScore(start + offset, text, likelihoods[offset], likelihoods_without[offset],
-                                     num_tokens))
+                                     num_tokens, scoring))
     return tuple(scores)
 
 
@@ -177,13 +181,14 @@ def image_chunk(image: PILImage | bytes, detail: str = "auto",
 
 
 def match(model: ChatModel, image: PILImage | bytes, texts: Sequence[str], prompt: str = DEFAULT_MATCH_PROMPT, *,
-          instructions: str | None = None, detail: str = "auto") -> list[MatchScore]:
+          instructions: str | None = None, detail: str = "auto", scoring: str = "likelihood") -> list[MatchScore]:
     """Score ``texts`` against ``image`` (see the module docstring); best match first.
 
     ``instructions``: the system message; None sends what ``assistant serve`` sends by
     default (``prompts/system.txt``, the prompt training renders with), "" none.
+    ``scoring``: what :attr:`MatchScore.score` is, one of :data:`SCORINGS` (see the module docstring).
     Each :class:`MatchScore` keeps its text's ``index`` in ``texts``.
-    Raises ``ValueError`` for a model without a vision part or an empty text;
+    Raises ``ValueError`` for a model without a vision part, an empty text or an unknown scoring;
     :class:`~assistant.errors.ImageRejected` for an image the server would refuse.
     """
     from assistant.prompts import load_system_prompt
@@ -192,7 +197,10 @@ def match(model: ChatModel, image: PILImage | bytes, texts: Sequence[str], promp
         raise ValueError("this model has no vision part; image-text matching needs a vision model")
     if not texts or not all(texts) or not prompt:
         raise ValueError("give at least one text; the prompt and every text must be non-empty")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     chunk, source = image_chunk(image, detail)
     scores = score_answers(model, chunk, list(texts), prompt,
-                           load_system_prompt() if instructions is None else instructions, source=source)
+                           load_system_prompt() if instructions is None else instructions, source=source,
+                           scoring=scoring)
     return [scores[index] for index in ranking(scores)]

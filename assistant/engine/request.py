@@ -25,6 +25,9 @@ from assistant.engine.sampling import SamplingParams
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # The question a ScoreRequest's texts answer, unless it names another.
 DEFAULT_MATCH_PROMPT = "Describe this image."
+# How image.match ranks texts (MatchScore.score): "likelihood" the mean log-likelihood per token with the image,
+# "gain" what the image added to the log-likelihood.
+SCORINGS = ("likelihood", "gain")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class ScoreRequest:
     prompt: str = DEFAULT_MATCH_PROMPT
     instructions: str = ""
     image_source: ImageSource = no_images
+    scoring: str = "likelihood"  # one of SCORINGS: what MatchScore.score is
 
 
 Request = GenerationRequest | ScoreRequest
@@ -105,10 +109,20 @@ Request = GenerationRequest | ScoreRequest
 
 @dataclass(frozen=True)
 class MatchScore:
-    """How well one text matches the image: ``score`` is ``log_likelihood - log_likelihood_without_image``.
+    """How well one text matches the image (higher is better): ``score`` is, by ``scoring``, the text's mean
+    log-likelihood per token as the answer with the image ("likelihood"), or what the image added to its
+    log-likelihood ("gain", :attr:`image_gain`).
 
     Both log-likelihoods are natural-log sums over the text's ``num_tokens`` tokens
-    (the answer's own tokens, not the template's end-of-turn markup).
+    (the answer's own tokens, not the template's end-of-turn markup). The gain (pointwise
+    mutual information) cancels how likely a text is on its own, but a model fine-tuned
+    to describe images makes any sentence in its captions' style likelier once an image
+    is there, and more so the longer it is: the gain ranked long captions of other images
+    first. Choosing the true caption among 5 (200 synthetic images of a seed training
+    never used, the default model at int4-cpu): by the gain 69.5 %, by the summed
+    log-likelihood 97.5 %, by the mean per token 98.5 % (the sum favours short texts).
+    The gain suits a model whose answers' style does not hang on the image and texts
+    whose likelihoods on their own differ much.
     """
 
     index: int  # the text's position in the request
@@ -116,9 +130,14 @@ class MatchScore:
     log_likelihood: float  # with the image
     log_likelihood_without_image: float
     num_tokens: int
+    scoring: str = "likelihood"  # one of SCORINGS
 
     @property
     def score(self) -> float:
+        return self.image_gain if self.scoring == "gain" else self.mean_log_likelihood
+
+    @property
+    def image_gain(self) -> float:
         return self.log_likelihood - self.log_likelihood_without_image
 
     @property
