@@ -82,6 +82,10 @@ def test_absolute_paths_stay_absolute(tmp_path):
      "vision.summary_token is for efficientnet-lite0"),
     ('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\nsummary_token = 1\n',
      "vision.summary_token must be true or false"),
+    ('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\nsummary_centroid = true\n'
+     'features = "multiscale-colour"\n', "vision.summary_centroid needs summary_token = true"),
+    ('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\nsummary_centroid = true\n'
+     'summary_token = true\nfeatures = "multiscale"\n', "vision.summary_centroid needs .*multiscale-colour"),
     ('decoder = "d\n', "cannot read"),
 ])
 def test_mistakes_are_named(tmp_path, text, message):
@@ -107,16 +111,18 @@ def test_a_written_composition_reads_back_as_the_same_spec(tmp_path):
     assert load_composition(out / "model.toml") == spec
 
 
-@pytest.mark.parametrize("summary_token", [False, True])
-def test_efficientnet_features_are_written_and_read_back(tmp_path, summary_token):
+@pytest.mark.parametrize("features, summary_token, summary_centroid", [
+    ("multiscale", False, False), ("multiscale", True, False), ("multiscale-colour", True, True)])
+def test_efficientnet_features_are_written_and_read_back(tmp_path, features, summary_token, summary_centroid):
     save_projector(Projector("linear", 4, 8), tmp_path / "projector")
     spec = CompositionSpec(decoder="/opt/decoder", encoder="efficientnet-lite0", projector=tmp_path / "projector",
-                           features="multiscale", summary_token=summary_token)
+                           features=features, summary_token=summary_token, summary_centroid=summary_centroid)
 
     write_composition(spec, tmp_path / "model.toml")
 
     text = (tmp_path / "model.toml").read_text()
-    assert 'features = "multiscale"' in text and ("summary_token = true" in text) == summary_token
+    assert f'features = "{features}"' in text and ("summary_token = true" in text) == summary_token
+    assert ("summary_centroid = true" in text) == summary_centroid
     assert load_composition(tmp_path / "model.toml") == spec
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from assistant.engine import efficientnet
 from assistant.engine.efficientnet import EfficientNetLite0
@@ -207,6 +208,39 @@ def test_efficientnet_multiscale_colour_features_are_the_multiscale_ones_then_co
     shares = features[:, 1:, 1442:]  # (2, 49, 17): each cell's colour channels
     torch.testing.assert_close(shares.sum(-1), torch.full((2, 49), efficientnet.COLOUR_SCALE), atol=1e-3, rtol=0)
     assert colour.encoder_identity == backbone_identity(backbone) + ":multiscale-colour:summary-max"
+
+
+def shape_on(background: tuple[int, int, int], box: tuple[int, int, int, int] | None) -> Image.Image:
+    """A 224 px image of one colour with a red rectangle at ``box`` (left, top, right, bottom), if any."""
+    image = Image.new("RGB", (224, 224), background)
+    if box is not None:
+        ImageDraw.Draw(image).rectangle(box, fill=(220, 30, 30))
+    return image
+
+
+def test_the_summary_centroid_says_where_what_stands_out_is_and_leaves_the_rest_as_it_was():
+    torch.manual_seed(0)
+    backbone = EfficientNetLite0()
+    centroid = EfficientNetVision(backbone, random_projector(1459), "multiscale-colour", summary_token=True,
+                                  summary_centroid=True)
+    maximum = EfficientNetVision(backbone, random_projector(1459), "multiscale-colour", summary_token=True)
+    images = [shape_on((240, 240, 240), (10, 90, 60, 140)),  # on the left, halfway down
+              shape_on((30, 60, 200), (150, 170, 200, 215)),  # bottom right, on blue
+              shape_on((240, 240, 240), None)]  # nothing stands out
+
+    features, plain = centroid.features(images), maximum.features(images)  # (3, 50, 1459) each
+    where = efficientnet.POSITION_CHANNELS
+    torch.testing.assert_close(features[:, 1:], plain[:, 1:])  # the grid as it was
+    torch.testing.assert_close(features[:, 0, :where.start], plain[:, 0, :where.start])  # the maxima before...
+    torch.testing.assert_close(features[:, 0, where.stop:], plain[:, 0, where.stop:])  # ...and after the positions
+    x, y = features[:, 0, where.start], features[:, 0, where.start + 1]  # in [-1, 1], like each cell's
+    assert x[0] < -0.6 and abs(y[0]) < 0.15
+    assert x[1] > 0.4 and y[1] > 0.5
+    assert abs(x[2]) < 1e-6 and abs(y[2]) < 1e-6  # the mean of all cells: the centre
+    torch.testing.assert_close(features[2, 0, where], features[2, 1:, where].mean(0))
+    assert centroid.encoder_identity == maximum.encoder_identity + "-centroid"  # features cached apart
+    with pytest.raises(ValueError, match="summary_centroid needs the summary token and the multiscale-colour"):
+        EfficientNetVision(backbone, random_projector(1442), "multiscale", summary_token=True, summary_centroid=True)
 
 
 def backbone_identity(backbone: EfficientNetLite0) -> str:

@@ -15,6 +15,8 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
     features = "head"                         # EfficientNet-Lite0 only: "head" (1280 wide), "multiscale" (1442)
                                               #   or "multiscale-colour" (1459)
     summary_token = false                     # EfficientNet-Lite0 only: one more token first, each feature's max
+    summary_centroid = false                  # with summary_token and "multiscale-colour": its position channels
+                                              #   say where the image's content is
 
 Required: ``decoder``, ``[vision] encoder``, ``[vision] projector``; the others
 take the defaults shown (no adapter: the decoder as it is). A relative path is resolved against the file's
@@ -57,6 +59,7 @@ class CompositionSpec:
     adapter: Path | None = None  # a peft LoRA adapter directory of the decoder
     features: str = "head"  # EfficientNet-Lite0 only: efficientnet.FEATURE_SETS
     summary_token: bool = False  # EfficientNet-Lite0 only: EfficientNetVision's summary token
+    summary_centroid: bool = False  # EfficientNet-Lite0 only: EfficientNetVision's summary_centroid
 
 
 def load_composition(path: Path, *, require_projector: bool = True) -> CompositionSpec:
@@ -73,7 +76,8 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
     if not isinstance(vision, dict):
         raise ValueError(f"{path}: 'vision' must be a table ([vision])")
     _check_keys(path, "vision.", vision, required={"encoder", "projector"},
-                allowed={"encoder", "projector", "feature_layer", "select", "features", "summary_token"})
+                allowed={"encoder", "projector", "feature_layer", "select", "features", "summary_token",
+                         "summary_centroid"})
     decoder = _get(path, "decoder", data, str)
     encoder = _get(path, "vision.encoder", vision, str)
     projector = base / Path(_get(path, "vision.projector", vision, str)).expanduser()
@@ -93,12 +97,16 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
         adapter=adapter,
         features=_get(path, "vision.features", vision, str, "head"),
         summary_token=_get(path, "vision.summary_token", vision, bool, False),
+        summary_centroid=_get(path, "vision.summary_centroid", vision, bool, False),
     )
     if spec.select not in SELECTS:
         raise ValueError(f"{path}: vision.select must be one of {', '.join(SELECTS)}, got {spec.select!r}")
     if spec.features not in efficientnet.FEATURE_SETS:
         raise ValueError(f"{path}: vision.features must be one of {', '.join(efficientnet.FEATURE_SETS)}, "
                          f"got {spec.features!r}")
+    if spec.summary_centroid and not (spec.summary_token and spec.features == "multiscale-colour"):
+        raise ValueError(f"{path}: vision.summary_centroid needs summary_token = true and features = "
+                         f"\"multiscale-colour\"")
     for key, is_set in (("features", spec.features != "head"), ("summary_token", spec.summary_token)):
         if is_set and spec.encoder != EFFICIENTNET:
             raise ValueError(f"{path}: vision.{key} is for {EFFICIENTNET}; a CLIP or SigLIP encoder takes "
@@ -126,6 +134,8 @@ def write_composition(spec: CompositionSpec, path: Path) -> None:
         lines.append(f"features = {json.dumps(spec.features)}")
     if spec.summary_token:
         lines.append("summary_token = true")
+    if spec.summary_centroid:
+        lines.append("summary_centroid = true")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -138,7 +148,7 @@ def load_vision_part(spec: CompositionSpec, *, data_dir: Path, device: str | tor
     if spec.encoder == EFFICIENTNET:
         backbone = efficientnet.load_efficientnet_lite0(efficientnet.pull_efficientnet_weights(data_dir, progress))
         return EfficientNetVision(backbone.to(device, dtype), projector.to(device, dtype), spec.features,
-                                  spec.summary_token)
+                                  spec.summary_token, spec.summary_centroid)
     return load_hf_vision_tower(spec.encoder, projector, feature_layer=spec.feature_layer,
                                 select=spec.select, device=device, dtype=dtype)  # type: ignore[arg-type]
 

@@ -288,12 +288,16 @@ class EfficientNetVision(ProjectedVision):
     covers a few cells among many of background, and the decoder has to find its colour among them; the
     maximum brings it in one token. (A fresh projector trained on colour questions alone, decoder frozen: the
     held-out loss per answer token after 150 steps of 8 was 0.19 with it and 0.34 without.)
+
+    ``summary_centroid`` (features "multiscale-colour" and the summary token only): the summary token's position
+    channels, which a maximum makes the same for every image, hold :func:`efficientnet.salient_centroid`
+    instead, where the cells whose colours stand out are; so "where is it?" too has its answer in one token.
     """
 
     image_size = efficientnet.IMAGE_SIZE
 
     def __init__(self, backbone: efficientnet.EfficientNetLite0, projector: Projector, feature_set: str = "head",
-                 summary_token: bool = False):
+                 summary_token: bool = False, summary_centroid: bool = False):
         if feature_set not in efficientnet.FEATURE_SETS:
             raise ValueError(f"EfficientNet-Lite0 features must be one of {', '.join(efficientnet.FEATURE_SETS)}, "
                              f"got {feature_set!r}")
@@ -301,15 +305,18 @@ class EfficientNetVision(ProjectedVision):
         if projector.in_dim != width:
             raise ValueError(f"the projector takes {projector.in_dim} features, EfficientNet-Lite0's {feature_set} "
                              f"features are {width} wide")
+        if summary_centroid and not (summary_token and feature_set == "multiscale-colour"):
+            raise ValueError("summary_centroid needs the summary token and the multiscale-colour features")
         self.backbone = backbone.eval().requires_grad_(False)
         self.projector = projector.eval().requires_grad_(False)
-        self.feature_set, self.summary_token = feature_set, summary_token
+        self.feature_set, self.summary_token, self.summary_centroid = feature_set, summary_token, summary_centroid
         self.hidden_size = projector.out_dim
         self.grid = self.image_size // 32  # 7
         self.num_prefix = int(summary_token)
         self.num_high_tokens = self.num_prefix + self.grid**2  # 49, or 50 with the summary token
         suffix = "" if feature_set == "head" else f":{feature_set}"  # "head" keeps the identity it always had
         suffix += ":summary-max" if summary_token else ""
+        suffix += "-centroid" if summary_centroid else ""
         self.encoder_identity = f"efficientnet-lite0:{fingerprint(backbone)}{suffix}"
         self.identity = f"{self.encoder_identity}+proj:{fingerprint(projector)}"
 
@@ -321,7 +328,10 @@ class EfficientNetVision(ProjectedVision):
         grid = features.flatten(2).transpose(1, 2)  # (N, 49, in_dim)
         if not self.summary_token:
             return grid
-        return torch.cat([grid.amax(dim=1, keepdim=True), grid], dim=1)  # (N, 1 + 49, in_dim)
+        summary = grid.amax(dim=1, keepdim=True)  # (N, 1, in_dim)
+        if self.summary_centroid:
+            summary[:, 0, efficientnet.POSITION_CHANNELS] = efficientnet.salient_centroid(grid)
+        return torch.cat([summary, grid], dim=1)  # (N, 1 + 49, in_dim)
 
 
 # --- CLIP / SigLIP towers --------------------------------------------------------------------------
