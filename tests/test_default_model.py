@@ -92,8 +92,8 @@ CAPTIONED = (  # five generated images and their captions, alike in length (a sc
 
 def test_matching_ranks_the_true_caption_first_for_most_images(default_model: ChatModel) -> None:
     """Each image against all five captions: the true one first for at least three (chance: one in five). The
-    default ranks 5 of 5 with nf4 and 3 of 5 with int8-cpu (its 67.5 % top-1 on bench.vision_eval's 40 images
-    against nf4's 55 % says the latter is the better matcher overall; five images are a small sample)."""
+    default ranks 4 of 5 with int4-cpu and 3 of 5 with int8-cpu (98-99 % on bench.vision_eval's 100 images,
+    whose captions are the synthetic sets' own; five hand-written captions are a small sample)."""
     captions = [caption for _, caption in CAPTIONED]
     ranked = [match(default_model, png(sample), captions) for sample, _ in CAPTIONED]
     firsts = [scores[0].index == true_index for true_index, scores in enumerate(ranked)]

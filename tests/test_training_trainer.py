@@ -272,8 +272,8 @@ def test_efficientnet_lite0_aligns_with_a_decoder(data: Path, tmp_path: Path) ->
 @pytest.mark.real_model
 @pytest.mark.usefixtures("efficientnet_weights_path")
 def test_a_projector_of_narrower_efficientnet_features_is_widened_and_trains_on(data: Path, tmp_path: Path) -> None:
-    """A "multiscale" projector under a "multiscale-colour" composition: widened (the new inputs at zero
-    weight, what it learnt kept), then fine-tuned; the output serves with the wider features."""
+    """A "multiscale" projector under a "multiscale-colour" composition (with the summary centroid): widened (the
+    new inputs at zero weight, what it learnt kept), then fine-tuned; the output serves with the same features."""
     from transformers import AutoConfig
 
     from assistant.engine.vision import Projector, load_projector, save_projector
@@ -284,7 +284,7 @@ def test_a_projector_of_narrower_efficientnet_features_is_widened_and_trains_on(
     save_projector(narrow, tmp_path / "projector")
     (tmp_path / "model.toml").write_text('decoder = "decoder"\n[vision]\nencoder = "efficientnet-lite0"\n'
                                          'projector = "projector"\nfeatures = "multiscale-colour"\n'
-                                         'summary_token = true\n')
+                                         'summary_token = true\nsummary_centroid = true\n')
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "models").symlink_to(default_data_dir() / "models")
     lines: list[str] = []
@@ -307,5 +307,6 @@ def test_a_projector_of_narrower_efficientnet_features_is_widened_and_trains_on(
     assert load_file(tmp_path / "out" / "projector" / "model.safetensors")["shortcut.weight"].equal(trained)
     model = load_model(Config(model=str(tmp_path / "out" / "model.toml"), data_dir=tmp_path / "home", device="cpu",
                               dtype="float32", quantize="none"), progress=lambda _: None)
+    assert model.vision.summary_centroid and "summary_centroid = true" in (tmp_path / "out" / "model.toml").read_text()
     _, finished = generate(Engine(model), look_at_image())
     assert finished.num_image_tokens == 50
