@@ -136,7 +136,11 @@ async def test_kill_9_mid_stream_loses_at_most_the_last_second(
     await ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": reply_id}))
     item = (await recv(ws))["item"]
     assert item["status"] == "incomplete" and item["content"][0]["text"] == saved
-    # The conversation goes on: a new response completes (at a stop string, as this model never ends).
+    # The conversation goes on: a new question gets a response that completes (at a stop string, as this model never
+    # ends). A new question, not just a new response: on a fast machine the cut-short answer alone can outgrow the
+    # context, and the history before the latest question is what gets dropped to fit.
+    await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "And then?"}]}}))
     stops = [char for char, _ in collections.Counter(received).most_common(4)]
     await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 200, "stop": stops}}))
     while (event := await recv(ws))["type"] != "response.done":
