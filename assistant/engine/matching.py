@@ -1,4 +1,4 @@
-"""Image–text matching: how much an image makes each text a likelier answer.
+"""Image–text matching: how likely each text is as the answer about an image, and what the image adds.
 
 For one image and several texts, each text is scored as the assistant's answer to a
 fixed question (``prompt``, "Describe this image." by default) with the image ahead of
