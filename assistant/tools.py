@@ -176,8 +176,22 @@ def check_schema(schema: Mapping[str, Any], *, param: str) -> None:
                            param=param)
     error = _schema_error(text)
     if error:
-        # llguidance's words may quote the schema (a pattern, a name): at most a bounded part of it.
+        # llguidance's words may quote the schema's strings (a pattern, a name, a type) anywhere: each at most as
+        # quote() quotes any client input, the whole at most 256 characters.
+        for text in sorted(_long_strings(schema), key=len, reverse=True):
+            error = error.replace(text, quote(text))
         raise UnsupportedSchema(f"'{param}' cannot be used for constrained decoding: {error[:256]}", param=param)
+
+
+def _long_strings(value: Any) -> set[str]:
+    """The keys and string values in ``value`` (a JSON document) that quote() would shorten."""
+    if isinstance(value, str):
+        return {value} if quote(value) != value else set()
+    if isinstance(value, Mapping):
+        return set().union(*(_long_strings(key) | _long_strings(item) for key, item in value.items()))
+    if isinstance(value, list):
+        return set().union(*(_long_strings(item) for item in value))
+    return set()
 
 
 @functools.lru_cache(maxsize=512)

@@ -10,7 +10,7 @@ import llguidance
 import pytest
 
 from assistant.engine.request import TextChunk
-from assistant.errors import AssistantError
+from assistant.errors import MAX_QUOTED_CHARS, AssistantError
 from assistant.tool_calls import (ArgumentsDelta, CallDone, CallStarted, OutputEvent, TextDelta, ToolCall,
                                   ToolCallParser, parse_output, render_tool_calls, tool_results_message)
 from assistant.tools import (FunctionTool, ResponseFormat, ToolChoice, build_grammar, parse_response_format,
@@ -74,6 +74,18 @@ def test_both_shapes_of_tools_parse_to_the_same_records() -> None:
 def test_bad_tools_are_coded_errors_that_point_at_the_field(tools: Any, code: str, param: str) -> None:
     error = error_of(parse_tools, tools)
     assert (error.code, error.param) == (code, param)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"x": {"type": "x" * 300}}},
+    {"type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)" + "b b" * 100}}},
+])
+def test_an_unsupported_schema_quotes_at_most_a_prefix_of_each_client_string(schema: dict[str, Any]) -> None:
+    """What the fuzzing found: llguidance's message quoted a 300-character type whole."""
+    error = error_of(parse_tools, [{"type": "function", "name": "a", "parameters": schema}])
+    assert error.code == "unsupported_schema"
+    assert "x" * (MAX_QUOTED_CHARS + 1) not in error.message and "b b" * 30 not in error.message
+    assert "Invalid type" in error.message or "look-around" in error.message
 
 
 def test_an_unsupported_schema_says_why_without_echoing_the_grammar() -> None:
