@@ -107,7 +107,7 @@ def _add_chat_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_match_flags(parser: argparse.ArgumentParser) -> None:
-    from assistant.engine.request import DEFAULT_MATCH_PROMPT, SCORINGS
+    from assistant.engine.request import DEFAULT_MATCH_PROMPT, DEFAULT_SCORING, SCORINGS
 
     parser.add_argument("image", type=Path, metavar="IMAGE", help="Image file (PNG, JPEG, WebP or GIF).")
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="Candidate texts (captions) to score.")
@@ -115,7 +115,7 @@ def _add_match_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"The question the texts answer (default {DEFAULT_MATCH_PROMPT!r}).")
     parser.add_argument("--detail", default="auto", choices=("low", "high", "auto"),
                         help="The image's detail, as in an input_image part (default auto).")
-    parser.add_argument("--scoring", default="likelihood", choices=SCORINGS,
+    parser.add_argument("--scoring", default=DEFAULT_SCORING, choices=SCORINGS,
                         help="What ranks the texts: their mean log-likelihood per token with the image "
                         "(likelihood, the default) or what the image added to it (gain).")
     parser.add_argument("--json", action="store_true", help="Print the scores and ranking as JSON, as "

@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from assistant.engine.request import SCORINGS
+from assistant.engine.request import DEFAULT_SCORING, SCORINGS
 from assistant.engine.sampling import SAMPLING_FIELDS, check_sampling_value
 from assistant.errors import (AssistantError, AudioNotSupported, InvalidJSON, InvalidType, InvalidValue,
                               MissingParameter, UnknownEventType, quote)
@@ -173,7 +173,7 @@ class ImageMatch:
     image: ImageInput  # image_url not yet decoded: the session checks it like an item's image
     texts: tuple[str, ...]
     prompt: str | None = None
-    scoring: str = "likelihood"  # one of request.SCORINGS
+    scoring: str = DEFAULT_SCORING  # one of request.SCORINGS
 
 
 ClientEvent = (SessionUpdate | ItemCreate | ItemDelete | ItemRetrieve | ResponseCreate | ResponseCancel
@@ -476,7 +476,7 @@ def _image_match(data: dict[str, Any], event_id: str | None) -> ImageMatch:
     if prompt is not None:
         _check_match_text(prompt, "prompt")
     scoring = get_field(data, "scoring", str, "", required=False)
-    scoring = "likelihood" if scoring is None else scoring
+    scoring = DEFAULT_SCORING if scoring is None else scoring
     if scoring not in SCORINGS:
         raise InvalidValue(f"'scoring' must be one of {', '.join(SCORINGS)}.", param="scoring")
     return ImageMatch(event_id, ImageInput(get_field(image, "image_url", str, "image."), detail), tuple(texts), prompt,

@@ -36,8 +36,8 @@ import torch
 
 from assistant.engine.model import (IMAGE_PLACEHOLDER_ID, ChatModel, ImageSlot, PromptError, PromptTooLong,
                                     embed_with_images)
-from assistant.engine.request import (DEFAULT_MATCH_PROMPT, SCORINGS, ChatMessage, ImageChunk, ImageSource,
-                                      InlineImages, MatchScore, TextChunk, ranking)
+from assistant.engine.request import (DEFAULT_MATCH_PROMPT, DEFAULT_SCORING, SCORINGS, ChatMessage, ImageChunk,
+                                      ImageSource, InlineImages, MatchScore, TextChunk, ranking)
 from assistant.images import ImageLimits, load_image
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def answer_log_likelihoods(model: ChatModel, sequences: Sequence[AnswerSequence]
 
 def score_answers(model: ChatModel, image: ImageChunk, texts: Sequence[str], prompt: str = DEFAULT_MATCH_PROMPT,
                   instructions: str = "", *, source: ImageSource,
-                  scoring: str = "likelihood") -> tuple[MatchScore, ...]:
+                  scoring: str = DEFAULT_SCORING) -> tuple[MatchScore, ...]:
     """One :class:`MatchScore` per text, in the texts' order (model work: the engine thread's, in a server).
 
     ``source`` has the image's bytes, fetched only when the embedding cache misses.
@@ -181,7 +181,8 @@ def image_chunk(image: PILImage | bytes, detail: str = "auto",
 
 
 def match(model: ChatModel, image: PILImage | bytes, texts: Sequence[str], prompt: str = DEFAULT_MATCH_PROMPT, *,
-          instructions: str | None = None, detail: str = "auto", scoring: str = "likelihood") -> list[MatchScore]:
+          instructions: str | None = None, detail: str = "auto",
+          scoring: str = DEFAULT_SCORING) -> list[MatchScore]:
     """Score ``texts`` against ``image`` (see the module docstring); best match first.
 
     ``instructions``: the system message; None sends what ``assistant serve`` sends by

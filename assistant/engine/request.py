@@ -28,6 +28,7 @@ DEFAULT_MATCH_PROMPT = "Describe this image."
 # How image.match ranks texts (MatchScore.score): "likelihood" the mean log-likelihood per token with the image,
 # "gain" what the image added to the log-likelihood.
 SCORINGS = ("likelihood", "gain")
+DEFAULT_SCORING = "likelihood"
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class ScoreRequest:
     prompt: str = DEFAULT_MATCH_PROMPT
     instructions: str = ""
     image_source: ImageSource = no_images
-    scoring: str = "likelihood"  # one of SCORINGS: what MatchScore.score is
+    scoring: str = DEFAULT_SCORING  # one of SCORINGS: what MatchScore.score is
 
 
 Request = GenerationRequest | ScoreRequest
@@ -130,7 +131,7 @@ class MatchScore:
     log_likelihood: float  # with the image
     log_likelihood_without_image: float
     num_tokens: int
-    scoring: str = "likelihood"  # one of SCORINGS
+    scoring: str = DEFAULT_SCORING  # one of SCORINGS
 
     @property
     def score(self) -> float:
