@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,24 @@ async def running_server(model: ChatModel | None, data_dir: Path, port: int = 0,
         close_app(app)
 
 
+STREAMING_STEP_SECONDS = 0.003
+"""The streaming fixtures' least time per engine step: a 4,000-token response then lasts 12 s or more on any CPU
+(a fast machine once ran one out before the test's cancel arrived)."""
+
+
+def paced(server: RunningServer, seconds_per_step: float) -> None:
+    """Slow ``server``'s engine to at least ``seconds_per_step`` a step, for tests that act on a response while it
+    is still streaming."""
+    engine = server.app.engine.inner.engine  # MeteredEngine -> AsyncEngine -> Engine
+    step = engine.step
+
+    def paced_step() -> bool:
+        time.sleep(seconds_per_step)
+        return step()
+
+    engine.step = paced_step
+
+
 @pytest.fixture
 async def server(tiny_model: ChatModel, data_dir: Path) -> AsyncIterator[RunningServer]:
     """The tiny model served greedy by default, so every test's answer is the same each run (sampled,
@@ -130,6 +149,7 @@ async def server(tiny_model: ChatModel, data_dir: Path) -> AsyncIterator[Running
 async def streaming_server(streaming_model: ChatModel, data_dir: Path) -> AsyncIterator[RunningServer]:
     """The model that never ends by itself, served greedy: its responses run until the context is full."""
     async with running_server(streaming_model, data_dir, temperature=0) as running:
+        paced(running, STREAMING_STEP_SECONDS)
         yield running
 
 

@@ -14,7 +14,7 @@ from openai import AsyncOpenAI
 from websockets.asyncio.client import ClientConnection
 
 from assistant.engine.model import ChatModel
-from tests.conftest import RunningServer, running_server
+from tests.conftest import STREAMING_STEP_SECONDS, RunningServer, paced, running_server
 from tests.test_server import TIMEOUT, open_session, recv, recv_until, send, user_item
 
 
@@ -22,6 +22,7 @@ from tests.test_server import TIMEOUT, open_session, recv, recv_until, send, use
 async def streaming(streaming_model: ChatModel, data_dir: Path) -> AsyncIterator[RunningServer]:
     """A model that never ends by itself, served greedy: every response runs to its max_output_tokens."""
     async with running_server(streaming_model, data_dir, temperature=0, frequency_penalty=0) as running:
+        paced(running, STREAMING_STEP_SECONDS)
         yield running
 
 
