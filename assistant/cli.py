@@ -153,7 +153,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
     if stage == "finetune":
         parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the LoRA adapter (default 8).")
         parser.add_argument("--projector-lr", type=float, help="Peak learning rate of the projector (default: "
-                            "--lr), as LLaVA's mm_projector_lr; the LoRA adapter keeps --lr.")
+                            "--lr), as LLaVA's mm_projector_lr; the LoRA adapter keeps --lr. 0 freezes the "
+                            "projector: the adapter alone trains (as for a decoder quantized another way that shares "
+                            "the projector).")
         parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                             help="nf4: QLoRA on a bitsandbytes 4-bit decoder (falls back, with a warning, to the "
                             "unquantized decoder where nf4 cannot train).")

@@ -74,6 +74,14 @@ def test_absolute_paths_stay_absolute(tmp_path):
     ('decoder = "d"\nadapter = "nowhere"\n[vision]\nencoder = "e"\nprojector = "projector"\n',
      "adapter: no LoRA adapter"),
     ('decoder = "d"\nvision = "clip"\n', "must be a table"),
+    ('decoder = "d"\nadapters = "a"\n[vision]\nencoder = "e"\nprojector = "projector"\n',
+     "'adapters' must be a table"),
+    ('decoder = "d"\n[adapters]\nnf5 = "a"\n[vision]\nencoder = "e"\nprojector = "projector"\n',
+     "unknown key adapters.nf5; expected adapters.int4-cpu"),
+    ('decoder = "d"\n[adapters]\nnf4 = "nowhere"\n[vision]\nencoder = "e"\nprojector = "projector"\n',
+     "adapters.nf4: no LoRA adapter"),
+    ('decoder = "d"\n[adapters]\nnf4 = 4\n[vision]\nencoder = "e"\nprojector = "projector"\n',
+     "adapters.nf4 must be a string"),
     ('decoder = "d"\n[vision]\nencoder = "efficientnet-lite0"\nprojector = "projector"\nfeatures = "all"\n',
      "vision.features must be one of head, multiscale"),
     ('decoder = "d"\n[vision]\nencoder = "e"\nprojector = "projector"\nfeatures = "multiscale"\n',
@@ -99,16 +107,20 @@ def test_a_written_composition_reads_back_as_the_same_spec(tmp_path):
     """What `assistant train` writes: parts inside the file's folder become relative, the others stay as given."""
     out = tmp_path / "out"
     save_projector(Projector("linear", 4, 8), out / "projector")
-    (out / "adapter").mkdir()
-    (out / "adapter" / "adapter_config.json").write_text("{}")
+    for name in ("adapter", "adapter-nf4"):
+        (out / name).mkdir()
+        (out / name / "adapter_config.json").write_text("{}")
     spec = CompositionSpec(decoder="/opt/decoder", encoder="openai/clip", projector=out / "projector",
-                           feature_layer=-1, select="full", adapter=out / "adapter")
+                           feature_layer=-1, select="full", adapter=out / "adapter",
+                           adapters={"nf4": out / "adapter-nf4", "int4-cpu": out / "adapter"})
 
     write_composition(spec, out / "model.toml")
 
     text = (out / "model.toml").read_text()
-    assert 'projector = "projector"' in text and 'adapter = "adapter"' in text
+    assert 'projector = "projector"' in text and 'adapter = "adapter"' in text and '"nf4" = "adapter-nf4"' in text
     assert load_composition(out / "model.toml") == spec
+    assert (spec.adapter_for("nf4"), spec.adapter_for("int8"), spec.adapter_for("none")) == (
+        out / "adapter-nf4", out / "adapter", out / "adapter")
 
 
 @pytest.mark.parametrize("features, summary_token, summary_centroid", [

@@ -242,8 +242,46 @@ def test_the_projector_learns_at_its_own_rate_when_given_one(composition: Path, 
     assert '"projector_lr": 0.01' in (tmp_path / "own" / "train.json").read_text()
     with pytest.raises(TrainingRefused, match="--projector-lr is for finetune and must be positive"):
         settings("align", composition, data / "captions.json", tmp_path / "x", projector_lr=1e-2)
-    with pytest.raises(TrainingRefused, match="--projector-lr is for finetune and must be positive"):
-        settings("finetune", composition, data / "qa.json", tmp_path / "x", projector_lr=0.0)
+    with pytest.raises(TrainingRefused, match="--projector-lr is for finetune and must be positive or 0"):
+        settings("finetune", composition, data / "qa.json", tmp_path / "x", projector_lr=-1e-3)
+
+
+def lora_weight(model_or_dir: object, layer: str = "layers.0.self_attn.q_proj") -> torch.Tensor:
+    """One LoRA A matrix: from a loaded model's layers, or from an adapter directory's file."""
+    if isinstance(model_or_dir, Path):
+        return next(t for name, t in tensors(model_or_dir).items() if f"{layer}.lora_A" in name)
+    return next(p for name, p in model_or_dir.hf_model.named_parameters()  # type: ignore[attr-defined]
+                if f"{layer}.lora_A" in name).detach()
+
+
+def test_an_adapter_trained_on_nf4_with_the_projector_frozen_serves_nf4_in_place_of_the_other(
+        composition: Path, data: Path, tmp_path: Path) -> None:
+    """--projector-lr 0 with --quantize nf4 (the default model's stage 9): the projector stays as it was, the
+    adapter trains; [adapters] nf4 names it, and only a decoder quantized nf4 gets it."""
+    home = config(tmp_path / "home")
+    train(settings("finetune", composition, data / "qa.json", tmp_path / "tuned", steps=2), home,
+          report=lambda _: None)
+    lines: list[str] = []
+    train(settings("finetune", tmp_path / "tuned", data / "qa.json", tmp_path / "nf4", steps=3, lr=1e-2,
+                   projector_lr=0.0, quantize="nf4", dtype="bfloat16"), home, report=lines.append)
+    tuned, nf4 = (tensors(tmp_path / name / "projector") for name in ("tuned", "nf4"))
+    assert all(torch.equal(tuned[key], nf4[key]) for key in tuned)  # frozen
+    assert not torch.allclose(lora_weight(tmp_path / "tuned" / "adapter"), lora_weight(tmp_path / "nf4" / "adapter"))
+    assert "adapters" not in (tmp_path / "nf4" / "model.toml").read_text()
+    model_file = tmp_path / "tuned" / "model.toml"
+    model_file.write_text(model_file.read_text().replace("\n\n[vision]", '\n\n[adapters]\nnf4 = "../nf4/adapter"\n\n'
+                                                                           "[vision]"))
+
+    for quantize, adapter in (("nf4", "nf4"), ("none", "tuned")):
+        said: list[str] = []
+        model = load_model(Config(model=str(model_file), data_dir=tmp_path / "home", device="cpu",
+                                  dtype="float32" if quantize == "none" else "bfloat16", quantize=quantize),
+                           progress=said.append)
+        expected = lora_weight(tmp_path / adapter / "adapter")
+        assert torch.allclose(lora_weight(model).float(), expected.float(), atol=1e-2)
+        assert any("the adapter for nf4" in line for line in said) == (quantize == "nf4")
+        text, finished = generate(Engine(model), look_at_image())
+        assert text and finished.num_image_tokens == 16
 
 
 @pytest.mark.real_model

@@ -7,6 +7,9 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
     decoder = "../smollm2-135m-instruct"      # a local directory (relative to this file) or a hub id
     adapter = "adapter"                       # optional: a LoRA adapter of the decoder (peft's save_pretrained)
 
+    [adapters]                                # optional: adapters by --quantize value, each used in place of
+    nf4 = "adapter-nf4"                       #   `adapter` when the decoder is quantized so (e.g. trained QLoRA)
+
     [vision]
     encoder = "efficientnet-lite0"            # or a CLIP/SigLIP checkpoint: a directory or a hub id
     projector = "projector"                   # a directory written by save_projector (config.json + model.safetensors)
@@ -19,7 +22,8 @@ A composition file (TOML, conventionally ``model.toml``) names the parts; the
                                               #   say where the image's content is
 
 Required: ``decoder``, ``[vision] encoder``, ``[vision] projector``; the others
-take the defaults shown (no adapter: the decoder as it is). A relative path is resolved against the file's
+take the defaults shown (no adapter: the decoder as it is; no ``[adapters]``: ``adapter`` whatever the
+quantization). A relative path is resolved against the file's
 directory. ``decoder`` and ``encoder`` are taken as local paths when they exist
 there or start with ``.``, ``/`` or ``~``, and as hub ids otherwise. An unknown
 key, a missing one, a wrong type or a missing projector or adapter directory
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ import torch
 
 from assistant.engine import efficientnet
 from assistant.engine.efficientnet import Progress
+from assistant.engine.quantize import QUANTIZE_KINDS
 from assistant.engine.vision import (EfficientNetVision, ProjectedVision, Projector, load_hf_vision_tower,
                                      load_projector)
 
@@ -60,6 +65,11 @@ class CompositionSpec:
     features: str = "head"  # EfficientNet-Lite0 only: efficientnet.FEATURE_SETS
     summary_token: bool = False  # EfficientNet-Lite0 only: EfficientNetVision's summary token
     summary_centroid: bool = False  # EfficientNet-Lite0 only: EfficientNetVision's summary_centroid
+    adapters: dict[str, Path] = field(default_factory=dict)  # by quantization, in place of adapter
+
+    def adapter_for(self, quantize: str) -> Path | None:
+        """The adapter for a decoder quantized as ``quantize`` (a concrete --quantize value, not "auto")."""
+        return self.adapters.get(quantize, self.adapter)
 
 
 def load_composition(path: Path, *, require_projector: bool = True) -> CompositionSpec:
@@ -71,7 +81,7 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the composition file: {exc}") from exc
     base = path.parent.resolve()
-    _check_keys(path, "", data, required={"decoder", "vision"}, allowed={"decoder", "vision", "adapter"})
+    _check_keys(path, "", data, required={"decoder", "vision"}, allowed={"decoder", "vision", "adapter", "adapters"})
     vision = data["vision"]
     if not isinstance(vision, dict):
         raise ValueError(f"{path}: 'vision' must be a table ([vision])")
@@ -83,11 +93,12 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
     projector = base / Path(_get(path, "vision.projector", vision, str)).expanduser()
     if require_projector and not projector.is_dir():
         raise ValueError(f"{path}: vision.projector: no projector directory at {projector}")
-    adapter = None
-    if "adapter" in data:
-        adapter = base / Path(_get(path, "adapter", data, str)).expanduser()
-        if not (adapter / "adapter_config.json").is_file():
-            raise ValueError(f"{path}: adapter: no LoRA adapter (adapter_config.json) at {adapter}")
+    adapter = _adapter(path, "adapter", data, base) if "adapter" in data else None
+    by_quantize = data.get("adapters", {})
+    if not isinstance(by_quantize, dict):
+        raise ValueError(f"{path}: 'adapters' must be a table ([adapters]) of --quantize values")
+    _check_keys(path, "adapters.", by_quantize, required=set(), allowed=set(QUANTIZE_KINDS))
+    adapters = {kind: _adapter(path, f"adapters.{kind}", by_quantize, base) for kind in by_quantize}
     spec = CompositionSpec(
         decoder=_resolve(decoder, base),
         encoder=encoder if encoder == EFFICIENTNET else _resolve(encoder, base),
@@ -98,6 +109,7 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
         features=_get(path, "vision.features", vision, str, "head"),
         summary_token=_get(path, "vision.summary_token", vision, bool, False),
         summary_centroid=_get(path, "vision.summary_centroid", vision, bool, False),
+        adapters=adapters,
     )
     if spec.select not in SELECTS:
         raise ValueError(f"{path}: vision.select must be one of {', '.join(SELECTS)}, got {spec.select!r}")
@@ -116,6 +128,13 @@ def load_composition(path: Path, *, require_projector: bool = True) -> Compositi
     return spec
 
 
+def _adapter(path: Path, key: str, table: dict[str, Any], base: Path) -> Path:
+    adapter = base / Path(_get(path, key, table, str)).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise ValueError(f"{path}: {key}: no LoRA adapter (adapter_config.json) at {adapter}")
+    return adapter
+
+
 def write_composition(spec: CompositionSpec, path: Path) -> None:
     """Write ``spec`` as a composition file at ``path``; projector and adapter inside its folder become relative."""
     path = Path(path)
@@ -128,6 +147,8 @@ def write_composition(spec: CompositionSpec, path: Path) -> None:
     lines = [f"decoder = {json.dumps(spec.decoder)}"]
     if spec.adapter is not None:
         lines.append(f"adapter = {quoted(spec.adapter)}")
+    if spec.adapters:
+        lines += ["", "[adapters]", *(f"{json.dumps(kind)} = {quoted(path)}" for kind, path in spec.adapters.items())]
     lines += ["", "[vision]", f"encoder = {json.dumps(spec.encoder)}", f"projector = {quoted(spec.projector)}",
               f"feature_layer = {spec.feature_layer}", f"select = {json.dumps(spec.select)}"]
     if spec.features != "head":

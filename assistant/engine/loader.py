@@ -9,7 +9,8 @@
   must equal the decoder's hidden size (a ValueError naming both otherwise,
   before the decoder's weights are read). Its optional LoRA ``adapter`` (what
   ``assistant train finetune`` writes) is kept beside the decoder's layers
-  (:func:`attach_adapter`) and applied to conversations with images only;
+  (:func:`attach_adapter`) and applied to conversations with images only; an
+  ``[adapters]`` entry for the quantization in use replaces it;
 - ``smollm2-135m-vision`` (the default): the packaged composition file of
   :data:`~assistant.models.VISION_MODEL_FILE`, loaded as above;
 - ``smollm2-135m-instruct`` (the default's decoder alone, pulled from PyPI and converted on
@@ -255,5 +256,8 @@ def load_composed_model(path: Path, config: Config, *, device: str, dtype: str, 
                          f"out_dim is {decoder_hidden}")
     quantized = "" if config.quantize == "none" else f", {config.quantize}"
     progress(f"loading {spec.decoder} ({dtype}{quantized}) on {device} with the vision part of {path}")
+    adapter = spec.adapter_for(config.quantize)
+    if config.quantize in spec.adapters:
+        progress(f"the adapter for {config.quantize}: {adapter}")
     return load_chat_model(decoder, dtype=dtype, device=device, quantize=config.quantize, vision=vision,
-                           image_cache=EmbeddingCache(config.image_cache_bytes), adapter=spec.adapter)
+                           image_cache=EmbeddingCache(config.image_cache_bytes), adapter=adapter)

@@ -31,7 +31,8 @@ class TrainSettings:
     steps: int | None = None  # overrides epochs
     batch_size: int = 8
     lr: float | None = None  # default: DEFAULT_LR[stage]
-    projector_lr: float | None = None  # finetune: the projector's peak rate (default: lr), as LLaVA's mm_projector_lr
+    projector_lr: float | None = None  # finetune: the projector's peak rate (default: lr), as LLaVA's mm_projector_lr;
+    # 0 freezes the projector (an adapter alone trains: e.g. one for a quantized decoder that shares the projector)
     seed: int = 0
     resume: bool = False
     device: str = "auto"
@@ -53,8 +54,9 @@ class TrainSettings:
             raise TrainingRefused(f"--steps must be at least 1, got {self.steps}")
         if self.lr is not None and not self.lr > 0:
             raise TrainingRefused(f"--lr must be positive, got {self.lr}")
-        if self.projector_lr is not None and not (self.projector_lr > 0 and self.stage == "finetune"):
-            raise TrainingRefused(f"--projector-lr is for finetune and must be positive, got {self.projector_lr}")
+        if self.projector_lr is not None and not (self.projector_lr >= 0 and self.stage == "finetune"):
+            raise TrainingRefused(f"--projector-lr is for finetune and must be positive or 0 (a frozen projector), "
+                                  f"got {self.projector_lr}")
         if self.quantize not in QUANTIZE_CHOICES or (self.quantize != "none" and self.stage != "finetune"):
             raise TrainingRefused(f"--quantize is nf4 or none, and only for finetune; got {self.quantize!r}")
         if self.dtype not in DTYPE_CHOICES:
@@ -63,6 +65,10 @@ class TrainSettings:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
+
+    @property
+    def trains_projector(self) -> bool:
+        return self.projector_learning_rate > 0
 
     @property
     def projector_learning_rate(self) -> float:

@@ -3,7 +3,8 @@
 - ``align``: encoder and decoder frozen (a LoRA adapter the composition already
   has is applied, frozen); only the projector trains.
 - ``finetune``: the projector and a LoRA adapter (``peft``) on every Linear of the
-  decoder but ``lm_head``: rank ``lora_rank``, alpha twice the rank, dropout 0.05.
+  decoder but ``lm_head``: rank ``lora_rank``, alpha twice the rank, dropout 0.05;
+  or the adapter alone (``train_projector=False``: the projector stays as it is).
   A composition that already has an adapter continues training that one. With
   ``quantize="nf4"`` the decoder's base weights are bitsandbytes nf4 (QLoRA); if
   one forward and backward pass on the loaded model fails (bitsandbytes has no
@@ -60,7 +61,7 @@ class TrainableModel:
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter that trains, by a stable name (the checkpoint's keys)."""
-        named = {f"projector.{name}": p for name, p in self.projector.named_parameters()}
+        named = {f"projector.{name}": p for name, p in self.projector.named_parameters() if p.requires_grad}
         named.update({f"decoder.{name}": p for name, p in self.chat.hf_model.named_parameters() if p.requires_grad})
         return named
 
@@ -88,9 +89,10 @@ class TrainableModel:
 
 
 def load_trainable(spec: CompositionSpec, *, stage: str, config: Config, device: str, dtype: str, seed: int,
-                   lora_rank: int = 8, quantize: str = "none",
+                   lora_rank: int = 8, quantize: str = "none", train_projector: bool = True,
                    report: Callable[[str], None] = print) -> TrainableModel:
-    """The composition's parts set up for ``stage`` (see the module docstring) on ``device``."""
+    """The composition's parts set up for ``stage`` (see the module docstring) on ``device``; with
+    ``train_projector`` false (finetune only), the projector stays as it is and the adapter alone trains."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     torch.manual_seed(seed)  # a fresh projector and fresh LoRA weights come from the seed
@@ -107,7 +109,7 @@ def load_trainable(spec: CompositionSpec, *, stage: str, config: Config, device:
         projector = Projector("mlp2x_gelu", encoder_width(spec), _decoder_width(decoder))
     vision = load_vision_part(spec, data_dir=config.data_dir, device=device, projector=projector,
                               progress=report)  # float32: features are cached once, at full precision
-    projector.float().requires_grad_(True)
+    projector.float().requires_grad_(train_projector or stage == "align")
     tokenizer = load_tokenizer(decoder)
     if stage == "finetune" and quantize == "nf4":
         try:

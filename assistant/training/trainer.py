@@ -79,10 +79,11 @@ class TrainingLoop:
         self.model, self.cache, self.sequences, self.heldout = model, cache, sequences, heldout
         self.settings = settings
         self.parameters = model.trainable_parameters()
-        # One group per peak rate: the projector's (--projector-lr) when it differs, then the rest.
+        # One group per peak rate: the projector's (--projector-lr) when it differs, then the rest (a frozen
+        # projector has no parameters here).
         projector = [p for name, p in self.parameters.items() if name.startswith("projector.")]
         rest = [p for name, p in self.parameters.items() if not name.startswith("projector.")]
-        if settings.projector_learning_rate == settings.learning_rate or not rest:
+        if settings.projector_learning_rate == settings.learning_rate or not rest or not projector:
             groups, self.peak_rates = [list(self.parameters.values())], [settings.learning_rate]
         else:
             groups, self.peak_rates = [projector, rest], [settings.projector_learning_rate, settings.learning_rate]
@@ -154,7 +155,7 @@ def train(settings: TrainSettings, config: Config, report: Report = print) -> Tr
 
     model = load_trainable(spec, stage=settings.stage, config=config, device=device, dtype=dtype,
                            seed=settings.seed, lora_rank=settings.lora_rank, quantize=settings.quantize,
-                           report=report)
+                           train_projector=settings.trains_projector, report=report)
     cache = FeatureCache(config.data_dir / "features", model.vision)
     system_prompt = load_system_prompt(config.system_prompt_file or None)
     sequences, heldout = _prepare(examples, heldout_examples, model, cache, system_prompt, settings, problems)
@@ -163,6 +164,9 @@ def train(settings: TrainSettings, config: Config, report: Report = print) -> Tr
         raise TrainingRefused("no usable training entry in " + ", ".join(str(p) for p in settings.data))
     run["data_digest"] = _digest(sequences) + _digest(heldout)
     if needs_colour_words(spec, model):
+        if not settings.trains_projector:
+            raise TrainingRefused(f"{spec.projector}: the projector has no colour-word shortcut yet and training "
+                                  f"adds one, which must train: --projector-lr 0 (a frozen projector) cannot")
         add_colour_words(model, cache.load([s.image_sha256 for s in sequences[:16]]), report)
     if latest is not None:
         check_same_run(latest, {"data_digest": run["data_digest"]})
@@ -295,7 +299,8 @@ def _write_model(settings: TrainSettings, spec: CompositionSpec, model: Trainabl
             shutil.copytree(spec.adapter, adapter, dirs_exist_ok=True)
     model_file = out / "model.toml"
     # everything else as the composition trained from says: decoder, encoder, its features
-    write_composition(replace(spec, projector=out / "projector", adapter=adapter), model_file)
+    # ... but not its adapters by quantization: they were trained beside another adapter
+    write_composition(replace(spec, projector=out / "projector", adapter=adapter, adapters={}), model_file)
     return model_file
 
 
