@@ -78,6 +78,33 @@ async def test_it_names_the_colour_of_a_red_circle_through_the_openai_sdk(defaul
             assert first_colour(text) == "red", (seed, text)
 
 
+def test_with_bitsandbytes_nf4_it_takes_its_own_adapter_and_names_the_colour() -> None:
+    """``--quantize nf4`` (the default on CUDA; here bitsandbytes' CPU path): the composition's [adapters] nf4,
+    trained QLoRA on the nf4 decoder, in place of the adapter trained beside the unquantized one."""
+    from assistant.config import load_config
+    from assistant.engine.engine import Engine
+    from assistant.engine.loader import load_model
+    from assistant.engine.request import (ChatMessage, GenerationRequest, ImageChunk, InlineImages, TextChunk,
+                                          TokenDelta)
+    from assistant.engine.sampling import SamplingParams
+    from assistant.models import default_data_dir
+
+    said: list[str] = []
+    model = load_model(load_config({"data_dir": str(default_data_dir()), "quantize": "nf4"}, env={}),
+                       progress=said.append)
+    assert any(line.startswith("the adapter for nf4: ") and line.endswith("adapter-nf4") for line in said), said
+    data = png(red_circle())
+    sha256 = hashlib.sha256(data).hexdigest()
+    question = ChatMessage("user", (ImageChunk(sha256, "high"), TextChunk("What colour is the circle?")))
+    engine, text = Engine(model), []
+    engine.add_request(GenerationRequest("q", (question,), SamplingParams(temperature=0.0, max_output_tokens=12),
+                                         image_source=InlineImages({sha256: data})),
+                       lambda event: text.append(event.text if isinstance(event, TokenDelta) else ""))
+    while engine.step():
+        pass
+    assert first_colour("".join(text)) == "red", "".join(text)
+
+
 CAPTIONED = (  # five generated images and their captions, alike in length (a score is a sum over tokens)
     (Sample(index=0, kind="shape", colour="red", background="white", shape="circle", position="center",
             size="large"), "A red circle in the center."),

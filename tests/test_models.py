@@ -149,12 +149,14 @@ def test_resolve_model(tmp_path: Path, fake_pull: dict[str, int]) -> None:
 
 def test_the_default_vision_model_is_packaged_and_small() -> None:
     """SmolLM2 (by its built-in name, pulled on first use) + EfficientNet-Lite0 + the committed projector and
-    LoRA adapter."""
+    LoRA adapters (one for bitsandbytes nf4), under 20 MB together."""
     spec = load_composition(VISION_MODEL_FILE)
     assert spec.decoder == DEFAULT_DECODER and spec.encoder == EFFICIENTNET and spec.adapter is not None
+    assert set(spec.adapters) == {"nf4"} and spec.adapter_for("nf4") != spec.adapter
     files = [p for p in VISION_MODEL_FILE.parent.rglob("*") if p.is_file()]
-    assert {spec.projector / "model.safetensors", spec.adapter / "adapter_model.safetensors"} <= set(files)
-    assert sum(p.stat().st_size for p in files) < 20 * 1024 * 1024
+    assert {spec.projector / "model.safetensors", spec.adapter / "adapter_model.safetensors",
+            spec.adapters["nf4"] / "adapter_model.safetensors"} <= set(files)
+    assert sum(p.stat().st_size for p in files) < 20_000_000
 
 
 def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
