@@ -84,25 +84,18 @@ def test_with_bitsandbytes_nf4_it_takes_its_own_adapter_and_names_the_colour() -
     from assistant.config import load_config
     from assistant.engine.engine import Engine
     from assistant.engine.loader import load_model
-    from assistant.engine.request import (ChatMessage, GenerationRequest, ImageChunk, InlineImages, TextChunk,
-                                          TokenDelta)
-    from assistant.engine.sampling import SamplingParams
+    from assistant.engine.request import ChatMessage, TextChunk
     from assistant.models import default_data_dir
+    from tests.vision_fixtures import generate, image_chunk
 
     said: list[str] = []
     model = load_model(load_config({"data_dir": str(default_data_dir()), "quantize": "nf4"}, env={}),
                        progress=said.append)
     assert any(line.startswith("the adapter for nf4: ") and line.endswith("adapter-nf4") for line in said), said
-    data = png(red_circle())
-    sha256 = hashlib.sha256(data).hexdigest()
-    question = ChatMessage("user", (ImageChunk(sha256, "high"), TextChunk("What colour is the circle?")))
-    engine, text = Engine(model), []
-    engine.add_request(GenerationRequest("q", (question,), SamplingParams(temperature=0.0, max_output_tokens=12),
-                                         image_source=InlineImages({sha256: data})),
-                       lambda event: text.append(event.text if isinstance(event, TokenDelta) else ""))
-    while engine.step():
-        pass
-    assert first_colour("".join(text)) == "red", "".join(text)
+    question = ChatMessage("user", (image_chunk(render(red_circle(), SEED), "high"),
+                                    TextChunk("What colour is the circle?")))
+    text, _ = generate(Engine(model), (question,), max_output_tokens=12)
+    assert first_colour(text) == "red", text
 
 
 CAPTIONED = (  # five generated images and their captions, alike in length (a score is a sum over tokens)
