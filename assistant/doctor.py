@@ -21,7 +21,7 @@ from assistant.config import Config, is_loopback
 
 PACKAGES = ("assistant", "torch", "transformers", "bitsandbytes", "peft", "llguidance", "starlette", "uvicorn",
             "websockets", "SQLAlchemy", "alembic", "psycopg", "prometheus_client", "pillow")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "fma", "f16c")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "fma", "f16c")
 
 
 def report(config: Config) -> list[str]:
@@ -90,8 +90,13 @@ def _model(config: Config) -> Iterator[str]:
     from assistant.engine.loader import pick_device, pick_quantize
 
     device = pick_device(config.device)
-    yield f"--model {config.model}, --quantize {config.quantize} (here: {pick_quantize(config.quantize, device)}), " \
+    quantize = pick_quantize(config.quantize, device)
+    yield f"--model {config.model}, --quantize {config.quantize} (here: {quantize}), " \
           f"--dtype {config.dtype}, --device {config.device} (here: {device})"
+    if quantize == "int4-cpu":
+        from assistant.engine import int4_kernel
+
+        yield f"int4-cpu multiplies with {int4_kernel.describe()}"
     yield f"data dir {config.data_dir}"
     models = config.data_dir / "models"
     if not models.is_dir():

@@ -187,3 +187,40 @@ def test_a_lora_adapter_runs_in_the_lean_step_switched_on_and_off(tmp_path_facto
         assert_same_logits(got, expected, bfloat16_inputs=kind == "int4-cpu")
         differences.append(got)
     assert not torch.allclose(differences[0], differences[1], atol=1e-2)  # the adapter does change the answer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_native_layer_loop_computes_exactly_what_the_python_loop_computes(
+        tmp_path_factory: pytest.TempPathFactory, dtype: str) -> None:
+    """int4-cpu on the project's kernel runs the layers in one call (int4_kernel.cpp, decode_layers): the same
+    operations in the same order, so the same logits and caches bit for bit, padded rows included."""
+    from assistant.engine import int4_kernel
+
+    if not int4_kernel.available():
+        pytest.skip("the int4 kernel needs AVX512-VNNI and a compiler")
+    source = save_tiny_chat_model(tmp_path_factory.mktemp("tiny"), hidden_size=128)
+    model = load_chat_model(str(source), dtype=dtype, quantize="int4-cpu")
+    fast = model.fast_decoder
+    assert fast is not None and fast._native is not None
+    native = fast._native
+    runs = []
+    for use_native in (True, False):
+        fast._native = native if use_native else None
+        batch = DecodeBatch(model, has_images=False)
+        tokens = []
+        for text in PROMPTS:  # different lengths: rows are left-padded
+            logits, cache = model.prefill(prompt_of(model, text))
+            batch.add(object(), cache)
+            tokens.append(int(logits.argmax()))
+        steps = []
+        for _ in range(5):
+            logits = batch.step(tokens)
+            steps.append(logits)
+            tokens = logits.argmax(-1).tolist()
+        runs.append((batch, steps))
+    fast._native = native
+    (native_batch, native_steps), (python_batch, python_steps) = runs
+    for got, expected in zip(native_steps, python_steps, strict=True):
+        assert torch.equal(got, expected)
+    for mine, theirs in zip(native_batch.cache.layers, python_batch.cache.layers, strict=True):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)

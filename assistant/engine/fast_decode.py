@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from assistant.engine import int4_cpu, int8_cpu
+from assistant.engine import int4_cpu, int4_kernel, int8_cpu
 from assistant.engine.int4_cpu import Int4Linear
 from assistant.engine.int8_cpu import Int8Linear
 
@@ -127,6 +127,7 @@ class FastDecoder:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         self.scale = self.head_dim ** -0.5
         self.layers = [FastLayer(layer) for layer in decoder.layers]
+        self._native = self._native_layers()
         adapted = sum(1 for layer in decoder.modules() if hasattr(layer, "lora_A"))
         taken = sum(len(part.adapter_layers) for layer in self.layers
                     for part in (layer.qkv, layer.o, layer.gate_up, layer.down))
@@ -151,6 +152,27 @@ class FastDecoder:
             if not all(type(base_layer(linear)) in LINEAR_KINDS for linear in linears):
                 return None  # bitsandbytes or other wrapped layers
         return cls(decoder, lm_head, config)
+
+    def _native_layers(self) -> tuple[list[torch.Tensor], ...] | None:
+        """The layers' norms and packed weights for ``assistant::decode_layers`` (int4_kernel.cpp: this class's
+        layer loop in one call), where every product is the int4 kernel's and none has a bias; else None."""
+        def packed(part: FusedLinear) -> torch.Tensor | None:
+            if part.kind is Int4Linear:
+                weight, bias = part.weight, part.bias
+            elif part.kind is None and len(part.layers) == 1 and type(part.layers[0]) is Int4Linear:
+                weight, bias = part.layers[0].weight_packed, part.layers[0].bias
+            else:
+                return None
+            return weight if weight.dim() == 3 and bias is None else None
+
+        columns: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
+        for layer in self.layers:
+            weights = [packed(part) for part in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            if any(weight is None for weight in weights) or layer.intermediate != self.layers[0].intermediate:
+                return None
+            for column, tensor in zip(columns, [layer.input_norm, layer.post_norm, *weights], strict=True):
+                column.append(tensor)
+        return columns if self.layers and int4_kernel.available() else None
 
     @property
     def runs_adapter(self) -> bool:
@@ -179,6 +201,17 @@ class FastDecoder:
             bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
             bias = bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        length = cache.layers[0].keys.shape[-2]
+        if (self._native is not None and reserve and not adapter
+                and all(layer.keys.shape[-2] == length for layer in cache.layers)):
+            buffers = [room_for_one_more(cache_layer) for cache_layer in cache.layers]
+            x = torch.ops.assistant.decode_layers(
+                x, *self._native, cos, sin, [keys for keys, _ in buffers], [values for _, values in buffers],
+                length, bias, heads, kv_heads, self.layers[0].intermediate, self.eps, self.scale)
+            for cache_layer, (keys, values) in zip(cache.layers, buffers, strict=True):
+                cache_layer.keys, cache_layer.values = keys[..., :length + 1, :], values[..., :length + 1, :]
+            x = _rms_norm(x, self.final_norm, self.eps)
+            return self.lm_head(x[:, -1]).float()
         half = dim // 2
         for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
             h = _rms_norm(x, layer.input_norm, self.eps)

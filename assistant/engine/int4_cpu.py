@@ -1,22 +1,28 @@
-"""``--quantize int4-cpu``: weight-only 4-bit for the decoder's linear layers and its output head, on PyTorch's own
-CPU kernel.
+"""``--quantize int4-cpu``: weight-only 4-bit for the decoder's linear layers and its output head, on CPU.
 
 Each converted ``nn.Linear`` keeps its weight as 4-bit codes in groups of
 :data:`GROUP_SIZE` input columns, each group with its own scale and minimum
 (asymmetric: ``w ≈ q * scale + min``, ``q`` in 0..15), the format of llama.cpp's
-Q4_1, and multiplies with ``torch._weight_int4pack_mm_for_cpu`` (the kernel torchao
-uses for int4 weight-only on CPU; part of PyTorch, nothing to build) without ever
-materializing the dequantized weight. The kernel computes in bfloat16 (in float32 it
-is twenty times slower), so activations are cast to bfloat16 around each product,
-whatever ``--dtype`` says. A row's output does not depend on the other rows of the
-batch, so batched decoding equals unbatched decoding.
+Q4_1, and multiplies without ever materializing the dequantized weight, with one of two
+kernels:
+
+- on CPUs with AVX512-VNNI, the project's own (:mod:`~assistant.engine.int4_kernel`,
+  built on first use): the inputs rounded to int8 per group of 32, as llama.cpp does,
+  and multiplied with the codes in integers; 2.5× PyTorch's kernel for one row and
+  3.8× for eight, which is what makes batches of conversations pay;
+- elsewhere (or when it cannot be built) ``torch._weight_int4pack_mm_for_cpu`` (the
+  kernel torchao uses for int4 weight-only on CPU; part of PyTorch), which computes in
+  bfloat16 (in float32 it is twenty times slower).
+
+Either way activations are cast to bfloat16 before each product, whatever ``--dtype``
+says, and a row's output does not depend on the other rows of the batch, so batched
+decoding equals unbatched decoding.
 
 Why it exists: decoding a small model on a CPU reads every weight once per token, so
 time per token follows the weights' bytes. At half int8-cpu's bytes, and with the
 output head (a quarter of SmolLM2-135M's weights, tied to the embeddings) converted
 too, it is the fastest decode this project measured on its 2-core CPUs
-(``bench.quantize``, README "Fast decode on CPU"); prefill is slower than in
-bfloat16 (the kernel is tuned for few rows) but still faster than llama.cpp's.
+(``bench.quantize``, README "Fast decode on CPU").
 
 Converted: every ``nn.Linear`` in the decoder's transformer layers (a LoRA adapter's
 base layers included, its own ``lora_A``/``lora_B`` not), and ``lm_head`` (as a copy:
@@ -33,13 +39,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from assistant.engine import int4_kernel
+
 KIND = "int4-cpu"
 GROUP_SIZE = 32
 LEVELS = 15  # 4-bit codes 0..15
-ZERO_CODE = 8  # the kernel computes (q - 8) * scale + zero
+ZERO_CODE = 8  # both kernels compute (q - 8) * scale + zero
 SKIPPED_NAME_PARTS = ("vision_tower", "multi_modal_projector", "lora_")
-# The kernel's packed layout is laid out in blocks of this many output rows: packed weights of layers whose
-# widths are multiples of it can be concatenated into one (fast_decode fuses q/k/v and gate/up that way).
+# PyTorch's packed layout is laid out in blocks of this many output rows (the project's kernel in blocks of
+# 16): packed weights of layers whose widths are multiples of it can be concatenated into one (fast_decode
+# fuses q/k/v and gate/up that way).
 PACK_BLOCK_ROWS = 64
 COMPUTE_DTYPE = torch.bfloat16
 
@@ -59,7 +68,11 @@ class Int4Linear(nn.Module):
                              f"width that is a multiple of 16, not {linear.in_features} → {linear.out_features}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         codes, scales_and_zeros = quantize_weight(linear.weight.detach())
-        self.register_buffer("weight_packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        if int4_kernel.available():  # the project's kernel: the scales travel inside its blocks
+            self.register_buffer("weight_packed", int4_kernel.pack(codes, scales_and_zeros))
+            scales_and_zeros = scales_and_zeros[:0]
+        else:
+            self.register_buffer("weight_packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (in / GROUP_SIZE, out, 2) bfloat16
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
@@ -80,7 +93,11 @@ class Int4Linear(nn.Module):
 
 
 def matmul(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """``rows`` ``(N, in)`` times a packed 4-bit weight: ``(N, out)`` bfloat16."""
+    """``rows`` ``(N, in)`` times a packed 4-bit weight: ``(N, out)`` bfloat16 (float32 for float32 rows on the
+    project's kernel). ``packed`` is either
+    :mod:`~assistant.engine.int4_kernel`'s blocks (3-d; the scales inside) or PyTorch's layout (2-d)."""
+    if packed.dim() == 3:
+        return int4_kernel.matmul(rows, packed)
     if rows.dtype != COMPUTE_DTYPE:
         rows = rows.to(COMPUTE_DTYPE)
     return torch._weight_int4pack_mm_for_cpu(rows.contiguous(), packed, GROUP_SIZE, scales_and_zeros)
@@ -115,5 +132,5 @@ def quantize_int4_cpu(model: nn.Module) -> int:
 
 
 def is_supported() -> bool:
-    """Whether this PyTorch has the CPU kernel."""
+    """Whether this PyTorch has its CPU kernel (the fallback; the project's own needs it for nothing)."""
     return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")

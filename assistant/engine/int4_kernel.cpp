@@ -1,0 +1,306 @@
+// int4-cpu's matrix product on CPUs with AVX512-VNNI: rows of bfloat16 inputs times 4-bit weights (groups of 32
+// inputs with a bfloat16 scale and zero per group and output), fast for one row and for many. See
+// assistant/engine/int4_kernel.py for why and for what it computes.
+//
+// Layout (built by int4_kernel.pack): a uint8 tensor (out / 16, in / 32, 320), one 320-byte block per 16
+// outputs (a "tile") and 32 inputs (a "group"): 256 bytes of codes, then 16 bf16 scales, then 16 bf16 zeros.
+// The codes are four 64-byte chunks; in chunk c, byte b of the 32-bit lane n holds the code of output n for
+// input 8c + b in its low nibble and for input 8c + 4 + b in its high nibble. Masked, a chunk's low and high
+// nibbles are the unsigned bytes vpdpbusd multiplies with four broadcast int8 inputs.
+//
+// Each row's inputs are rounded to int8 per group (step max|x| / 127) and the weight w = (code - 8) * scale +
+// zero gives, per group, scale * step * sum(code * xq) + (zero - 8 * scale) * sum(x). The integer sums are
+// exact; the float32 steps are the same instructions in the same order for a row whatever the other rows are,
+// so a row's output does not depend on the batch.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kTile = 16;
+constexpr int64_t kBlockBytes = 320;
+constexpr int64_t kScalesOffset = 256;
+constexpr int64_t kZerosOffset = 288;
+constexpr int64_t kRowChunk = 64;  // rows at a time for long prompts, so their inputs stay in cache
+
+#define ASSISTANT_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+ASSISTANT_AVX512_VNNI inline __m512 load_bf16(const uint8_t* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// Rounds to bfloat16, nearest even (as PyTorch does); NaN stays NaN.
+ASSISTANT_AVX512_VNNI inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+// Rounds to the nearest bfloat16 (even on ties), kept as float32.
+ASSISTANT_AVX512_VNNI inline __m512 round_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// R rows times T consecutive tiles, all groups: out[r][16 t .. 16 t + 15]. xq: the rows' inputs as int8,
+// xscale / xsum: per row and group, the int8 step and the sum of the inputs.
+template <int R, int T, typename Out>
+ASSISTANT_AVX512_VNNI void rows_times_tiles(const int8_t* xq, int64_t ldx, const float* xscale, const float* xsum,
+                                            int64_t groups, const uint8_t* w, int64_t tile_bytes, Out* out,
+                                            int64_t ldo) {
+  constexpr bool kSplit = R * T < 4;  // few rows and tiles: a second chain of products keeps the CPU busy
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  __m512 acc[R][T];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i even[R][T], odd[R][T];  // two chains of products, for the CPU's sake (integers: order is free)
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) even[r][t] = odd[r][t] = _mm512_setzero_si512();
+    const uint8_t* block = w + g * kBlockBytes;
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      __m512i low[T], high[T];  // inputs 8c..8c+3 and 8c+4..8c+7 of the group, codes as bytes: lane n = output n
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        const __m512i chunk = _mm512_loadu_si512(reinterpret_cast<const void*>(block + t * tile_bytes + c * 64));
+        low[t] = _mm512_and_si512(chunk, low_nibbles);
+        high[t] = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), low_nibbles);
+      }
+      const int64_t k = g * kGroup + 8 * c;
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        int32_t first, second;
+        std::memcpy(&first, xq + r * ldx + k, sizeof(first));
+        std::memcpy(&second, xq + r * ldx + k + 4, sizeof(second));
+        const __m512i xa = _mm512_set1_epi32(first), xb = _mm512_set1_epi32(second);
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) {
+          even[r][t] = _mm512_dpbusd_epi32(even[r][t], low[t], xa);
+          __m512i& second = kSplit ? odd[r][t] : even[r][t];
+          second = _mm512_dpbusd_epi32(second, high[t], xb);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      const __m512 scale = load_bf16(block + t * tile_bytes + kScalesOffset);
+      const __m512 zero = load_bf16(block + t * tile_bytes + kZerosOffset);
+      const __m512 offset = _mm512_fmadd_ps(scale, _mm512_set1_ps(-8.0f), zero);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r][t], odd[r][t]));
+        const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(xscale[r * groups + g]));
+        acc[r][t] = _mm512_fmadd_ps(dot, step, acc[r][t]);
+        acc[r][t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[r * groups + g]), acc[r][t]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+      if constexpr (std::is_same_v<Out, float>)  // rounded to bfloat16 too, as PyTorch's kernel's outputs were
+        _mm512_storeu_ps(out + r * ldo + t * kTile, round_to_bf16(acc[r][t]));
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + t * kTile), to_bf16(acc[r][t]));
+}
+
+template <typename Out>
+using Kernel = void (*)(const int8_t*, int64_t, const float*, const float*, int64_t, const uint8_t*, int64_t, Out*,
+                        int64_t);
+
+template <int T, typename Out>
+Kernel<Out> kernel_for_rows(int rows) {
+  switch (rows) {
+    case 1: return rows_times_tiles<1, T, Out>;
+    case 2: return rows_times_tiles<2, T, Out>;
+    case 3: return rows_times_tiles<3, T, Out>;
+    default: return rows_times_tiles<4, T, Out>;
+  }
+}
+
+ASSISTANT_AVX512_VNNI inline __m512 load_row(const uint16_t* p) {
+  return load_bf16(reinterpret_cast<const uint8_t*>(p));
+}
+
+// float32 inputs are rounded to bfloat16 first, as bfloat16 rows are (and the outputs after): a difference in
+// the last bits of a float32 input (another summation order upstream: a padded batch, a chunked prefill) then
+// almost never reaches the result, so batched rows and chunked prefills keep their tokens, as they did on
+// PyTorch's kernel, which computes in bfloat16.
+ASSISTANT_AVX512_VNNI inline __m512 load_row(const float* p) { return round_to_bf16(_mm512_loadu_ps(p)); }
+
+// Each row's groups of 32 inputs as int8 with a step of max|x| / 127 (what llama.cpp's Q8 does), and the
+// group's sum of the inputs themselves: the same arithmetic for a row whatever the other rows are.
+template <typename In>
+ASSISTANT_AVX512_VNNI void quantize_rows(const In* x, int64_t m, int64_t k, int8_t* xq, float* xscale,
+                                         float* xsum) {
+  const int64_t groups = k / kGroup;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const In* p = x + r * k + g * kGroup;
+      const __m512 a = load_row(p), b = load_row(p + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+      const __m512 times = _mm512_set1_ps(inverse);
+      int8_t* q = xq + r * k + g * kGroup;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, times))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16),
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, times))));
+      xscale[r * groups + g] = amax / 127.0f;
+      xsum[r * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    }
+}
+
+bool cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+template <typename In, typename Out>
+void multiply(const In* x, int64_t m, int64_t k, const uint8_t* wp, int64_t groups, int64_t tiles, Out* op) {
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> xscale(m * groups), xsum(m * groups);
+  quantize_rows(x, m, k, xq.data(), xscale.data(), xsum.data());
+  const int64_t tile_bytes = groups * kBlockBytes;
+  // Measured on a 2-core AMD EPYC: two tiles by four rows and one tile by eight rows were as fast at eight
+  // rows (about 1.4 cycles a vpdpbusd a core); two tiles also keep one row busy.
+  constexpr int tiles_at_once = 2;
+  constexpr int64_t max_rows = 4;
+  at::parallel_for(0, (tiles + tiles_at_once - 1) / tiles_at_once, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row0 = 0; row0 < m; row0 += kRowChunk) {
+      const int64_t row_end = std::min(m, row0 + kRowChunk);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t tile = unit * tiles_at_once;
+        const int tiles_here = static_cast<int>(std::min<int64_t>(tiles_at_once, tiles - tile));
+        for (int64_t r = row0; r < row_end; r += max_rows) {
+          const int n = static_cast<int>(std::min(max_rows, row_end - r));
+          const Kernel<Out> kernel = tiles_here == 2 ? kernel_for_rows<2, Out>(n) : kernel_for_rows<1, Out>(n);
+          kernel(xq.data() + r * k, k, xscale.data() + r * groups, xsum.data() + r * groups, groups,
+                 wp + tile * tile_bytes, tile_bytes, op + r * tiles * kTile + tile * kTile, tiles * kTile);
+        }
+      }
+    }
+  });
+}
+
+// rows (m, in) bfloat16 or float32 times the packed weight: (m, out) in the rows' dtype.
+at::Tensor int4_mm(const at::Tensor& rows, const at::Tensor& packed) {
+  TORCH_CHECK(cpu_supported(), "assistant::int4_mm needs a CPU with AVX512-VNNI");
+  TORCH_CHECK(rows.dim() == 2 && rows.device().is_cpu() &&
+                  (rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kFloat),
+              "assistant::int4_mm: rows must be a 2-d bfloat16 or float32 CPU tensor");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kBlockBytes &&
+                  packed.is_contiguous(),
+              "assistant::int4_mm: packed must be a contiguous uint8 tensor (out / 16, in / 32, 320)");
+  TORCH_CHECK(rows.size(1) == packed.size(1) * kGroup, "assistant::int4_mm: rows have ", rows.size(1),
+              " inputs, the weight ", packed.size(1) * kGroup);
+  const at::Tensor x = rows.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), groups = packed.size(1), tiles = packed.size(0);
+  at::Tensor out = at::empty({m, tiles * kTile}, x.options());
+  if (m == 0) return out;
+  const auto* wp = packed.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kFloat)
+    multiply(x.data_ptr<float>(), m, k, wp, groups, tiles, out.data_ptr<float>());
+  else
+    multiply(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), m, k, wp, groups, tiles,
+             reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  return out;
+}
+
+// The lean decode step's layers (assistant/engine/fast_decode.py, FastDecoder.step) in one call, for a model
+// whose products are all this kernel's: the same ATen operations in the same order as the Python loop, so the
+// same numbers, without its per-operation Python cost (about 55 operations a layer, a few microseconds each,
+// were a third of a step for one row).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor f = x.to(at::kFloat);
+  return weight * (f * at::rsqrt(f.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
+}
+
+at::Tensor product(const at::Tensor& x, const at::Tensor& packed) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(-1);
+  at::Tensor out = int4_mm(x.reshape({-1, x.size(-1)}), packed).reshape(shape);
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+at::Tensor attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                  const std::optional<at::Tensor>& bias, int64_t head_dim, double scale) {
+  const at::Tensor grouped = query.reshape({query.size(0), keys.size(1), -1, head_dim}).to(at::kFloat);
+  at::Tensor scores = at::matmul(grouped, keys.to(at::kFloat).transpose(-1, -2)).mul_(scale);
+  if (bias.has_value()) scores = scores + *bias;
+  return at::matmul(scores.softmax(-1), values.to(at::kFloat));
+}
+
+at::Tensor decode_layers(at::Tensor x, at::TensorList input_norms, at::TensorList post_norms, at::TensorList qkv,
+                         at::TensorList o, at::TensorList gate_up, at::TensorList down, const at::Tensor& cos,
+                         const at::Tensor& sin, at::TensorList key_buffers, at::TensorList value_buffers,
+                         int64_t length, const std::optional<at::Tensor>& bias, int64_t heads, int64_t kv_heads,
+                         int64_t intermediate, double eps, double scale) {
+  const size_t layers = input_norms.size();
+  TORCH_CHECK(post_norms.size() == layers && qkv.size() == layers && o.size() == layers &&
+                  gate_up.size() == layers && down.size() == layers && key_buffers.size() == layers &&
+                  value_buffers.size() == layers,
+              "assistant::decode_layers: one of each tensor a layer");
+  const int64_t batch = x.size(0), head_dim = cos.size(-1), half = head_dim / 2;
+  for (size_t i = 0; i < layers; ++i) {
+    TORCH_CHECK(key_buffers[i].size(2) > length && value_buffers[i].size(2) > length,
+                "assistant::decode_layers: no room in the cache buffers");
+    at::Tensor h = rms_norm(x, input_norms[i], eps);
+    const at::Tensor fused = product(h, qkv[i]).view({batch, 1, heads + 2 * kv_heads, head_dim}).transpose(1, 2);
+    at::Tensor qk = fused.slice(1, 0, heads + kv_heads);
+    qk = qk * cos + at::cat({-qk.slice(-1, half), qk.slice(-1, 0, half)}, -1) * sin;
+    key_buffers[i].select(2, length).copy_(qk.slice(1, heads).select(2, 0));
+    value_buffers[i].select(2, length).copy_(fused.slice(1, heads + kv_heads).select(2, 0));
+    const at::Tensor attended = attend(qk.slice(1, 0, heads), key_buffers[i].slice(2, 0, length + 1),
+                                       value_buffers[i].slice(2, 0, length + 1), bias, head_dim, scale);
+    x = x + product(attended.reshape({batch, 1, heads * head_dim}).to(x.scalar_type()), o[i]);
+    h = rms_norm(x, post_norms[i], eps);
+    const at::Tensor both = product(h, gate_up[i]);
+    x = x + product(at::silu(both.slice(-1, 0, intermediate)) * both.slice(-1, intermediate), down[i]);
+  }
+  return x;
+}
+
+bool int4_supported() { return cpu_supported(); }
+
+}  // namespace
+
+
+TORCH_LIBRARY(assistant, m) {
+  m.def("int4_mm(Tensor rows, Tensor packed) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] input_norms, Tensor[] post_norms, Tensor[] qkv, Tensor[] o, "
+        "Tensor[] gate_up, Tensor[] down, Tensor cos, Tensor sin, Tensor(a!)[] key_buffers, "
+        "Tensor(b!)[] value_buffers, int length, Tensor? bias, int heads, int kv_heads, int intermediate, "
+        "float eps, float scale) -> Tensor");
+  m.def("int4_supported() -> bool", int4_supported);
+}
+
+TORCH_LIBRARY_IMPL(assistant, CPU, m) {
+  m.impl("int4_mm", int4_mm);
+  m.impl("decode_layers", decode_layers);
+}
