@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from assistant.engine.request import EngineEvent, Finished, GenerationRequest, Request, ScoreRequest
+from assistant.engine.request import EngineEvent, Finished, GenerationRequest, Request, ScoreRequest, TokenDelta
 
 if TYPE_CHECKING:
     from assistant.engine.engine import Engine
@@ -39,7 +39,8 @@ class AsyncEngine:
             raise
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
-        """Stream the request's events, ending with its Finished; closing early aborts it.
+        """Stream the request's events, ending with its Finished; closing early aborts it. Text that is already
+        waiting when the consumer comes for more is handed over as one delta (:func:`_merge_waiting`).
 
         Raises EngineOverloaded (before any event) when the engine's queue is full.
         """
@@ -51,9 +52,13 @@ class AsyncEngine:
 
         await self._add(request, sink)
         is_finished = False
+        held: EngineEvent | None = None  # taken from the queue while merging, yielded next
         try:
             while not is_finished:
-                event = await queue.get()
+                event = held if held is not None else await queue.get()
+                held = None
+                if isinstance(event, TokenDelta):
+                    event, held = _merge_waiting(event, queue)
                 is_finished = isinstance(event, Finished)
                 yield event
         finally:
@@ -91,6 +96,25 @@ class AsyncEngine:
         """Stop admitting (admissions under way finish), then shut the engine down."""
         self._admission.shutdown(wait=True)
         self.engine.shutdown()
+
+
+def _merge_waiting(delta: TokenDelta, queue: asyncio.Queue[EngineEvent]) -> tuple[TokenDelta, EngineEvent | None]:
+    """``delta`` with the text deltas queued right behind it, and the first other event taken (or None).
+
+    When the event loop falls behind the engine (many streams on few cores), each token would otherwise cost
+    one protocol event (encoding, compressing and writing it); a consumer that keeps up still gets one delta a
+    token, as soon as it is made: nothing waits for company."""
+    text, tokens = [delta.text], delta.num_tokens
+    following: EngineEvent | None = None
+    while not queue.empty():
+        following = queue.get_nowait()
+        if not isinstance(following, TokenDelta):
+            break
+        text.append(following.text)
+        tokens += following.num_tokens
+        following = None
+    merged = delta if tokens == delta.num_tokens else TokenDelta("".join(text), tokens)
+    return merged, following
 
 
 def _resolve(future: asyncio.Future[Finished], event: Finished) -> None:

@@ -92,6 +92,9 @@ def _load() -> tuple[bool, str]:
                                    is_python_module=False, verbose=False)
             finally:
                 os.environ["PATH"] = path
+            # its output's shape and dtype, for torch.compile (bench/compiled_step.py traces through it)
+            torch.library.register_fake("assistant::int4_mm")(
+                lambda rows, packed: rows.new_empty((rows.shape[0], packed.shape[0] * TILE_ROWS)))
         supported = bool(torch.ops.assistant.int4_supported())
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: PyTorch's kernel serves
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
