@@ -109,7 +109,8 @@ class Config:
                       f"'{DEFAULT_DECODER}' (the same decoder, text only), a local directory of a Hugging Face "
                       "causal LM or LLaVA checkpoint, a composition file (model.toml), or a hub id.")
     quantize: str = _opt("auto", "Quantize the decoder (vision parts stay unquantized): 'nf4' or 'int8' with "
-                         "bitsandbytes, 'int8-cpu' / 'int4-cpu' weight-only int8 / 4-bit on PyTorch's CPU kernels, "
+                         "bitsandbytes, 'int8-cpu' weight-only int8 on PyTorch's CPU kernel, 'int4-cpu' 4-bit on the "
+                         "project's AVX512-VNNI kernel (PyTorch's on other CPUs), "
                          "'none' unquantized; 'auto' is nf4 on CUDA, int4-cpu on CPUs with AVX512-BF16, int8-cpu "
                          "on other CPUs (the fastest measured on each).", choices=QUANTIZE_CHOICES)
     dtype: str = _opt("bfloat16", "Weights dtype of the unquantized parts (and compute dtype when quantized).",

@@ -29,7 +29,7 @@ dtype of quantized layers; a composition's encoder and projector run in float32,
 as in training.
 
 ``--quantize auto`` (the default) is nf4 on CUDA, ``int4-cpu``
-(:mod:`~assistant.engine.int4_cpu`, 4-bit weights on PyTorch's own kernel) on CPUs with
+(:mod:`~assistant.engine.int4_cpu`, 4-bit weights on the project's AVX512-VNNI kernel or PyTorch's) on CPUs with
 AVX512-BF16, and ``int8-cpu`` (:mod:`~assistant.engine.int8_cpu`) on other CPUs, where
 bitsandbytes' nf4 is several times slower (:func:`pick_quantize`).
 ``--quantize nf4|int8`` quantizes the decoder only, with bitsandbytes: the
