@@ -155,7 +155,8 @@ class FastDecoder:
 
     def _native_layers(self) -> tuple[list[torch.Tensor], ...] | None:
         """The layers' norms and packed weights for ``assistant::decode_layers`` (int4_kernel.cpp: this class's
-        layer loop in one call), where every product is the int4 kernel's and none has a bias; else None."""
+        layer loop in one call, attention written out in C++ on the cache as it is), where every product is the
+        int4 kernel's, none has a bias and heads are a multiple of 16 wide; else None."""
         def packed(part: FusedLinear) -> torch.Tensor | None:
             if part.kind is Int4Linear:
                 weight, bias = part.weight, part.bias
@@ -172,7 +173,7 @@ class FastDecoder:
                 return None
             for column, tensor in zip(columns, [layer.input_norm, layer.post_norm, *weights], strict=True):
                 column.append(tensor)
-        return columns if self.layers and int4_kernel.available() else None
+        return columns if self.layers and self.head_dim % 16 == 0 and int4_kernel.available() else None
 
     @property
     def runs_adapter(self) -> bool:

@@ -233,9 +233,9 @@ at::Tensor int4_mm(const at::Tensor& rows, const at::Tensor& packed) {
 }
 
 // The lean decode step's layers (assistant/engine/fast_decode.py, FastDecoder.step) in one call, for a model
-// whose products are all this kernel's: the same ATen operations in the same order as the Python loop, so the
-// same numbers, without its per-operation Python cost (about 55 operations a layer, a few microseconds each,
-// were a third of a step for one row).
+// whose products are all this kernel's: the same ATen operations in the same order as the Python loop except
+// for attention, written out below, without the loop's per-operation Python cost (about 55 operations a layer,
+// a few microseconds each, were a third of a step for one row).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor f = x.to(at::kFloat);
   return weight * (f * at::rsqrt(f.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
@@ -248,12 +248,82 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& packed) {
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
-at::Tensor attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                  const std::optional<at::Tensor>& bias, int64_t head_dim, double scale) {
-  const at::Tensor grouped = query.reshape({query.size(0), keys.size(1), -1, head_dim}).to(at::kFloat);
-  at::Tensor scores = at::matmul(grouped, keys.to(at::kFloat).transpose(-1, -2)).mul_(scale);
-  if (bias.has_value()) scores = scores + *bias;
-  return at::matmul(scores.softmax(-1), values.to(at::kFloat));
+ASSISTANT_AVX512_VNNI inline __m512 load16(const at::BFloat16* p) {
+  return load_bf16(reinterpret_cast<const uint8_t*>(p));
+}
+
+ASSISTANT_AVX512_VNNI inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+// One row's query heads that share key/value head h: scores[g][l] = q_g . k_l * scale + bias[l], for the
+// n cached positions (k: n rows of d, the cache's own dtype, read as it is: no float32 copy of the cache).
+template <typename KV>
+ASSISTANT_AVX512_VNNI void attention_scores(const float* q, const KV* k, int64_t n, int64_t d, int64_t group,
+                                            double scale, const float* bias, float* scores) {
+  for (int64_t l = 0; l < n; ++l)
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d; c += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + c), load16(k + l * d + c), acc);
+      float score = _mm512_reduce_add_ps(acc) * static_cast<float>(scale);
+      scores[g * n + l] = bias != nullptr ? score + bias[l] : score;
+    }
+}
+
+// out[g] = sum_l probs[g][l] v_l, in position order.
+template <typename KV>
+ASSISTANT_AVX512_VNNI void attention_values(const float* probs, const KV* v, int64_t n, int64_t d, int64_t group,
+                                            float* out) {
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < d; c += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t l = 0; l < n; ++l)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * n + l]), load16(v + l * d + c), acc);
+      _mm512_storeu_ps(out + g * d + c, acc);
+    }
+}
+
+// Attention of one query position, for every row and head: query (B, Hq, 1, D); keys and values the cache
+// buffers (B, Hkv, capacity, D), their first n positions used; bias (B, 1, 1, n) float32 (-inf on left
+// padding) or none. Returns (B, Hkv, Hq / Hkv, D) float32, query heads in order (head h reads key/value head
+// h / (Hq / Hkv), as transformers' repeat_kv). What FastDecoder._attend computes, without casting the cache
+// to float32 every step; float32 throughout, sums in another order.
+at::Tensor attend(const at::Tensor& query, const at::Tensor& key_buffer, const at::Tensor& value_buffer,
+                  int64_t n, const std::optional<at::Tensor>& bias, int64_t head_dim, double scale) {
+  const int64_t batch = query.size(0), kv_heads = key_buffer.size(1), group = query.size(1) / kv_heads;
+  const int64_t capacity = key_buffer.size(2);
+  TORCH_CHECK(key_buffer.is_contiguous() && value_buffer.is_contiguous() && head_dim % 16 == 0 &&
+                  key_buffer.scalar_type() == value_buffer.scalar_type(),
+              "assistant::decode_layers: contiguous cache buffers of one dtype and heads of a multiple of 16");
+  const at::Tensor q = query.to(at::kFloat).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor scores = at::empty({batch, kv_heads, group, n}, q.options());
+  const auto run = [&](auto* keys, auto* values, at::Tensor* probs, at::Tensor* out, bool first) {
+    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t row = unit / kv_heads;
+        const int64_t offset = unit * capacity * head_dim;
+        if (first)
+          attention_scores(q.data_ptr<float>() + unit * group * head_dim, keys + offset, n, head_dim, group,
+                           scale, b.defined() ? b.data_ptr<float>() + row * n : nullptr,
+                           scores.data_ptr<float>() + unit * group * n);
+        else
+          attention_values(probs->data_ptr<float>() + unit * group * n, values + offset, n, head_dim, group,
+                           out->data_ptr<float>() + unit * group * head_dim);
+      }
+    });
+  };
+  at::Tensor out = at::empty({batch, kv_heads, group, head_dim}, q.options());
+  if (key_buffer.scalar_type() == at::kFloat) {
+    run(key_buffer.data_ptr<float>(), value_buffer.data_ptr<float>(), nullptr, nullptr, true);
+    at::Tensor probs = scores.softmax(-1);
+    run(key_buffer.data_ptr<float>(), value_buffer.data_ptr<float>(), &probs, &out, false);
+  } else {
+    TORCH_CHECK(key_buffer.scalar_type() == at::kBFloat16, "assistant::decode_layers: a float32 or bf16 cache");
+    run(key_buffer.data_ptr<at::BFloat16>(), value_buffer.data_ptr<at::BFloat16>(), nullptr, nullptr, true);
+    at::Tensor probs = scores.softmax(-1);
+    run(key_buffer.data_ptr<at::BFloat16>(), value_buffer.data_ptr<at::BFloat16>(), &probs, &out, false);
+  }
+  return out;
 }
 
 at::Tensor decode_layers(at::Tensor x, at::TensorList input_norms, at::TensorList post_norms, at::TensorList qkv,
@@ -276,8 +346,8 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList input_norms, at::TensorLis
     qk = qk * cos + at::cat({-qk.slice(-1, half), qk.slice(-1, 0, half)}, -1) * sin;
     key_buffers[i].select(2, length).copy_(qk.slice(1, heads).select(2, 0));
     value_buffers[i].select(2, length).copy_(fused.slice(1, heads + kv_heads).select(2, 0));
-    const at::Tensor attended = attend(qk.slice(1, 0, heads), key_buffers[i].slice(2, 0, length + 1),
-                                       value_buffers[i].slice(2, 0, length + 1), bias, head_dim, scale);
+    const at::Tensor attended = attend(qk.slice(1, 0, heads), key_buffers[i], value_buffers[i], length + 1, bias,
+                                       head_dim, scale);
     x = x + product(attended.reshape({batch, 1, heads * head_dim}).to(x.scalar_type()), o[i]);
     h = rms_norm(x, post_norms[i], eps);
     const at::Tensor both = product(h, gate_up[i]);
