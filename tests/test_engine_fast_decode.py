@@ -182,6 +182,10 @@ def test_a_lora_adapter_runs_in_the_lean_step_switched_on_and_off(tmp_path_facto
     convert_on_cpu(hf_model, kind, torch.float32)
     fast = FastDecoder.for_model(hf_model)
     assert fast is not None and fast.runs_adapter
+    from assistant.engine import int4_kernel
+
+    if kind == "int4-cpu" and int4_kernel.available():
+        assert fast._native is not None  # the native layer loop, adapter included
     torch.manual_seed(0)
     prompt = torch.randint(0, hf_model.config.vocab_size, (2, 9))
     token = torch.randint(0, hf_model.config.vocab_size, (2, 1))

@@ -128,6 +128,10 @@ class FastDecoder:
         self.scale = self.head_dim ** -0.5
         self.layers = [FastLayer(layer) for layer in decoder.layers]
         self._native = self._native_layers()
+        # each product's LoRA adapter (down, up) for decode_layers, None where a product has none
+        parts = [part for layer in self.layers for part in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self._native_adapters = ([None if part.adapter is None else part.adapter[0] for part in parts],
+                                 [None if part.adapter is None else part.adapter[1] for part in parts])
         adapted = sum(1 for layer in decoder.modules() if hasattr(layer, "lora_A"))
         taken = sum(len(part.adapter_layers) for layer in self.layers
                     for part in (layer.qkv, layer.o, layer.gate_up, layer.down))
@@ -203,12 +207,13 @@ class FastDecoder:
             bias = bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         length = cache.layers[0].keys.shape[-2]
-        if (self._native is not None and reserve and not adapter
+        if (self._native is not None and reserve
                 and all(layer.keys.shape[-2] == length for layer in cache.layers)):
             buffers = [room_for_one_more(cache_layer) for cache_layer in cache.layers]
             x = torch.ops.assistant.decode_layers(
                 x, *self._native, cos, sin, [keys for keys, _ in buffers], [values for _, values in buffers],
-                length, bias, heads, kv_heads, self.layers[0].intermediate, self.eps, self.scale)
+                length, bias, heads, kv_heads, self.layers[0].intermediate, self.eps, self.scale,
+                *(self._native_adapters if adapter else ([], [])))
             for cache_layer, (keys, values) in zip(cache.layers, buffers, strict=True):
                 cache_layer.keys, cache_layer.values = keys[..., :length + 1, :], values[..., :length + 1, :]
             x = _rms_norm(x, self.final_norm, self.eps)

@@ -241,11 +241,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return weight * (f * at::rsqrt(f.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
 }
 
-at::Tensor product(const at::Tensor& x, const at::Tensor& packed) {
+// The lean step's FusedLinear: the packed product, plus the LoRA adapter's two small products where it is on.
+at::Tensor product(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& down = {},
+                   const std::optional<at::Tensor>& up = {}) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(-1);
   at::Tensor out = int4_mm(x.reshape({-1, x.size(-1)}), packed).reshape(shape);
-  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+  if (out.scalar_type() != x.scalar_type()) out = out.to(x.scalar_type());
+  if (!down.has_value()) return out;
+  const at::Tensor delta = at::linear(at::linear(x.to(down->scalar_type()), *down), *up);
+  return (out + delta).to(out.scalar_type());
 }
 
 ASSISTANT_AVX512_VNNI inline __m512 load16(const at::BFloat16* p) {
@@ -330,8 +335,18 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList input_norms, at::TensorLis
                          at::TensorList o, at::TensorList gate_up, at::TensorList down, const at::Tensor& cos,
                          const at::Tensor& sin, at::TensorList key_buffers, at::TensorList value_buffers,
                          int64_t length, const std::optional<at::Tensor>& bias, int64_t heads, int64_t kv_heads,
-                         int64_t intermediate, double eps, double scale) {
+                         int64_t intermediate, double eps, double scale,
+                         const c10::List<std::optional<at::Tensor>>& adapter_downs,
+                         const c10::List<std::optional<at::Tensor>>& adapter_ups) {
   const size_t layers = input_norms.size();
+  TORCH_CHECK(adapter_downs.size() == adapter_ups.size() &&
+                  (adapter_downs.empty() || adapter_downs.size() == 4 * layers),
+              "assistant::decode_layers: no adapter, or one (or None) for each product of each layer");
+  // the adapter of product p (0 q/k/v, 1 o, 2 gate/up, 3 down) of layer i, or none
+  const auto adapter = [&](size_t i, size_t p, bool is_up) -> std::optional<at::Tensor> {
+    if (adapter_downs.empty()) return std::nullopt;
+    return (is_up ? adapter_ups : adapter_downs).get(4 * i + p);
+  };
   TORCH_CHECK(post_norms.size() == layers && qkv.size() == layers && o.size() == layers &&
                   gate_up.size() == layers && down.size() == layers && key_buffers.size() == layers &&
                   value_buffers.size() == layers,
@@ -341,17 +356,19 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList input_norms, at::TensorLis
     TORCH_CHECK(key_buffers[i].size(2) > length && value_buffers[i].size(2) > length,
                 "assistant::decode_layers: no room in the cache buffers");
     at::Tensor h = rms_norm(x, input_norms[i], eps);
-    const at::Tensor fused = product(h, qkv[i]).view({batch, 1, heads + 2 * kv_heads, head_dim}).transpose(1, 2);
+    const at::Tensor fused = product(h, qkv[i], adapter(i, 0, false), adapter(i, 0, true)).view({batch, 1, heads + 2 * kv_heads, head_dim}).transpose(1, 2);
     at::Tensor qk = fused.slice(1, 0, heads + kv_heads);
     qk = qk * cos + at::cat({-qk.slice(-1, half), qk.slice(-1, 0, half)}, -1) * sin;
     key_buffers[i].select(2, length).copy_(qk.slice(1, heads).select(2, 0));
     value_buffers[i].select(2, length).copy_(fused.slice(1, heads + kv_heads).select(2, 0));
     const at::Tensor attended = attend(qk.slice(1, 0, heads), key_buffers[i], value_buffers[i], length + 1, bias,
                                        head_dim, scale);
-    x = x + product(attended.reshape({batch, 1, heads * head_dim}).to(x.scalar_type()), o[i]);
+    x = x + product(attended.reshape({batch, 1, heads * head_dim}).to(x.scalar_type()), o[i], adapter(i, 1, false),
+                     adapter(i, 1, true));
     h = rms_norm(x, post_norms[i], eps);
-    const at::Tensor both = product(h, gate_up[i]);
-    x = x + product(at::silu(both.slice(-1, 0, intermediate)) * both.slice(-1, intermediate), down[i]);
+    const at::Tensor both = product(h, gate_up[i], adapter(i, 2, false), adapter(i, 2, true));
+    x = x + product(at::silu(both.slice(-1, 0, intermediate)) * both.slice(-1, intermediate), down[i],
+                     adapter(i, 3, false), adapter(i, 3, true));
   }
   return x;
 }
@@ -366,7 +383,7 @@ TORCH_LIBRARY(assistant, m) {
   m.def("decode_layers(Tensor x, Tensor[] input_norms, Tensor[] post_norms, Tensor[] qkv, Tensor[] o, "
         "Tensor[] gate_up, Tensor[] down, Tensor cos, Tensor sin, Tensor(a!)[] key_buffers, "
         "Tensor(b!)[] value_buffers, int length, Tensor? bias, int heads, int kv_heads, int intermediate, "
-        "float eps, float scale) -> Tensor");
+        "float eps, float scale, Tensor?[] adapter_downs, Tensor?[] adapter_ups) -> Tensor");
   m.def("int4_supported() -> bool", int4_supported);
 }
 
