@@ -48,36 +48,48 @@ def assert_same_logits(got: torch.Tensor, expected: torch.Tensor, *, bfloat16_in
     assert float((got - expected).abs().mean()) < 0.03
 
 
+def decode_prompts(model: ChatModel, steps: int,
+                   feed: list[list[int]] | None = None) -> tuple[DecodeBatch, list[torch.Tensor], list[list[int]]]:
+    """PROMPTS prefilled into one batch (different lengths: rows are left-padded), then ``steps`` decode steps fed
+    ``feed[step]`` where given, else each step's greedy tokens: (the batch, each step's logits, the tokens fed).
+    Feeding one run's tokens to another keeps a near tie from sending them apart."""
+    batch = DecodeBatch(model, has_images=False)
+    tokens = []
+    for text in PROMPTS:
+        logits, cache = model.prefill(prompt_of(model, text))
+        batch.add(object(), cache)
+        tokens.append(int(logits.argmax()))
+    per_step, fed = [], []
+    for step in range(steps):
+        if feed is not None:
+            tokens = feed[step]
+        fed.append(tokens)
+        logits = batch.step(tokens)
+        per_step.append(logits)
+        tokens = logits.argmax(-1).tolist()
+    return batch, per_step, fed
+
+
 def test_a_batch_step_gives_transformers_logits_for_every_row_padded_or_not(model: ChatModel) -> None:
     fast = model.fast_decoder
-    batches = []
-    fed: list[list[int]] = []  # transformers' greedy tokens, fed to both: a near tie cannot send them apart
-    for use_fast in (False, True):
-        model.fast_decoder = fast if use_fast else None
-        batch = DecodeBatch(model, has_images=False)
-        tokens = []
-        for text in PROMPTS:  # different lengths: rows are left-padded
-            logits, cache = model.prefill(prompt_of(model, text))
-            batch.add(object(), cache)
-            tokens.append(int(logits.argmax()))
-        steps = []
-        for step in range(6):
-            if use_fast:
-                tokens = fed[step]
-            else:
-                fed.append(tokens)
-            logits = batch.step(tokens)
-            steps.append(logits)
-            tokens = logits.argmax(-1).tolist()
-        batches.append((batch, steps))
-    model.fast_decoder = fast
-    (slow_batch, slow_steps), (fast_batch, fast_steps) = batches
+    model.fast_decoder = None
+    try:
+        slow_batch, slow_steps, fed = decode_prompts(model, 6)
+    finally:
+        model.fast_decoder = fast
+    fast_batch, fast_steps, _ = decode_prompts(model, 6, feed=fed)
     is_int4 = any(isinstance(module, Int4Linear) for module in model.hf_model.modules())
-    for got, expected in zip(fast_steps, slow_steps, strict=True):
+    assert_same_run((fast_batch, fast_steps), (slow_batch, slow_steps), bfloat16_inputs=is_int4)
+
+
+def assert_same_run(mine: tuple[DecodeBatch, list[torch.Tensor]], theirs: tuple[DecodeBatch, list[torch.Tensor]],
+                    *, bfloat16_inputs: bool) -> None:
+    """Two :func:`decode_prompts` runs: the same logits at every step and the same caches at the end."""
+    for got, expected in zip(mine[1], theirs[1], strict=True):
         assert got.shape == expected.shape
-        assert_same_logits(got, expected, bfloat16_inputs=is_int4)
-    for mine, theirs in zip(fast_batch.cache.layers, slow_batch.cache.layers, strict=True):
-        assert_same_cache(mine, theirs, bfloat16_inputs=is_int4)
+        assert_same_logits(got, expected, bfloat16_inputs=bfloat16_inputs)
+    for got_layer, expected_layer in zip(mine[0].cache.layers, theirs[0].cache.layers, strict=True):
+        assert_same_cache(got_layer, expected_layer, bfloat16_inputs=bfloat16_inputs)
 
 
 def assert_same_cache(mine: object, theirs: object, *, bfloat16_inputs: bool) -> None:
@@ -222,24 +234,10 @@ def test_the_native_layer_loop_computes_what_the_python_loop_computes(
     fast = model.fast_decoder
     assert fast is not None and fast._native is not None
     native = fast._native
-    runs = []
-    for use_native in (True, False):
-        fast._native = native if use_native else None
-        batch = DecodeBatch(model, has_images=False)
-        tokens = []
-        for text in PROMPTS:  # different lengths: rows are left-padded
-            logits, cache = model.prefill(prompt_of(model, text))
-            batch.add(object(), cache)
-            tokens.append(int(logits.argmax()))
-        steps = []
-        for _ in range(5):
-            logits = batch.step(tokens)
-            steps.append(logits)
-            tokens = logits.argmax(-1).tolist()
-        runs.append((batch, steps))
-    fast._native = native
-    (native_batch, native_steps), (python_batch, python_steps) = runs
-    for got, expected in zip(native_steps, python_steps, strict=True):
-        assert_same_logits(got, expected, bfloat16_inputs=True)
-    for mine, theirs in zip(native_batch.cache.layers, python_batch.cache.layers, strict=True):
-        assert_same_cache(mine, theirs, bfloat16_inputs=True)
+    fast._native = None
+    try:
+        python_batch, python_steps, fed = decode_prompts(model, 5)
+    finally:
+        fast._native = native
+    native_batch, native_steps, _ = decode_prompts(model, 5, feed=fed)
+    assert_same_run((native_batch, native_steps), (python_batch, python_steps), bfloat16_inputs=True)
