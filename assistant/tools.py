@@ -200,7 +200,14 @@ def _schema_error(schema_json: str) -> str:
     not every turn."""
     import llguidance  # no torch: a Rust extension
 
-    error = llguidance.LLMatcher.validate_grammar(f"start: {_json(json.loads(schema_json))}")
+    try:
+        error = llguidance.LLMatcher.validate_grammar(f"start: {_json(json.loads(schema_json))}")
+    except BaseException as exc:  # a Rust panic arrives as pyo3's PanicException, a BaseException
+        if type(exc).__name__ != "PanicException":
+            raise
+        # llguidance 1.x panics cutting its own message inside a multi-byte character (a long emoji string where
+        # it wanted an array, found by tests/test_fuzz.py): the schema is unusable either way.
+        return "the grammar library could not read it"
     return _library_error(error) if error else ""
 
 

@@ -88,6 +88,15 @@ def test_an_unsupported_schema_quotes_at_most_a_prefix_of_each_client_string(sch
     assert "Invalid type" in error.message or "look-around" in error.message
 
 
+def test_a_schema_the_grammar_library_panics_on_is_a_coded_error() -> None:
+    """What the fuzzing found next: llguidance panicked (a BaseException from Rust) cutting its message about a
+    long emoji string where "required" wants an array."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": "\U0001F600" * 40}
+    error = error_of(parse_tools, [{"type": "function", "name": "a", "parameters": schema}])
+    assert (error.code, error.param) == ("unsupported_schema", "tools[0].parameters")
+    assert "could not read it" in error.message
+
+
 def test_an_unsupported_schema_says_why_without_echoing_the_grammar() -> None:
     tools = [{"type": "function", "name": "a", "parameters": {
         "type": "object", "properties": {"x": {"type": "string", "pattern": "(?=a)"}}}}]
