@@ -16,7 +16,10 @@ per-row positions, left-padded rows masked. It
   transformers cache's ``keys``/``values`` stay views of that buffer, so everything
   else that reads the cache (prefix reuse, batch join/leave) sees an ordinary cache;
 - attends with two batched products per layer (grouped-query heads), not the flash
-  kernel meant for long queries (:meth:`FastDecoder._attend`).
+  kernel meant for long queries (:meth:`FastDecoder._attend`);
+- where every product is int4-cpu's own kernel, runs the whole layer loop in one
+  native call (``assistant::decode_layers``, :mod:`~assistant.engine.int4_kernel`):
+  the same operations, attention written out on the cache as it is.
 
 It computes what transformers computes (same formulas, same order; tests compare
 the two token for token in float32) and is used only where it applies

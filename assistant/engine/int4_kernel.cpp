@@ -99,8 +99,8 @@ ASSISTANT_AVX512_VNNI void rows_times_tiles(const int8_t* xq, int64_t ldx, const
 #pragma GCC unroll 16
         for (int t = 0; t < T; ++t) {
           even[r][t] = _mm512_dpbusd_epi32(even[r][t], low[t], xa);
-          __m512i& second = kSplit ? odd[r][t] : even[r][t];
-          second = _mm512_dpbusd_epi32(second, high[t], xb);
+          __m512i& chain = kSplit ? odd[r][t] : even[r][t];
+          chain = _mm512_dpbusd_epi32(chain, high[t], xb);
         }
       }
     }
@@ -356,19 +356,21 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList input_norms, at::TensorLis
     TORCH_CHECK(key_buffers[i].size(2) > length && value_buffers[i].size(2) > length,
                 "assistant::decode_layers: no room in the cache buffers");
     at::Tensor h = rms_norm(x, input_norms[i], eps);
-    const at::Tensor fused = product(h, qkv[i], adapter(i, 0, false), adapter(i, 0, true)).view({batch, 1, heads + 2 * kv_heads, head_dim}).transpose(1, 2);
+    const at::Tensor fused = product(h, qkv[i], adapter(i, 0, false), adapter(i, 0, true))
+                                 .view({batch, 1, heads + 2 * kv_heads, head_dim})
+                                 .transpose(1, 2);
     at::Tensor qk = fused.slice(1, 0, heads + kv_heads);
     qk = qk * cos + at::cat({-qk.slice(-1, half), qk.slice(-1, 0, half)}, -1) * sin;
     key_buffers[i].select(2, length).copy_(qk.slice(1, heads).select(2, 0));
     value_buffers[i].select(2, length).copy_(fused.slice(1, heads + kv_heads).select(2, 0));
     const at::Tensor attended = attend(qk.slice(1, 0, heads), key_buffers[i], value_buffers[i], length + 1, bias,
                                        head_dim, scale);
-    x = x + product(attended.reshape({batch, 1, heads * head_dim}).to(x.scalar_type()), o[i], adapter(i, 1, false),
-                     adapter(i, 1, true));
+    x = x + product(attended.reshape({batch, 1, heads * head_dim}).to(x.scalar_type()), o[i],
+                    adapter(i, 1, false), adapter(i, 1, true));
     h = rms_norm(x, post_norms[i], eps);
     const at::Tensor both = product(h, gate_up[i], adapter(i, 2, false), adapter(i, 2, true));
     x = x + product(at::silu(both.slice(-1, 0, intermediate)) * both.slice(-1, intermediate), down[i],
-                     adapter(i, 3, false), adapter(i, 3, true));
+                    adapter(i, 3, false), adapter(i, 3, true));
   }
   return x;
 }
@@ -376,7 +378,6 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList input_norms, at::TensorLis
 bool int4_supported() { return cpu_supported(); }
 
 }  // namespace
-
 
 TORCH_LIBRARY(assistant, m) {
   m.def("int4_mm(Tensor rows, Tensor packed) -> Tensor");

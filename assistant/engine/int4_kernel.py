@@ -12,6 +12,10 @@ the inputs moves a product by about 1 % of its typical size (``tests/test_engine
 never mix, so batched decoding equals unbatched decoding. Measured on a 2-core AMD EPYC against PyTorch's
 kernel, the decoder's products (576 → 3072 inputs → outputs): 2.5× faster for one row, 3.8× for eight.
 
+The same library holds ``assistant::decode_layers``: :class:`~assistant.engine.fast_decode.FastDecoder`'s layer
+loop in one call for a model whose products are all this kernel's (the same ATen operations, attention written
+out on the cache as it is, the image adapter included), without the loop's per-operation Python cost.
+
 It is compiled with PyTorch's C++ extension builder (g++, ninja, OpenMP through PyTorch's own runtime) into
 a cache directory the first time a process asks for it — ``bin/setup`` does it, about 15 seconds — and later
 processes load the built library. Where it cannot be used (no AVX512-VNNI, no compiler, the build fails, or
