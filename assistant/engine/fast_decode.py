@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from assistant.engine import int4_cpu, int4_kernel, int8_cpu
+from assistant.engine import int4_cpu, int8_cpu
 from assistant.engine.int4_cpu import Int4Linear
 from assistant.engine.int8_cpu import Int8Linear
 
@@ -117,6 +117,11 @@ class FastLayer:
         self.down = FusedLinear([mlp.down_proj])
         self.intermediate = mlp.gate_proj.out_features
 
+    @property
+    def parts(self) -> tuple[FusedLinear, FusedLinear, FusedLinear, FusedLinear]:
+        """The layer's four products in the order they run: q/k/v, o, gate/up, down."""
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 class FastDecoder:
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, config: Any) -> None:
@@ -132,12 +137,11 @@ class FastDecoder:
         self.layers = [FastLayer(layer) for layer in decoder.layers]
         self._native = self._native_layers()
         # each product's LoRA adapter (down, up) for decode_layers, None where a product has none
-        parts = [part for layer in self.layers for part in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        parts = [part for layer in self.layers for part in layer.parts]
         self._native_adapters = ([None if part.adapter is None else part.adapter[0] for part in parts],
                                  [None if part.adapter is None else part.adapter[1] for part in parts])
         adapted = sum(1 for layer in decoder.modules() if hasattr(layer, "lora_A"))
-        taken = sum(len(part.adapter_layers) for layer in self.layers
-                    for part in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        taken = sum(len(part.adapter_layers) for layer in self.layers for part in layer.parts)
         self._runs_adapter = adapted == taken
 
     @classmethod
@@ -163,7 +167,8 @@ class FastDecoder:
     def _native_layers(self) -> tuple[list[torch.Tensor], ...] | None:
         """The layers' norms and packed weights for ``assistant::decode_layers`` (int4_kernel.cpp: this class's
         layer loop in one call, attention written out in C++ on the cache as it is), where every product is the
-        int4 kernel's, none has a bias and heads are a multiple of 16 wide; else None."""
+        int4 kernel's (its 3-d blocks: Int4Linear packs them only where the kernel runs), none has a bias and
+        heads are a multiple of 16 wide; else None."""
         def packed(part: FusedLinear) -> torch.Tensor | None:
             if part.kind is Int4Linear:
                 weight, bias = part.weight, part.bias
@@ -175,12 +180,12 @@ class FastDecoder:
 
         columns: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
         for layer in self.layers:
-            weights = [packed(part) for part in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            weights = [packed(part) for part in layer.parts]
             if any(weight is None for weight in weights) or layer.intermediate != self.layers[0].intermediate:
                 return None
             for column, tensor in zip(columns, [layer.input_norm, layer.post_norm, *weights], strict=True):
                 column.append(tensor)
-        return columns if self.layers and self.head_dim % 16 == 0 and int4_kernel.available() else None
+        return columns if self.layers and self.head_dim % 16 == 0 else None
 
     @property
     def runs_adapter(self) -> bool:
