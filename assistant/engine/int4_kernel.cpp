@@ -210,7 +210,8 @@ void multiply(const In* x, int64_t m, int64_t k, const uint8_t* wp, int64_t grou
 
 // rows (m, in) bfloat16 or float32 times the packed weight: (m, out) in the rows' dtype.
 at::Tensor int4_mm(const at::Tensor& rows, const at::Tensor& packed) {
-  TORCH_CHECK(cpu_supported(), "assistant::int4_mm needs a CPU with AVX512-VNNI");
+  static const bool supported = cpu_supported();  // asked once, not on every product of every step
+  TORCH_CHECK(supported, "assistant::int4_mm needs a CPU with AVX512-VNNI");
   TORCH_CHECK(rows.dim() == 2 && rows.device().is_cpu() &&
                   (rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kFloat),
               "assistant::int4_mm: rows must be a 2-d bfloat16 or float32 CPU tensor");
@@ -292,42 +293,50 @@ ASSISTANT_AVX512_VNNI void attention_values(const float* probs, const KV* v, int
 // padding) or none. Returns (B, Hkv, Hq / Hkv, D) float32, query heads in order (head h reads key/value head
 // h / (Hq / Hkv), as transformers' repeat_kv). What FastDecoder._attend computes, without casting the cache
 // to float32 every step; float32 throughout, sums in another order.
+template <typename KV>
+void attend_cache(const float* q, const KV* keys, const KV* values, int64_t capacity, int64_t n,
+                  const float* bias, int64_t batch, int64_t kv_heads, int64_t group, int64_t head_dim, double scale,
+                  at::Tensor& scores, at::Tensor& out) {
+  const int64_t units = batch * kv_heads;  // (row, key/value head): each is one unit of work
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit)
+      attention_scores(q + unit * group * head_dim, keys + unit * capacity * head_dim, n, head_dim, group, scale,
+                       bias != nullptr ? bias + unit / kv_heads * n : nullptr,
+                       scores.data_ptr<float>() + unit * group * n);
+  });
+  const at::Tensor probs = scores.softmax(-1);
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit)
+      attention_values(probs.data_ptr<float>() + unit * group * n, values + unit * capacity * head_dim, n, head_dim,
+                       group, out.data_ptr<float>() + unit * group * head_dim);
+  });
+}
+
+// Attention of one query position, for every row and head: query (B, Hq, 1, D); keys and values the cache
+// buffers (B, Hkv, capacity, D), their first n positions used; bias (B, 1, 1, n) float32 (-inf on left
+// padding) or none. Returns (B, Hkv, Hq / Hkv, D) float32, query heads in order (head h reads key/value head
+// h / (Hq / Hkv), as transformers' repeat_kv). What FastDecoder._attend computes, without casting the cache
+// to float32 every step; float32 throughout, sums in another order.
 at::Tensor attend(const at::Tensor& query, const at::Tensor& key_buffer, const at::Tensor& value_buffer,
                   int64_t n, const std::optional<at::Tensor>& bias, int64_t head_dim, double scale) {
   const int64_t batch = query.size(0), kv_heads = key_buffer.size(1), group = query.size(1) / kv_heads;
   const int64_t capacity = key_buffer.size(2);
   TORCH_CHECK(key_buffer.is_contiguous() && value_buffer.is_contiguous() && head_dim % 16 == 0 &&
-                  key_buffer.scalar_type() == value_buffer.scalar_type(),
-              "assistant::decode_layers: contiguous cache buffers of one dtype and heads of a multiple of 16");
+                  key_buffer.scalar_type() == value_buffer.scalar_type() &&
+                  (key_buffer.scalar_type() == at::kFloat || key_buffer.scalar_type() == at::kBFloat16),
+              "assistant::decode_layers: contiguous float32 or bf16 cache buffers of one dtype, and heads of a "
+              "multiple of 16");
   const at::Tensor q = query.to(at::kFloat).contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bias_data = b.defined() ? b.data_ptr<float>() : nullptr;
   at::Tensor scores = at::empty({batch, kv_heads, group, n}, q.options());
-  const auto run = [&](auto* keys, auto* values, at::Tensor* probs, at::Tensor* out, bool first) {
-    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t row = unit / kv_heads;
-        const int64_t offset = unit * capacity * head_dim;
-        if (first)
-          attention_scores(q.data_ptr<float>() + unit * group * head_dim, keys + offset, n, head_dim, group,
-                           scale, b.defined() ? b.data_ptr<float>() + row * n : nullptr,
-                           scores.data_ptr<float>() + unit * group * n);
-        else
-          attention_values(probs->data_ptr<float>() + unit * group * n, values + offset, n, head_dim, group,
-                           out->data_ptr<float>() + unit * group * head_dim);
-      }
-    });
-  };
   at::Tensor out = at::empty({batch, kv_heads, group, head_dim}, q.options());
-  if (key_buffer.scalar_type() == at::kFloat) {
-    run(key_buffer.data_ptr<float>(), value_buffer.data_ptr<float>(), nullptr, nullptr, true);
-    at::Tensor probs = scores.softmax(-1);
-    run(key_buffer.data_ptr<float>(), value_buffer.data_ptr<float>(), &probs, &out, false);
-  } else {
-    TORCH_CHECK(key_buffer.scalar_type() == at::kBFloat16, "assistant::decode_layers: a float32 or bf16 cache");
-    run(key_buffer.data_ptr<at::BFloat16>(), value_buffer.data_ptr<at::BFloat16>(), nullptr, nullptr, true);
-    at::Tensor probs = scores.softmax(-1);
-    run(key_buffer.data_ptr<at::BFloat16>(), value_buffer.data_ptr<at::BFloat16>(), &probs, &out, false);
-  }
+  if (key_buffer.scalar_type() == at::kFloat)
+    attend_cache(q.data_ptr<float>(), key_buffer.data_ptr<float>(), value_buffer.data_ptr<float>(), capacity, n,
+                 bias_data, batch, kv_heads, group, head_dim, scale, scores, out);
+  else
+    attend_cache(q.data_ptr<float>(), key_buffer.data_ptr<at::BFloat16>(), value_buffer.data_ptr<at::BFloat16>(),
+                 capacity, n, bias_data, batch, kv_heads, group, head_dim, scale, scores, out);
   return out;
 }
 
