@@ -118,7 +118,8 @@ def load_engine(app: App, config: Config, progress: Callable[[str], None] = prin
     scheduler = engine.scheduler  # sizes read when scraped (len() of the engine thread's queues)
     metrics.watch(connections=lambda: app.num_connections, queue_depth=lambda: scheduler.num_waiting,
                   batch_size=lambda: scheduler.num_running)
-    app.engine = MeteredEngine(AsyncEngine(engine), metrics)  # last: from here on the App is ready
+    async_engine = AsyncEngine(engine, stream_interval_s=config.stream_interval)
+    app.engine = MeteredEngine(async_engine, metrics)  # last: from here on the App is ready
 
 
 def load_remote_engine(app: App, config: Config, progress: Callable[[str], None] = print) -> None:

@@ -124,6 +124,9 @@ class Config:
     max_kv_bytes: int = _opt(1024 * 1024 * 1024, "Memory budget of the running responses' KV caches, in bytes: "
                              "over it the newest response is preempted (its cache dropped) and resumes, recomputed, "
                              "when there is room; 0: no bound but the context length.")
+    stream_interval: float = _opt(0.02, "Seconds a response's text deltas are apart at least: the first goes at "
+                                  "once, what follows within the interval goes as one delta (0: every token as "
+                                  "soon as it is made). Fewer events leave the CPU to decoding.")
     # Sampling defaults (per session via session.update, per response via response.create)
     temperature: float = _opt(0.3, "Default sampling temperature (0 = greedy).")
     top_p: float = _opt(0.9, "Default nucleus sampling probability mass.")
@@ -181,7 +184,8 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("drain_timeout", "resume_grace", "max_output_tokens", "max_images_per_conversation",
-                     "max_image_tokens_per_conversation", "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes"):
+                     "max_image_tokens_per_conversation", "image_cache_bytes", "kv_cache_bytes", "max_kv_bytes",
+                     "stream_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
 

@@ -427,6 +427,35 @@ async def test_async_generate_streams_to_finished(async_engine: AsyncEngine) -> 
     assert sum(e.num_tokens for e in events if isinstance(e, TokenDelta)) <= 12
 
 
+async def test_text_deltas_within_the_stream_interval_come_as_one_and_the_end_does_not_wait(
+        model: ChatModel) -> None:
+    engine = Engine(model)
+    engine.start()
+    every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=30.0)
+    try:
+        alone = [e async for e in every_token.generate(request("a", max_output_tokens=24))]
+        started = time.monotonic()
+        merged = [e async for e in spaced.generate(request("b", max_output_tokens=24))]
+        elapsed = time.monotonic() - started
+    finally:
+        every_token.shutdown()
+    deltas = [e for e in alone if isinstance(e, TokenDelta)]
+    assert len(deltas) > 2  # the tiny model's tokens each make text
+    # The first delta at once; the rest, made within the interval, as one delta when the end comes (no waiting
+    # out the 30 s): the same text and token count as one delta a token.
+    merged_deltas = [e for e in merged if isinstance(e, TokenDelta)]
+    assert len(merged_deltas) <= 2 and isinstance(merged[-1], Finished)
+    assert elapsed < 20
+    assert "".join(e.text for e in merged_deltas) == "".join(e.text for e in deltas)
+    assert sum(e.num_tokens for e in merged_deltas) == sum(e.num_tokens for e in deltas) == 24
+    assert finished_of(merged).num_output_tokens == finished_of(alone).num_output_tokens == 24
+
+
+def test_a_negative_stream_interval_is_refused(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="stream_interval_s"):
+        AsyncEngine(engine, stream_interval_s=-1)
+
+
 async def test_async_early_close_aborts(async_engine: AsyncEngine) -> None:
     stream = async_engine.generate(request(max_output_tokens=200))
     async for event in stream:
