@@ -104,6 +104,19 @@ def test_frequency_and_presence_penalties_follow_openai() -> None:
     assert logits.tolist() == [1.0] * 4  # the model's row is left alone
 
 
+def test_frequency_and_presence_penalties_equal_the_formula_over_the_whole_vocabulary() -> None:
+    """Only the tokens the output holds are touched; every other logit stays bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        vocab = 500
+        logits = torch.randn(vocab, generator=generator) * 5
+        output = torch.randint(0, 40 if trial % 2 else vocab, (1 + trial * 7,), generator=generator).tolist()
+        params = SamplingParams(frequency_penalty=0.3 + trial / 20, presence_penalty=-0.7 + trial / 30)
+        counts = torch.bincount(torch.tensor(output), minlength=vocab).float()  # (vocab,)
+        expected = logits - (counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty)
+        assert torch.equal(apply_penalties(logits, params, (), output), expected)
+
+
 def test_repetition_penalty_covers_prompt_and_output_and_keeps_signs() -> None:
     logits = torch.tensor([2.0, -2.0, 2.0, 2.0])
     penalized = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), prompt_token_ids=[0],
