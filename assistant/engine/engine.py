@@ -399,8 +399,14 @@ class Engine:
                 seq.kv_cache, seq.batch = group.remove(seq), None
                 self._guarded(self._decode_alone, seq)
             return
+        # Greedy rows that nothing steers (no penalty, no grammar) take one argmax for the batch, not one each.
+        plain = [seq.params.is_greedy and not seq.params.has_penalties and seq.constraint is None for seq in rows]
+        picks = logits.argmax(dim=-1).tolist() if sum(plain) > 1 else None  # (B,)
         for row, seq in enumerate(rows):
-            self._guarded(lambda s, row=row: self._append_token(s, self._sample(s, logits[row])), seq)
+            if picks is not None and plain[row]:
+                self._guarded(lambda s, token_id=picks[row]: self._append_token(s, token_id), seq)
+            else:
+                self._guarded(lambda s, row=row: self._append_token(s, self._sample(s, logits[row])), seq)
 
     def _decode_alone(self, seq: Sequence) -> None:
         logits = self.model.decode(seq.last_token_id, seq.kv_cache, has_images=seq.num_image_tokens > 0)  # (vocab,)
