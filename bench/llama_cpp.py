@@ -9,10 +9,10 @@ HTTP. Both greedy, the same question, both using every core. Decode tok/s is wha
 after the first divided by the time from the first to the last. Prints figures (best of ``--repeats``, after a
 warm-up) and the ratio to llama.cpp; never asserts. Run it on a quiet machine.
 
-Aggregate figures (prefill included: all tokens over the wall time): eight different questions to llama.cpp one
-after another, all at once (llama-cpp-python's server answers one request at a time; started with
-``--interrupt_requests False``, as by default a new request cuts the one streaming) and in one ``llama_batch``
-(``bench/llama_cpp_batch.py``, best of two), and 1, 4, 8 and 16
+Aggregate figures (prefill included: all tokens over the wall time; each the median of ``--repeats`` runs, on
+both sides): eight different questions to llama.cpp one after another, all at once (llama-cpp-python's server
+answers one request at a time; started with ``--interrupt_requests False``, as by default a new request cuts the
+one streaming) and in one ``llama_batch`` (``bench/llama_cpp_batch.py``), and 1, 4, 8 and 16
 concurrent conversations to the assistant with the first ``--quantize``; for it also the same single-stream
 decode through the engine in-process (no socket, no server), whose difference is what the protocol costs.
 The assistant's clients run in a process of their own, as llama.cpp's server runs apart from its client: in
@@ -28,6 +28,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import statistics
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -125,9 +126,14 @@ def client_best(url: str, tokens: int, repeats: int) -> tuple[float, int]:
     return asyncio.run(best(lambda: assistant_decode(url, tokens), repeats))
 
 
-def client_aggregate(url: str, tokens: int, count: int) -> float:
-    """:func:`aggregate` of ``count`` conversations at once over the socket, run by :func:`in_child`."""
-    return asyncio.run(aggregate(lambda q: assistant_decode(url, tokens, q), count, together=True))
+def client_aggregate(url: str, tokens: int, count: int, repeats: int = 1) -> float:
+    """The median of ``repeats`` runs of :func:`aggregate` of ``count`` conversations at once over the socket, run
+    by :func:`in_child`."""
+    async def runs() -> list[float]:
+        return [await aggregate(lambda q: assistant_decode(url, tokens, q), count, together=True)
+                for _ in range(repeats)]
+
+    return statistics.median(asyncio.run(runs()))
 
 
 def in_child(function: Any, *args: Any) -> Any:
@@ -196,13 +202,15 @@ async def main() -> None:
     try:
         await wait_ready(base_url, process)
         llama, llama_tokens = await best(lambda: llama_decode(base_url, args.tokens), args.repeats)
-        serial = await aggregate(lambda q: llama_decode(base_url, args.tokens, q), 8, together=False)
-        at_once = await aggregate(lambda q: llama_decode(base_url, args.tokens, q), 8, together=True)
+        serial = statistics.median([await aggregate(lambda q: llama_decode(base_url, args.tokens, q), 8,
+                                                    together=False) for _ in range(args.repeats)])
+        at_once = statistics.median([await aggregate(lambda q: llama_decode(base_url, args.tokens, q), 8,
+                                                     together=True) for _ in range(args.repeats)])
     finally:
         process.terminate()
         process.wait()
     print(f"llama.cpp (llama-cpp-python server, Q4_1 GGUF, HTTP stream): {llama:.1f} tok/s ({llama_tokens} tokens)")
-    batched = max(llama_batched(args.tokens, 8) for _ in range(2))
+    batched = statistics.median(llama_batched(args.tokens, 8) for _ in range(args.repeats))
     print(f"llama.cpp, 8 conversations one after another: {serial:.1f} tok/s aggregate; 8 sent at once to its "
           f"server: {at_once:.1f} tok/s; 8 in one llama_batch: {batched:.1f} tok/s", flush=True)
     for index, quantize in enumerate(args.quantize):
@@ -220,7 +228,7 @@ async def main() -> None:
                   f"the server costs {100 * (1 - ours / alone):.1f} %", flush=True)
             single = None
             for count in levels:
-                total = await asyncio.to_thread(in_child, client_aggregate, url, args.tokens, count)
+                total = await asyncio.to_thread(in_child, client_aggregate, url, args.tokens, count, args.repeats)
                 single = single or total
                 print(f"assistant --quantize {quantize}, {count:2d} concurrent conversations: {total:6.1f} tok/s "
                       f"aggregate, {total / single:.2f}x one, {total / serial:.2f}x llama.cpp serial, "
