@@ -26,10 +26,9 @@ class AsyncEngine:
     engine thread, so a long prompt stalls neither the connections nor the streams.
 
     A stream's text deltas come at most every ``stream_interval_s`` (0: each as soon as it is made): the first at
-    once, then what was made during the interval as one delta; any other event (the end, a tool call) comes at
-    once, with the text before it. Why: each delta is a protocol event, a socket write and a wake-up of the client;
-    on two cores that work is taken from the engine, and eight streams lost a quarter of their tokens/s to it
-    (README, "Fast decode on CPU"), while no reader sees text arrive faster than every 20 ms or so.
+    once, then what was made during the interval as one delta; the end comes at once, with the text before it.
+    Why: each delta is a protocol event, a socket write and a wake-up of the client, and on two cores that work
+    is taken from the engine (README, "Streaming"), while no reader sees text arrive faster than every 20 ms or so.
     """
 
     def __init__(self, engine: Engine, *, stream_interval_s: float = 0.0) -> None:
@@ -57,12 +56,12 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        urgent = asyncio.Event()  # an event that must not wait for the interval is queued
+        ending = asyncio.Event()  # the Finished is queued: the text before it goes without waiting
 
         def receive(event: EngineEvent) -> None:  # on the loop
             queue.put_nowait(event)
-            if not isinstance(event, TokenDelta):
-                urgent.set()
+            if isinstance(event, Finished):
+                ending.set()
 
         def sink(event: EngineEvent) -> None:  # on the engine thread
             loop.call_soon_threadsafe(receive, event)
@@ -77,13 +76,11 @@ class AsyncEngine:
                 held = None
                 if isinstance(event, TokenDelta):
                     delay = next_delta_at - loop.time()
-                    if delay > 0 and not urgent.is_set():
+                    if delay > 0 and not ending.is_set():
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(urgent.wait(), delay)
+                            await asyncio.wait_for(ending.wait(), delay)
                     event, held = _merge_waiting(event, queue)
                     next_delta_at = loop.time() + self.stream_interval_s
-                elif queue.empty():
-                    urgent.clear()
                 is_finished = isinstance(event, Finished)
                 yield event
         finally:

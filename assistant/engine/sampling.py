@@ -136,7 +136,7 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_token_i
         logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty,
                                    scores * params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and len(output_token_ids):
-        # Only the tokens the output holds change: counting them over the whole vocabulary took 0.7 ms a row.
+        # Only the tokens the output holds change (no count, and no pass, over the whole vocabulary).
         used, counts = torch.tensor(output_token_ids, dtype=torch.long).unique(return_counts=True)  # (n,) each
         counts, used = counts[used < vocab], used[used < vocab]
         logits[used] -= counts.float() * params.frequency_penalty + params.presence_penalty
