@@ -428,17 +428,29 @@ async def test_async_generate_streams_to_finished(async_engine: AsyncEngine) -> 
 
 
 async def test_text_deltas_within_the_stream_interval_come_as_one_and_the_end_does_not_wait(
-        model: ChatModel) -> None:
+        model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = Engine(model)
     engine.start()
     every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=30.0)
+    loop = asyncio.get_running_loop()
+    wake_ups: list[Any] = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        wake_ups.append(callback)
+        return call_soon_threadsafe(callback, *args, **kwargs)
+
     try:
         alone = [e async for e in every_token.generate(request("a", max_output_tokens=24))]
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
         started = time.monotonic()
         merged = [e async for e in spaced.generate(request("b", max_output_tokens=24))]
         elapsed = time.monotonic() - started
     finally:
         every_token.shutdown()
+    # Text made during the interval woke nobody: the admission's result, the first delta, the end (and at most
+    # one wake-up sent as the first delta was being taken), not one a token.
+    assert len(wake_ups) <= 4, wake_ups
     deltas = [e for e in alone if isinstance(e, TokenDelta)]
     assert len(deltas) > 2  # the tiny model's tokens each make text
     # The first delta at once; the rest, made within the interval, as one delta when the end comes (no waiting

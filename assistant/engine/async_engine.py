@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -52,34 +53,47 @@ class AsyncEngine:
         most every ``stream_interval_s`` (the class docstring); text that is already waiting when the consumer
         comes for more is handed over as one delta (:func:`_merge_waiting`).
 
+        The engine thread wakes the event loop only when this stream waits for an event, or for the end: text
+        made while the stream waits out its interval is picked up when the interval ends (a wake-up a token cost
+        the engine about 2 % of a single stream's tokens/s, measured in-process).
+
         Raises EngineOverloaded (before any event) when the engine's queue is full.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        ending = asyncio.Event()  # the Finished is queued: the text before it goes without waiting
-
-        def receive(event: EngineEvent) -> None:  # on the loop
-            queue.put_nowait(event)
-            if isinstance(event, Finished):
-                ending.set()
+        arrived: deque[EngineEvent] = deque()  # appended on the engine thread, taken here
+        wake = asyncio.Event()
+        is_waiting = False  # this stream waits for its next event (read on the engine thread)
 
         def sink(event: EngineEvent) -> None:  # on the engine thread
-            loop.call_soon_threadsafe(receive, event)
+            arrived.append(event)
+            if is_waiting or isinstance(event, Finished):
+                loop.call_soon_threadsafe(wake.set)
+
+        def is_ending() -> bool:
+            return bool(arrived) and isinstance(arrived[-1], Finished)  # nothing follows a Finished
 
         await self._add(request, sink)
         is_finished = False
-        held: EngineEvent | None = None  # taken from the queue while merging, yielded next
         next_delta_at = 0.0  # loop time before which text waits for the rest of the interval
         try:
             while not is_finished:
-                event = held if held is not None else await queue.get()
-                held = None
+                if not arrived:
+                    # The flag first, then the deque: the engine thread appends first, then reads the flag, so
+                    # one of the two sees the other (under the GIL) and no event waits unannounced.
+                    is_waiting = True
+                    while not arrived:
+                        await wake.wait()
+                        wake.clear()
+                    is_waiting = False
+                event = arrived.popleft()
                 if isinstance(event, TokenDelta):
                     delay = next_delta_at - loop.time()
-                    if delay > 0 and not ending.is_set():
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(ending.wait(), delay)
-                    event, held = _merge_waiting(event, queue)
+                    if delay > 0 and not is_ending():
+                        wake.clear()  # a stale wake-up; the end sets it again
+                        if not is_ending():
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(wake.wait(), delay)
+                    event = _merge_waiting(event, arrived)
                     next_delta_at = loop.time() + self.stream_interval_s
                 is_finished = isinstance(event, Finished)
                 yield event
@@ -120,23 +134,19 @@ class AsyncEngine:
         self.engine.shutdown()
 
 
-def _merge_waiting(delta: TokenDelta, queue: asyncio.Queue[EngineEvent]) -> tuple[TokenDelta, EngineEvent | None]:
-    """``delta`` with the text deltas queued right behind it, and the first other event taken (or None).
+def _merge_waiting(delta: TokenDelta, arrived: deque[EngineEvent]) -> TokenDelta:
+    """``delta`` with the text deltas waiting right behind it in ``arrived`` (taken from it).
 
     When the event loop falls behind the engine (many streams on few cores), each token would otherwise cost
-    one protocol event (encoding, compressing and writing it); a consumer that keeps up still gets one delta a
-    token, as soon as it is made: nothing waits for company."""
+    one protocol event (encoding, compressing and writing it); a consumer that keeps up, with no interval, still
+    gets one delta a token, as soon as it is made."""
     text, tokens = [delta.text], delta.num_tokens
-    following: EngineEvent | None = None
-    while not queue.empty():
-        following = queue.get_nowait()
-        if not isinstance(following, TokenDelta):
-            break
+    while arrived and isinstance(arrived[0], TokenDelta):
+        following = arrived.popleft()
+        assert isinstance(following, TokenDelta)
         text.append(following.text)
         tokens += following.num_tokens
-        following = None
-    merged = delta if tokens == delta.num_tokens else TokenDelta("".join(text), tokens)
-    return merged, following
+    return delta if tokens == delta.num_tokens else TokenDelta("".join(text), tokens)
 
 
 def _resolve(future: asyncio.Future[Finished], event: Finished) -> None:
