@@ -14,7 +14,8 @@ both sides): eight different questions to llama.cpp one after another, all at on
 answers one request at a time; started with ``--interrupt_requests False``, as by default a new request cuts the
 one streaming) and in one ``llama_batch`` (``bench/llama_cpp_batch.py``), and 1, 4, 8 and 16
 concurrent conversations to the assistant with the first ``--quantize``; for it also the same single-stream
-decode through the engine in-process (no socket, no server), whose difference is what the protocol costs.
+decode through the engine in-process (no socket, no server), whose difference is what the protocol costs: the
+two are measured in turns, ``--repeats`` times each, and their medians compared.
 The assistant's clients run in a process of their own, as llama.cpp's server runs apart from its client: in
 the server's process and event loop, a client's own work (receiving, decompressing and parsing each event)
 counted as the server's (measured on a 2-core AMD EPYC: 104 tok/s with the client in the server's loop, 131–145
@@ -214,18 +215,26 @@ async def main() -> None:
     print(f"llama.cpp, 8 conversations one after another: {serial:.1f} tok/s aggregate; 8 sent at once to its "
           f"server: {at_once:.1f} tok/s; 8 in one llama_batch: {batched:.1f} tok/s", flush=True)
     for index, quantize in enumerate(args.quantize):
-        # In a process of its own, before the server starts: torch's thread pools of two engines in one process
-        # (one idle, spinning) took each other's cores and halved both figures.
-        alone = None if index else await asyncio.to_thread(in_child, engine_decode, quantize, args.tokens,
-                                                           args.repeats)
         async with serving(f"assistant --quantize {quantize}", model=DEFAULT_DECODER, quantize=quantize) as url:
-            ours, tokens = await asyncio.to_thread(in_child, client_best, url, args.tokens, args.repeats)
+            if index:
+                ours, tokens = await asyncio.to_thread(in_child, client_best, url, args.tokens, args.repeats)
+                print(f"assistant --quantize {quantize} (Realtime WebSocket): {ours:.1f} tok/s ({tokens} tokens), "
+                      f"{ours / llama:.2f}x llama.cpp", flush=True)
+                continue
+            # The engine in-process (in a process of its own: two engines' thread pools in one process took each
+            # other's cores) and the server, in turns while the other idles, so that the machine's drift (10-15 %
+            # over minutes on a shared 2-core machine) falls on both; the server's cost is their medians' ratio.
+            alone_runs, socket_runs = [], []
+            for _ in range(args.repeats):
+                alone_runs.append(await asyncio.to_thread(in_child, engine_decode, quantize, args.tokens, 1))
+                socket_runs.append(await asyncio.to_thread(in_child, client_best, url, args.tokens, 1))
+            ours, tokens = max(socket_runs)
             print(f"assistant --quantize {quantize} (Realtime WebSocket): {ours:.1f} tok/s ({tokens} tokens), "
                   f"{ours / llama:.2f}x llama.cpp", flush=True)
-            if alone is None:
-                continue
-            print(f"assistant --quantize {quantize}, the engine in-process on the same question: {alone:.1f} tok/s; "
-                  f"the server costs {100 * (1 - ours / alone):.1f} %", flush=True)
+            alone, over_socket = statistics.median(alone_runs), statistics.median(r for r, _ in socket_runs)
+            print(f"assistant --quantize {quantize}, the same question in turns, medians of {args.repeats}: the "
+                  f"engine in-process {alone:.1f} tok/s, over the socket {over_socket:.1f}; the server costs "
+                  f"{100 * (1 - over_socket / alone):.1f} %", flush=True)
             single = None
             for count in levels:
                 total = await asyncio.to_thread(in_child, client_aggregate, url, args.tokens, count, args.repeats)
