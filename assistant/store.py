@@ -261,7 +261,7 @@ class Store:
     def update_item(self, conversation_id: str, item: Item) -> None:
         """Replace the content and status of a stored item (e.g. a finished assistant message, or a streaming
         one's text so far: a response saves that twice a second, so this is statements, not ORM objects; the
-        ORM's load, clear and re-insert cost about three times as much CPU)."""
+        ORM's load, clear and re-insert took half as much CPU again)."""
         with self._writing() as session:
             _touch(session, conversation_id)
             item_pk = session.scalar(
