@@ -168,7 +168,7 @@ class FastDecoder:
         """The layers' norms and packed weights for ``assistant::decode_layers`` (int4_kernel.cpp: this class's
         layer loop in one call, attention written out in C++ on the cache as it is), where every product is the
         int4 kernel's (its 3-d blocks: Int4Linear packs them only where the kernel runs), none has a bias and
-        heads are a multiple of 16 wide; else None."""
+        heads are 16 to 128 wide, a multiple of 16; else None."""
         def packed(part: FusedLinear) -> torch.Tensor | None:
             if part.kind is Int4Linear:
                 weight, bias = part.weight, part.bias
@@ -185,7 +185,7 @@ class FastDecoder:
                 return None
             for column, tensor in zip(columns, [layer.input_norm, layer.post_norm, *weights], strict=True):
                 column.append(tensor)
-        return columns if self.layers and self.head_dim % 16 == 0 else None
+        return columns if self.layers and self.head_dim % 16 == 0 and self.head_dim <= 128 else None
 
     @property
     def runs_adapter(self) -> bool:

@@ -261,31 +261,43 @@ ASSISTANT_AVX512_VNNI inline __m512 load16(const at::BFloat16* p) {
 ASSISTANT_AVX512_VNNI inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
 // One row's query heads that share key/value head h: scores[g][l] = q_g . k_l * scale + bias[l], for the
-// n cached positions (k: n rows of d, the cache's own dtype, read as it is: no float32 copy of the cache).
-template <typename KV>
-ASSISTANT_AVX512_VNNI void attention_scores(const float* q, const KV* k, int64_t n, int64_t d, int64_t group,
-                                            double scale, const float* bias, float* scores) {
-  for (int64_t l = 0; l < n; ++l)
+// n cached positions (k: n rows of d = 16 C, the cache's own dtype, read as it is: no float32 copy of the cache).
+// Each position's key is converted once for the group's heads.
+template <int C, typename KV>
+ASSISTANT_AVX512_VNNI void attention_scores(const float* q, const KV* k, int64_t n, int64_t group, double scale,
+                                            const float* bias, float* scores) {
+  constexpr int64_t d = 16 * C;
+  for (int64_t l = 0; l < n; ++l) {
+    __m512 key[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) key[c] = load16(k + l * d + 16 * c);
     for (int64_t g = 0; g < group; ++g) {
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < d; c += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + c), load16(k + l * d + c), acc);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + 16 * c), key[c], acc);
       float score = _mm512_reduce_add_ps(acc) * static_cast<float>(scale);
       scores[g * n + l] = bias != nullptr ? score + bias[l] : score;
     }
+  }
 }
 
-// out[g] = sum_l probs[g][l] v_l, in position order.
-template <typename KV>
-ASSISTANT_AVX512_VNNI void attention_values(const float* probs, const KV* v, int64_t n, int64_t d, int64_t group,
-                                            float* out) {
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < d; c += 16) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t l = 0; l < n; ++l)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * n + l]), load16(v + l * d + c), acc);
-      _mm512_storeu_ps(out + g * d + c, acc);
+// out[g] = sum_l probs[g][l] v_l, in position order. A head's C chunks of 16 are C sums side by side: one chain
+// of FMAs, each waiting on the one before (4 cycles), left the CPU idle most of the time.
+template <int C, typename KV>
+ASSISTANT_AVX512_VNNI void attention_values(const float* probs, const KV* v, int64_t n, int64_t group, float* out) {
+  constexpr int64_t d = 16 * C;
+  for (int64_t g = 0; g < group; ++g) {
+    __m512 acc[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < n; ++l) {
+      const __m512 p = _mm512_set1_ps(probs[g * n + l]);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v + l * d + 16 * c), acc[c]);
     }
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * d + 16 * c, acc[c]);
+  }
 }
 
 // Attention of one query position, for every row and head: query (B, Hq, 1, D); keys and values the cache
@@ -293,23 +305,39 @@ ASSISTANT_AVX512_VNNI void attention_values(const float* probs, const KV* v, int
 // padding) or none. Returns (B, Hkv, Hq / Hkv, D) float32, query heads in order (head h reads key/value head
 // h / (Hq / Hkv), as transformers' repeat_kv). What FastDecoder._attend computes, without casting the cache
 // to float32 every step; float32 throughout, sums in another order.
-template <typename KV>
+template <int C, typename KV>
 void attend_cache(const float* q, const KV* keys, const KV* values, int64_t capacity, int64_t n,
-                  const float* bias, int64_t batch, int64_t kv_heads, int64_t group, int64_t head_dim, double scale,
+                  const float* bias, int64_t batch, int64_t kv_heads, int64_t group, double scale,
                   at::Tensor& scores, at::Tensor& out) {
+  constexpr int64_t head_dim = 16 * C;
   const int64_t units = batch * kv_heads;  // (row, key/value head): each is one unit of work
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit)
-      attention_scores(q + unit * group * head_dim, keys + unit * capacity * head_dim, n, head_dim, group, scale,
-                       bias != nullptr ? bias + unit / kv_heads * n : nullptr,
-                       scores.data_ptr<float>() + unit * group * n);
+      attention_scores<C>(q + unit * group * head_dim, keys + unit * capacity * head_dim, n, group, scale,
+                          bias != nullptr ? bias + unit / kv_heads * n : nullptr,
+                          scores.data_ptr<float>() + unit * group * n);
   });
   const at::Tensor probs = scores.softmax(-1);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit)
-      attention_values(probs.data_ptr<float>() + unit * group * n, values + unit * capacity * head_dim, n, head_dim,
-                       group, out.data_ptr<float>() + unit * group * head_dim);
+      attention_values<C>(probs.data_ptr<float>() + unit * group * n, values + unit * capacity * head_dim, n,
+                          group, out.data_ptr<float>() + unit * group * head_dim);
   });
+}
+
+// attend_cache for heads of 16 C, C = 1..8 (up to 128 wide; the check in attend keeps to those).
+template <typename KV>
+void attend_cache_for(int64_t head_dim, const float* q, const KV* keys, const KV* values, int64_t capacity,
+                      int64_t n, const float* bias, int64_t batch, int64_t kv_heads, int64_t group, double scale,
+                      at::Tensor& scores, at::Tensor& out) {
+  switch (head_dim / 16) {
+#define ASSISTANT_ATTEND(C) \
+    case C: return attend_cache<C>(q, keys, values, capacity, n, bias, batch, kv_heads, group, scale, scores, out);
+    ASSISTANT_ATTEND(1) ASSISTANT_ATTEND(2) ASSISTANT_ATTEND(3) ASSISTANT_ATTEND(4)
+    ASSISTANT_ATTEND(5) ASSISTANT_ATTEND(6) ASSISTANT_ATTEND(7) ASSISTANT_ATTEND(8)
+#undef ASSISTANT_ATTEND
+  }
+  TORCH_CHECK(false, "assistant::decode_layers: heads of 16 to 128 wide");
 }
 
 // Attention of one query position, for every row and head: query (B, Hq, 1, D); keys and values the cache
@@ -321,22 +349,23 @@ at::Tensor attend(const at::Tensor& query, const at::Tensor& key_buffer, const a
                   int64_t n, const std::optional<at::Tensor>& bias, int64_t head_dim, double scale) {
   const int64_t batch = query.size(0), kv_heads = key_buffer.size(1), group = query.size(1) / kv_heads;
   const int64_t capacity = key_buffer.size(2);
-  TORCH_CHECK(key_buffer.is_contiguous() && value_buffer.is_contiguous() && head_dim % 16 == 0 &&
+  TORCH_CHECK(key_buffer.is_contiguous() && value_buffer.is_contiguous() && head_dim % 16 == 0 && head_dim <= 128 &&
                   key_buffer.scalar_type() == value_buffer.scalar_type() &&
                   (key_buffer.scalar_type() == at::kFloat || key_buffer.scalar_type() == at::kBFloat16),
               "assistant::decode_layers: contiguous float32 or bf16 cache buffers of one dtype, and heads of a "
-              "multiple of 16");
+              "multiple of 16 up to 128");
   const at::Tensor q = query.to(at::kFloat).contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_data = b.defined() ? b.data_ptr<float>() : nullptr;
   at::Tensor scores = at::empty({batch, kv_heads, group, n}, q.options());
   at::Tensor out = at::empty({batch, kv_heads, group, head_dim}, q.options());
   if (key_buffer.scalar_type() == at::kFloat)
-    attend_cache(q.data_ptr<float>(), key_buffer.data_ptr<float>(), value_buffer.data_ptr<float>(), capacity, n,
-                 bias_data, batch, kv_heads, group, head_dim, scale, scores, out);
+    attend_cache_for(head_dim, q.data_ptr<float>(), key_buffer.data_ptr<float>(), value_buffer.data_ptr<float>(),
+                     capacity, n, bias_data, batch, kv_heads, group, scale, scores, out);
   else
-    attend_cache(q.data_ptr<float>(), key_buffer.data_ptr<at::BFloat16>(), value_buffer.data_ptr<at::BFloat16>(),
-                 capacity, n, bias_data, batch, kv_heads, group, head_dim, scale, scores, out);
+    attend_cache_for(head_dim, q.data_ptr<float>(), key_buffer.data_ptr<at::BFloat16>(),
+                     value_buffer.data_ptr<at::BFloat16>(), capacity, n, bias_data, batch, kv_heads, group, scale,
+                     scores, out);
   return out;
 }
 
