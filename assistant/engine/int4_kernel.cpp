@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -237,7 +238,55 @@ at::Tensor int4_mm(const at::Tensor& rows, const at::Tensor& packed) {
 // whose products are all this kernel's: the same ATen operations in the same order as the Python loop except
 // for attention, written out below, without the loop's per-operation Python cost (about 55 operations a layer,
 // a few microseconds each, were a third of a step for one row).
+ASSISTANT_AVX512_VNNI inline __m512 load_values(const at::BFloat16* p) {
+  return load_bf16(reinterpret_cast<const uint8_t*>(p));
+}
+ASSISTANT_AVX512_VNNI inline __m512 load_values(const float* p) { return _mm512_loadu_ps(p); }
+ASSISTANT_AVX512_VNNI inline void store_values(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
+}
+ASSISTANT_AVX512_VNNI inline void store_values(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// What storing in T and loading back gives: bfloat16 rounding, or nothing for float32.
+ASSISTANT_AVX512_VNNI inline __m512 as_stored(__m512 v, const at::BFloat16*) { return round_to_bf16(v); }
+ASSISTANT_AVX512_VNNI inline __m512 as_stored(__m512 v, const float*) { return v; }
+
+// transformers' LlamaRMSNorm a row at a time: x / sqrt(mean(x^2) + eps) in float32, rounded to T, then times the
+// weight, rounded to T: the ATen operations' roundings in one pass (about eight operations, each a few
+// microseconds of dispatch, twice a layer); the sum of squares in another order.
+template <typename T>
+ASSISTANT_AVX512_VNNI void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t width,
+                                         float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * width;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t c = 0; c < width; c += 16) {
+      const __m512 v = load_values(row + c);
+      squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    const float inverse = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(width) + eps);
+    const __m512 times = _mm512_set1_ps(inverse);
+    for (int64_t c = 0; c < width; c += 16) {
+      const __m512 normed = as_stored(_mm512_mul_ps(load_values(row + c), times), row);
+      store_values(out + r * width + c, _mm512_mul_ps(load_values(weight + c), normed));
+    }
+  }
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t width = x.size(-1);
+  if (x.is_contiguous() && weight.is_contiguous() && weight.scalar_type() == x.scalar_type() &&
+      weight.numel() == width && width % 16 == 0 &&
+      (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat)) {
+    at::Tensor out = at::empty_like(x);
+    const int64_t rows = x.numel() / width;
+    if (x.scalar_type() == at::kFloat)
+      rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows, width,
+                    static_cast<float>(eps));
+    else
+      rms_norm_rows(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
+                    rows, width, static_cast<float>(eps));
+    return out;
+  }
   const at::Tensor f = x.to(at::kFloat);
   return weight * (f * at::rsqrt(f.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
 }
@@ -254,12 +303,6 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& packed, const std::opt
   return (out + delta).to(out.scalar_type());
 }
 
-ASSISTANT_AVX512_VNNI inline __m512 load16(const at::BFloat16* p) {
-  return load_bf16(reinterpret_cast<const uint8_t*>(p));
-}
-
-ASSISTANT_AVX512_VNNI inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
 // One row's query heads that share key/value head h: scores[g][l] = q_g . k_l * scale + bias[l], for the
 // n cached positions (k: n rows of d = 16 C, the cache's own dtype, read as it is: no float32 copy of the cache).
 // Each position's key is converted once for the group's heads.
@@ -270,7 +313,7 @@ ASSISTANT_AVX512_VNNI void attention_scores(const float* q, const KV* k, int64_t
   for (int64_t l = 0; l < n; ++l) {
     __m512 key[C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) key[c] = load16(k + l * d + 16 * c);
+    for (int c = 0; c < C; ++c) key[c] = load_values(k + l * d + 16 * c);
     for (int64_t g = 0; g < group; ++g) {
       __m512 acc = _mm512_setzero_ps();
 #pragma GCC unroll 8
@@ -293,7 +336,7 @@ ASSISTANT_AVX512_VNNI void attention_values(const float* probs, const KV* v, int
     for (int64_t l = 0; l < n; ++l) {
       const __m512 p = _mm512_set1_ps(probs[g * n + l]);
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v + l * d + 16 * c), acc[c]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load_values(v + l * d + 16 * c), acc[c]);
     }
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * d + 16 * c, acc[c]);
