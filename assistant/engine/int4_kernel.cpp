@@ -236,8 +236,8 @@ at::Tensor int4_mm(const at::Tensor& rows, const at::Tensor& packed) {
 
 // The lean decode step's layers (assistant/engine/fast_decode.py, FastDecoder.step) in one call, for a model
 // whose products are all this kernel's: the same ATen operations in the same order as the Python loop except
-// for attention, written out below, without the loop's per-operation Python cost (about 55 operations a layer,
-// a few microseconds each, were a third of a step for one row).
+// for the norms, the rotary embedding and attention, written out below, without the loop's per-operation Python
+// cost (about 55 operations a layer, a few microseconds each, were a third of a step for one row).
 ASSISTANT_AVX512_VNNI inline __m512 load_values(const at::BFloat16* p) {
   return load_bf16(reinterpret_cast<const uint8_t*>(p));
 }
@@ -427,7 +427,7 @@ ASSISTANT_AVX512_VNNI void rotate_into_cache(const T* fused, const T* cos, const
     for (int64_t h = 0; h < heads + kv_heads; ++h) {
       const T* head = row + h * d;
       const bool is_query = h < heads;
-      T* key = keys + ((b * kv_heads + (h - heads)) * capacity + length) * d;
+      T* key = is_query ? nullptr : keys + ((b * kv_heads + (h - heads)) * capacity + length) * d;
       for (int64_t c = 0; c < chunks; ++c) {
         const __m512 x = load_values(head + 16 * c);
         const __m512i partner = _mm512_castps_si512(load_values(head + 16 * (c < half ? c + half : c - half)));
