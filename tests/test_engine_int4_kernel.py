@@ -105,3 +105,14 @@ def test_switched_off_pytorchs_kernel_serves() -> None:
     env = {**os.environ, int4_kernel.ENV_SWITCH: "0"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.split() == ["False", "2"]
+
+
+def test_a_build_killed_midway_holds_no_later_load_up() -> None:
+    """PyTorch's builder locks with a file; a process killed while building left it, and every later load waited
+    for it forever (the server stuck "loading"). A new process loads the kernel all the same."""
+    leftover = int4_kernel.cache_dir() / "lock"
+    leftover.touch()
+    script = "from assistant.engine import int4_kernel; print(int4_kernel.available())"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    assert result.stdout.split() == ["True"]
+    assert not leftover.exists()

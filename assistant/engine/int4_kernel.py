@@ -14,22 +14,28 @@ kernel, the decoder's products (576 → 3072 inputs → outputs): 2.5× faster f
 
 The same library holds ``assistant::decode_layers``: :class:`~assistant.engine.fast_decode.FastDecoder`'s layer
 loop in one call for a model whose products are all this kernel's (the same ATen operations, attention written
-out on the cache as it is, the image adapter included), without the loop's per-operation Python cost.
+out, as are the norms and the rotary embedding; the image adapter included), without the loop's per-operation
+Python cost.
 
 It is compiled with PyTorch's C++ extension builder (g++, ninja, OpenMP through PyTorch's own runtime) into
-a cache directory the first time a process asks for it — ``bin/setup`` does it, about 15 seconds — and later
-processes load the built library. Where it cannot be used (no AVX512-VNNI, no compiler, the build fails, or
-``ASSISTANT_INT4_KERNEL=0``), :func:`available` is false and int4-cpu keeps PyTorch's kernel and layout;
+a cache directory (one per source, PyTorch version and Python environment) the first time a process asks for
+it — ``bin/setup`` does it, about 15 seconds — and later processes load the built library. One process builds
+at a time; a build that was killed holds nothing up (:func:`_build_lock`). Where it cannot be used (no
+AVX512-VNNI, no compiler, the build fails, or ``ASSISTANT_INT4_KERNEL=0``), :func:`available` is false and
+int4-cpu keeps PyTorch's kernel and layout;
 :func:`describe` says which and why (``assistant doctor`` prints it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -48,9 +54,11 @@ _why = "not tried yet"
 
 
 def cache_dir() -> Path:
-    """Where the built library lives: per PyTorch version and source, so an upgrade of either rebuilds."""
+    """Where the built library lives: per PyTorch version, source and Python environment, so an upgrade of
+    either rebuilds, and two environments (a checkout's and a clean clone's) do not rebuild it over each other's
+    (the build's commands name the environment's paths, so each would find the other's build out of date)."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + sys.prefix.encode()).hexdigest()[:16]
     return base / "assistant" / "kernels" / f"int4-torch{torch.__version__.replace('+', '-')}-{digest}"
 
 
@@ -91,9 +99,10 @@ def _load() -> tuple[bool, str]:
             path = os.environ.get("PATH", "")
             os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
             try:  # OpenMP: the library binds to the libgomp PyTorch has loaded (the same soname), one thread team
-                cpp_extension.load(name="assistant_int4", sources=[str(SOURCE)], build_directory=str(directory),
-                                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                   is_python_module=False, verbose=False)
+                with _build_lock(directory):
+                    cpp_extension.load(name="assistant_int4", sources=[str(SOURCE)], build_directory=str(directory),
+                                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                       is_python_module=False, verbose=False)
             finally:
                 os.environ["PATH"] = path
             # its output's shape and dtype, for torch.compile (bench/compiled_step.py traces through it)
@@ -106,6 +115,23 @@ def _load() -> tuple[bool, str]:
     if not supported:
         return False, "PyTorch's int4 kernel (this CPU lacks AVX512-VNNI)"
     return True, f"the project's AVX512-VNNI kernel (built in {cache_dir()})"
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """One build (or load) in ``directory`` at a time across processes, without waiting on a dead one.
+
+    PyTorch's builder locks with a file it deletes when done: a process killed while building (a server stopped
+    during its first start) leaves the file, and every later load waited for it forever, the server "loading"
+    for good. This lock is an ``flock``, which the system drops with the process that held it; whoever holds it
+    is the only builder, so a PyTorch lock file found then is a dead build's and goes."""
+    with open(directory / "assistant-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cpu_has_avx512_vnni() -> bool:
