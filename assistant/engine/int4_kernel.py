@@ -29,7 +29,6 @@ int4-cpu keeps PyTorch's kernel and layout;
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -125,6 +124,8 @@ def _build_lock(directory: Path) -> Iterator[None]:
     during its first start) leaves the file, and every later load waited for it forever, the server "loading"
     for good. This lock is an ``flock``, which the system drops with the process that held it; whoever holds it
     is the only builder, so a PyTorch lock file found then is a dead build's and goes."""
+    import fcntl  # POSIX only: elsewhere the build fails here and PyTorch's kernel serves
+
     with open(directory / "assistant-build.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
