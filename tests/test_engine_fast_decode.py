@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -71,12 +73,8 @@ def decode_prompts(model: ChatModel, steps: int,
 
 
 def test_a_batch_step_gives_transformers_logits_for_every_row_padded_or_not(model: ChatModel) -> None:
-    fast = model.fast_decoder
-    model.fast_decoder = None
-    try:
+    with mock.patch.object(model, "fast_decoder", None):
         slow_batch, slow_steps, fed = decode_prompts(model, 6)
-    finally:
-        model.fast_decoder = fast
     fast_batch, fast_steps, _ = decode_prompts(model, 6, feed=fed)
     is_int4 = any(isinstance(module, Int4Linear) for module in model.hf_model.modules())
     assert_same_run((fast_batch, fast_steps), (slow_batch, slow_steps), bfloat16_inputs=is_int4)
@@ -109,17 +107,12 @@ def test_decoding_one_sequence_gives_transformers_logits_and_an_exact_length_cac
     logits, fast_cache = model.prefill(prompt)
     _, slow_cache = model.prefill(prompt)
     token = int(logits.argmax())
-    fast = model.fast_decoder
-    try:
-        for _ in range(4):
-            got = model.decode(token, fast_cache, has_images=False)
-            model.fast_decoder = None
+    for _ in range(4):
+        got = model.decode(token, fast_cache, has_images=False)
+        with mock.patch.object(model, "fast_decoder", None):
             expected = model.decode(token, slow_cache, has_images=False)
-            model.fast_decoder = fast
-            torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
-            token = int(expected.argmax())
-    finally:
-        model.fast_decoder = fast
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+        token = int(expected.argmax())
     keys = fast_cache.layers[0].keys
     assert keys.is_contiguous() and keys.shape[-2] == fast_cache.get_seq_length()  # no spare room kept
 
@@ -147,13 +140,9 @@ def answers(model: ChatModel) -> dict[str, str]:
 
 
 def test_the_engine_answers_as_with_transformers_forward(model: ChatModel) -> None:
-    fast = model.fast_decoder
     fast_answers = answers(model)
-    model.fast_decoder = None
-    try:
+    with mock.patch.object(model, "fast_decoder", None):
         slow_answers = answers(model)
-    finally:
-        model.fast_decoder = fast
     assert fast_answers == slow_answers
 
 
@@ -233,11 +222,7 @@ def test_the_native_layer_loop_computes_what_the_python_loop_computes(
     model = load_chat_model(str(source), dtype=dtype, quantize="int4-cpu")
     fast = model.fast_decoder
     assert fast is not None and fast._native is not None
-    native = fast._native
-    fast._native = None
-    try:
+    with mock.patch.object(fast, "_native", None):
         python_batch, python_steps, fed = decode_prompts(model, 5)
-    finally:
-        fast._native = native
     native_batch, native_steps, _ = decode_prompts(model, 5, feed=fed)
     assert_same_run((native_batch, native_steps), (python_batch, python_steps), bfloat16_inputs=True)
