@@ -42,12 +42,14 @@ def assert_same_logits(got: torch.Tensor, expected: torch.Tensor, *, bfloat16_in
     the adapter in another order) can round an input to the neighbouring bfloat16 value, or on the project's
     int4 kernel to the neighbouring int8 step of its group, and the tiny model's logits then differ by up to
     0.15 in a row (measured; 0.03 on CPUs with AMX on PyTorch's kernel), the change carried on in the cache.
-    A mistake in what is computed moves them all, far: unrelated rows differ by about 2 on average."""
+    One such step in the output head's input moves every logit of the row a little: by 0.054 on average
+    (measured on an Intel CPU with AMX, the caches still equal). A mistake in what is computed moves them all,
+    far: unrelated rows differ by about 2 on average."""
     if not bfloat16_inputs:
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
         return
     torch.testing.assert_close(got, expected, atol=0.3, rtol=0.05)
-    assert float((got - expected).abs().mean()) < 0.03
+    assert float((got - expected).abs().mean()) < 0.15
 
 
 def decode_prompts(model: ChatModel, steps: int,
@@ -92,13 +94,14 @@ def assert_same_run(mine: tuple[DecodeBatch, list[torch.Tensor]], theirs: tuple[
 
 def assert_same_cache(mine: object, theirs: object, *, bfloat16_inputs: bool) -> None:
     """Keys and values the same up to float32 rounding, or (int4-cpu) up to the rounding of an input to its
-    neighbouring step here and there, as in :func:`assert_same_logits`."""
+    neighbouring step here and there, as in :func:`assert_same_logits`: one value in 16k off by up to 0.13
+    (measured on an Intel CPU with AMX, on the project's kernel), the mean difference far below 3e-3."""
     for name in ("keys", "values"):
         got, expected = getattr(mine, name).float(), getattr(theirs, name).float()
         if not bfloat16_inputs:
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             continue
-        torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+        torch.testing.assert_close(got, expected, atol=0.2, rtol=0.05)
         assert float((got - expected).abs().mean()) < 3e-3
 
 
@@ -107,11 +110,12 @@ def test_decoding_one_sequence_gives_transformers_logits_and_an_exact_length_cac
     logits, fast_cache = model.prefill(prompt)
     _, slow_cache = model.prefill(prompt)
     token = int(logits.argmax())
+    is_int4 = any(isinstance(module, Int4Linear) for module in model.hf_model.modules())
     for _ in range(4):
         got = model.decode(token, fast_cache, has_images=False)
         with mock.patch.object(model, "fast_decoder", None):
             expected = model.decode(token, slow_cache, has_images=False)
-        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+        assert_same_logits(got, expected, bfloat16_inputs=is_int4)
         token = int(expected.argmax())
     keys = fast_cache.layers[0].keys
     assert keys.is_contiguous() and keys.shape[-2] == fast_cache.get_seq_length()  # no spare room kept
