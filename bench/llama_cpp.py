@@ -1,6 +1,7 @@
 """Single-stream decode through the WebSocket protocol, side by side with llama.cpp on the same model, in one run.
 
-    python -m bench.llama_cpp [--tokens 128] [--repeats 3] [--quantize auto int8-cpu ...] [--concurrency 1,4,8,16]
+    python -m bench.llama_cpp [--tokens 128] [--repeats 3] [--pairs 16] [--quantize auto int8-cpu ...]
+        [--concurrency 1,4,8,16]
 
 The assistant serves the default decoder (SmolLM2-135M-Instruct) text-only, one ``response.create`` at a time
 over its Realtime socket; llama.cpp serves the very file that decoder is converted from (the Q4_1 GGUF of the
@@ -15,7 +16,9 @@ answers one request at a time; started with ``--interrupt_requests False``, as b
 one streaming) and in one ``llama_batch`` (``bench/llama_cpp_batch.py``), and 1, 4, 8 and 16
 concurrent conversations to the assistant with the first ``--quantize``; for it also the same single-stream
 decode through the engine in-process (no socket, no server), whose difference is what the protocol costs: the
-two are measured in turns, ``--repeats`` times each, and their medians compared.
+two are measured in turns, ``--pairs`` times each, each side in a process that lives through the turns, and the
+cost is one minus the median of the pairs' ratios (single runs vary by ±7 % on these machines; pairs cancel the
+drift between them).
 The assistant's clients run in a process of their own, as llama.cpp's server runs apart from its client: in
 the server's process and event loop, a client's own work (receiving, decompressing and parsing each event)
 counted as the server's (measured on a 2-core AMD EPYC: 104 tok/s with the client in the server's loop, 131–145
@@ -106,25 +109,39 @@ async def best(run: object, repeats: int) -> tuple[float, int]:
     return max(results)
 
 
+_engine_models: dict[str, Any] = {}  # in the engine's bench process: the model, loaded by the first run
+
+
 def engine_decode(quantize: str, tokens: int, repeats: int) -> float:
     """Decode tok/s of the same question through the engine in-process (``bench.decode``'s engine loop, with the
     server's system prompt), as ``assistant_decode`` measures it over the socket: what the protocol and the
-    server cost is the difference. Best of ``repeats`` after a warm-up."""
+    server cost is the difference. Best of ``repeats``; the process's first call loads the model and warms it up."""
     from assistant.config import load_config
     from assistant.engine.loader import load_model
     from assistant.prompts import load_system_prompt
     from bench.decode import time_engine_decode
 
-    config = load_config({"data_dir": str(default_data_dir()), "model": DEFAULT_DECODER, "quantize": quantize},
-                         env={})
-    model = load_model(config, progress=lambda _: None)
-    runs = [time_engine_decode(model, QUESTION, tokens - 1, system=load_system_prompt()) for _ in range(repeats + 1)]
-    return max(count / seconds for seconds, count in runs[1:])
+    model = _engine_models.get(quantize)
+    if model is None:
+        config = load_config({"data_dir": str(default_data_dir()), "model": DEFAULT_DECODER, "quantize": quantize},
+                             env={})
+        model = _engine_models[quantize] = load_model(config, progress=lambda _: None)
+        time_engine_decode(model, QUESTION, tokens - 1, system=load_system_prompt())
+    runs = [time_engine_decode(model, QUESTION, tokens - 1, system=load_system_prompt()) for _ in range(repeats)]
+    return max((count / seconds for seconds, count in runs), default=0.0)
 
 
 def client_best(url: str, tokens: int, repeats: int) -> tuple[float, int]:
-    """:func:`assistant_decode`'s best of ``repeats`` after a warm-up, run by :func:`in_child`."""
+    """:func:`assistant_decode`'s best of ``repeats`` after a warm-up (none when ``repeats`` is 0), run by
+    :func:`in_child`."""
+    if not repeats:
+        return asyncio.run(assistant_decode(url, tokens))
     return asyncio.run(best(lambda: assistant_decode(url, tokens), repeats))
+
+
+def client_once(url: str, tokens: int) -> float:
+    """:func:`assistant_decode`'s tok/s, once (the server warmed up already)."""
+    return asyncio.run(assistant_decode(url, tokens))[0]
 
 
 def client_aggregate(url: str, tokens: int, count: int, repeats: int = 1) -> float:
@@ -141,6 +158,28 @@ def in_child(function: Any, *args: Any) -> Any:
     """``function(*args)`` in a fresh process (spawned, so it shares no threads with this one)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def child() -> ProcessPoolExecutor:
+    """One spawned process that runs call after call (``child().submit(function, *args).result()``), keeping what
+    it loaded: a model loads once, not once a run."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+
+def server_cost(url: str, quantize: str, tokens: int, pairs: int) -> tuple[float, float, float]:
+    """The same question decoded by the engine in-process and over the socket, in turns, ``pairs`` times (each
+    side in a process of its own that lives through the turns); (the engine's median tok/s, the socket's, the
+    server's cost: one minus the median of the pairs' ratios). Run in turns so that the machine's drift (10-15 %
+    over minutes on a shared 2-core machine) falls on both, and in pairs so that it cancels within each."""
+    with child() as engine_side, child() as client_side:
+        engine_side.submit(engine_decode, quantize, tokens, 0).result()  # loads the model, warms it up
+        client_side.submit(client_best, url, tokens, 0).result()  # warms the server up
+        alone, over_socket = [], []
+        for _ in range(pairs):
+            alone.append(engine_side.submit(engine_decode, quantize, tokens, 1).result())
+            over_socket.append(client_side.submit(client_once, url, tokens).result())
+    ratios = [socket / engine for engine, socket in zip(alone, over_socket, strict=True)]
+    return statistics.median(alone), statistics.median(over_socket), 1 - statistics.median(ratios)
 
 
 def llama_python() -> Path:
@@ -191,6 +230,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=16,
+                        help="turns of the in-process engine and the socket for the server's cost")
     parser.add_argument("--quantize", nargs="+", default=["auto", "int8-cpu"])
     parser.add_argument("--concurrency", default="1,4,8,16",
                         help="concurrent conversations for the aggregate figures of the first --quantize")
@@ -221,20 +262,15 @@ async def main() -> None:
                 print(f"assistant --quantize {quantize} (Realtime WebSocket): {ours:.1f} tok/s ({tokens} tokens), "
                       f"{ours / llama:.2f}x llama.cpp", flush=True)
                 continue
-            # The engine in-process (in a process of its own: two engines' thread pools in one process took each
-            # other's cores) and the server, in turns while the other idles, so that the machine's drift (10-15 %
-            # over minutes on a shared 2-core machine) falls on both; the server's cost is their medians' ratio.
-            alone_runs, socket_runs = [], []
-            for _ in range(args.repeats):
-                alone_runs.append(await asyncio.to_thread(in_child, engine_decode, quantize, args.tokens, 1))
-                socket_runs.append(await asyncio.to_thread(in_child, client_best, url, args.tokens, 1))
-            ours, tokens = max(socket_runs)
+            # The engine in-process in a process of its own: two engines' thread pools in one process took each
+            # other's cores.
+            alone, over_socket, cost = await asyncio.to_thread(server_cost, url, quantize, args.tokens, args.pairs)
+            ours, tokens = await asyncio.to_thread(in_child, client_best, url, args.tokens, args.repeats)
             print(f"assistant --quantize {quantize} (Realtime WebSocket): {ours:.1f} tok/s ({tokens} tokens), "
                   f"{ours / llama:.2f}x llama.cpp", flush=True)
-            alone, over_socket = statistics.median(alone_runs), statistics.median(r for r, _ in socket_runs)
-            print(f"assistant --quantize {quantize}, the same question in turns, medians of {args.repeats}: the "
+            print(f"assistant --quantize {quantize}, the same question in turns, medians of {args.pairs}: the "
                   f"engine in-process {alone:.1f} tok/s, over the socket {over_socket:.1f}; the server costs "
-                  f"{100 * (1 - over_socket / alone):.1f} %", flush=True)
+                  f"{100 * cost:.1f} % (the median of the pairs' ratios)", flush=True)
             single = None
             for count in levels:
                 total = await asyncio.to_thread(in_child, client_aggregate, url, args.tokens, count, args.repeats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -461,6 +462,52 @@ async def test_text_deltas_within_the_stream_interval_come_as_one_and_the_end_do
     assert "".join(e.text for e in merged_deltas) == "".join(e.text for e in deltas)
     assert sum(e.num_tokens for e in merged_deltas) == sum(e.num_tokens for e in deltas) == 24
     assert finished_of(merged).num_output_tokens == finished_of(alone).num_output_tokens == 24
+
+
+async def test_deltas_come_an_interval_apart_with_one_wake_up_each_and_nothing_from_the_engine_between(
+        model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that outlasts its interval: a delta at most every interval, on the ticks of a shared grid, the text
+    whole, and the tokens made meanwhile wake the loop for nothing (the interval is waited out on a loop timer)."""
+    engine = Engine(model)
+    step = engine.step
+
+    def slow_step() -> bool:  # 4 ms a token: about ten tokens an interval
+        time.sleep(0.004)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    engine.start()
+    every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=0.04)
+    loop = asyncio.get_running_loop()
+    wake_ups: list[Any] = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        wake_ups.append(callback)
+        return call_soon_threadsafe(callback, *args, **kwargs)
+
+    try:
+        alone = [e async for e in every_token.generate(request("a", max_output_tokens=64))]
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+        arrivals: list[tuple[float, Any]] = []
+        async for event in spaced.generate(request("b", max_output_tokens=64)):
+            arrivals.append((loop.time(), event))
+    finally:
+        every_token.shutdown()
+    deltas = [(at, e) for at, e in arrivals if isinstance(e, TokenDelta)]
+    took = deltas[-1][0] - deltas[0][0]
+    assert 3 <= len(deltas) <= took / 0.04 + 3  # spaced, not one a token (the tiny model's tokens make text)
+    # The first delta at once, then at most one a tick of the 40 ms grid that all streams share: at the tick
+    # when text is waiting then (most ticks here), else as soon as it comes; the end at once.
+    ticks = [math.floor((at + 0.002) / 0.04) for at, _ in deltas[1:-1]]
+    assert len(set(ticks)) == len(ticks), deltas
+    on_grid = [at for at, _ in deltas[1:-1] if abs(at / 0.04 - round(at / 0.04)) < 0.1]
+    assert len(on_grid) >= len(deltas[1:-1]) / 2, deltas
+    assert "".join(e.text for _, e in deltas) == "".join(e.text for e in alone if isinstance(e, TokenDelta))
+    assert sum(e.num_tokens for _, e in deltas) == 64
+    # The admission's result, the first delta, the end; text is there whenever an interval ends, so the engine
+    # never has to wake a waiting stream (a few to spare for a slow machine).
+    assert len(wake_ups) <= 6, wake_ups
 
 
 def test_a_negative_stream_interval_is_refused(engine: Engine) -> None:
