@@ -124,9 +124,10 @@ class Config:
     max_kv_bytes: int = _opt(1024 * 1024 * 1024, "Memory budget of the running responses' KV caches, in bytes: "
                              "over it the newest response is preempted (its cache dropped) and resumes, recomputed, "
                              "when there is room; 0: no bound but the context length.")
-    stream_interval: float = _opt(0.02, "Seconds a response's text deltas are apart at least: the first goes at "
-                                  "once, what follows within the interval goes as one delta (0: every token as "
-                                  "soon as it is made). Fewer events leave the CPU to decoding.")
+    stream_interval: float = _opt(0.02, "Seconds between the ticks at which text deltas go out (one grid for all "
+                                  "responses): a response's first goes at once, what follows goes as one delta at "
+                                  "the next tick (0: every token as soon as it is made). Fewer events leave the "
+                                  "CPU to decoding.")
     # Sampling defaults (per session via session.update, per response via response.create)
     temperature: float = _opt(0.3, "Default sampling temperature (0 = greedy).")
     top_p: float = _opt(0.9, "Default nucleus sampling probability mass.")
