@@ -428,12 +428,8 @@ async def test_async_generate_streams_to_finished(async_engine: AsyncEngine) -> 
     assert sum(e.num_tokens for e in events if isinstance(e, TokenDelta)) <= 12
 
 
-async def test_text_deltas_within_the_stream_interval_come_as_one_and_the_end_does_not_wait(
-        model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = Engine(model)
-    engine.start()
-    every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=30.0)
-    loop = asyncio.get_running_loop()
+def count_wake_ups(loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """From now on, every callback other threads hand ``loop`` (each a wake-up of the loop), in order."""
     wake_ups: list[Any] = []
     call_soon_threadsafe = loop.call_soon_threadsafe
 
@@ -441,9 +437,19 @@ async def test_text_deltas_within_the_stream_interval_come_as_one_and_the_end_do
         wake_ups.append(callback)
         return call_soon_threadsafe(callback, *args, **kwargs)
 
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    return wake_ups
+
+
+async def test_text_deltas_within_the_stream_interval_come_as_one_and_the_end_does_not_wait(
+        model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(model)
+    engine.start()
+    every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=30.0)
+    loop = asyncio.get_running_loop()
     try:
         alone = [e async for e in every_token.generate(request("a", max_output_tokens=24))]
-        monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+        wake_ups = count_wake_ups(loop, monkeypatch)
         started = time.monotonic()
         merged = [e async for e in spaced.generate(request("b", max_output_tokens=24))]
         elapsed = time.monotonic() - started
@@ -479,16 +485,9 @@ async def test_deltas_come_an_interval_apart_with_one_wake_up_each_and_nothing_f
     engine.start()
     every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=0.04)
     loop = asyncio.get_running_loop()
-    wake_ups: list[Any] = []
-    call_soon_threadsafe = loop.call_soon_threadsafe
-
-    def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
-        wake_ups.append(callback)
-        return call_soon_threadsafe(callback, *args, **kwargs)
-
     try:
         alone = [e async for e in every_token.generate(request("a", max_output_tokens=64))]
-        monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+        wake_ups = count_wake_ups(loop, monkeypatch)
         arrivals: list[tuple[float, Any]] = []
         async for event in spaced.generate(request("b", max_output_tokens=64)):
             arrivals.append((loop.time(), event))
