@@ -36,6 +36,11 @@ def test_it_applies_to_the_tiny_llama_in_every_cpu_kind(model: ChatModel) -> Non
     assert layer.qkv.kind is not None and layer.gate_up.kind is not None  # fused into one product each
 
 
+def rounds_inputs(model: ChatModel) -> bool:
+    """Whether every product rounds its inputs (int4-cpu: to bfloat16, or to int8 steps on the project's kernel)."""
+    return any(isinstance(module, Int4Linear) for module in model.hf_model.modules())
+
+
 def assert_same_logits(got: torch.Tensor, expected: torch.Tensor, *, bfloat16_inputs: bool) -> None:
     """The same up to float32 rounding; or, where every product's input is rounded to bfloat16 (int4-cpu), up
     to a step of an input here and there: a float32 difference in the last bit (the lean step attends and adds
@@ -78,8 +83,7 @@ def test_a_batch_step_gives_transformers_logits_for_every_row_padded_or_not(mode
     with mock.patch.object(model, "fast_decoder", None):
         slow_batch, slow_steps, fed = decode_prompts(model, 6)
     fast_batch, fast_steps, _ = decode_prompts(model, 6, feed=fed)
-    is_int4 = any(isinstance(module, Int4Linear) for module in model.hf_model.modules())
-    assert_same_run((fast_batch, fast_steps), (slow_batch, slow_steps), bfloat16_inputs=is_int4)
+    assert_same_run((fast_batch, fast_steps), (slow_batch, slow_steps), bfloat16_inputs=rounds_inputs(model))
 
 
 def assert_same_run(mine: tuple[DecodeBatch, list[torch.Tensor]], theirs: tuple[DecodeBatch, list[torch.Tensor]],
@@ -110,12 +114,11 @@ def test_decoding_one_sequence_gives_transformers_logits_and_an_exact_length_cac
     logits, fast_cache = model.prefill(prompt)
     _, slow_cache = model.prefill(prompt)
     token = int(logits.argmax())
-    is_int4 = any(isinstance(module, Int4Linear) for module in model.hf_model.modules())
     for _ in range(4):
         got = model.decode(token, fast_cache, has_images=False)
         with mock.patch.object(model, "fast_decoder", None):
             expected = model.decode(token, slow_cache, has_images=False)
-        assert_same_logits(got, expected, bfloat16_inputs=is_int4)
+        assert_same_logits(got, expected, bfloat16_inputs=rounds_inputs(model))
         token = int(expected.argmax())
     keys = fast_cache.layers[0].keys
     assert keys.is_contiguous() and keys.shape[-2] == fast_cache.get_seq_length()  # no spare room kept
