@@ -271,9 +271,7 @@ class Store:
                 raise _item_not_found(item.id, "item_id")
             session.execute(delete(PartRow).where(PartRow.item_pk == item_pk))
             if item.content:
-                session.execute(insert(PartRow), [
-                    {"item_pk": item_pk, "index": i, "type": p.type, "text": p.text, "image_sha256": p.image_sha256,
-                     "detail": p.detail} for i, p in enumerate(item.content)])
+                session.execute(insert(PartRow), [{"item_pk": item_pk, **values} for values in _part_values(item)])
 
     def delete_item(self, conversation_id: str, item_id: str) -> None:
         with self._writing() as session:
@@ -526,9 +524,14 @@ def _image_parts(session: Session, conversation_id: str) -> list[ContentPart]:
     return [ContentPart("input_image", image_sha256=row.image_sha256, detail=cast(Any, row.detail)) for row in rows]
 
 
-def _part_rows(item: Item) -> list[PartRow]:
-    return [PartRow(index=i, type=p.type, text=p.text, image_sha256=p.image_sha256, detail=p.detail)
+def _part_values(item: Item) -> list[dict[str, Any]]:
+    """The item's content parts as PartRow column values, in order (the item's key not included)."""
+    return [{"index": i, "type": p.type, "text": p.text, "image_sha256": p.image_sha256, "detail": p.detail}
             for i, p in enumerate(item.content)]
+
+
+def _part_rows(item: Item) -> list[PartRow]:
+    return [PartRow(**values) for values in _part_values(item)]
 
 
 def _item_of(row: ItemRow) -> Item:
