@@ -44,6 +44,7 @@ from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel, Prompt
 from assistant.engine.request import ChatMessage, TextChunk
 from assistant.models import DEFAULT_DECODER, default_data_dir, is_complete, resolve_model
+from bench.decode import best_of
 
 TOOLS: dict[str, dict[str, Any]] = {
     "get_weather": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
@@ -63,11 +64,6 @@ OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 
 def call_prefix(name: str) -> str:
     return f'{OPEN}{{"name": "{name}", "arguments": '
-
-
-def best_of(repeats: int, run: Callable[[], float]) -> float:
-    run()  # warm-up
-    return min(run() for _ in range(repeats))
 
 
 def timed(work: Callable[[], Any]) -> tuple[float, Any]:

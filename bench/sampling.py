@@ -27,6 +27,7 @@ from assistant.engine.loader import load_model
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk
 from assistant.engine.sampling import SamplingParams, make_generator, sample
 from assistant.models import DEFAULT_DECODER, default_data_dir
+from bench.decode import best_of
 from bench.llama_cpp import QUESTIONS
 
 DEFAULTS = {"temperature": 0.3, "top_p": 0.9, "frequency_penalty": 0.3}  # the server's (assistant/config.py)
@@ -37,16 +38,14 @@ CASES = {"greedy": {"temperature": 0.0}, "greedy + frequency_penalty 0.3": {"tem
 
 
 def best_microseconds(run: Callable[[], None], rounds: int, repeats: int) -> float:
-    """Best of ``repeats`` timings of ``rounds`` calls of ``run``, per call, after a warm-up."""
-    for _ in range(10):
-        run()
-    times = []
-    for _ in range(repeats):
+    """Best of ``repeats`` timings of ``rounds`` calls of ``run``, per call, after a warm-up round."""
+    def per_call() -> float:
         started = time.perf_counter()
         for _ in range(rounds):
             run()
-        times.append((time.perf_counter() - started) / rounds)
-    return min(times) * 1e6
+        return (time.perf_counter() - started) / rounds
+
+    return best_of(repeats, per_call) * 1e6
 
 
 def engine_aggregate(engine: Engine, params: SamplingParams) -> float:
