@@ -441,20 +441,30 @@ def count_wake_ups(loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPa
     return wake_ups
 
 
-async def test_text_deltas_within_the_stream_interval_come_as_one_and_the_end_does_not_wait(
-        model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = Engine(model)
+async def alone_then_spaced(engine: Engine, interval_s: float, max_output_tokens: int,
+                            monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], list[tuple[float, Any]], list[Any]]:
+    """Start ``engine`` and stream one request with no interval, then one with ``interval_s``, counting the loop's
+    wake-ups during the second; shut the engine down. Returns the first's events, the second's as (loop time,
+    event) pairs after a first pair (the loop time it started, None), and the wake-ups."""
     engine.start()
-    every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=30.0)
+    every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=interval_s)
     loop = asyncio.get_running_loop()
     try:
-        alone = [e async for e in every_token.generate(request("a", max_output_tokens=24))]
+        alone = [e async for e in every_token.generate(request("a", max_output_tokens=max_output_tokens))]
         wake_ups = count_wake_ups(loop, monkeypatch)
-        started = time.monotonic()
-        merged = [e async for e in spaced.generate(request("b", max_output_tokens=24))]
-        elapsed = time.monotonic() - started
+        arrivals: list[tuple[float, Any]] = [(loop.time(), None)]
+        async for event in spaced.generate(request("b", max_output_tokens=max_output_tokens)):
+            arrivals.append((loop.time(), event))
     finally:
         every_token.shutdown()
+    return alone, arrivals, wake_ups
+
+
+async def test_text_deltas_within_the_stream_interval_come_as_one_and_the_end_does_not_wait(
+        model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    alone, arrivals, wake_ups = await alone_then_spaced(Engine(model), 30.0, 24, monkeypatch)
+    merged = [e for _, e in arrivals[1:]]
+    elapsed = arrivals[-1][0] - arrivals[0][0]
     # Text made during the interval woke nobody: the admission's result, the first delta, the end (and at most
     # one wake-up sent as the first delta was being taken), not one a token.
     assert len(wake_ups) <= 4, wake_ups
@@ -482,17 +492,7 @@ async def test_deltas_come_an_interval_apart_with_one_wake_up_each_and_nothing_f
         return step()
 
     monkeypatch.setattr(engine, "step", slow_step)
-    engine.start()
-    every_token, spaced = AsyncEngine(engine), AsyncEngine(engine, stream_interval_s=0.04)
-    loop = asyncio.get_running_loop()
-    try:
-        alone = [e async for e in every_token.generate(request("a", max_output_tokens=64))]
-        wake_ups = count_wake_ups(loop, monkeypatch)
-        arrivals: list[tuple[float, Any]] = []
-        async for event in spaced.generate(request("b", max_output_tokens=64)):
-            arrivals.append((loop.time(), event))
-    finally:
-        every_token.shutdown()
+    alone, arrivals, wake_ups = await alone_then_spaced(engine, 0.04, 64, monkeypatch)
     deltas = [(at, e) for at, e in arrivals if isinstance(e, TokenDelta)]
     took = deltas[-1][0] - deltas[0][0]
     assert 3 <= len(deltas) <= took / 0.04 + 3  # spaced, not one a token (the tiny model's tokens make text)

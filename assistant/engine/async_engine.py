@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from assistant.engine.engine import Engine
 
 
-_TIMER_SLACK_S = 0.001  # an interval's end this close is reached: the loop's timers fire up to a tick early
+_TIMER_SLACK_S = 0.001  # an interval's end this close counts as reached: not worth another timer
 
 
 class AsyncEngine:
