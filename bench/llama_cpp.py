@@ -132,10 +132,7 @@ def engine_decode(quantize: str, tokens: int, repeats: int) -> float:
 
 
 def client_best(url: str, tokens: int, repeats: int) -> tuple[float, int]:
-    """:func:`assistant_decode`'s best of ``repeats`` after a warm-up (none when ``repeats`` is 0), run by
-    :func:`in_child`."""
-    if not repeats:
-        return asyncio.run(assistant_decode(url, tokens))
+    """:func:`assistant_decode`'s best of ``repeats`` after a warm-up, run by :func:`in_child`."""
     return asyncio.run(best(lambda: assistant_decode(url, tokens), repeats))
 
 
@@ -173,7 +170,7 @@ def server_cost(url: str, quantize: str, tokens: int, pairs: int) -> tuple[float
     over minutes on a shared 2-core machine) falls on both, and in pairs so that it cancels within each."""
     with child() as engine_side, child() as client_side:
         engine_side.submit(engine_decode, quantize, tokens, 0).result()  # loads the model, warms it up
-        client_side.submit(client_best, url, tokens, 0).result()  # warms the server up
+        client_side.submit(client_once, url, tokens).result()  # warms the server up
         alone, over_socket = [], []
         for _ in range(pairs):
             alone.append(engine_side.submit(engine_decode, quantize, tokens, 1).result())
