@@ -89,9 +89,9 @@ def test_one_forward_pass_decodes_every_running_sequence(model: ChatModel, monke
     monkeypatch.setattr(model, "decode_batch", counting)
     engine = Engine(model, max_num_running=3)
     staggered(engine, [request(f"r{i}", (user(PROMPTS[i]),), 10) for i in range(3)], arrivals=[0, 0, 0])
-    # one prefill a step: the batch grows to 3 rows, then decodes all three in each pass
-    assert sizes[:3] == [1, 2, 3] and max(sizes) == 3
-    assert len(sizes) <= 9 + 2  # not one pass per sequence and token (27)
+    # the three prompts, admitted together, are prefilled together: every pass decodes all three
+    assert sizes[0] == 3 and max(sizes) == 3
+    assert len(sizes) <= 9  # not one pass per sequence and token (27)
 
 
 def test_seeded_sampling_in_a_batch_equals_sampling_alone(model: ChatModel) -> None:
@@ -133,6 +133,80 @@ def test_chunked_prefill_equals_whole_prefill_with_text_and_images(model: ChatMo
         while engine.step():
             pass
         assert text(events) == expected and events[-1].reason == "length", chunk  # type: ignore[union-attr]
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_pass_whatever_their_reused_prefixes(
+        model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A follow-up turn (most of its prompt reused from the previous turn's KV cache), a new conversation and
+    one sharing only the system prompt arrive together: their prompts go through one forward pass, each row
+    beside caches of other lengths, and each output equals the request's alone with a cold cache."""
+    system = ChatMessage("system", (TextChunk("You answer briefly."),))
+    first_turn = (system, user(PROMPTS[0]))
+    engine = Engine(model, max_num_running=4, kv_cache_bytes=1 << 24)
+    answer, _ = run_alone(engine, request("turn1", first_turn, 6))
+    requests = [request("turn2", (*first_turn, ChatMessage("assistant", (TextChunk(answer),)), user("Why?")), 8),
+                request("new", (user(PROMPTS[2]),), 8), request("same-system", (system, user(PROMPTS[1])), 8)]
+    expected = {req.request_id: solo(model, req)[0] for req in requests}
+    passes: list[int] = []
+    real = model.prefill_batch
+
+    def counting(chunks: Any, **kwargs: Any) -> Any:
+        passes.append(len(chunks))
+        return real(chunks, **kwargs)
+
+    monkeypatch.setattr(model, "prefill_batch", counting)
+    events = staggered(engine, requests, arrivals=[0, 0, 0])
+    assert passes == [3]
+    assert {rid: text(evs) for rid, evs in events.items()} == expected
+    cached = {rid: evs[-1].num_cached_tokens for rid, evs in events.items()}  # type: ignore[union-attr]
+    assert cached["turn2"] > cached["same-system"] > cached["new"]  # three lengths of reused prefix side by side
+
+
+def test_prompts_prefilled_together_stay_within_one_chunk_of_positions(model: ChatModel,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a chunk of 50 positions, prompts of 18 to 24 go two to a pass (padding counted), not all four."""
+    passes: list[int] = []
+    real = model.prefill_batch
+
+    def counting(chunks: Any, **kwargs: Any) -> Any:
+        passes.append(len(chunks) * max(end - start for _, start, end, _ in chunks))
+        return real(chunks, **kwargs)
+
+    monkeypatch.setattr(model, "prefill_batch", counting)
+    requests = [request(f"r{i}", (user(prompt),), 4) for i, prompt in enumerate(["Hello", "Hi there", "Good day",
+                                                                                 "Hey"])]
+    expected = {req.request_id: solo(model, req)[0] for req in requests}
+    events = staggered(Engine(model, max_num_running=4, prefill_chunk_tokens=50), requests, arrivals=[0, 0, 0, 0])
+    assert len(passes) == 2 and all(positions <= 50 for positions in passes)
+    assert {rid: text(evs) for rid, evs in events.items()} == expected
+
+
+def test_prompts_with_images_start_one_a_step_and_keep_their_solo_output(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission takes every free slot at once, but an image's encoding takes a step's time: of three prompts with
+    images arriving together, one starts (encodes) a step."""
+    llava = load_tiny_llava_chat(tmp_path / "llava")
+    requests = [request(f"p{i}", (ChatMessage("user", (TextChunk("Describe it."), image_chunk(make_image(i)))),), 5)
+                for i in range(3)]
+    expected = {req.request_id: solo(llava, req)[0] for req in requests}
+    encodes_per_step: list[int] = []
+    real = llava.encode_images
+
+    def counting(images: Any, source: Any) -> Any:
+        encodes_per_step[-1] += bool(images)
+        return real(images, source)
+
+    monkeypatch.setattr(llava, "encode_images", counting)
+    engine = Engine(llava, max_num_running=3)
+    events: dict[str, list[EngineEvent]] = {req.request_id: [] for req in requests}
+    for req in requests:
+        engine.add_request(req, events[req.request_id].append)
+    while True:
+        encodes_per_step.append(0)
+        if not engine.step():
+            break
+    assert encodes_per_step[:3] == [1, 1, 1]
+    assert {rid: text(evs) for rid, evs in events.items()} == expected
 
 
 def test_a_long_prompt_delays_running_streams_by_one_chunk_a_step(model: ChatModel) -> None:

@@ -82,8 +82,8 @@ def test_a_preempted_sequence_waits_first_in_line_and_admission_asks_whether_it_
     scheduler.schedule()
     scheduler.preempt(b)
     assert b.status is SequenceStatus.WAITING and list(scheduler.waiting) == [b, c]
-    assert scheduler.schedule(fits=lambda s: False).prefill == []  # it does not fit while a runs
-    assert scheduler.schedule(fits=lambda s: s is b).prefill == [b]  # first in line when it does
+    assert scheduler.schedule(fits=lambda s, admitted: False).prefill == []  # it does not fit while a runs
+    assert scheduler.schedule(fits=lambda s, admitted: s is b).prefill == [b]  # first in line when it does
     scheduler.finish(a)
     scheduler.finish(b)
-    assert scheduler.schedule(fits=lambda s: False).prefill == [c]  # nothing runs: one always may
+    assert scheduler.schedule(fits=lambda s, admitted: False).prefill == [c]  # nothing runs: one always may

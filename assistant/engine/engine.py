@@ -28,7 +28,12 @@ Contract:
   sequences with images, one without), then runs one chunk of
   ``prefill_chunk_tokens`` prompt positions of the oldest admitted sequence still
   prefilling (an image slot is never split), so running streams wait at most one
-  chunk a step; a sequence whose prompt is in joins the batch for the next step,
+  chunk a step. Where that chunk ends the prompt, the next prompts' rests go into
+  the same forward pass as long as they fit the chunk's positions, padding
+  counted, and hold no image to place (:meth:`ChatModel.prefill_batch`): a burst
+  of new conversations starts in one step, not one a step. Every free slot may be
+  admitted in a step, but at most one prompt with images (its encoding takes the
+  step's time) or score request. A sequence whose prompt is in joins the batch for the next step,
   and a finished or cancelled one leaves it at once. Sampling stays per row, with
   each request's own settings and seed.
   If a batched pass fails, its rows are retried alone, so a failure stays with the
@@ -113,7 +118,10 @@ class Engine:
         # The running sequences, decoded one forward pass per batch and step; with and without images apart, since
         # the model's image adapter is switched per forward pass.
         self._batches = (DecodeBatch(model, has_images=False), DecodeBatch(model, has_images=True))
-        self.scheduler = Scheduler(max_num_running=max_num_running, max_num_waiting=max_num_waiting)
+        # Every free slot may be taken in one step: admitting is cheap (an image's encoding or a score request
+        # aside, which _fits keeps to one a step), and prompts admitted together are prefilled together.
+        self.scheduler = Scheduler(max_num_running=max_num_running, max_num_waiting=max_num_waiting,
+                                   max_num_prefill=max_num_running)
         self._renderer = model.for_rendering()  # admission's own tokenizer: never used on the engine thread
         self._grammars = GrammarCompiler(self._renderer.tokenizer, model.eos_token_ids)  # admission only
         self._admission_lock = threading.Lock()  # one admission at a time renders with it
@@ -243,7 +251,7 @@ class Engine:
             start = self._score if seq.is_scoring else self._resume if seq.output_token_ids else self._start
             self._guarded(start, seq)
         if self._prefilling:  # one chunk a step: running streams wait for at most one chunk
-            self._guarded(self._prefill_chunk, self._prefilling[0])
+            self._prefill_step()
         with self._cond:
             return self.scheduler.has_work or bool(self._pending_aborts)
 
@@ -307,6 +315,55 @@ class Engine:
         self._prefilling.append(seq)
         return num_cached
 
+    def _prefill_step(self) -> None:
+        """This step's prefill: the next chunk of the oldest sequence still prefilling (:meth:`_prefill_chunk`),
+        or, where its prompt ends in this chunk without an image to place, that and the whole rest of the next
+        ones' prompts in one forward pass (:meth:`_prefill_together`), as many as fit the chunk's budget of
+        ``prefill_chunk_tokens`` positions (padding counted): prompts admitted together (a burst of new
+        conversations) start together instead of one a step."""
+        first = self._prefilling[0]
+        together = [first]
+        if self._fits_together(first):
+            has_images = bool(first.prefill_prompt and first.prefill_prompt.images)
+            for seq in self._prefilling[1:]:
+                width = max(self._left_to_prefill(s) for s in (*together, seq))
+                if (self._fits_together(seq) and bool(seq.prefill_prompt and seq.prefill_prompt.images) == has_images
+                        and (len(together) + 1) * width <= self.prefill_chunk_tokens):
+                    together.append(seq)
+        if len(together) == 1:
+            self._guarded(self._prefill_chunk, first)
+            return
+        try:
+            self._prefill_together(together)
+        except Exception:
+            log.exception("a prefill of %d prompts together failed; running them one by one", len(together))
+            for seq in together:
+                if seq in self._prefilling:
+                    self._guarded(self._prefill_chunk, seq)
+
+    def _left_to_prefill(self, seq: Sequence) -> int:
+        return len(seq.prefill_key) - seq.num_prefilled
+
+    def _fits_together(self, seq: Sequence) -> bool:
+        """Whether the rest of ``seq``'s prompt can be prefilled beside others': it fits one chunk and holds no
+        image position (those take embeddings, which one forward pass of several prompts does not place)."""
+        left = self._left_to_prefill(seq)
+        return (0 < left <= self.prefill_chunk_tokens
+                and all(isinstance(position, int) for position in seq.prefill_key[seq.num_prefilled:]))
+
+    def _prefill_together(self, seqs: list[Sequence]) -> None:
+        """The rest of each of ``seqs``' prompts in one forward pass (:meth:`ChatModel.prefill_batch`)."""
+        prompts = [seq.prefill_prompt for seq in seqs]
+        assert all(prompt is not None for prompt in prompts)
+        chunks = [(prompt, seq.num_prefilled, len(seq.prefill_key), seq.kv_cache)
+                  for seq, prompt in zip(seqs, prompts, strict=True)]
+        logits, caches = self.model.prefill_batch(chunks, has_images=bool(prompts[0].images))  # (B, vocab)
+        if self._kv_bytes_per_position is None:
+            self._kv_bytes_per_position = cache_bytes(caches[0]) / len(seqs[0].prefill_key)
+        for row, (seq, cache) in enumerate(zip(seqs, caches, strict=True)):
+            seq.kv_cache, seq.num_prefilled = cache, len(seq.prefill_key)
+            self._guarded(lambda s, row=row: self._prefilled(s, logits[row]), seq)
+
     def _prefill_chunk(self, seq: Sequence) -> None:
         """Run the next ``prefill_chunk_tokens`` positions of the prompt (an image slot is never split); after the
         last chunk, sample the first token (unless resuming: it has it) and join the decode batch."""
@@ -323,8 +380,12 @@ class Engine:
         seq.num_prefilled = end
         if self._kv_bytes_per_position is None:
             self._kv_bytes_per_position = cache_bytes(seq.kv_cache) / end
-        if end < len(key):
-            return
+        if end == len(key):
+            self._prefilled(seq, logits)
+
+    def _prefilled(self, seq: Sequence, logits: Any) -> None:
+        """The prompt is in (``logits`` ``(vocab,)``: its last position's): sample the first token (unless
+        resuming: it has it) and join the decode batch."""
         self._prefilling.remove(seq)
         seq.image_embeds = None
         if not seq.output_token_ids:
@@ -339,16 +400,32 @@ class Engine:
         in_batches = sum(cache_bytes(group.cache) for group in self._batches if group.cache is not None)
         return in_batches + sum(cache_bytes(seq.kv_cache) for seq in self._prefilling if seq.kv_cache is not None)
 
-    def _fits(self, seq: Sequence) -> bool:
-        """Whether a waiting sequence's whole prompt (and answer so far) fits beside the running ones, once it
-        joins its decode batch (which pads every row to the longest)."""
-        if not self.max_kv_bytes or self._kv_bytes_per_position is None or seq.prompt is None:
+    def _fits(self, seq: Sequence, admitted: list[Sequence]) -> bool:
+        """The scheduler's ``fits``: whether a waiting sequence may join the running ones and those ``admitted``
+        before it in this step. Its KV cache (its whole prompt and answer so far) must fit the memory budget once
+        they all join their decode batches (which pad every row to the longest); and if its start takes a step's
+        time (an image to encode, a score request), it must be the step's first that does: running streams wait
+        for at most one such start a step, as for one prefill chunk."""
+        if self._starts_heavy(seq) and any(self._starts_heavy(other) for other in admitted):
+            return False
+        if not self.max_kv_bytes or self._kv_bytes_per_position is None:
             return True
-        positions = len(seq.prompt.token_ids) + len(seq.output_token_ids)
-        group = self._batches[seq.prompt.num_image_tokens > 0]
-        group_bytes = cache_bytes(group.cache) if group.cache is not None else 0
-        joined = (len(group) + 1) * max(group.width, positions) * self._kv_bytes_per_position
-        return self._kv_bytes() - group_bytes + joined <= self.max_kv_bytes
+        total = self._kv_bytes()
+        for group in self._batches:
+            joining = [s for s in (*admitted, seq) if s.prompt is not None
+                       and (s.prompt.num_image_tokens > 0) == group.has_images]
+            if joining:
+                width = max(group.width, *(len(s.prompt.token_ids) + len(s.output_token_ids) for s in joining))
+                group_bytes = cache_bytes(group.cache) if group.cache is not None else 0
+                total += (len(group) + len(joining)) * width * self._kv_bytes_per_position - group_bytes
+        return total <= self.max_kv_bytes
+
+    @staticmethod
+    def _starts_heavy(seq: Sequence) -> bool:
+        """Whether starting ``seq`` may take a step's time: a score request runs whole as it starts, and a prompt
+        with an image may encode it (whether the model's image cache or a reused KV prefix has it is known only
+        once it starts)."""
+        return seq.is_scoring or (seq.prompt is not None and bool(seq.prompt.images))
 
     def _preempt_over_budget(self) -> None:
         """Over ``max_kv_bytes``, preempt the newest running sequences until the rest fit; one always runs."""

@@ -63,11 +63,12 @@ import copy
 import inspect
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.nn.functional as F
 from jinja2 import TemplateError
 
 from assistant.engine.cache import EmbeddingCache, encode_cached
@@ -463,6 +464,51 @@ class ChatModel:
                            **{self._cache_kwarg: cache})
         return out.logits[0, -1].float(), cache  # (vocab,)
 
+    @torch.inference_mode()
+    def prefill_batch(self, chunks: Sequence[tuple[Prompt, int, int, Any]], *,
+                      has_images: bool) -> tuple[torch.Tensor, list[Any]]:
+        """Several prompts' positions in one forward pass: ``chunks`` holds ``(prompt, start, end, cache)`` for
+        each, as :meth:`prefill` takes them (``cache`` holding exactly ``start`` positions, or None when
+        ``start`` is 0), and none of those positions may be an image slot (their embeddings would have to be
+        passed). ``has_images``: whether the prompts hold images (all alike; it switches the image adapter).
+        Returns each one's last logits ``(len(chunks), vocab)`` and each one's filled cache (batch size 1).
+
+        The rows are laid side by side: each cache right-aligned to the longest, each chunk right-aligned to the
+        longest after it, and a 4-d mask lets a position see only its own row's positions before it (the gaps
+        between a short cache and a short chunk are nobody's). A padding query sees only itself, so that no row
+        of attention is empty. Each row's positions are its own (rotary embedding as alone), so a row computes
+        what it would alone, up to the order of sums.
+        """
+        device = self.device
+        lengths = [end - start for _, start, end, _ in chunks]
+        cached = [start for _, start, _, _ in chunks]
+        for (prompt, start, end, cache), length in zip(chunks, lengths, strict=True):
+            if length < 1 or any(prompt.image_mask[start:end]):
+                raise ValueError("prefill_batch takes chunks of one position or more, without image slots")
+            if (cache.get_seq_length() if cache is not None else 0) != start:
+                raise ValueError(f"a prefill from position {start} needs a cache holding exactly {start} positions")
+        width, past = max(lengths), max(cached)
+        ids = torch.zeros((len(chunks), width), dtype=torch.long, device=device)  # (B, T), 0 on the left padding
+        positions = torch.zeros((len(chunks), width), dtype=torch.long, device=device)  # (B, T)
+        visible = torch.zeros((len(chunks), past + width), dtype=torch.bool, device=device)  # (B, L + T)
+        for row, ((prompt, start, end, _), length) in enumerate(zip(chunks, lengths, strict=True)):
+            ids[row, width - length:] = torch.tensor(prompt.token_ids[start:end], dtype=torch.long)
+            positions[row, width - length:] = torch.arange(start, end)
+            visible[row, past - start:past] = True
+            visible[row, past + width - length:] = True
+        causal = torch.ones((width, past + width), dtype=torch.bool, device=device).tril(past)  # (T, L + T)
+        allowed = causal[None] & visible[:, None, :]  # (B, T, L + T)
+        padding = torch.arange(width, device=device)[None] < (width - torch.tensor(lengths, device=device))[:, None]
+        allowed[:, torch.arange(width), past + torch.arange(width)] |= padding  # a padding query sees itself
+        dtype = self.hf_model.get_input_embeddings().weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        batch_cache = _side_by_side(self.new_cache, [cache for _, _, _, cache in chunks], cached, past)
+        out = self.forward(has_images=has_images, input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+                           use_cache=True, logits_to_keep=1, **{self._cache_kwarg: batch_cache})
+        caches = [_own_positions(batch_cache, self.new_cache, row, past, start, width, length)
+                  for row, (start, length) in enumerate(zip(cached, lengths, strict=True))]
+        return out.logits[:, -1].float(), caches  # (B, vocab)
+
     def _decodes_fast(self, has_images: bool) -> bool:
         """Whether the lean step decodes a sequence: it exists here, and runs the image adapter if the sequence
         needs it on."""
@@ -499,6 +545,39 @@ class ChatModel:
         out = self.forward(has_images=has_images, input_ids=token_ids, position_ids=positions,
                            attention_mask=attention_mask, use_cache=True, **{self._cache_kwarg: cache})
         return out.logits[:, -1].float()  # (B, vocab)
+
+
+def _side_by_side(new_cache: Callable[[], Any], caches: Sequence[Any], lengths: Sequence[int], width: int) -> Any:
+    """One cache of ``len(caches)`` rows, each of ``caches`` (batch size 1, ``lengths`` positions; None for
+    none) right-aligned to ``width`` positions, zeros on the left."""
+    batch = new_cache()
+    if not width:
+        return batch
+    template = next(cache for cache in caches if cache is not None)
+    for index, layer in enumerate(template.layers):
+        keys, values = [], []
+        for cache, length in zip(caches, lengths, strict=True):
+            own = cache.layers[index] if cache is not None else None
+            for parts, tensor, like in ((keys, own.keys if own else None, layer.keys),
+                                        (values, own.values if own else None, layer.values)):
+                if tensor is None:
+                    tensor = like.new_zeros((1, like.shape[1], 0, like.shape[3]))
+                parts.append(F.pad(tensor, (0, 0, width - length, 0)))  # (1, H, width, D)
+        batch.update(torch.cat(keys), torch.cat(values), index)
+    return batch
+
+
+def _own_positions(batch: Any, new_cache: Callable[[], Any], row: int, past: int, start: int, width: int,
+                   length: int) -> Any:
+    """Row ``row``'s own cache (batch size 1) out of :meth:`ChatModel.prefill_batch`'s: its ``start`` cached
+    positions, right-aligned to ``past``, then its ``length`` new ones, right-aligned to ``past + width``."""
+    own = new_cache()
+    for index, layer in enumerate(batch.layers):
+        own.update(torch.cat([layer.keys[row:row + 1, :, past - start:past],
+                              layer.keys[row:row + 1, :, past + width - length:]], dim=2),
+                   torch.cat([layer.values[row:row + 1, :, past - start:past],
+                              layer.values[row:row + 1, :, past + width - length:]], dim=2), index)
+    return own
 
 
 def embed_with_images(hf_model: Any, token_ids: torch.Tensor, image_mask: torch.Tensor,

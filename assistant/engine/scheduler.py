@@ -10,7 +10,8 @@ Policy:
   that in one forward pass per decode batch) and admits (prefills) at most
   ``max_num_prefill`` waiting sequences, so a long prompt arriving delays the
   others by one prefill, never more; and none whose KV cache would not fit the
-  engine's memory budget (``fits``), unless nothing runs;
+  engine's memory budget (``fits``, which also sees the ones admitted before it in the same step), unless
+  nothing runs;
 - a preempted sequence (:meth:`Scheduler.preempt`: the engine is over its KV memory
   budget) goes back to the front of the queue, to resume before newer arrivals;
 - the caller (the engine) holds the lock around every call here.
@@ -74,12 +75,15 @@ class Scheduler:
         self.waiting.append(seq)
         self._by_id[seq.request_id] = seq
 
-    def schedule(self, fits: Callable[[Sequence], bool] = lambda seq: True) -> SchedulerOutput:
-        """Admit waiting sequences into free running slots (while ``fits`` says their KV cache fits the memory
-        budget, or nothing runs); decode the ones already running."""
+    def schedule(self, fits: Callable[[Sequence, list[Sequence]], bool] = lambda seq, admitted: True
+                 ) -> SchedulerOutput:
+        """Admit waiting sequences into free running slots (while ``fits(seq, admitted)`` says the next one may
+        join the running ones and those admitted before it in this call, or nothing runs); decode the ones already
+        running."""
         output = SchedulerOutput(decode=list(self.running))
         while (self.waiting and len(self.running) < self.max_num_running
-               and len(output.prefill) < self.max_num_prefill and (not self.running or fits(self.waiting[0]))):
+               and len(output.prefill) < self.max_num_prefill
+               and (not self.running or fits(self.waiting[0], output.prefill))):
             seq = self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
