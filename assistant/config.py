@@ -118,13 +118,14 @@ class Config:
     device: str = _opt("auto", "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     system_prompt_file: str = _opt("", "Text file with the default system prompt (default: prompts/system.txt).")
     max_running_requests: int = _opt(8, "Responses the engine decodes together, one token each per forward pass.")
-    prefill_chunk_tokens: int = _opt(512, "Prompt positions prefilled per engine step: a new prompt delays the "
-                                     "responses already streaming by at most one chunk.")
+    prefill_chunk_tokens: int = _opt(512, "Prompt positions prefilled per engine step (prompts that arrive "
+                                     "together share a step, padding counted): a new prompt delays the responses "
+                                     "already streaming by at most one chunk.")
     max_waiting_requests: int = _opt(64, "Responses queued behind them; more are refused with a coded error.")
     max_kv_bytes: int = _opt(1024 * 1024 * 1024, "Memory budget of the running responses' KV caches, in bytes: "
                              "over it the newest response is preempted (its cache dropped) and resumes, recomputed, "
                              "when there is room; 0: no bound but the context length.")
-    stream_interval: float = _opt(0.02, "Seconds between the ticks at which text deltas go out (one grid for all "
+    stream_interval: float = _opt(0.05, "Seconds between the ticks at which text deltas go out (one grid for all "
                                   "responses): a response's first goes at once, what follows goes as one delta at "
                                   "the next tick (0: every token as soon as it is made). Fewer events leave the "
                                   "CPU to decoding.")
