@@ -162,6 +162,27 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass_whatever_their_reus
     assert cached["turn2"] > cached["same-system"] > cached["new"]  # three lengths of reused prefix side by side
 
 
+def test_a_prompt_cached_but_its_last_position_is_fed_by_the_decode_step(model: ChatModel,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same question again (a retried response, another conversation asking it): its KV cache holds every
+    position but the last, and that one goes through the decode step beside the running rows, with no forward
+    pass of its own; the answer is the one it gave with a cold cache."""
+    engine = Engine(model, max_num_running=4, kv_cache_bytes=1 << 24)
+    cold, _ = run_alone(engine, request("first", (user(PROMPTS[0]),), 8))
+    beside = request("running", (user(PROMPTS[1]),), 12)
+    expected_beside = solo(model, beside)[0]
+    running: list[EngineEvent] = []
+    engine.add_request(beside, running.append)
+    engine.step()
+    prefills: list[str] = []
+    monkeypatch.setattr(model, "prefill", lambda *args, **kwargs: prefills.append("prefill"))
+    monkeypatch.setattr(model, "prefill_batch", lambda *args, **kwargs: prefills.append("prefill_batch"))
+    again, finished = run_alone(engine, request("again", (user(PROMPTS[0]),), 8))
+    assert again == cold and prefills == []
+    assert finished.num_cached_tokens == finished.num_prompt_tokens - 1
+    assert text(running) == expected_beside
+
+
 def test_prompts_prefilled_together_stay_within_one_chunk_of_positions(model: ChatModel,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """With a chunk of 50 positions, prompts of 18 to 24 go two to a pass (padding counted), not all four."""

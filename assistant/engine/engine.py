@@ -50,7 +50,8 @@ Contract:
 - KV reuse across turns: a finished sequence's KV cache (prompt and answer) goes
   to a :class:`~assistant.engine.prefix_cache.PrefixCache` bounded by
   ``kv_cache_bytes``; a later prompt that starts the same way (the next turn of the
-  conversation) takes it and prefills only what follows the shared prefix;
+  conversation) takes it and prefills only what follows the shared prefix (where
+  that is one position, the same prompt again, the decode step feeds it);
 - ``Finished`` counts the prompt's tokens (image positions included), its image
   tokens, the tokens of a reused KV prefix (``num_cached_tokens``), and the image
   tokens that were not encoded again: inside that prefix or from the model's
@@ -291,6 +292,15 @@ class Engine:
         num_images_before = sum(not isinstance(key, int) for key in seq.prompt_key[:seq.num_prefilled])
         seq.num_cached_image_tokens = num_images_before + num_cached_after
         seq.num_cached_tokens = seq.num_prefilled + num_cached_after
+        if seq.kv_cache is not None and len(seq.prefill_key) - seq.num_prefilled == 1 and isinstance(
+                seq.prefill_key[-1], int):
+            # The reused KV cache holds all but the last position (this prompt ran before: a retried response,
+            # the same question in another conversation): the next decode step feeds that one beside the running
+            # rows (Sequence.last_token_id), and samples the first token, instead of a forward pass of its own.
+            self._prefilling.remove(seq)
+            seq.image_embeds = None
+            seq.num_prefilled = len(seq.prefill_key)
+            self._join(seq)
 
     def _resume(self, seq: Sequence) -> None:
         """A preempted sequence: its prompt and its answer so far (all but the last token, which is fed by the

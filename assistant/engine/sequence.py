@@ -88,7 +88,9 @@ class Sequence:
 
     @property
     def last_token_id(self) -> int:
-        return self.output_token_ids[-1]
+        """The token the next decode step feeds: the last one sampled, or before the first, the prompt's last
+        (a prompt whose KV cache holds all positions but that one joins the decode batch without a prefill)."""
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     @property
     def is_finished(self) -> bool:
