@@ -87,3 +87,21 @@ def test_a_preempted_sequence_waits_first_in_line_and_admission_asks_whether_it_
     scheduler.finish(a)
     scheduler.finish(b)
     assert scheduler.schedule(fits=lambda s, admitted: False).prefill == [c]  # nothing runs: one always may
+
+
+def test_admission_sees_the_ones_admitted_before_in_the_same_step() -> None:
+    scheduler = Scheduler(max_num_running=4, max_num_waiting=4, max_num_prefill=4)
+    a, b, c, d = seq("a"), seq("b"), seq("c"), seq("d")
+    for s in (a, b, c, d):
+        scheduler.add(s)
+    asked: list[tuple[str, list[str]]] = []
+
+    def two_at_most(s: Sequence, admitted: list[Sequence]) -> bool:
+        asked.append((s.request_id, [other.request_id for other in admitted]))
+        return len(admitted) < 2
+
+    assert scheduler.schedule(fits=two_at_most).prefill == [a, b]  # the first runs unasked: nothing ran
+    assert asked == [("b", ["a"]), ("c", ["a", "b"])]
+    prompt_one = seq("e")
+    prompt_one.prompt_token_ids = [7, 8]
+    assert prompt_one.last_token_id == 8  # before its first token, the decode step feeds the prompt's last
