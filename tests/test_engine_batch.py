@@ -162,6 +162,33 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass_whatever_their_reus
     assert cached["turn2"] > cached["same-system"] > cached["new"]  # three lengths of reused prefix side by side
 
 
+def test_follow_ups_of_image_conversations_are_prefilled_together_with_the_image_adapter_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two conversations' second turns, their images inside the KV prefix each reuses: their new text goes
+    through one pass (the vision model's image adapter on, as for any sequence that holds an image), and each
+    answer equals the turn's alone with a cold cache."""
+    llava = load_tiny_llava_chat(tmp_path / "llava")
+    engine = Engine(llava, max_num_running=2, kv_cache_bytes=1 << 24)
+    follow_ups = []
+    for i in range(2):
+        first = ChatMessage("user", (TextChunk("What is in this picture?"), image_chunk(make_image(i))))
+        answer, _ = run_alone(engine, request(f"turn1-{i}", (first,), 5))
+        follow_ups.append(request(f"turn2-{i}", (first, ChatMessage("assistant", (TextChunk(answer),)),
+                                                 user("And the colours?")), 6))
+    expected = {req.request_id: solo(llava, req)[0] for req in follow_ups}
+    passes: list[tuple[int, bool]] = []
+    real = llava.prefill_batch
+
+    def counting(chunks: Any, *, has_images: bool) -> Any:
+        passes.append((len(chunks), has_images))
+        return real(chunks, has_images=has_images)
+
+    monkeypatch.setattr(llava, "prefill_batch", counting)
+    events = staggered(engine, follow_ups, arrivals=[0, 0])
+    assert passes == [(2, True)]  # both admitted in one step: their images are in the image cache already
+    assert {rid: text(evs) for rid, evs in events.items()} == expected
+
+
 def test_a_prompt_cached_but_its_last_position_is_fed_by_the_decode_step(model: ChatModel,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The same question again (a retried response, another conversation asking it): its KV cache holds every
@@ -205,11 +232,12 @@ def test_prompts_prefilled_together_stay_within_one_chunk_of_positions(model: Ch
 def test_prompts_with_images_start_one_a_step_and_keep_their_solo_output(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Admission takes every free slot at once, but an image's encoding takes a step's time: of three prompts with
-    images arriving together, one starts (encodes) a step."""
+    images not encoded yet arriving together, one starts (encodes) a step."""
     llava = load_tiny_llava_chat(tmp_path / "llava")
     requests = [request(f"p{i}", (ChatMessage("user", (TextChunk("Describe it."), image_chunk(make_image(i)))),), 5)
                 for i in range(3)]
     expected = {req.request_id: solo(llava, req)[0] for req in requests}
+    llava.image_cache.clear()  # the solo runs encoded them
     encodes_per_step: list[int] = []
     real = llava.encode_images
 

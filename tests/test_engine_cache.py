@@ -64,6 +64,16 @@ def test_get_and_put_count_hits_and_misses():
     assert (cache.hits, cache.misses, cache.num_bytes, len(cache)) == (1, 1, 64, 1)
 
 
+def test_asking_whether_a_key_is_kept_is_neither_a_hit_nor_a_use():
+    cache = EmbeddingCache(max_bytes=200)
+    a, b, c = ("v", "a", "p"), ("v", "b", "p"), ("v", "c", "p")
+    cache.put(a, tensor(100))
+    cache.put(b, tensor(100))
+    assert a in cache and c not in cache and (cache.hits, cache.misses) == (0, 0)
+    cache.put(c, tensor(100))  # a is still the least recently used: asking did not move it
+    assert a not in cache and b in cache
+
+
 def test_replacing_a_key_does_not_double_count():
     cache = EmbeddingCache(max_bytes=1024)
     cache.put(("v", "a", "p"), tensor(100))

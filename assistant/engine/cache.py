@@ -46,6 +46,11 @@ class EmbeddingCache:
         with self._lock:
             return len(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key``'s embedding is kept (neither a use nor a hit: the order and the counts stay)."""
+        with self._lock:
+            return key in self._entries
+
     def get(self, key: CacheKey) -> torch.Tensor | None:
         with self._lock:
             value = self._entries.get(key)
@@ -76,6 +81,11 @@ class EmbeddingCache:
             self.num_bytes = 0
 
 
+def cache_key(vision: VisionPart, sha256: str, detail: str) -> CacheKey:
+    """Where an image's embedding at ``detail`` is kept: the same bytes, encoder and preprocessing."""
+    return vision.identity, sha256, vision.preprocess_key(detail)
+
+
 def encode_cached(vision: VisionPart, cache: EmbeddingCache, images: list[ImageRef],
                   load: ImageLoader) -> tuple[list[torch.Tensor], list[bool]]:
     """Embeddings for ``images`` in order, each ``(num_tokens(detail), hidden_size)``, and one flag per image:
@@ -91,7 +101,7 @@ def encode_cached(vision: VisionPart, cache: EmbeddingCache, images: list[ImageR
     positions: dict[CacheKey, list[int]] = {}  # misses: key → where its embedding goes
     firsts: dict[CacheKey, tuple[str, str]] = {}  # key → (sha256, detail) of its first use
     for position, (sha256, detail) in enumerate(images):
-        key = (vision.identity, sha256, vision.preprocess_key(detail))
+        key = cache_key(vision, sha256, detail)
         cached = None if key in positions else cache.get(key)
         if cached is not None:
             results[position] = cached

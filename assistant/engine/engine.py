@@ -32,10 +32,11 @@ Contract:
   the same forward pass as long as they fit the chunk's positions, padding
   counted, and hold no image to place (:meth:`ChatModel.prefill_batch`): a burst
   of new conversations starts in one step, not one a step. Every free slot may be
-  admitted in a step, but at most one prompt with images (its encoding takes the
-  step's time) or score request. A sequence whose prompt is in joins the batch for the next step,
-  and a finished or cancelled one leaves it at once. Sampling stays per row, with
-  each request's own settings and seed.
+  admitted in a step, but at most one prompt with an image to encode (the image
+  cache does not hold it: its encoding takes the step's time) or score request.
+  A sequence whose prompt is in joins the batch for the next step, and a finished
+  or cancelled one leaves it at once. Sampling stays per row, with each request's
+  own settings and seed.
   If a batched pass fails, its rows are retried alone, so a failure stays with the
   sequence that causes it;
 - the KV memory budget (``max_kv_bytes``, the running sequences' caches, a decode
@@ -430,12 +431,11 @@ class Engine:
                 total += (len(group) + len(joining)) * width * self._kv_bytes_per_position - group_bytes
         return total <= self.max_kv_bytes
 
-    @staticmethod
-    def _starts_heavy(seq: Sequence) -> bool:
+    def _starts_heavy(self, seq: Sequence) -> bool:
         """Whether starting ``seq`` may take a step's time: a score request runs whole as it starts, and a prompt
-        with an image may encode it (whether the model's image cache or a reused KV prefix has it is known only
-        once it starts)."""
-        return seq.is_scoring or (seq.prompt is not None and bool(seq.prompt.images))
+        with an image not in the model's image cache encodes it (unless a reused KV prefix holds it, which is
+        known only once it starts)."""
+        return seq.is_scoring or (seq.prompt is not None and not self.model.has_embeddings(seq.prompt.images))
 
     def _preempt_over_budget(self) -> None:
         """Over ``max_kv_bytes``, preempt the newest running sequences until the rest fit; one always runs."""

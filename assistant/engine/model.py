@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from jinja2 import TemplateError
 
-from assistant.engine.cache import EmbeddingCache, encode_cached
+from assistant.engine.cache import EmbeddingCache, cache_key, encode_cached
 from assistant.engine.fast_decode import FastDecoder
 from assistant.engine.request import ChatMessage, ImageChunk, ImageSource, TextChunk
 from assistant.engine.vision import VisionPart
@@ -440,6 +440,13 @@ class ChatModel:
                                    f"expected {expected}")
         num_cached_tokens = sum(row.shape[0] for row, is_hit in zip(rows, hits, strict=True) if is_hit)
         return torch.cat(rows), num_cached_tokens  # (num_image_tokens, C)
+
+    def has_embeddings(self, images: Sequence[ImageChunk]) -> bool:
+        """Whether every one of ``images`` has its embeddings in the image cache already (an :meth:`encode_images`
+        of them would encode nothing)."""
+        vision = self.vision
+        return not images or (vision is not None and all(cache_key(vision, image.sha256, image.detail)
+                                                         in self.image_cache for image in images))
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache
