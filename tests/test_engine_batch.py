@@ -135,6 +135,24 @@ def test_chunked_prefill_equals_whole_prefill_with_text_and_images(model: ChatMo
         assert text(events) == expected and events[-1].reason == "length", chunk  # type: ignore[union-attr]
 
 
+def test_prefill_batch_gives_each_row_its_prefill_alone(model: ChatModel) -> None:
+    """Rows with no cache, a short one and a long one, chunks of different lengths: each row's logits and cache
+    are its own prefill's (float32: equal up to the order of sums)."""
+    prompts = [model.render((user(text),), 1000) for text in ("Hello", PROMPTS[2], PROMPTS[0])]
+    chunks, alone = [], []
+    for prompt, start in zip(prompts, [0, 5, 12], strict=True):
+        cache = model.prefill(prompt, end=start)[1] if start else None
+        chunks.append((prompt, start, len(prompt.token_ids), cache))
+        alone.append(model.prefill(prompt))
+    logits, caches = model.prefill_batch(chunks, has_images=False)
+    for (expected_logits, expected_cache), row_logits, cache in zip(alone, logits, caches, strict=True):
+        assert torch.allclose(row_logits, expected_logits, atol=1e-4)
+        assert cache.get_seq_length() == expected_cache.get_seq_length()
+        for mine, theirs in zip(cache.layers, expected_cache.layers, strict=True):
+            assert torch.allclose(mine.keys, theirs.keys, atol=1e-4)
+            assert torch.allclose(mine.values, theirs.values, atol=1e-4)
+
+
 def test_prompts_admitted_together_are_prefilled_in_one_pass_whatever_their_reused_prefixes(
         model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """A follow-up turn (most of its prompt reused from the previous turn's KV cache), a new conversation and

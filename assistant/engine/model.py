@@ -565,12 +565,9 @@ def _side_by_side(new_cache: Callable[[], Any], caches: Sequence[Any], lengths: 
         keys, values = [], []
         for cache, length in zip(caches, lengths, strict=True):
             own = cache.layers[index] if cache is not None else None
-            for parts, tensor, like in ((keys, own.keys if own else None, layer.keys),
-                                        (values, own.values if own else None, layer.values)):
-                if tensor is None:
-                    tensor = like.new_zeros((1, like.shape[1], 0, like.shape[3]))
-                parts.append(F.pad(tensor, (0, 0, width - length, 0)))  # (1, H, width, D)
-        batch.update(torch.cat(keys), torch.cat(values), index)
+            keys.append(F.pad(own.keys if own is not None else layer.keys[:, :, :0], (0, 0, width - length, 0)))
+            values.append(F.pad(own.values if own is not None else layer.values[:, :, :0], (0, 0, width - length, 0)))
+        batch.update(torch.cat(keys), torch.cat(values), index)  # (B, H, width, D) each
     return batch
 
 
