@@ -280,8 +280,9 @@ class Engine:
             self._finish(seq, "error", "generation failed inside the model; see the server log", code=MODEL_ERROR)
 
     def _start(self, seq: Sequence) -> None:
-        """A newly admitted sequence: take a reused KV prefix, encode the images after it; its prompt is then
-        prefilled chunk by chunk (:meth:`_prefill_chunk`), one chunk a step."""
+        """A newly admitted sequence: take a reused KV prefix, encode the images after it; the rest of its prompt
+        is then prefilled chunk by chunk (:meth:`_prefill_step`), or, where that rest is one position, fed by the
+        decode step."""
         model, prompt, request = self.model, seq.prompt, seq.request
         assert prompt is not None and isinstance(request, GenerationRequest), "admitted generation requests only"
         seq.prompt_token_ids = prompt.token_ids
