@@ -14,7 +14,11 @@ Aggregate figures (prefill included: all tokens over the wall time; each the med
 both sides): eight different questions to llama.cpp one after another, all at once (llama-cpp-python's server
 answers one request at a time; started with ``--interrupt_requests False``, as by default a new request cuts the
 one streaming) and in one ``llama_batch`` (``bench/llama_cpp_batch.py``), and 1, 4, 8 and 16
-concurrent conversations to the assistant with the first ``--quantize``; for it also the same single-stream
+concurrent conversations to the assistant with the first ``--quantize``, measured in rounds (each round runs
+every level once, one after another, in a process that lives through the rounds): a level's ratio to one
+conversation is the median of the rounds' ratios, so that the machine's drift over the minutes between levels
+(a run of four conversations once measured 2.11x one where the rounds before gave 3.0-3.2x) falls on both
+sides of each ratio; for it also the same single-stream
 decode through the engine in-process (no socket, no server), whose difference is what the protocol costs: the
 two are measured in turns, ``--pairs`` times each, each side in a process that lives through the turns, and the
 cost is one minus the median of the pairs' ratios (single runs vary by ±7 % on these machines; pairs cancel the
@@ -141,14 +145,21 @@ def client_once(url: str, tokens: int) -> float:
     return asyncio.run(assistant_decode(url, tokens))[0]
 
 
-def client_aggregate(url: str, tokens: int, count: int, repeats: int = 1) -> float:
-    """The median of ``repeats`` runs of :func:`aggregate` of ``count`` conversations at once over the socket, run
-    by :func:`in_child`."""
-    async def runs() -> list[float]:
-        return [await aggregate(lambda q: assistant_decode(url, tokens, q), count, together=True)
-                for _ in range(repeats)]
+def client_aggregate(url: str, tokens: int, count: int) -> float:
+    """:func:`aggregate` of ``count`` conversations at once over the socket, once (run by :func:`child`)."""
+    return asyncio.run(aggregate(lambda q: assistant_decode(url, tokens, q), count, together=True))
 
-    return statistics.median(asyncio.run(runs()))
+
+def aggregates_in_rounds(url: str, tokens: int, levels: list[int], rounds: int) -> dict[int, list[float]]:
+    """For each of ``levels`` (the first is the reference, one conversation), its aggregate tok/s in each of
+    ``rounds`` rounds; a round runs every level once, one after another, so a ratio taken within a round compares
+    runs seconds apart, not minutes. The client process lives through the rounds."""
+    results: dict[int, list[float]] = {count: [] for count in levels}
+    with child() as client:
+        for _ in range(rounds):
+            for count in levels:
+                results[count].append(client.submit(client_aggregate, url, tokens, count).result())
+    return results
 
 
 def in_child(function: Any, *args: Any) -> Any:
@@ -268,13 +279,15 @@ async def main() -> None:
             print(f"assistant --quantize {quantize}, the same question in turns, medians of {args.pairs}: the "
                   f"engine in-process {alone:.1f} tok/s, over the socket {over_socket:.1f}; the server costs "
                   f"{100 * cost:.1f} % (the median of the pairs' ratios)", flush=True)
-            single = None
+            rounds = await asyncio.to_thread(aggregates_in_rounds, url, args.tokens, levels, args.repeats)
             for count in levels:
-                total = await asyncio.to_thread(in_child, client_aggregate, url, args.tokens, count, args.repeats)
-                single = single or total
+                total = statistics.median(rounds[count])
+                to_one = statistics.median(mine / one for mine, one in zip(rounds[count], rounds[levels[0]],
+                                                                            strict=True))
                 print(f"assistant --quantize {quantize}, {count:2d} concurrent conversations: {total:6.1f} tok/s "
-                      f"aggregate, {total / single:.2f}x one, {total / serial:.2f}x llama.cpp serial, "
-                      f"{total / batched:.2f}x llama.cpp batched", flush=True)
+                      f"aggregate, {to_one:.2f}x {levels[0]} (the median of {args.repeats} rounds' ratios), "
+                      f"{total / serial:.2f}x llama.cpp serial, {total / batched:.2f}x llama.cpp batched "
+                      f"(rounds: {', '.join(f'{value:.1f}' for value in rounds[count])})", flush=True)
 
 
 if __name__ == "__main__":
