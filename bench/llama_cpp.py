@@ -18,7 +18,9 @@ concurrent conversations to the assistant with the first ``--quantize``, measure
 every level once, one after another, in a process that lives through the rounds): a level's ratio to one
 conversation is the median of the rounds' ratios, so that the machine's drift over the minutes between levels
 (a run of four conversations once measured 2.11x one where the rounds before gave 3.0-3.2x) falls on both
-sides of each ratio; for it also the same single-stream
+sides of each ratio. Each round also asks the assistant the eight questions one after another: answers to the
+same questions as eight at once (two or three of which stop early, where the one conversation's never does), so
+eight at once against those is the batching's own gain; for it also the same single-stream
 decode through the engine in-process (no socket, no server), whose difference is what the protocol costs: the
 two are measured in turns, ``--pairs`` times each, each side in a process that lives through the turns, and the
 cost is one minus the median of the pairs' ratios (single runs vary by ±7 % on these machines; pairs cancel the
@@ -145,21 +147,27 @@ def client_once(url: str, tokens: int) -> float:
     return asyncio.run(assistant_decode(url, tokens))[0]
 
 
-def client_aggregate(url: str, tokens: int, count: int) -> float:
-    """:func:`aggregate` of ``count`` conversations at once over the socket, once (run by :func:`child`)."""
-    return asyncio.run(aggregate(lambda q: assistant_decode(url, tokens, q), count, together=True))
+def client_aggregate(url: str, tokens: int, count: int, together: bool = True) -> float:
+    """:func:`aggregate` of ``count`` conversations over the socket, at once or one after another, once (run by
+    :func:`child`)."""
+    return asyncio.run(aggregate(lambda q: assistant_decode(url, tokens, q), count, together=together))
 
 
-def aggregates_in_rounds(url: str, tokens: int, levels: list[int], rounds: int) -> dict[int, list[float]]:
+def aggregates_in_rounds(url: str, tokens: int, levels: list[int],
+                         rounds: int) -> tuple[dict[int, list[float]], list[float]]:
     """For each of ``levels`` (the first is the reference, one conversation), its aggregate tok/s in each of
-    ``rounds`` rounds; a round runs every level once, one after another, so a ratio taken within a round compares
-    runs seconds apart, not minutes. The client process lives through the rounds."""
+    ``rounds`` rounds, and in each round the eight conversations' questions asked one after another (answers to
+    the same questions as eight at once); a round runs every level once, one after
+    another, so a ratio taken within a round compares runs seconds apart, not minutes. The client process lives
+    through the rounds."""
     results: dict[int, list[float]] = {count: [] for count in levels}
+    serial: list[float] = []
     with child() as client:
         for _ in range(rounds):
             for count in levels:
                 results[count].append(client.submit(client_aggregate, url, tokens, count).result())
-    return results
+            serial.append(client.submit(client_aggregate, url, tokens, 8, False).result())
+    return results, serial
 
 
 def in_child(function: Any, *args: Any) -> Any:
@@ -279,13 +287,19 @@ async def main() -> None:
             print(f"assistant --quantize {quantize}, the same question in turns, medians of {args.pairs}: the "
                   f"engine in-process {alone:.1f} tok/s, over the socket {over_socket:.1f}; the server costs "
                   f"{100 * cost:.1f} % (the median of the pairs' ratios)", flush=True)
-            rounds = await asyncio.to_thread(aggregates_in_rounds, url, args.tokens, levels, args.repeats)
+            rounds, ours_serial = await asyncio.to_thread(aggregates_in_rounds, url, args.tokens, levels,
+                                                          args.repeats)
+            print(f"assistant --quantize {quantize}, the 8 conversations one after another: "
+                  f"{statistics.median(ours_serial):.1f} tok/s aggregate (rounds: "
+                  f"{', '.join(f'{value:.1f}' for value in ours_serial)})", flush=True)
             for count in levels:
                 total = statistics.median(rounds[count])
                 to_one = statistics.median(mine / one for mine, one in zip(rounds[count], rounds[levels[0]],
                                                                             strict=True))
+                same = (f", {statistics.median(a / b for a, b in zip(rounds[count], ours_serial, strict=True)):.2f}x "
+                        "the same 8 one after another" if count == 8 else "")
                 print(f"assistant --quantize {quantize}, {count:2d} concurrent conversations: {total:6.1f} tok/s "
-                      f"aggregate, {to_one:.2f}x {levels[0]} (the median of {args.repeats} rounds' ratios), "
+                      f"aggregate, {to_one:.2f}x {levels[0]} (the median of {args.repeats} rounds' ratios){same}, "
                       f"{total / serial:.2f}x llama.cpp serial, {total / batched:.2f}x llama.cpp batched "
                       f"(rounds: {', '.join(f'{value:.1f}' for value in rounds[count])})", flush=True)
 
