@@ -64,6 +64,20 @@ def staggered(engine: Engine, requests: list[GenerationRequest], arrivals: list[
             return events
 
 
+def record_prefill_batches(model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[Any], bool]]:
+    """From now on, each pass of ``model.prefill_batch``: its chunks ``(prompt, start, end, cache)`` and
+    ``has_images``, in order."""
+    passes: list[tuple[list[Any], bool]] = []
+    real = model.prefill_batch
+
+    def recording(chunks: Any, *, has_images: bool) -> Any:
+        passes.append((list(chunks), has_images))
+        return real(chunks, has_images=has_images)
+
+    monkeypatch.setattr(model, "prefill_batch", recording)
+    return passes
+
+
 def test_batched_greedy_output_equals_each_sequence_alone_as_they_join_and_leave(model: ChatModel) -> None:
     requests = [request(f"r{i}", (user(prompt),), tokens) for i, (prompt, tokens) in
                 enumerate(zip(PROMPTS, [12, 3, 20, 7], strict=True))]
@@ -165,16 +179,9 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass_whatever_their_reus
     requests = [request("turn2", (*first_turn, ChatMessage("assistant", (TextChunk(answer),)), user("Why?")), 8),
                 request("new", (user(PROMPTS[2]),), 8), request("same-system", (system, user(PROMPTS[1])), 8)]
     expected = {req.request_id: solo(model, req)[0] for req in requests}
-    passes: list[int] = []
-    real = model.prefill_batch
-
-    def counting(chunks: Any, **kwargs: Any) -> Any:
-        passes.append(len(chunks))
-        return real(chunks, **kwargs)
-
-    monkeypatch.setattr(model, "prefill_batch", counting)
+    passes = record_prefill_batches(model, monkeypatch)
     events = staggered(engine, requests, arrivals=[0, 0, 0])
-    assert passes == [3]
+    assert [len(chunks) for chunks, _ in passes] == [3]
     assert {rid: text(evs) for rid, evs in events.items()} == expected
     cached = {rid: evs[-1].num_cached_tokens for rid, evs in events.items()}  # type: ignore[union-attr]
     assert cached["turn2"] > cached["same-system"] > cached["new"]  # three lengths of reused prefix side by side
@@ -194,16 +201,10 @@ def test_follow_ups_of_image_conversations_are_prefilled_together_with_the_image
         follow_ups.append(request(f"turn2-{i}", (first, ChatMessage("assistant", (TextChunk(answer),)),
                                                  user("And the colours?")), 6))
     expected = {req.request_id: solo(llava, req)[0] for req in follow_ups}
-    passes: list[tuple[int, bool]] = []
-    real = llava.prefill_batch
-
-    def counting(chunks: Any, *, has_images: bool) -> Any:
-        passes.append((len(chunks), has_images))
-        return real(chunks, has_images=has_images)
-
-    monkeypatch.setattr(llava, "prefill_batch", counting)
+    passes = record_prefill_batches(llava, monkeypatch)
     events = staggered(engine, follow_ups, arrivals=[0, 0])
-    assert passes == [(2, True)]  # both admitted in one step: their images are in the image cache already
+    # both admitted in one step: their images are in the image cache already
+    assert [(len(chunks), has_images) for chunks, has_images in passes] == [(2, True)]
     assert {rid: text(evs) for rid, evs in events.items()} == expected
 
 
@@ -231,19 +232,13 @@ def test_a_prompt_cached_but_its_last_position_is_fed_by_the_decode_step(model: 
 def test_prompts_prefilled_together_stay_within_one_chunk_of_positions(model: ChatModel,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """With a chunk of 50 positions, prompts of 18 to 24 go two to a pass (padding counted), not all four."""
-    passes: list[int] = []
-    real = model.prefill_batch
-
-    def counting(chunks: Any, **kwargs: Any) -> Any:
-        passes.append(len(chunks) * max(end - start for _, start, end, _ in chunks))
-        return real(chunks, **kwargs)
-
-    monkeypatch.setattr(model, "prefill_batch", counting)
+    passes = record_prefill_batches(model, monkeypatch)
     requests = [request(f"r{i}", (user(prompt),), 4) for i, prompt in enumerate(["Hello", "Hi there", "Good day",
                                                                                  "Hey"])]
     expected = {req.request_id: solo(model, req)[0] for req in requests}
     events = staggered(Engine(model, max_num_running=4, prefill_chunk_tokens=50), requests, arrivals=[0, 0, 0, 0])
-    assert len(passes) == 2 and all(positions <= 50 for positions in passes)
+    positions = [len(chunks) * max(end - start for _, start, end, _ in chunks) for chunks, _ in passes]
+    assert len(positions) == 2 and all(count <= 50 for count in positions)
     assert {rid: text(evs) for rid, evs in events.items()} == expected
 
 
