@@ -318,7 +318,7 @@ class Engine:
         request = seq.request
         assert isinstance(request, GenerationRequest)
         seq.prefill_prompt, seq.prefill_key = prompt, key
-        seq.kv_cache, seq.num_prefilled = self.prefix_cache.take(key, seq.num_image_tokens > 0)
+        seq.kv_cache, seq.num_prefilled = self.prefix_cache.take(key, _has_images(seq))
         started = time.perf_counter()
         seq.image_embeds, num_cached = self.model.encode_images(
             prompt.images_from(seq.num_prefilled), request.image_source)  # (image tokens after the reused prefix, C)
@@ -336,10 +336,9 @@ class Engine:
         first = self._prefilling[0]
         together = [first]
         if self._fits_together(first):
-            has_images = bool(first.prefill_prompt and first.prefill_prompt.images)
             for seq in self._prefilling[1:]:
                 width = max(self._left_to_prefill(s) for s in (*together, seq))
-                if (self._fits_together(seq) and bool(seq.prefill_prompt and seq.prefill_prompt.images) == has_images
+                if (self._fits_together(seq) and _has_images(seq) == _has_images(first)
                         and (len(together) + 1) * width <= self.prefill_chunk_tokens):
                     together.append(seq)
         if len(together) == 1:
@@ -369,7 +368,7 @@ class Engine:
         assert all(prompt is not None for prompt in prompts)
         chunks = [(prompt, seq.num_prefilled, len(seq.prefill_key), seq.kv_cache)
                   for seq, prompt in zip(seqs, prompts, strict=True)]
-        logits, caches = self.model.prefill_batch(chunks, has_images=bool(prompts[0].images))  # (B, vocab)
+        logits, caches = self.model.prefill_batch(chunks, has_images=_has_images(seqs[0]))  # (B, vocab)
         if self._kv_bytes_per_position is None:
             self._kv_bytes_per_position = cache_bytes(caches[0]) / len(seqs[0].prefill_key)
         for row, (seq, cache) in enumerate(zip(seqs, caches, strict=True)):
@@ -463,7 +462,7 @@ class Engine:
 
     def _join(self, seq: Sequence) -> None:
         """Hand the sequence's cache to its decode batch."""
-        seq.batch = self._batches[seq.num_image_tokens > 0]
+        seq.batch = self._batches[_has_images(seq)]
         seq.batch.add(seq, seq.kv_cache)
         seq.kv_cache = None
 
@@ -497,7 +496,7 @@ class Engine:
                 self._guarded(lambda s, row=row: self._append_token(s, self._sample(s, logits[row])), seq)
 
     def _decode_alone(self, seq: Sequence) -> None:
-        logits = self.model.decode(seq.last_token_id, seq.kv_cache, has_images=seq.num_image_tokens > 0)  # (vocab,)
+        logits = self.model.decode(seq.last_token_id, seq.kv_cache, has_images=_has_images(seq))  # (vocab,)
         self._append_token(seq, self._sample(seq, logits))
         if seq.finish_reason is None:
             self._join(seq)
@@ -555,7 +554,7 @@ class Engine:
             # The cache holds the prompt and every output token but the last, which was sampled, never fed.
             key = seq.prompt_key + tuple(seq.output_token_ids[:-1])
             if seq.kv_cache.get_seq_length() == len(key):
-                self.prefix_cache.put(key, seq.num_image_tokens > 0, seq.kv_cache)
+                self.prefix_cache.put(key, _has_images(seq), seq.kv_cache)
         seq.kv_cache = None
         self._deliver(seq, Finished(reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
                                     num_output_tokens=seq.num_output_tokens,
@@ -571,6 +570,11 @@ class Engine:
             if not isinstance(event, Finished):
                 seq.sink = _discard
                 self._finish(seq, "cancelled")
+
+
+def _has_images(seq: Sequence) -> bool:
+    """Whether the sequence's prompt holds an image: its decode batch, and its forward passes' image adapter."""
+    return seq.num_image_tokens > 0
 
 
 def _discard(event: EngineEvent) -> None:
