@@ -157,9 +157,8 @@ def aggregates_in_rounds(url: str, tokens: int, levels: list[int],
                          rounds: int) -> tuple[dict[int, list[float]], list[float]]:
     """For each of ``levels`` (the first is the reference, one conversation), its aggregate tok/s in each of
     ``rounds`` rounds, and in each round the eight conversations' questions asked one after another (answers to
-    the same questions as eight at once); a round runs every level once, one after
-    another, so a ratio taken within a round compares runs seconds apart, not minutes. The client process lives
-    through the rounds."""
+    the same questions as eight at once); a round runs every level once, one after another, so a ratio taken
+    within a round compares runs seconds apart, not minutes. The client process lives through the rounds."""
     results: dict[int, list[float]] = {count: [] for count in levels}
     serial: list[float] = []
     with child() as client:
