@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 import torch
 
+from assistant.engine import engine as engine_module
 from assistant.engine.engine import Engine
+from assistant.engine.int4_cpu import Int4Linear
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk, TokenDelta
@@ -167,6 +169,41 @@ def test_prefill_batch_gives_each_row_its_prefill_alone(model: ChatModel) -> Non
             assert torch.allclose(mine.values, theirs.values, atol=1e-4)
 
 
+NEAR_TIE = 0.05  # logits
+
+
+def rounds_inputs(model: ChatModel) -> bool:
+    """Whether every product rounds its inputs to int8 steps of their group (int4-cpu on the project's kernel, or
+    to bfloat16 on PyTorch's)."""
+    return any(isinstance(module, Int4Linear) for module in model.hf_model.modules())
+
+
+def cold_before_a_near_tie(model: ChatModel, req: GenerationRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``req``'s output alone with a cold cache, up to (not including) its first token picked over another within
+    :data:`NEAR_TIE` of it; all of it if none was. Where a model rounds every product's inputs (int4-cpu), prompts
+    prefilled side by side equal their prefill alone up to float32 rounding (test_prefill_batch_gives_each_row_its_
+    prefill_alone), and rounding that moves an input across an int8 step moves logits by a few hundredths: the
+    tiny model's cold run here had gaps of 0.03 and 0.05 between its top two logits, and a 2-core Intel Xeon picked
+    the other token at the first of them where an AMD EPYC had not. Up to there the outputs must be equal."""
+    gaps: list[float] = []
+    sample = engine_module.sample
+
+    def recording(logits: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+        top = torch.topk(logits.float(), 2).values
+        gaps.append(float(top[0] - top[1]))
+        return sample(logits, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "sample", recording)
+        solo(model, req)
+    ties = [step for step, gap in enumerate(gaps) if gap < NEAR_TIE]
+    if not ties:
+        return solo(model, req)[0]
+    cut = GenerationRequest(req.request_id, req.messages, req.params.replace(max_output_tokens=ties[0]),
+                            image_source=req.image_source) if ties[0] else None
+    return solo(model, cut)[0] if cut is not None else ""
+
+
 def test_prompts_admitted_together_are_prefilled_in_one_pass_whatever_their_reused_prefixes(
         model: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """A follow-up turn (most of its prompt reused from the previous turn's KV cache), a new conversation and
@@ -182,7 +219,11 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass_whatever_their_reus
     passes = record_prefill_batches(model, monkeypatch)
     events = staggered(engine, requests, arrivals=[0, 0, 0])
     assert [len(chunks) for chunks, _ in passes] == [3]
-    assert {rid: text(evs) for rid, evs in events.items()} == expected
+    if rounds_inputs(model):  # equal up to the first near tie of the cold run (see cold_before_a_near_tie)
+        expected = {req.request_id: cold_before_a_near_tie(model, req, monkeypatch) for req in requests}
+        assert all(text(events[rid]).startswith(prefix) for rid, prefix in expected.items()), expected
+    else:
+        assert {rid: text(evs) for rid, evs in events.items()} == expected
     cached = {rid: evs[-1].num_cached_tokens for rid, evs in events.items()}  # type: ignore[union-attr]
     assert cached["turn2"] > cached["same-system"] > cached["new"]  # three lengths of reused prefix side by side
 
@@ -336,3 +377,4 @@ def test_one_sequence_alone_runs_whatever_the_budget(model: ChatModel) -> None:
     alone = solo(model, req)[0]
     squeezed, finished = run_alone(Engine(model, max_kv_bytes=1), req)
     assert squeezed == alone and finished.reason == "length"
+

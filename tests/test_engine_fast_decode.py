@@ -16,7 +16,7 @@ from assistant.engine.model import ChatModel
 from assistant.engine.request import Finished
 from tests.engine_fixtures import save_tiny_chat_model, user
 from tests import test_engine_batch as batch_tests
-from tests.test_engine_batch import PROMPTS
+from tests.test_engine_batch import PROMPTS, rounds_inputs
 
 
 @pytest.fixture(scope="module", params=["none", "int8-cpu", "int4-cpu"])
@@ -34,11 +34,6 @@ def test_it_applies_to_the_tiny_llama_in_every_cpu_kind(model: ChatModel) -> Non
     assert model.fast_decoder is not None
     layer = model.fast_decoder.layers[0]
     assert layer.qkv.kind is not None and layer.gate_up.kind is not None  # fused into one product each
-
-
-def rounds_inputs(model: ChatModel) -> bool:
-    """Whether every product rounds its inputs (int4-cpu: to bfloat16, or to int8 steps on the project's kernel)."""
-    return any(isinstance(module, Int4Linear) for module in model.hf_model.modules())
 
 
 def assert_same_logits(got: torch.Tensor, expected: torch.Tensor, *, bfloat16_inputs: bool) -> None:
@@ -233,3 +228,51 @@ def test_the_native_layer_loop_computes_what_the_python_loop_computes(
         python_batch, python_steps, fed = decode_prompts(model, 5)
     native_batch, native_steps, _ = decode_prompts(model, 5, feed=fed)
     assert_same_run((native_batch, native_steps), (python_batch, python_steps), bfloat16_inputs=True)
+
+
+def native_int4_model(tmp_path_factory: pytest.TempPathFactory, dtype: str) -> ChatModel:
+    """The tiny model (heads of 32) on int4-cpu with the project's kernel, whose layers run in decode_layers."""
+    from assistant.engine import int4_kernel
+
+    if not int4_kernel.available():
+        pytest.skip("the int4 kernel needs AVX512-VNNI and a compiler")
+    source = save_tiny_chat_model(tmp_path_factory.mktemp("tiny"), hidden_size=128)
+    model = load_chat_model(str(source), dtype=dtype, quantize="int4-cpu")
+    assert model.fast_decoder is not None and model.fast_decoder._native is not None
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_native_layers_give_a_padded_row_exactly_its_logits_alone(tmp_path_factory: pytest.TempPathFactory,
+                                                                      dtype: str) -> None:
+    """A row's step does not depend on the other rows: its products are the same instructions whatever the batch,
+    and attention skips its left padding (summing its own positions in the same order and blocks as alone), so a
+    row padded in a batch of three gets, bit for bit, the logits it gets alone, step after step: a near tie cannot
+    part a batched answer from the unbatched one."""
+    model = native_int4_model(tmp_path_factory, dtype)
+    _, batched, fed = decode_prompts(model, 5)
+    for row, text in enumerate(PROMPTS):
+        alone = DecodeBatch(model, has_images=False)
+        alone.add(object(), model.prefill(prompt_of(model, text))[1])
+        for step in range(5):
+            assert torch.equal(alone.step([fed[step][row]])[0], batched[step][row]), (row, step)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_layers_in_one_parallel_region_compute_what_the_loop_of_layers_computes(
+        tmp_path_factory: pytest.TempPathFactory, dtype: str) -> None:
+    """decode_layers runs the layers in one parallel region, its phases shared by the threads, where it applies, and
+    as a loop of kernel and ATen calls where it does not (an adapter on: here one of no layer at all, so both compute
+    the same thing): the same logits and caches, bit for bit (the SiLU and sums written out round as ATen's do)."""
+    model = native_int4_model(tmp_path_factory, dtype)
+    fast = model.fast_decoder
+    assert fast is not None and fast.runs_adapter  # no adapter: every (no) LoRA layer is taken in
+    step = fast.step
+    with mock.patch.object(fast, "step", lambda *args, **kwargs: step(*args, **{**kwargs, "adapter": True})):
+        loop_batch, loop_steps, fed = decode_prompts(model, 5)
+    together_batch, together_steps, _ = decode_prompts(model, 5, feed=fed)
+    for together, loop in zip(together_steps, loop_steps, strict=True):
+        assert torch.equal(together, loop)
+    for together_layer, loop_layer in zip(together_batch.cache.layers, loop_batch.cache.layers, strict=True):
+        assert torch.equal(together_layer.keys, loop_layer.keys)
+        assert torch.equal(together_layer.values, loop_layer.values)

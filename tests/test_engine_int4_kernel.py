@@ -116,3 +116,25 @@ def test_a_build_killed_midway_holds_no_later_load_up() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
     assert result.stdout.split() == ["True"]
     assert not leftover.exists()
+
+
+def test_its_argmax_is_torchs() -> None:
+    """assistant::argmax_rows (what greedy picks use once the kernel is loaded) picks what torch.argmax picks: the
+    first of equal largest values, the first NaN, index 0 of a row of -inf; widths off the vector's sixteen."""
+    torch.manual_seed(0)
+    for width in (1, 15, 16, 17, 100, 49152):
+        logits = torch.randn(9, width)
+        logits[1] = 1.0  # all tied
+        logits[2] = float("-inf")
+        logits[3, -1] = float("nan")
+        logits[4, width // 2] = float("nan")
+        logits[5, 0] = logits[5, -1] = 50.0  # tied at both ends
+        logits[6, width // 3] = float("inf")
+        expected = logits.argmax(-1)
+        assert torch.equal(torch.ops.assistant.argmax_rows(logits), expected), width
+        assert torch.equal(int4_kernel.argmax(logits), expected)
+        assert int4_kernel.argmax(logits[0]).item() == int(logits[0].argmax())
+    other = torch.randn(3, 40).bfloat16()  # another dtype: torch's own
+    assert torch.equal(int4_kernel.argmax(other), other.argmax(-1))
+    with pytest.raises(RuntimeError, match="2-d float32"):
+        torch.ops.assistant.argmax_rows(torch.randn(2, 3).double())

@@ -78,6 +78,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from assistant.engine import int4_kernel
 from assistant.engine.batch import DecodeBatch
 from assistant.engine.constraint import GrammarCompiler, UnsupportedGrammar
 from assistant.engine.detokenize import IncrementalDetokenizer
@@ -488,7 +489,7 @@ class Engine:
             return
         # Greedy rows that nothing steers (no penalty, no grammar) take one argmax for the batch, not one each.
         plain = [seq.params.is_greedy and not seq.params.has_penalties and seq.constraint is None for seq in rows]
-        picks = logits.argmax(dim=-1).tolist() if sum(plain) > 1 else None  # (B,)
+        picks = int4_kernel.argmax(logits).tolist() if sum(plain) > 1 else None  # (B,)
         for row, seq in enumerate(rows):
             if picks is not None and plain[row]:
                 self._guarded(lambda s, token_id=picks[row]: self._append_token(s, token_id), seq)

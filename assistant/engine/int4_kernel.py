@@ -169,6 +169,17 @@ def matmul(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.assistant.int4_mm(rows.contiguous(), packed)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` (the first index on ties, a NaN counted largest): ``(B, V)`` → ``(B,)``, ``(V,)`` → a
+    0-d tensor. The kernel's own where this process has it loaded already (a model on int4-cpu) and the logits are
+    float32 on the CPU: ATen's took 0.39 ms for eight rows of SmolLM2's 49,152 logits on a 2-core Intel Xeon, about
+    a tenth of what a row adds to a decode step; elsewhere ATen's."""
+    if _loaded and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() in (1, 2):
+        picks = torch.ops.assistant.argmax_rows(logits.reshape(-1, logits.shape[-1]))
+        return picks.reshape(logits.shape[:-1])
+    return logits.argmax(dim=-1)
+
+
 if __name__ == "__main__":  # bin/setup: build it now rather than at the first model load
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     print(f"int4-cpu multiplies with {describe()}")

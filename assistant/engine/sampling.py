@@ -162,7 +162,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.has_penalties:
         logits = apply_penalties(logits, params, prompt_token_ids, output_token_ids, exempt_token_ids)
     if params.is_greedy:
-        return int(torch.argmax(logits))
+        from assistant.engine import int4_kernel  # torch's argmax where the kernel is not loaded
+
+        return int(int4_kernel.argmax(logits.reshape(-1)))
     logits = logits.float().cpu()  # (vocab,)
     # A tiny temperature (1e-300 is in range) must not make nan: the logits are shifted so the largest is 0, and
     # the temperature kept at float32's smallest normal, so the others go to -inf rather than 0 / 0.
