@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from assistant.engine import engine as engine_module
+from assistant.engine.batch import DecodeBatch
 from assistant.engine.engine import Engine
 from assistant.engine.int4_cpu import Int4Linear
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
+from assistant.engine.prefix_cache import cache_bytes, copy_positions
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk, TokenDelta
 from assistant.engine.sampling import SamplingParams
 from tests.engine_fixtures import save_tiny_chat_model, user
@@ -378,3 +380,44 @@ def test_one_sequence_alone_runs_whatever_the_budget(model: ChatModel) -> None:
     squeezed, finished = run_alone(Engine(model, max_kv_bytes=1), req)
     assert squeezed == alone and finished.reason == "length"
 
+
+def test_rows_that_join_and_leave_between_two_steps_are_copied_in_once(model: ChatModel,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that leave and join between two steps change the batch's cache once, at the next step: one
+    concatenation of keys and one of values a layer (each row joining alone copied the whole batch's cache: eight
+    answers ending together moved it eight times); every row still gets its own logits, and num_bytes says before
+    the step what the step's cache holds."""
+    rows, caches, tokens = [object() for _ in PROMPTS], [], []
+    for text in PROMPTS:
+        logits, cache = model.prefill(model.render((user(text),), 1000))
+        caches.append(cache)
+        tokens.append(int(logits.argmax()))
+    alone = []
+    for index in (1, 3):  # the rows that stay and the row that joins late, each alone, for their logits
+        solo_batch = DecodeBatch(model, has_images=False)
+        solo_batch.add(object(), copy_positions(caches[index], model.new_cache, 0, caches[index].get_seq_length()))
+        alone.append(solo_batch.step([tokens[index]])[0])
+    batch = DecodeBatch(model, has_images=False)
+    for row, cache in zip(rows[:3], caches[:3], strict=True):
+        batch.add(row, cache)
+    batch.step(tokens[:3])
+    batch.remove(rows[0])
+    batch.remove(rows[2])
+    batch.add(rows[3], caches[3])
+    expected_bytes, width = batch.num_bytes(), batch.width  # before the step appends a position to every row
+    concatenations = []
+    concatenate = torch.cat
+
+    def counting(tensors: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        concatenations.append(len(tensors))
+        return concatenate(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", counting)
+    second = batch.step([tokens[1], tokens[3]])  # row 1's second token fed again: its logits move on, not checked
+    monkeypatch.undo()
+    layers = len(batch.cache.layers)
+    assert concatenations[:2 * layers + 1].count(2) >= 2 * layers  # keys and values a layer, then the mask
+    assert cache_bytes(batch.cache) == expected_bytes // width * (width + 1)
+    assert batch.num_bytes() == cache_bytes(batch.cache)
+    assert batch.lengths == [caches[1].get_seq_length() + 2, caches[3].get_seq_length() + 1]
+    assert torch.allclose(second[1], alone[1], atol=1e-4)  # the row that joined: its own first step

@@ -5,10 +5,12 @@ values are ``(B, H, L, D)``, every row right-aligned (left-padded) to the longes
 with an attention mask ``(B, L)`` that is 0 on the padding and per-row positions
 (a row's next position is its own length, whatever the padding), so every row
 computes exactly what it would alone. Rows join between steps, with the cache their
-prefill filled (:meth:`DecodeBatch.add`: the batch and the newcomer are padded to
-the longer of the two), and leave between steps (:meth:`DecodeBatch.remove`, which
-hands the row's own unpadded cache back and trims padding no row needs any more).
-A decode step feeds each row's last token (:meth:`DecodeBatch.step`) and returns
+prefill filled (:meth:`DecodeBatch.add`), and leave between steps
+(:meth:`DecodeBatch.remove`, which hands the row's own unpadded cache back). The
+batch's cache is rebuilt once, at the next step, for every row that joined or left
+since the last (padded to the longest row, padding no row needs trimmed): eight rows
+joining or leaving together copy the cache once, not eight times (each copy of an
+eight-row cache of 200 positions moved about 30 MB on SmolLM2-135M). A decode step feeds each row's last token (:meth:`DecodeBatch.step`) and returns
 ``(B, vocab)`` logits, sampled row by row by the engine with each request's own
 settings and seed.
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from assistant.engine.model import ChatModel
-from assistant.engine.prefix_cache import copy_positions
+from assistant.engine.prefix_cache import cache_bytes, copy_positions
 
 
 class DecodeBatch:
@@ -33,49 +35,43 @@ class DecodeBatch:
         self.model, self.has_images = model, has_images
         self.rows: list[Any] = []  # the sequences, in row order
         self.lengths: list[int] = []  # positions each row holds (its own length, without padding)
-        self.cache: Any = None  # one cache of batch size len(rows), layers (B, H, L, D)
+        # One cache of the rows as of the last step (or rebuild), layers (B, H, L, D); rows that left since still
+        # hold their places, rows that joined are not in it yet (see _slots). None: no row.
+        self.cache: Any = None
         self.mask: torch.Tensor | None = None  # (B, L) long: 1 on a row's positions, 0 on its left padding
+        # For each of rows: its row of self.cache (an int), or, for a row that joined since, its own cache.
+        self._slots: list[Any] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def width(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[1])
+        """Positions of the batch's cache: its longest row's length."""
+        return max(self.lengths, default=0)
 
     def add(self, row: Any, cache: Any) -> None:
-        """Join ``row`` whose prefilled cache (batch size 1) is ``cache``; the batch takes the cache over."""
-        length = cache.get_seq_length()
-        device = self.model.device
-        ones = torch.ones((1, length), dtype=torch.long, device=device)  # (1, T)
-        if not self.rows:
-            self.rows, self.lengths, self.cache, self.mask = [row], [length], cache, ones
-            return
-        width = max(self.width, length)
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])  # (B + 1, H, L, D)
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-        assert self.mask is not None
-        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), F.pad(ones, (width - length, 0))])
+        """Join ``row`` whose prefilled cache (batch size 1) is ``cache``; the batch takes the cache over (into
+        its own at the next step)."""
         self.rows.append(row)
-        self.lengths.append(length)
+        self.lengths.append(cache.get_seq_length())
+        self._slots.append(cache)
 
     def remove(self, row: Any, *, keep_cache: bool = True) -> Any:
         """Take ``row`` out; return its own cache (batch size 1, no padding), or None when not ``keep_cache``."""
         index = next(i for i, r in enumerate(self.rows) if r is row)
-        width, length = self.width, self.lengths[index]
-        own = copy_positions(self.cache, self.model.new_cache, width - length, width, row=index) if keep_cache else None
-        del self.rows[index], self.lengths[index]
+        slot, length = self._slots[index], self.lengths[index]
+        del self.rows[index], self.lengths[index], self._slots[index]
+        if not isinstance(slot, int):  # it joined since the last step: its cache is still its own
+            own = slot if keep_cache else None
+        elif keep_cache:
+            assert self.mask is not None
+            width = int(self.mask.shape[1])
+            own = copy_positions(self.cache, self.model.new_cache, width - length, width, row=slot)
+        else:
+            own = None
         if not self.rows:
-            self.cache, self.mask = None, None
-            return own
-        keep = [i for i in range(len(self.rows) + 1) if i != index]
-        trim = width - max(self.lengths)  # padding columns no remaining row needs
-        assert self.mask is not None
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[keep, :, trim:, :]  # advanced indexing copies: no view pins the old batch
-            layer.values = layer.values[keep, :, trim:, :]
-        self.mask = self.mask[keep, trim:]
+            self.cache, self.mask, self._slots = None, None, []
         return own
 
     def repair(self) -> None:
@@ -85,7 +81,9 @@ class DecodeBatch:
 
     def step(self, token_ids: list[int]) -> torch.Tensor:
         """Feed one token per row (in row order); return the next-token logits ``(B, vocab)`` float32."""
-        assert self.mask is not None and len(token_ids) == len(self.rows)
+        assert len(token_ids) == len(self.rows)
+        self._rebuild()
+        assert self.mask is not None
         device = self.model.device
         ids = torch.tensor(token_ids, dtype=torch.long, device=device)[:, None]  # (B, 1)
         positions = torch.tensor(self.lengths, dtype=torch.long, device=device)[:, None]  # (B, 1)
@@ -95,7 +93,52 @@ class DecodeBatch:
         self.lengths = [length + 1 for length in self.lengths]
         return logits
 
+    def num_bytes(self) -> int:
+        """Bytes of the rows' KV caches as the next step holds them: every row padded to the longest."""
+        if not self.rows:
+            return 0
+        sample = self.cache if self.cache is not None else self._slots[0]
+        keys = sample.layers[0].keys  # (B, H, L, D); every layer and the values alike
+        per_position = cache_bytes(sample) / max(1, keys.shape[0] * keys.shape[-2])
+        return int(len(self.rows) * self.width * per_position)
+
+    def _rebuild(self) -> None:
+        """Make the cache hold exactly the rows, in order: the rows that stayed (padding no row needs trimmed) and
+        the rows that joined, each padded on the left to the longest, in one copy of each layer."""
+        if self.cache is not None and self._slots == list(range(int(self.mask.shape[0]))):
+            return  # nobody joined or left
+        width, device = self.width, self.model.device
+        if self.cache is None and len(self._slots) == 1:  # the first row: its cache becomes the batch's as it is
+            self.cache, self.mask = self._slots[0], torch.ones((1, width), dtype=torch.long, device=device)
+            self._slots = [0]
+            return
+        stayed = [slot for slot in self._slots if isinstance(slot, int)]
+        joining = self._slots[len(stayed):]  # rows join at the end: the rows that stayed come first, in order
+        assert not any(isinstance(slot, int) for slot in joining)
+        trim = 0 if self.mask is None else max(0, int(self.mask.shape[1]) - width)  # only rows that left needed
+        base = self.cache if self.cache is not None else joining[0]
+
+        def rows_of(batched: torch.Tensor | None, joined: list[torch.Tensor]) -> torch.Tensor:
+            """The rows that stayed in ``batched`` (B, H, L, D) (one copy: no view pins the old batch), then the
+            joiners', padded on the left to the batch's width."""
+            parts = [batched[stayed, :, trim:, :]] if stayed else []
+            parts += joined
+            if len(parts) == 1:  # only rows that stayed, or only one that joined: no concatenation
+                return _left_pad(parts[0], width) if parts[0].shape[-2] < width else parts[0]
+            return torch.cat([_left_pad(part, width) if part.shape[-2] < width else part for part in parts])
+
+        rebuilt = [(rows_of(layer.keys if stayed else None, [c.layers[i].keys for c in joining]),
+                    rows_of(layer.values if stayed else None, [c.layers[i].values for c in joining]))
+                   for i, layer in enumerate(base.layers)]
+        masks = [self.mask[stayed, trim:]] if stayed else []
+        masks += [torch.ones((1, length), dtype=torch.long, device=device) for length in self.lengths[len(stayed):]]
+        self.mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in masks])
+        for layer, (keys, values) in zip(base.layers, rebuilt, strict=True):
+            layer.keys, layer.values = keys, values
+        self.cache, self._slots = base, list(range(len(self.rows)))
+
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
     """(B, H, L, D) → (B, H, width, D), zeros on the left."""
     return F.pad(x, (0, 0, width - x.shape[-2], 0))
+

@@ -409,7 +409,7 @@ class Engine:
 
     def _kv_bytes(self) -> int:
         """Bytes of the running sequences' KV caches (a decode batch's padding included)."""
-        in_batches = sum(cache_bytes(group.cache) for group in self._batches if group.cache is not None)
+        in_batches = sum(group.num_bytes() for group in self._batches)
         return in_batches + sum(cache_bytes(seq.kv_cache) for seq in self._prefilling if seq.kv_cache is not None)
 
     def _fits(self, seq: Sequence, admitted: list[Sequence]) -> bool:
@@ -428,8 +428,7 @@ class Engine:
                        and (s.prompt.num_image_tokens > 0) == group.has_images]
             if joining:
                 width = max(group.width, *(len(s.prompt.token_ids) + len(s.output_token_ids) for s in joining))
-                group_bytes = cache_bytes(group.cache) if group.cache is not None else 0
-                total += (len(group) + len(joining)) * width * self._kv_bytes_per_position - group_bytes
+                total += (len(group) + len(joining)) * width * self._kv_bytes_per_position - group.num_bytes()
         return total <= self.max_kv_bytes
 
     def _starts_heavy(self, seq: Sequence) -> bool:
