@@ -10,9 +10,9 @@ prefill filled (:meth:`DecodeBatch.add`), and leave between steps
 batch's cache is rebuilt once, at the next step, for every row that joined or left
 since the last (padded to the longest row, padding no row needs trimmed): eight rows
 joining or leaving together copy the cache once, not eight times (each copy of an
-eight-row cache of 200 positions moved about 30 MB on SmolLM2-135M). A decode step feeds each row's last token (:meth:`DecodeBatch.step`) and returns
-``(B, vocab)`` logits, sampled row by row by the engine with each request's own
-settings and seed.
+eight-row cache of 200 positions moves about 37 MB on SmolLM2-135M in bf16). A decode
+step feeds each row's last token (:meth:`DecodeBatch.step`) and returns ``(B, vocab)``
+logits, sampled row by row by the engine with each request's own settings and seed.
 
 The model's image adapter is switched per forward pass
 (:meth:`~assistant.engine.model.ChatModel.forward`), so sequences with and without

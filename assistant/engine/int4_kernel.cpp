@@ -443,7 +443,8 @@ ASSISTANT_AVX512_VNNI void softmax_rows(float* scores, int64_t rows, int64_t n) 
     }
     const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
     for (int64_t l = 0; l < whole; l += 16) _mm512_storeu_ps(row + l, _mm512_mul_ps(_mm512_loadu_ps(row + l), inverse));
-    if (tail) _mm512_mask_storeu_ps(row + whole, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, row + whole), inverse));
+    if (tail)
+      _mm512_mask_storeu_ps(row + whole, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, row + whole), inverse));
   }
 }
 
@@ -648,7 +649,8 @@ template <typename T>
 ASSISTANT_AVX512_VNNI void silu_times(const T* gate, const T* up, T* out, int64_t width) {
   for (int64_t c = 0; c < width; c += 16) {
     const __m512 g = load_values(gate + c);
-    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    const __m512 negated = _mm512_sub_ps(_mm512_setzero_ps(), g);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(negated)));  // as ATen's
     store_values(out + c, _mm512_mul_ps(as_stored(silu, gate), load_values(up + c)));
   }
 }
@@ -720,8 +722,9 @@ bool together_applies(const at::Tensor& x, at::TensorList input_norms, at::Tenso
 
 // decode_layers in one parallel region: each phase (a product, a row's norms and sums, a row and key/value head's
 // attention) is shared by the threads, a barrier between phases, so the rows' own work between the products runs
-// on every core rather than one (on two cores the other sat idle for two fifths of an eight-row step), no ATen
-// operation is dispatched and no tensor allocated inside the layers. The same operations as decode_layers' loop,
+// on every core rather than one (with a region a product, the other of two cores sat idle for two fifths of an
+// eight-row step, a fifth after: the rest is the step's work outside the layers), no ATen operation is dispatched
+// and no tensor allocated inside the layers. The same operations as decode_layers' loop,
 // in the same order for each row. Where every product is the kernel's, without an adapter (decode_layers checks).
 template <typename T>
 at::Tensor decode_layers_together(const at::Tensor& x_in, at::TensorList input_norms, at::TensorList post_norms,
