@@ -76,9 +76,8 @@ def copy_positions(cache: Any, new_cache: Callable[[], Any], start: int, end: in
     """A new cache (batch size 1, from ``new_cache``) holding copies of positions ``start`` to ``end`` of row
     ``row`` of ``cache``'s layers."""
     copy = new_cache()
-    for index, layer in enumerate(cache.layers):
-        copy.update(layer.keys[row:row + 1, :, start:end, :].clone(),
-                    layer.values[row:row + 1, :, start:end, :].clone(), index)
+    for index, layer in enumerate(cache.layers):  # update concatenates onto an empty cache: that is the copy
+        copy.update(layer.keys[row:row + 1, :, start:end, :], layer.values[row:row + 1, :, start:end, :], index)
     return copy
 
 
