@@ -10,7 +10,6 @@ import torch
 from assistant.engine.batch import DecodeBatch
 from assistant.engine.engine import Engine
 from assistant.engine.fast_decode import FastDecoder
-from assistant.engine.int4_cpu import Int4Linear
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
 from assistant.engine.request import Finished
