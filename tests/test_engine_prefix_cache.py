@@ -10,7 +10,7 @@ import torch
 from assistant.engine.engine import Engine
 from assistant.engine.loader import load_chat_model
 from assistant.engine.model import ChatModel
-from assistant.engine.prefix_cache import PrefixCache, common_prefix
+from assistant.engine.prefix_cache import PrefixCache, common_prefix, copy_positions
 from assistant.engine.request import ChatMessage, EngineEvent, Finished, GenerationRequest, TextChunk, TokenDelta
 from assistant.engine.sampling import SamplingParams
 from tests.engine_fixtures import message, save_tiny_chat_model, user
@@ -158,3 +158,21 @@ def test_images_in_the_history_are_reused_not_encoded_again(tmp_path: Path) -> N
     finished = warm[1][1]
     assert finished.num_cached_image_tokens == finished.num_image_tokens > 0  # inside the reused prefix
     assert finished.num_cached_tokens >= warm[0][1].num_prompt_tokens
+
+
+def test_a_copy_of_positions_shares_no_memory_with_its_source(model: ChatModel) -> None:
+    """copy_positions hands the prefix cache and a leaving row caches of their own: the copy is made by the
+    empty cache's first update (its concatenation), so writing into the source afterwards (a batch decoding on,
+    a buffer reused) leaves the copy as it was; new caches are copies of one template that stays empty."""
+    _, cache = model.prefill(model.render((user("Hello there, how are you today?"),), 1000))
+    length = cache.get_seq_length()
+    copy = copy_positions(cache, model.new_cache, 1, length)
+    kept = [(layer.keys.clone(), layer.values.clone()) for layer in copy.layers]
+    with torch.inference_mode():  # the prefill's tensors are inference tensors, written to as the engine does
+        for layer in cache.layers:
+            layer.keys.fill_(7.0)
+            layer.values.fill_(7.0)
+    for layer, (keys, values) in zip(copy.layers, kept, strict=True):
+        assert layer.keys.shape[-2] == length - 1
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    assert model.new_cache().get_seq_length() == 0
