@@ -176,17 +176,25 @@ def check_schema(schema: Mapping[str, Any], *, param: str) -> None:
                            param=param)
     error = _schema_error(text)
     if error:
-        # llguidance's words may quote the schema's strings (a pattern, a name, a type) anywhere: each at most as
-        # quote() quotes any client input, the whole at most 256 characters.
-        for text in sorted(_long_strings(schema), key=len, reverse=True):
-            error = error.replace(text, quote(text))
+        # llguidance's words may quote the schema's strings (a pattern, a name, a type) anywhere, as they are or
+        # escaped as in JSON (a string of backslashes comes out doubled): each at most as quote() quotes any client
+        # input, the whole at most 256 characters.
+        forms = {form for text in _long_strings(schema) for form in (text, *_escaped(text))}
+        for form in sorted(forms, key=len, reverse=True):
+            error = error.replace(form, quote(form))
         raise UnsupportedSchema(f"'{param}' cannot be used for constrained decoding: {error[:256]}", param=param)
 
 
+def _escaped(text: str) -> tuple[str, str]:
+    """``text`` as a JSON string's inside, with and without non-ASCII escaped."""
+    return json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]
+
+
 def _long_strings(value: Any) -> set[str]:
-    """The keys and string values in ``value`` (a JSON document) that quote() would shorten."""
+    """The keys and string values in ``value`` (a JSON document) that quote() would shorten, as they are or
+    escaped as in JSON."""
     if isinstance(value, str):
-        return {value} if quote(value) != value else set()
+        return {value} if any(quote(form) != form for form in (value, *_escaped(value))) else set()
     if isinstance(value, Mapping):
         return set().union(*(_long_strings(key) | _long_strings(item) for key, item in value.items()))
     if isinstance(value, list):

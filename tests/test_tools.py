@@ -88,6 +88,17 @@ def test_an_unsupported_schema_quotes_at_most_a_prefix_of_each_client_string(sch
     assert "Invalid type" in error.message or "look-around" in error.message
 
 
+def test_an_unsupported_schema_quotes_a_client_string_escaped_at_most_as_far_as_the_string_itself() -> None:
+    """What the fuzzing found next (2026-11-30): llguidance quotes a string escaped as in JSON, so forty
+    backslashes came out as eighty characters, which the frame the client sent holds as they are."""
+    value = "\\" * 40
+    schema = {"type": "object", "properties": {"x": {"type": "string"}}, "required": value}
+    error = error_of(parse_tools, [{"type": "function", "name": "a", "parameters": schema}])
+    assert error.code == "unsupported_schema"
+    sent = json.dumps(value)[1:-1]  # as the client's frame holds it
+    assert sent[:MAX_QUOTED_CHARS + 1] not in error.message and "Expected array for 'required'" in error.message
+
+
 def test_a_schema_the_grammar_library_panics_on_is_a_coded_error() -> None:
     """What the fuzzing found next: llguidance panicked (a BaseException from Rust) cutting its message about a
     long emoji string where "required" wants an array."""
