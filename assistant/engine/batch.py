@@ -33,14 +33,14 @@ from assistant.engine.prefix_cache import cache_bytes, copy_positions
 class DecodeBatch:
     def __init__(self, model: ChatModel, has_images: bool) -> None:
         self.model, self.has_images = model, has_images
-        self.rows: list[Any] = []  # the sequences, in row order
+        self.rows: list[Any] = []  # the sequences, in row order: those kept from the last step, then those joining
         self.lengths: list[int] = []  # positions each row holds (its own length, without padding)
         # One cache of the rows as of the last step (or rebuild), layers (B, H, L, D); rows that left since still
-        # hold their places, rows that joined are not in it yet (see _slots). None: no row.
+        # hold their places in it, rows that joined are not in it yet. None: no row.
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # (B, L) long: 1 on a row's positions, 0 on its left padding
-        # For each of rows: its row of self.cache (an int), or, for a row that joined since, its own cache.
-        self._slots: list[Any] = []
+        self._kept: list[int] = []  # for each row kept from the last step (the first rows): its row of self.cache
+        self._joining: list[Any] = []  # for each row that joined since (the last rows): its own cache
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,23 +55,25 @@ class DecodeBatch:
         its own at the next step)."""
         self.rows.append(row)
         self.lengths.append(cache.get_seq_length())
-        self._slots.append(cache)
+        self._joining.append(cache)
 
     def remove(self, row: Any, *, keep_cache: bool = True) -> Any:
         """Take ``row`` out; return its own cache (batch size 1, no padding), or None when not ``keep_cache``."""
         index = next(i for i, r in enumerate(self.rows) if r is row)
-        slot, length = self._slots[index], self.lengths[index]
-        del self.rows[index], self.lengths[index], self._slots[index]
-        if not isinstance(slot, int):  # it joined since the last step: its cache is still its own
-            own = slot if keep_cache else None
-        elif keep_cache:
-            assert self.mask is not None
-            width = int(self.mask.shape[1])
-            own = copy_positions(self.cache, self.model.new_cache, width - length, width, row=slot)
+        length = self.lengths[index]
+        del self.rows[index], self.lengths[index]
+        if index >= len(self._kept):  # it joined since the last step: its cache is still its own
+            cache = self._joining.pop(index - len(self._kept))
+            own = cache if keep_cache else None
         else:
+            slot = self._kept.pop(index)
             own = None
+            if keep_cache:
+                assert self.mask is not None
+                width = int(self.mask.shape[1])
+                own = copy_positions(self.cache, self.model.new_cache, width - length, width, row=slot)
         if not self.rows:
-            self.cache, self.mask, self._slots = None, None, []
+            self.cache, self.mask = None, None
         return own
 
     def repair(self) -> None:
@@ -97,48 +99,42 @@ class DecodeBatch:
         """Bytes of the rows' KV caches as the next step holds them: every row padded to the longest."""
         if not self.rows:
             return 0
-        sample = self.cache if self.cache is not None else self._slots[0]
+        sample = self.cache if self.cache is not None else self._joining[0]
         keys = sample.layers[0].keys  # (B, H, L, D); every layer and the values alike
         per_position = cache_bytes(sample) / max(1, keys.shape[0] * keys.shape[-2])
         return int(len(self.rows) * self.width * per_position)
 
     def _rebuild(self) -> None:
-        """Make the cache hold exactly the rows, in order: the rows that stayed (padding no row needs trimmed) and
-        the rows that joined, each padded on the left to the longest, in one copy of each layer."""
-        if self.cache is not None and self._slots == list(range(int(self.mask.shape[0]))):
+        """Make the cache hold exactly the rows, in order: the rows kept (padding no row needs trimmed), then the
+        rows that joined, each padded on the left to the longest, in one copy of each layer."""
+        kept, joining = self._kept, self._joining
+        if not joining and self.mask is not None and len(kept) == self.mask.shape[0]:
             return  # nobody joined or left
         width, device = self.width, self.model.device
-        if self.cache is None and len(self._slots) == 1:  # the first row: its cache becomes the batch's as it is
-            self.cache, self.mask = self._slots[0], torch.ones((1, width), dtype=torch.long, device=device)
-            self._slots = [0]
-            return
-        stayed = [slot for slot in self._slots if isinstance(slot, int)]
-        joining = self._slots[len(stayed):]  # rows join at the end: the rows that stayed come first, in order
-        assert not any(isinstance(slot, int) for slot in joining)
-        trim = 0 if self.mask is None else max(0, int(self.mask.shape[1]) - width)  # only rows that left needed
-        base = self.cache if self.cache is not None else joining[0]
+        if self.cache is None and len(joining) == 1:  # the first row: its cache becomes the batch's as it is
+            self.cache, self.mask = joining[0], torch.ones((1, width), dtype=torch.long, device=device)
+        else:
+            trim = 0 if self.mask is None else max(0, int(self.mask.shape[1]) - width)  # only rows that left needed
+            base = self.cache if self.cache is not None else joining[0]
 
-        def rows_of(batched: torch.Tensor | None, joined: list[torch.Tensor]) -> torch.Tensor:
-            """The rows that stayed in ``batched`` (B, H, L, D) (one copy: no view pins the old batch), then the
-            joiners', padded on the left to the batch's width."""
-            parts = [batched[stayed, :, trim:, :]] if stayed else []
-            parts += joined
-            if len(parts) == 1:  # only rows that stayed, or only one that joined: no concatenation
-                return _left_pad(parts[0], width) if parts[0].shape[-2] < width else parts[0]
-            return torch.cat([_left_pad(part, width) if part.shape[-2] < width else part for part in parts])
+            def rows_of(batched: torch.Tensor, joined: list[torch.Tensor]) -> torch.Tensor:
+                """The kept rows of ``batched`` (B, H, L, D) (one copy: no view pins the old batch), then the
+                joiners', padded on the left to the batch's width."""
+                parts = [_left_pad(part, width) for part in ([batched[kept, :, trim:, :]] if kept else []) + joined]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        rebuilt = [(rows_of(layer.keys if stayed else None, [c.layers[i].keys for c in joining]),
-                    rows_of(layer.values if stayed else None, [c.layers[i].values for c in joining]))
-                   for i, layer in enumerate(base.layers)]
-        masks = [self.mask[stayed, trim:]] if stayed else []
-        masks += [torch.ones((1, length), dtype=torch.long, device=device) for length in self.lengths[len(stayed):]]
-        self.mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in masks])
-        for layer, (keys, values) in zip(base.layers, rebuilt, strict=True):
-            layer.keys, layer.values = keys, values
-        self.cache, self._slots = base, list(range(len(self.rows)))
+            rebuilt = [(rows_of(layer.keys, [cache.layers[i].keys for cache in joining]),
+                        rows_of(layer.values, [cache.layers[i].values for cache in joining]))
+                       for i, layer in enumerate(base.layers)]
+            masks = [self.mask[kept, trim:]] if kept else []
+            masks += [torch.ones((1, length), dtype=torch.long, device=device) for length in self.lengths[len(kept):]]
+            self.mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in masks])
+            for layer, (keys, values) in zip(base.layers, rebuilt, strict=True):
+                layer.keys, layer.values = keys, values
+            self.cache = base
+        self._kept, self._joining = list(range(len(self.rows))), []
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, H, L, D) → (B, H, width, D), zeros on the left."""
-    return F.pad(x, (0, 0, width - x.shape[-2], 0))
-
+    """(B, H, L, D) → (B, H, width, D), zeros on the left; ``x`` itself when it is that wide."""
+    return x if x.shape[-2] == width else F.pad(x, (0, 0, width - x.shape[-2], 0))
