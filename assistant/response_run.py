@@ -290,17 +290,14 @@ class ResponseRun:
         finished = self._with_storage_error(finished)
         record = self._close(finished, closing)
         try:
-            for output in closing:
-                await self._store_item(output.item)
-            await asyncio.to_thread(self.store.finish_response, record)
+            # The open items' last state and the outcome in one transaction: one write, one worker-thread hop.
+            await asyncio.to_thread(self.store.finish_response, record, self._closing_items(closing))
         except StorageUnavailable as exc:
             self._storage_error = self._storage_error or exc
             finished = self._with_storage_error(finished)
             record = self._close(finished, closing)  # what the client is told, and what must land
-            for output in closing if self.in_conversation else ():
-                self.pending.add(f"item {output.item.id}", partial(self.store.update_item, self.conversation_id,
-                                                                   output.item))
-            self.pending.add(f"response {self.id}", partial(self.store.finish_response, record))
+            self.pending.add(f"response {self.id}", partial(self.store.finish_response, record,
+                                                            self._closing_items(closing)))
         except Exception:
             log.exception("response %s: could not store the result", self.id)
         log_outcome(record, "response", self.conversation_id)
@@ -312,6 +309,10 @@ class ResponseRun:
         except Exception:
             # The connection is gone; the result is stored, which is what matters.
             log.info("response %s finished after the client left", self.id)
+
+    def _closing_items(self, closing: list[_Output]) -> list[Item]:
+        """What :meth:`Store.finish_response` writes of the items closed with the response."""
+        return [output.item for output in closing] if self.in_conversation else []
 
     def _with_storage_error(self, finished: Finished) -> Finished:
         error = self._storage_error

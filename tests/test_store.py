@@ -306,6 +306,24 @@ def test_response_round_trip(store: Store, conversation: str) -> None:
         store.finish_response(ResponseRecord("resp_missing", conversation, "completed"))
 
 
+def test_finish_response_writes_its_items_last_state_in_the_same_transaction(store: Store, conversation: str) -> None:
+    store.add_item(conversation, text_item("q"))
+    store.start_response("resp_1", conversation)
+    store.add_item(conversation, Item("r", "assistant", (), "in_progress"), response_id="resp_1")
+    store.add_item(conversation, Item("gone", "assistant", (), "in_progress"), response_id="resp_1")
+    store.delete_item(conversation, "gone")  # deleted while the response ran: skipped, not an error
+    ended = Item("r", "assistant", (ContentPart("output_text", text="Hello"),), "incomplete")
+    commits: list[object] = []
+    sqlalchemy.event.listen(store.engine, "commit", commits.append)
+    record = ResponseRecord("resp_1", conversation, "incomplete", "max_output_tokens", ("r", "gone"),
+                            Usage(input_tokens=9, output_tokens=2))
+    store.finish_response(record, [ended, Item("gone", "assistant", (), "incomplete")])
+
+    assert len(commits) == 1
+    assert store.list_items(conversation) == [text_item("q"), ended]
+    assert store.get_response("resp_1") == replace(record, output_item_ids=("r",))
+
+
 # ---------------------------------------------------------------- concurrency
 
 
