@@ -765,11 +765,11 @@ at::Tensor decode_layers_together(const at::Tensor& x_in, at::TensorList input_n
   std::vector<float> scores(static_cast<int64_t>(threads) * group * n);
   constexpr int64_t kPhases = 8;  // a layer's phases, as numbered below
   Shares shares(layers * kPhases + 1, threads);
-  // quantize row r's k inputs at `in` into xq, its steps and sums, as the next product reads them
   // the kernel's view of T: float, or bfloat16's bits
   using Raw = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
   const auto raw = [](auto* p) { return reinterpret_cast<std::conditional_t<std::is_const_v<std::remove_pointer_t<
                                      decltype(p)>>, const Raw*, Raw*>>(p); };
+  // quantize row r's k inputs at `in` into xq, its steps and sums, as the next product reads them
   const auto quantize_row = [&](const T* in, int64_t r, int64_t k) {
     quantize_rows(raw(in), 1, k, xq.data() + r * k, xscale.data() + r * (k / kGroup), xsum.data() + r * (k / kGroup));
   };
